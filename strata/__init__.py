@@ -1,0 +1,24 @@
+"""Strata: one tiered tensor store for offloaded weights and reusable KV cache."""
+
+from strata.config import StoreConfig, load_config, parse_size, presets
+from strata.errors import ConfigError, StoreError, StrataError
+from strata.keys import Key, make_scope, namespaces, register_namespace
+from strata.store.engine import StorageEngine, open_store
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ConfigError",
+    "Key",
+    "StorageEngine",
+    "StoreConfig",
+    "StoreError",
+    "StrataError",
+    "load_config",
+    "make_scope",
+    "namespaces",
+    "open_store",
+    "parse_size",
+    "presets",
+    "register_namespace",
+]

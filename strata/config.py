@@ -1,0 +1,264 @@
+"""Typed store configuration: YAML presets, dicts, validation with clear errors.
+
+Every error names the field (``tiers[1].capacity``) and what is allowed, and an
+unknown key is refused with the closest allowed spelling.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from strata.errors import ConfigError, allowed
+from strata.keys import namespaces
+
+# --------------------------------------------------------------------------- sizes
+
+_UNITS = {
+    "": 1, "b": 1,
+    "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+}
+_SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_size(value: object, field: str = "size") -> int:
+    """Bytes from an int or a string like ``"8GiB"``, ``"512 MB"``, ``"1.5GiB"``."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{field}: got {value!r}; allowed: bytes as an int or a string like '8GiB'")
+    if isinstance(value, int):
+        n = value
+    elif isinstance(value, float) and value.is_integer():
+        n = int(value)
+    elif isinstance(value, str) and (m := _SIZE_RE.match(value)) and m.group(2).lower() in _UNITS:
+        n = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    else:
+        raise ConfigError(
+            f"{field}: got {value!r}; allowed: bytes as an int or a string like '8GiB', '512MB' "
+            f"(units: {', '.join(u for u in _UNITS if u)})"
+        )
+    if n < 0:
+        raise ConfigError(f"{field}: got {value!r}; allowed: a size of 0 bytes or more")
+    return n
+
+
+def format_size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+# --------------------------------------------------------------------------- schema
+
+TIER_KINDS = ("cpu", "file")
+POLICIES = ("lru", "s3fifo")
+WRITE_MODES = ("through", "back")
+EVICT_MODES = ("drop", "lower", "never")
+
+
+@dataclass(frozen=True)
+class TierConfig:
+    kind: str
+    name: str
+    capacity: int
+    policy: str = "lru"
+    write: str = "through"  # how writes to this tier reach the next one
+    verify: bool = False  # verify checksums on every read (persistent tiers always do)
+    pin: str = "auto"  # cpu: pinned slab when CUDA is available ("auto"), or "always"/"never"
+    path: str | None = None  # file: directory
+    fsync: bool = False  # file: fsync each object before it becomes visible
+
+
+@dataclass(frozen=True)
+class NamespacePolicy:
+    evict: str = "drop"  # drop: evict freely; lower: only once a lower tier holds it; never: pinned
+    priority: int = 0  # lower priority is evicted first
+    quota: Mapping[str, int] = field(default_factory=dict)  # tier name -> bytes
+
+
+@dataclass(frozen=True)
+class WritebackConfig:
+    max_pending: int = 1024  # objects waiting to be flushed before writers wait
+    max_pending_bytes: int = 1 << 30
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    tiers: tuple[TierConfig, ...]
+    namespaces: Mapping[str, NamespacePolicy]
+    writeback: WritebackConfig = WritebackConfig()
+    promote: bool = True  # copy lower-tier hits into the tiers above
+
+    def policy(self, namespace: str) -> NamespacePolicy:
+        return self.namespaces.get(namespace) or DEFAULT_POLICIES.get(namespace) or NamespacePolicy()
+
+
+DEFAULT_POLICIES = {
+    "kv": NamespacePolicy(evict="drop", priority=0),
+    "param": NamespacePolicy(evict="lower", priority=10),
+}
+
+_TIER_KEYS = {
+    "cpu": {"kind", "name", "capacity", "policy", "write", "verify", "pin"},
+    "file": {"kind", "name", "capacity", "policy", "write", "verify", "path", "fsync"},
+}
+_TOP_KEYS = {"tiers", "namespaces", "writeback", "promote"}
+_NS_KEYS = {"evict", "priority", "quota"}
+_WB_KEYS = {"max_pending", "max_pending_bytes"}
+
+
+def _check_keys(where: str, got: Mapping, allowed_keys: set[str]) -> None:
+    if not isinstance(got, Mapping):
+        raise ConfigError(f"{where}: got {type(got).__name__}; allowed: a mapping with keys {', '.join(sorted(allowed_keys))}")
+    for k in got:
+        if k not in allowed_keys:
+            raise ConfigError("unknown key " + allowed(f"{where}", k, allowed_keys))
+
+
+def _choice(where: str, value: object, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ConfigError(allowed(where, value, choices))
+    return value  # type: ignore[return-value]
+
+
+def _bool(where: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{where}: got {value!r}; allowed: true, false")
+    return value
+
+
+def _int(where: str, value: object, minimum: int = 0) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{where}: got {value!r}; allowed: an integer >= {minimum}")
+    return value
+
+
+def _tier(i: int, raw: Mapping) -> TierConfig:
+    where = f"tiers[{i}]"
+    if not isinstance(raw, Mapping) or "kind" not in raw:
+        raise ConfigError(f"{where}.kind: missing; allowed: {', '.join(TIER_KINDS)}")
+    kind = _choice(f"{where}.kind", raw["kind"], TIER_KINDS)
+    _check_keys(where, raw, _TIER_KEYS[kind])
+    if "capacity" not in raw:
+        raise ConfigError(f"{where}.capacity: missing; allowed: bytes as an int or a string like '8GiB'")
+    capacity = parse_size(raw["capacity"], f"{where}.capacity")
+    if capacity == 0:
+        raise ConfigError(f"{where}.capacity: got {raw['capacity']!r}; allowed: more than 0 bytes")
+    name = raw.get("name", kind)
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"{where}.name: got {name!r}; allowed: a non-empty string")
+    kw: dict[str, Any] = dict(kind=kind, name=name, capacity=capacity)
+    if "policy" in raw:
+        kw["policy"] = _choice(f"{where}.policy", raw["policy"], POLICIES)
+    if "write" in raw:
+        kw["write"] = _choice(f"{where}.write", raw["write"], WRITE_MODES)
+    if "verify" in raw:
+        kw["verify"] = _bool(f"{where}.verify", raw["verify"])
+    if kind == "cpu" and "pin" in raw:
+        pin = {True: "always", False: "never"}.get(raw["pin"], raw["pin"])  # type: ignore[call-overload]
+        kw["pin"] = _choice(f"{where}.pin", pin, ("auto", "always", "never"))
+    if kind == "file":
+        path = raw.get("path")
+        if not isinstance(path, str) or not path:
+            raise ConfigError(f"{where}.path: got {path!r}; allowed: a directory path (it is created if missing)")
+        kw["path"] = os.path.expanduser(os.path.expandvars(path))
+        kw["verify"] = True
+        if "fsync" in raw:
+            kw["fsync"] = _bool(f"{where}.fsync", raw["fsync"])
+    return TierConfig(**kw)
+
+
+def _namespace(ns: str, raw: Mapping, tier_names: list[str]) -> NamespacePolicy:
+    where = f"namespaces.{ns}"
+    _check_keys(where, raw, _NS_KEYS)
+    base = DEFAULT_POLICIES.get(ns, NamespacePolicy())
+    evict = _choice(f"{where}.evict", raw.get("evict", base.evict), EVICT_MODES)
+    prio = raw.get("priority", base.priority)
+    if isinstance(prio, bool) or not isinstance(prio, int):
+        raise ConfigError(f"{where}.priority: got {prio!r}; allowed: an integer (lower is evicted first)")
+    quota_raw = raw.get("quota")
+    quota: dict[str, int] = {}
+    if isinstance(quota_raw, Mapping):
+        for tname, size in quota_raw.items():
+            if tname not in tier_names:
+                raise ConfigError(allowed(f"{where}.quota", tname, tier_names))
+            quota[tname] = parse_size(size, f"{where}.quota.{tname}")
+    elif quota_raw is not None:
+        size = parse_size(quota_raw, f"{where}.quota")
+        quota = {t: size for t in tier_names}
+    return NamespacePolicy(evict=evict, priority=prio, quota=quota)
+
+
+def validate(raw: Mapping) -> StoreConfig:
+    """Turn a plain mapping (from YAML or code) into a checked ``StoreConfig``."""
+    _check_keys("config", raw, _TOP_KEYS)
+    tiers_raw = raw.get("tiers")
+    if not isinstance(tiers_raw, list) or not tiers_raw:
+        raise ConfigError(f"tiers: got {tiers_raw!r}; allowed: a non-empty list of tiers, top (fastest) first")
+    tiers = tuple(_tier(i, t) for i, t in enumerate(tiers_raw))
+    names = [t.name for t in tiers]
+    for i, n in enumerate(names):
+        if n in names[:i]:
+            raise ConfigError(f"tiers[{i}].name: {n!r} is used twice; allowed: a unique name per tier")
+    ns_raw = raw.get("namespaces") or {}
+    if not isinstance(ns_raw, Mapping):
+        raise ConfigError(f"namespaces: got {type(ns_raw).__name__}; allowed: a mapping of namespace -> policy")
+    known = namespaces()
+    pols = {}
+    for ns, pol in ns_raw.items():
+        if ns not in known:
+            raise ConfigError(allowed("namespaces", ns, known) + "; register others with strata.register_namespace()")
+        pols[ns] = _namespace(ns, pol or {}, names)
+    wb_raw = raw.get("writeback") or {}
+    _check_keys("writeback", wb_raw, _WB_KEYS)
+    wb = WritebackConfig(
+        max_pending=_int("writeback.max_pending", wb_raw.get("max_pending", 1024), 1),
+        max_pending_bytes=parse_size(wb_raw.get("max_pending_bytes", 1 << 30), "writeback.max_pending_bytes"),
+    )
+    promote = _bool("promote", raw.get("promote", True))
+    return StoreConfig(tiers=tiers, namespaces=pols, writeback=wb, promote=promote)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def presets() -> list[str]:
+    """Names of the YAML presets shipped with Strata."""
+    return sorted(p.name[:-5] for p in resources.files("strata.configs").iterdir() if p.name.endswith(".yaml"))
+
+
+def _read_yaml(text: str, origin: str) -> Mapping:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{origin}: not valid YAML: {e}") from None
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{origin}: got {type(data).__name__}; allowed: a YAML mapping with keys {', '.join(sorted(_TOP_KEYS))}")
+    return data
+
+
+def load_config(config: "StoreConfig | Mapping | str | os.PathLike | None" = None) -> StoreConfig:
+    """A ``StoreConfig`` from None (the ``cpu`` preset), a preset name, a YAML path or a mapping."""
+    if isinstance(config, StoreConfig):
+        return config
+    if config is None:
+        config = "cpu"
+    if isinstance(config, Mapping):
+        return validate(config)
+    if isinstance(config, (str, os.PathLike)):
+        path = Path(config)
+        if path.is_file():
+            return validate(_read_yaml(path.read_text(), str(path)))
+        if str(config) in presets():
+            res = resources.files("strata.configs").joinpath(f"{config}.yaml")
+            return validate(_read_yaml(res.read_text(), f"preset {config}"))
+        raise ConfigError(allowed("config", str(config), presets()) + " (a preset name), or a path to a YAML file that exists")
+    raise ConfigError(f"config: got {type(config).__name__}; allowed: None, a preset name, a YAML path or a mapping")

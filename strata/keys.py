@@ -1,0 +1,109 @@
+"""Namespace-partitioned keys shared by every client of the store.
+
+A key is ``(namespace, scope, name)``. ``namespace`` partitions clients (``kv`` for
+KV-cache chunks, ``param`` for offloaded weights, plus user-registered ones);
+``scope`` fingerprints what makes the bytes valid (model, dtype, layout, rank);
+``name`` says which object inside the scope. The byte encoding is length-prefixed,
+so no two distinct keys share an encoding whatever characters their parts hold.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+import threading
+
+from strata.errors import StoreError, allowed
+
+_MAGIC = b"SK1"
+_NAMESPACES: set[str] = {"kv", "param"}
+_lock = threading.Lock()
+
+
+def register_namespace(name: str) -> str:
+    """Add a user namespace (letters, digits, '_', '-', '.'); registering twice is fine."""
+    if not isinstance(name, str) or not name or not all(c.isalnum() or c in "_-." for c in name):
+        raise StoreError(
+            f"namespace: got {name!r}; allowed: a non-empty string of letters, digits, '_', '-', '.'"
+        )
+    with _lock:
+        _NAMESPACES.add(name)
+    return name
+
+
+def namespaces() -> frozenset[str]:
+    """The namespaces keys may use now."""
+    return frozenset(_NAMESPACES)
+
+
+def check_namespace(name: object, field: str = "namespace") -> str:
+    if name not in _NAMESPACES:
+        raise StoreError(allowed(field, name, _NAMESPACES) + "; register others with strata.register_namespace()")
+    return name  # type: ignore[return-value]
+
+
+class Key:
+    """An immutable, hashable store key. ``encoded`` is its unambiguous byte form."""
+
+    __slots__ = ("namespace", "scope", "name", "encoded", "_hash")
+
+    def __init__(self, namespace: str, scope: str, name: str):
+        check_namespace(namespace)
+        for field, value in (("scope", scope), ("name", name)):
+            if not isinstance(value, str):
+                raise StoreError(f"Key.{field}: got {type(value).__name__}; allowed: str")
+        parts = [p.encode("utf-8", "surrogatepass") for p in (namespace, scope, name)]
+        enc = _MAGIC + b"".join(struct.pack(">I", len(p)) + p for p in parts)
+        object.__setattr__(self, "namespace", namespace)
+        object.__setattr__(self, "scope", scope)
+        object.__setattr__(self, "name", name)
+        object.__setattr__(self, "encoded", enc)
+        object.__setattr__(self, "_hash", hash(enc))
+
+    def __setattr__(self, *_):
+        raise AttributeError("Key is immutable")
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Key) and other.encoded == self.encoded
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __repr__(self) -> str:
+        return f"Key({self.namespace!r}, {self.scope!r}, {self.name!r})"
+
+    def digest(self) -> str:
+        """A fixed-length hex name for the key (file names, remote keys)."""
+        return hashlib.sha256(self.encoded).hexdigest()
+
+    @classmethod
+    def decode(cls, encoded: bytes) -> "Key":
+        """Inverse of ``encoded``; raises StoreError on bytes that are no key."""
+        if not encoded.startswith(_MAGIC):
+            raise StoreError("Key.decode: bytes do not start with the key magic")
+        parts, pos = [], len(_MAGIC)
+        for _ in range(3):
+            if pos + 4 > len(encoded):
+                raise StoreError("Key.decode: truncated key")
+            (n,) = struct.unpack_from(">I", encoded, pos)
+            pos += 4
+            if pos + n > len(encoded):
+                raise StoreError("Key.decode: truncated key")
+            parts.append(encoded[pos : pos + n].decode("utf-8", "surrogatepass"))
+            pos += n
+        if pos != len(encoded):
+            raise StoreError("Key.decode: trailing bytes after key")
+        return cls(*parts)
+
+
+def make_scope(**parts: object) -> str:
+    """Fingerprint the facts that make bytes valid (model id, dtype, layout, rank ...).
+
+    Deterministic across processes and Python versions: a SHA-256 over the sorted
+    ``name=repr(value)`` pairs, never ``hash()``. Returns 32 hex characters.
+    """
+    h = hashlib.sha256()
+    for k in sorted(parts):
+        item = f"{k}={parts[k]!r}".encode()
+        h.update(struct.pack(">I", len(item)) + item)
+    return h.hexdigest()[:32]

@@ -1,0 +1,63 @@
+"""Extent allocator over one fixed arena: best fit, coalescing, no per-object malloc."""
+
+from __future__ import annotations
+
+import bisect
+
+
+class ExtentAllocator:
+    """Hands out aligned ``[offset, offset + size)`` extents of a ``capacity``-byte arena."""
+
+    def __init__(self, capacity: int, alignment: int = 256):
+        self.alignment = alignment
+        self.capacity = capacity - capacity % alignment
+        self._by_size: list[tuple[int, int]] = []  # (size, offset), sorted
+        self._start: dict[int, int] = {}  # free offset -> size
+        self._end: dict[int, int] = {}  # free end -> offset
+        self.free_bytes = 0
+        if self.capacity:
+            self._add(0, self.capacity)
+
+    def rounded(self, size: int) -> int:
+        a = self.alignment
+        return max(a, (size + a - 1) // a * a)
+
+    def _add(self, off: int, size: int) -> None:
+        bisect.insort(self._by_size, (size, off))
+        self._start[off] = size
+        self._end[off + size] = off
+        self.free_bytes += size
+
+    def _drop(self, off: int, size: int) -> None:
+        i = bisect.bisect_left(self._by_size, (size, off))
+        del self._by_size[i]
+        del self._start[off]
+        del self._end[off + size]
+        self.free_bytes -= size
+
+    def largest_free(self) -> int:
+        return self._by_size[-1][0] if self._by_size else 0
+
+    def alloc(self, size: int) -> int | None:
+        """Offset of a free extent of ``rounded(size)`` bytes, or None if none is large enough."""
+        size = self.rounded(size)
+        i = bisect.bisect_left(self._by_size, (size, -1))
+        if i == len(self._by_size):
+            return None
+        fsize, off = self._by_size[i]
+        self._drop(off, fsize)
+        if fsize > size:
+            self._add(off + size, fsize - size)
+        return off
+
+    def free(self, off: int, size: int) -> None:
+        size = self.rounded(size)
+        end = off + size
+        if (prev := self._end.get(off)) is not None:
+            psize = self._start[prev]
+            self._drop(prev, psize)
+            off, size = prev, size + psize
+        if (nsize := self._start.get(end)) is not None:
+            self._drop(end, nsize)
+            size += nsize
+        self._add(off, size)

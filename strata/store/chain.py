@@ -1,0 +1,258 @@
+"""TierChain: ordered tiers, read-through with promotion, write-through or write-back links.
+
+Index and accounting changes happen under one lock; payload copies run outside it
+on reserved (invisible) or leased (unfreeable) entries. A tier that fails (an I/O
+error, a checksum mismatch) degrades to a miss and a counter.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Callable
+
+import torch
+
+from strata.config import StoreConfig
+from strata.store.codec import CorruptObject, ObjectMeta, checksum
+from strata.store.tiers.base import Entry, Tier
+from strata.store.writeback import WriteBack
+
+log = logging.getLogger("strata.chain")
+Guard = Callable[[], bool]
+
+
+class TierChain:
+    def __init__(self, tiers: list[Tier], cfg: StoreConfig):
+        self.tiers = tiers
+        self.cfg = cfg
+        self.lock = threading.RLock()
+        self.dropped_dirty = 0  # write-back objects evicted before reaching the tier below
+        self.writeback = None
+        if any(t.cfg.write == "back" for t in tiers[:-1]):
+            wb = cfg.writeback
+            self.writeback = WriteBack(self._flush_one, wb.max_pending, wb.max_pending_bytes)
+
+    # -- writes ------------------------------------------------------------------------------
+    def put(self, key: bytes, ns: str, meta: ObjectMeta, data: torch.Tensor) -> bool:
+        return self._put_from(0, key, ns, meta, data, None, block=True)
+
+    def _put_from(self, i: int, key: bytes, ns: str, meta: ObjectMeta, data: torch.Tensor,
+                  guard: Guard | None, block: bool) -> bool:
+        stored = False
+        while i < len(self.tiers):
+            tier = self.tiers[i]
+            if i > 0 and data.device.type != "cpu":
+                data = data.cpu()
+            if tier.persistent and meta.checksum is None:
+                meta = meta.with_checksum(checksum(data.cpu()))
+            write_back = tier.cfg.write == "back" and i + 1 < len(self.tiers)
+            e = self._write_one(tier, key, ns, meta, data, guard, dirty=write_back)
+            if e is not None:
+                stored = True
+                if write_back:
+                    self.writeback.enqueue(i, e, block=block)
+                    return True
+                guard = (lambda t=tier, k=key, ent=e: t.index.get(k) is ent)
+            i += 1
+        return stored
+
+    def _write_one(self, tier: Tier, key: bytes, ns: str, meta: ObjectMeta, data: torch.Tensor,
+                   guard: Guard | None, dirty: bool = False) -> Entry | None:
+        with self.lock:
+            e = tier.reserve(key, ns, meta, self._on_evict)
+            if e is None:
+                tier.counters.rejected += 1
+                return None
+        ok = False
+        try:
+            ok = tier.write(e, data)
+        except OSError:
+            tier.counters.errors += 1
+        finally:
+            with self.lock:
+                # A newer put of the same key may have won meanwhile: never publish stale bytes.
+                if ok and (guard is None or guard()):
+                    e.dirty = dirty
+                    tier.publish(e)
+                else:
+                    tier.abort(e)
+                    e = None
+        return e
+
+    def _on_evict(self, tier: Tier, e: Entry) -> bool:
+        """Called under the lock before ``e`` leaves ``tier``: demote it if it must live on."""
+        i = self.tiers.index(tier)
+        pol = self.cfg.policy(e.ns)
+        below = self.tiers[i + 1 :]
+        if not (e.dirty or (pol.evict == "lower" and not any(t.lookup(e.key) for t in below))):
+            return True
+        if below:
+            data = self._payload(tier, e)
+            if data is not None:
+                meta = self._with_checksum(e, data)
+                if self._put_from(i + 1, e.key, e.ns, meta, data, None, block=False):
+                    e.dirty = False
+                    return True
+        if pol.evict == "drop":
+            self.dropped_dirty += e.dirty
+            return True
+        return False
+
+    def _flush_one(self, i: int, e: Entry) -> bool:
+        tier = self.tiers[i]
+        with self.lock:
+            if not e.dirty or tier.index.get(e.key) is not e:
+                return True  # replaced, deleted or already demoted
+            tier.lease(e)
+        try:
+            data = self._payload(tier, e)
+            if data is None:
+                return False
+            meta = self._with_checksum(e, data)
+            ok = self._put_from(i + 1, e.key, e.ns, meta, data,
+                                lambda: tier.index.get(e.key) is e, block=False)
+        finally:
+            with self.lock:
+                tier.release(e)
+        if ok:
+            e.dirty = False
+        return ok
+
+    def _payload(self, tier: Tier, e: Entry) -> torch.Tensor | None:
+        """The entry's bytes as a flat uint8 CPU tensor (a view for memory tiers)."""
+        if e.view is not None:
+            return e.view
+        buf = torch.empty(e.meta.nbytes, dtype=torch.uint8)
+        try:
+            tier.read_into(e, buf)
+        except (OSError, CorruptObject):
+            tier.counters.errors += 1
+            return None
+        return buf
+
+    @staticmethod
+    def _with_checksum(e: Entry, data: torch.Tensor) -> ObjectMeta:
+        if e.meta.checksum is None:
+            e.meta = e.meta.with_checksum(checksum(data))
+        return e.meta
+
+    # -- reads -------------------------------------------------------------------------------
+    def read(self, key: bytes, order: list[int], promote: bool,
+             out: torch.Tensor | None = None) -> tuple[ObjectMeta, torch.Tensor] | None:
+        """Find ``key`` in ``order``'s tiers. With ``out`` (flat uint8) copy into it and return
+        it; otherwise return a fresh flat uint8 CPU tensor. None on a miss everywhere."""
+        for i in order:
+            tier = self.tiers[i]
+            with self.lock:
+                e = tier.lookup(key)
+                if e is None:
+                    tier.counters.misses += 1
+                    continue
+                tier.lease(e)
+                tier.touch(e)
+            try:
+                data = self._read_entry(tier, e, out)
+            except CorruptObject as exc:
+                log.warning("tier %s: dropping a corrupt object (%s)", tier.name, exc)
+                with self.lock:
+                    tier.counters.checksum_failures += 1
+                    tier.counters.misses += 1
+                    tier.retire(e)
+                continue
+            except OSError as exc:
+                log.warning("tier %s: read failed, treated as a miss (%s)", tier.name, exc)
+                with self.lock:
+                    tier.counters.errors += 1
+                    tier.counters.misses += 1
+                continue
+            finally:
+                with self.lock:
+                    tier.release(e)
+            with self.lock:
+                tier.counters.hits += 1
+            if promote and i > 0 and data.device.type == "cpu":
+                self._promote(i, key, e, data)
+            return e.meta, data
+        return None
+
+    def _read_entry(self, tier: Tier, e: Entry, out: torch.Tensor | None) -> torch.Tensor:
+        if out is None:
+            buf = torch.empty(e.meta.nbytes, dtype=torch.uint8)
+            tier.read_into(e, buf)
+            return buf
+        if out.device.type == "cpu":
+            tier.read_into(e, out)
+            return out
+        if e.view is not None and not tier.cfg.verify:
+            async_copy = out.is_cuda and getattr(tier, "pinned", False)
+            out.copy_(e.view, non_blocking=async_copy)
+            if async_copy:  # the bytes must outlive the copy: lease until its event fires
+                event = torch.cuda.Event()
+                event.record()
+                with self.lock:
+                    tier.hold_until(e, event)
+            return out
+        buf = torch.empty(e.meta.nbytes, dtype=torch.uint8)
+        tier.read_into(e, buf)
+        out.copy_(buf)
+        return buf
+
+    def _promote(self, i: int, key: bytes, e: Entry, data: torch.Tensor) -> None:
+        for j in range(i):
+            upper = self.tiers[j]
+            if self._write_one(upper, key, e.ns, e.meta, data, None) is not None:
+                with self.lock:
+                    upper.counters.promotions += 1
+
+    # -- lookups and deletes -------------------------------------------------------------------
+    def where(self, key: bytes, order: list[int]) -> int | None:
+        with self.lock:
+            for i in order:
+                if key in self.tiers[i].index:
+                    return i
+        return None
+
+    def lease_view(self, key: bytes) -> tuple[Tier, Entry] | None:
+        """Lease the topmost memory-tier copy of ``key`` (zero-copy view), or None."""
+        with self.lock:
+            for tier in self.tiers:
+                e = tier.lookup(key)
+                if e is not None and e.view is not None:
+                    tier.lease(e)
+                    tier.touch(e)
+                    tier.counters.hits += 1
+                    return tier, e
+        return None
+
+    def release(self, tier: Tier, e: Entry) -> None:
+        with self.lock:
+            tier.release(e)
+
+    def delete(self, key: bytes) -> bool:
+        found = False
+        with self.lock:
+            for tier in self.tiers:
+                e = tier.lookup(key)
+                if e is not None:
+                    tier.retire(e)
+                    found = True
+        return found
+
+    def keys(self) -> set[bytes]:
+        with self.lock:
+            return set().union(*(t.index.keys() for t in self.tiers))
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def flush(self) -> None:
+        if self.writeback is not None:
+            self.writeback.drain()
+
+    def close(self) -> None:
+        if self.writeback is not None:
+            self.writeback.close()
+        with self.lock:
+            for t in self.tiers:
+                if hasattr(t, "reap"):
+                    t.reap(wait=True)
+                t.close()

@@ -1,0 +1,136 @@
+"""Tensor <-> bytes: the object header (dtype, shape, key, checksum) and the payload checksum.
+
+The header is a fixed little-endian struct, never pickle. The payload checksum is
+XXH3-64; the header carries a checksum of its own, so a torn or flipped header is
+detected before any field of it is trusted.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, replace
+
+import torch
+import xxhash
+
+from strata.errors import StoreError, allowed
+
+KIND_TENSOR, KIND_BYTES = 0, 1
+
+# Codes are part of the on-disk format: append only, never renumber.
+_DTYPE_CODES: dict[torch.dtype, int] = {
+    torch.uint8: 1, torch.int8: 2, torch.int16: 3, torch.int32: 4, torch.int64: 5,
+    torch.float16: 6, torch.bfloat16: 7, torch.float32: 8, torch.float64: 9, torch.bool: 10,
+    torch.complex64: 11, torch.complex128: 12,
+}
+for _name, _code in (("float8_e4m3fn", 13), ("float8_e5m2", 14), ("uint16", 15), ("uint32", 16), ("uint64", 17)):
+    if hasattr(torch, _name):
+        _DTYPE_CODES[getattr(torch, _name)] = _code
+_CODE_DTYPES = {c: d for d, c in _DTYPE_CODES.items()}
+
+_MAGIC = b"STRO"
+_VERSION = 1
+_FIXED = struct.Struct("<4sBBBBIQQ")  # magic, version, kind, dtype, ndim, keylen, nbytes, checksum
+_TAIL = struct.Struct("<Q")  # header checksum
+MAX_NDIM = 32
+
+
+class CorruptObject(Exception):
+    """Stored bytes failed a check (torn, flipped, truncated, or another key's)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectMeta:
+    kind: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    nbytes: int
+    checksum: int | None = None  # None until computed (volatile tiers compute it lazily)
+
+    def with_checksum(self, value: int) -> "ObjectMeta":
+        return replace(self, checksum=value)
+
+
+def describe(payload: object, field: str = "value") -> tuple[ObjectMeta, torch.Tensor]:
+    """Meta (without checksum) and a flat contiguous uint8 view of ``payload``'s bytes."""
+    if isinstance(payload, torch.Tensor):
+        if payload.dtype not in _DTYPE_CODES:
+            raise StoreError(allowed(f"{field}.dtype", str(payload.dtype), [str(d) for d in _DTYPE_CODES]))
+        if payload.dim() > MAX_NDIM:
+            raise StoreError(f"{field}: got {payload.dim()} dimensions; allowed: at most {MAX_NDIM}")
+        if payload.is_sparse or payload.layout != torch.strided:
+            raise StoreError(f"{field}: got layout {payload.layout}; allowed: torch.strided (dense) tensors")
+        t = payload.detach()
+        if not t.is_contiguous():
+            t = t.contiguous()
+        data = t.reshape(-1).view(torch.uint8) if t.numel() else torch.empty(0, dtype=torch.uint8, device=t.device)
+        return ObjectMeta(KIND_TENSOR, t.dtype, tuple(t.shape), data.numel()), data
+    if isinstance(payload, (bytes, bytearray, memoryview)):
+        buf = bytearray(payload)
+        data = torch.frombuffer(buf, dtype=torch.uint8) if buf else torch.empty(0, dtype=torch.uint8)
+        return ObjectMeta(KIND_BYTES, torch.uint8, (len(buf),), len(buf)), data
+    raise StoreError(f"{field}: got {type(payload).__name__}; allowed: torch.Tensor, bytes, bytearray, memoryview")
+
+
+def checksum(data: torch.Tensor) -> int:
+    """XXH3-64 of a flat uint8 CPU tensor's bytes."""
+    if data.numel() == 0:
+        return xxhash.xxh3_64_intdigest(b"")
+    return xxhash.xxh3_64_intdigest(data.numpy())
+
+
+def materialize(meta: ObjectMeta, data: torch.Tensor) -> "torch.Tensor | bytes":
+    """The user's value from a flat uint8 tensor holding exactly the payload."""
+    if meta.kind == KIND_BYTES:
+        return data.numpy().tobytes()
+    return typed_view(meta, data)
+
+
+def typed_view(meta: ObjectMeta, data: torch.Tensor) -> torch.Tensor:
+    """A view of the flat uint8 payload with the stored dtype and shape (no copy)."""
+    if meta.nbytes == 0:
+        return torch.empty(meta.shape, dtype=meta.dtype, device=data.device)
+    return data.view(meta.dtype).view(meta.shape)
+
+
+def pack_header(key: bytes, meta: ObjectMeta) -> bytes:
+    if meta.checksum is None:
+        raise ValueError("pack_header needs the payload checksum")
+    fixed = _FIXED.pack(_MAGIC, _VERSION, meta.kind, _DTYPE_CODES[meta.dtype], len(meta.shape), len(key),
+                        meta.nbytes, meta.checksum)
+    body = fixed + struct.pack(f"<{len(meta.shape)}Q", *meta.shape) + key
+    return body + _TAIL.pack(xxhash.xxh3_64_intdigest(body))
+
+
+def header_size(buf: bytes) -> int:
+    """Total header length given at least its first ``_FIXED.size`` bytes."""
+    if len(buf) < _FIXED.size:
+        raise CorruptObject("header truncated")
+    magic, version, _, _, ndim, keylen, _, _ = _FIXED.unpack_from(buf)
+    if magic != _MAGIC or version != _VERSION or ndim > MAX_NDIM or keylen > 1 << 20:
+        raise CorruptObject("bad header magic, version or sizes")
+    return _FIXED.size + 8 * ndim + keylen + _TAIL.size
+
+
+FIXED_HEADER_SIZE = _FIXED.size
+
+
+def header_size_for(key: bytes, meta: ObjectMeta) -> int:
+    """Length of ``pack_header(key, meta)`` without building it."""
+    return _FIXED.size + 8 * len(meta.shape) + len(key) + _TAIL.size
+
+
+def unpack_header(buf: bytes) -> tuple[bytes, ObjectMeta]:
+    """(key bytes, meta) from a complete header; CorruptObject on any inconsistency."""
+    n = header_size(buf)
+    if len(buf) < n:
+        raise CorruptObject("header truncated")
+    body, (check,) = buf[: n - _TAIL.size], _TAIL.unpack_from(buf, n - _TAIL.size)
+    if xxhash.xxh3_64_intdigest(body) != check:
+        raise CorruptObject("header checksum mismatch")
+    _, _, kind, dcode, ndim, keylen, nbytes, csum = _FIXED.unpack_from(body)
+    shape = struct.unpack_from(f"<{ndim}Q", body, _FIXED.size)
+    key = body[_FIXED.size + 8 * ndim :]
+    if dcode not in _CODE_DTYPES or kind not in (KIND_TENSOR, KIND_BYTES) or len(key) != keylen:
+        raise CorruptObject("bad header fields")
+    return bytes(key), ObjectMeta(kind, _CODE_DTYPES[dcode], tuple(shape), nbytes, csum)

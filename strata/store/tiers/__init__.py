@@ -1,0 +1,14 @@
+"""Tier kinds by name."""
+
+from strata.store.tiers.base import Tier
+from strata.store.tiers.cpu import CpuTier
+from strata.store.tiers.file import FileTier
+
+TIER_CLASSES: dict[str, type[Tier]] = {"cpu": CpuTier, "file": FileTier}
+
+
+def build_tier(cfg, store_cfg) -> Tier:
+    return TIER_CLASSES[cfg.kind](cfg, store_cfg)
+
+
+__all__ = ["Tier", "CpuTier", "FileTier", "TIER_CLASSES", "build_tier"]

@@ -1,0 +1,210 @@
+"""What every tier shares: the index, capacity accounting, quotas, eviction, counters.
+
+A tier is driven by the ``TierChain`` under the chain's lock for every index and
+accounting call; the bulk byte moves (``write``, ``read_into``) run outside the lock
+on an entry that is reserved (not yet visible) or leased (cannot be freed).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from strata.config import StoreConfig, TierConfig
+from strata.store.codec import ObjectMeta
+from strata.store.eviction import make_policy
+
+
+class Entry:
+    """One object in one tier."""
+
+    __slots__ = ("key", "ns", "meta", "size", "loc", "leases", "dead", "dirty", "view")
+
+    def __init__(self, key: bytes, ns: str, meta: ObjectMeta, size: int, loc: object):
+        self.key, self.ns, self.meta, self.size, self.loc = key, ns, meta, size, loc
+        self.leases = 0
+        self.dead = False  # retired while leased: freed on the last release
+        self.dirty = False  # write-back: not yet in the tier below
+        self.view: torch.Tensor | None = None  # memory tiers: flat uint8 view of the payload
+
+
+@dataclass
+class TierCounters:
+    hits: int = 0
+    misses: int = 0
+    puts: int = 0
+    evictions: int = 0
+    rejected: int = 0  # puts this tier could not take (too big, full of pinned or leased objects)
+    checksum_failures: int = 0
+    errors: int = 0  # I/O errors, degraded to misses or rejected puts
+    promotions: int = 0
+    ns_bytes: dict = field(default_factory=lambda: defaultdict(int))
+    ns_objects: dict = field(default_factory=lambda: defaultdict(int))
+
+
+# Called before an entry is evicted; returns False to keep it (e.g. it could not be demoted).
+EvictHook = Callable[["Tier", Entry], bool]
+
+
+class Tier:
+    kind = "base"
+    persistent = False  # bytes survive the process: checksums are always verified on read
+
+    def __init__(self, cfg: TierConfig, store_cfg: StoreConfig):
+        self.cfg = cfg
+        self.name = cfg.name
+        self.capacity = cfg.capacity
+        self.store_cfg = store_cfg
+        self.index: dict[bytes, Entry] = {}
+        self.used = 0  # bytes held: visible, reserved, and retired-but-leased objects
+        self.counters = TierCounters()
+        self._policies: dict[str, object] = {}
+
+    # -- subclass hooks ---------------------------------------------------------------
+    def stored_size(self, key: bytes, meta: ObjectMeta) -> int:
+        return meta.nbytes
+
+    def _alloc(self, entry: Entry) -> bool:
+        """Find room for ``entry.size`` bytes and set ``entry.loc``; False if it does not fit now."""
+        if self.used + entry.size > self.capacity:
+            return False
+        entry.loc = None
+        return True
+
+    def _free(self, entry: Entry) -> None:
+        """Give back the bytes of an entry nobody can reach any more."""
+
+    def write(self, entry: Entry, data: torch.Tensor) -> bool:
+        """Copy the payload in (outside the lock). False on an I/O fault."""
+        raise NotImplementedError
+
+    def read_into(self, entry: Entry, out: torch.Tensor) -> None:
+        """Copy the payload into flat uint8 ``out`` (outside the lock, entry leased).
+        Raises CorruptObject on a checksum or identity mismatch, OSError on I/O faults."""
+        raise NotImplementedError
+
+    def stats_extra(self) -> dict:
+        return {}
+
+    def close(self) -> None:
+        pass
+
+    # -- index and accounting (caller holds the chain lock) ------------------------------
+    def policy(self, ns: str):
+        pol = self._policies.get(ns)
+        if pol is None:
+            pol = self._policies[ns] = make_policy(self.cfg.policy)
+        return pol
+
+    def lookup(self, key: bytes) -> Entry | None:
+        return self.index.get(key)
+
+    def lease(self, e: Entry) -> None:
+        e.leases += 1
+
+    def release(self, e: Entry) -> None:
+        e.leases -= 1
+        if e.dead and e.leases == 0:
+            self._release_space(e)
+
+    def reserve(self, key: bytes, ns: str, meta: ObjectMeta, evict: EvictHook) -> Entry | None:
+        """A not-yet-visible entry with room for ``meta``'s payload, evicting as policy allows."""
+        size = self.stored_size(key, meta)
+        e = Entry(key, ns, meta, size, None)
+        quota = self.store_cfg.policy(ns).quota.get(self.name)
+        if size > self.capacity or (quota is not None and size > quota):
+            return None
+        refused: set[bytes] = set()
+        if quota is not None:
+            while self.counters.ns_bytes[ns] + size > quota:
+                if not self._evict_one([ns], evict, refused):
+                    return None
+        while not self._alloc(e):
+            if not self._evict_one(self._eviction_order(), evict, refused):
+                return None
+        self._account(e, +1)
+        return e
+
+    def publish(self, e: Entry, count: bool = True) -> None:
+        old = self.index.get(e.key)
+        if old is not None:
+            self.retire(old)
+        self.index[e.key] = e
+        self.policy(e.ns).insert(e.key, e.size)
+        self.counters.puts += count
+
+    def abort(self, e: Entry) -> None:
+        self._release_space(e)
+
+    def retire(self, e: Entry) -> None:
+        """Make an entry unreachable; its bytes go once no lease holds them."""
+        if self.index.get(e.key) is e:
+            del self.index[e.key]
+            self.policy(e.ns).remove(e.key)
+        if e.leases:
+            e.dead = True
+        elif not e.dead:
+            self._release_space(e)
+
+    def touch(self, e: Entry) -> None:
+        self.policy(e.ns).touch(e.key)
+
+    # -- internals ----------------------------------------------------------------------
+    def _account(self, e: Entry, sign: int) -> None:
+        self.used += sign * e.size
+        self.counters.ns_bytes[e.ns] += sign * e.size
+        self.counters.ns_objects[e.ns] += sign
+
+    def _release_space(self, e: Entry) -> None:
+        e.dead = True
+        e.view = None
+        self._free(e)
+        self._account(e, -1)
+
+    def _eviction_order(self) -> list[str]:
+        pols = self.store_cfg
+        live = [ns for ns, p in self._policies.items() if len(p) and pols.policy(ns).evict != "never"]
+        return sorted(live, key=lambda ns: pols.policy(ns).priority)
+
+    def _evict_one(self, order: list[str], evict: EvictHook, refused: set[bytes]) -> bool:
+        for ns in order:
+            if self.store_cfg.policy(ns).evict == "never":
+                continue
+            pol = self.policy(ns)
+            while True:
+                key = pol.victim(lambda k: k not in refused and self.index[k].leases == 0)
+                if key is None:
+                    break
+                e = self.index[key]
+                if evict(self, e):
+                    self.retire(e)
+                    self.counters.evictions += 1
+                    return True
+                refused.add(key)
+        return False
+
+    def stats(self) -> dict:
+        c = self.counters
+        out = {
+            "kind": self.kind,
+            "capacity": self.capacity,
+            "bytes": self.used,
+            "objects": len(self.index),
+            "hits": c.hits,
+            "misses": c.misses,
+            "puts": c.puts,
+            "evictions": c.evictions,
+            "rejected": c.rejected,
+            "checksum_failures": c.checksum_failures,
+            "errors": c.errors,
+            "promotions": c.promotions,
+            "namespaces": {
+                ns: {"bytes": c.ns_bytes[ns], "objects": c.ns_objects[ns]}
+                for ns in sorted(c.ns_bytes) if c.ns_objects[ns] or c.ns_bytes[ns]
+            },
+        }
+        out.update(self.stats_extra())
+        return out
