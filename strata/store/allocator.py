@@ -19,8 +19,9 @@ class ExtentAllocator:
             self._add(0, self.capacity)
 
     def rounded(self, size: int) -> int:
+        """``size`` rounded up to the alignment (at least one unit): what ``alloc`` takes."""
         a = self.alignment
-        return max(a, (size + a - 1) // a * a)
+        return (size + a - 1) // a * a if size > 0 else a
 
     def _add(self, off: int, size: int) -> None:
         bisect.insort(self._by_size, (size, off))
@@ -39,8 +40,7 @@ class ExtentAllocator:
         return self._by_size[-1][0] if self._by_size else 0
 
     def alloc(self, size: int) -> int | None:
-        """Offset of a free extent of ``rounded(size)`` bytes, or None if none is large enough."""
-        size = self.rounded(size)
+        """Offset of a free extent of ``size`` bytes (a ``rounded`` size), or None if none is large enough."""
         i = bisect.bisect_left(self._by_size, (size, -1))
         if i == len(self._by_size):
             return None
@@ -51,7 +51,7 @@ class ExtentAllocator:
         return off
 
     def free(self, off: int, size: int) -> None:
-        size = self.rounded(size)
+        """Return an extent that ``alloc(size)`` handed out."""
         end = off + size
         if (prev := self._end.get(off)) is not None:
             psize = self._start[prev]

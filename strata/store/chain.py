@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 
 from strata.config import StoreConfig
-from strata.store.codec import CorruptObject, ObjectMeta, checksum
+from strata.store.codec import CorruptObject, ObjectMeta, checksum, fit_out
 from strata.store.tiers.base import Entry, Tier
 from strata.store.writeback import WriteBack
 
@@ -120,16 +120,14 @@ class TierChain:
         return ok
 
     def _payload(self, tier: Tier, e: Entry) -> torch.Tensor | None:
-        """The entry's bytes as a flat uint8 CPU tensor (a view for memory tiers)."""
+        """The entry's payload as a CPU tensor (a view in place for memory tiers)."""
         if e.view is not None:
             return e.view
-        buf = torch.empty(e.meta.nbytes, dtype=torch.uint8)
         try:
-            tier.read_into(e, buf)
+            return tier.read(e)
         except (OSError, CorruptObject):
             tier.counters.errors += 1
             return None
-        return buf
 
     @staticmethod
     def _with_checksum(e: Entry, data: torch.Tensor) -> ObjectMeta:
@@ -140,8 +138,9 @@ class TierChain:
     # -- reads -------------------------------------------------------------------------------
     def read(self, key: bytes, order: list[int], promote: bool,
              out: torch.Tensor | None = None) -> tuple[ObjectMeta, torch.Tensor] | None:
-        """Find ``key`` in ``order``'s tiers. With ``out`` (flat uint8) copy into it and return
-        it; otherwise return a fresh flat uint8 CPU tensor. None on a miss everywhere."""
+        """Find ``key`` in ``order``'s tiers: (meta, payload) or None on a miss everywhere.
+        With ``out`` the payload is copied into it (see ``fit_out``); otherwise it is a new CPU
+        tensor of the stored dtype and shape."""
         for i in order:
             tier = self.tiers[i]
             with self.lock:
@@ -159,17 +158,21 @@ class TierChain:
                     tier.counters.checksum_failures += 1
                     tier.counters.misses += 1
                     tier.retire(e)
+                    tier.release(e)
                 continue
             except OSError as exc:
                 log.warning("tier %s: read failed, treated as a miss (%s)", tier.name, exc)
                 with self.lock:
                     tier.counters.errors += 1
                     tier.counters.misses += 1
+                    tier.release(e)
                 continue
-            finally:
+            except BaseException:
                 with self.lock:
                     tier.release(e)
+                raise
             with self.lock:
+                tier.release(e)
                 tier.counters.hits += 1
             if promote and i > 0 and data.device.type == "cpu":
                 self._promote(i, key, e, data)
@@ -178,29 +181,29 @@ class TierChain:
 
     def _read_entry(self, tier: Tier, e: Entry, out: torch.Tensor | None) -> torch.Tensor:
         if out is None:
-            buf = torch.empty(e.meta.nbytes, dtype=torch.uint8)
-            tier.read_into(e, buf)
-            return buf
-        if out.device.type == "cpu":
-            tier.read_into(e, out)
-            return out
+            return tier.read(e)
+        target = fit_out(e.meta, out)
+        if target.device.type == "cpu":
+            tier.read_into(e, target)
+            return target
         if e.view is not None and not tier.cfg.verify:
-            async_copy = out.is_cuda and getattr(tier, "pinned", False)
-            out.copy_(e.view, non_blocking=async_copy)
+            async_copy = target.is_cuda and getattr(tier, "pinned", False)
+            target.copy_(e.view, non_blocking=async_copy)
             if async_copy:  # the bytes must outlive the copy: lease until its event fires
                 event = torch.cuda.Event()
                 event.record()
                 with self.lock:
                     tier.hold_until(e, event)
-            return out
-        buf = torch.empty(e.meta.nbytes, dtype=torch.uint8)
-        tier.read_into(e, buf)
-        out.copy_(buf)
+            return target
+        buf = tier.read(e)
+        target.copy_(buf)
         return buf
 
     def _promote(self, i: int, key: bytes, e: Entry, data: torch.Tensor) -> None:
         for j in range(i):
             upper = self.tiers[j]
+            if key in upper.index:  # already there (a 'prefer' read that skipped it)
+                continue
             if self._write_one(upper, key, e.ns, e.meta, data, None) is not None:
                 with self.lock:
                     upper.counters.promotions += 1

@@ -8,7 +8,7 @@ detected before any field of it is trusted.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 import torch
 import xxhash
@@ -39,8 +39,7 @@ class CorruptObject(Exception):
     """Stored bytes failed a check (torn, flipped, truncated, or another key's)."""
 
 
-@dataclass(frozen=True, slots=True)
-class ObjectMeta:
+class ObjectMeta(NamedTuple):
     kind: int
     dtype: torch.dtype
     shape: tuple[int, ...]
@@ -48,23 +47,24 @@ class ObjectMeta:
     checksum: int | None = None  # None until computed (volatile tiers compute it lazily)
 
     def with_checksum(self, value: int) -> "ObjectMeta":
-        return replace(self, checksum=value)
+        return self._replace(checksum=value)
 
 
 def describe(payload: object, field: str = "value") -> tuple[ObjectMeta, torch.Tensor]:
-    """Meta (without checksum) and a flat contiguous uint8 view of ``payload``'s bytes."""
+    """Meta (without checksum) and the payload as a contiguous tensor of the stored dtype
+    and shape (bytes become a 1-D uint8 tensor). No copy for contiguous tensors."""
     if isinstance(payload, torch.Tensor):
         if payload.dtype not in _DTYPE_CODES:
             raise StoreError(allowed(f"{field}.dtype", str(payload.dtype), [str(d) for d in _DTYPE_CODES]))
-        if payload.dim() > MAX_NDIM:
-            raise StoreError(f"{field}: got {payload.dim()} dimensions; allowed: at most {MAX_NDIM}")
-        if payload.is_sparse or payload.layout != torch.strided:
+        if payload.layout != torch.strided:
             raise StoreError(f"{field}: got layout {payload.layout}; allowed: torch.strided (dense) tensors")
-        t = payload.detach()
+        shape = tuple(payload.shape)
+        if len(shape) > MAX_NDIM:
+            raise StoreError(f"{field}: got {len(shape)} dimensions; allowed: at most {MAX_NDIM}")
+        t = payload.detach() if payload.requires_grad else payload
         if not t.is_contiguous():
             t = t.contiguous()
-        data = t.reshape(-1).view(torch.uint8) if t.numel() else torch.empty(0, dtype=torch.uint8, device=t.device)
-        return ObjectMeta(KIND_TENSOR, t.dtype, tuple(t.shape), data.numel()), data
+        return ObjectMeta(KIND_TENSOR, t.dtype, shape, t.numel() * t.element_size()), t
     if isinstance(payload, (bytes, bytearray, memoryview)):
         buf = bytearray(payload)
         data = torch.frombuffer(buf, dtype=torch.uint8) if buf else torch.empty(0, dtype=torch.uint8)
@@ -72,25 +72,44 @@ def describe(payload: object, field: str = "value") -> tuple[ObjectMeta, torch.T
     raise StoreError(f"{field}: got {type(payload).__name__}; allowed: torch.Tensor, bytes, bytearray, memoryview")
 
 
+def flat_bytes(t: torch.Tensor) -> torch.Tensor:
+    """A flat uint8 view of a contiguous tensor's bytes."""
+    flat = t.reshape(-1)
+    return flat.view(torch.uint8) if flat.dtype != torch.uint8 else flat
+
+
 def checksum(data: torch.Tensor) -> int:
-    """XXH3-64 of a flat uint8 CPU tensor's bytes."""
+    """XXH3-64 of a contiguous CPU tensor's bytes."""
     if data.numel() == 0:
         return xxhash.xxh3_64_intdigest(b"")
-    return xxhash.xxh3_64_intdigest(data.numpy())
+    return xxhash.xxh3_64_intdigest(flat_bytes(data).numpy())
 
 
 def materialize(meta: ObjectMeta, data: torch.Tensor) -> "torch.Tensor | bytes":
-    """The user's value from a flat uint8 tensor holding exactly the payload."""
+    """The user's value from a tensor of the stored dtype and shape."""
     if meta.kind == KIND_BYTES:
         return data.numpy().tobytes()
-    return typed_view(meta, data)
+    return data
 
 
-def typed_view(meta: ObjectMeta, data: torch.Tensor) -> torch.Tensor:
-    """A view of the flat uint8 payload with the stored dtype and shape (no copy)."""
-    if meta.nbytes == 0:
-        return torch.empty(meta.shape, dtype=meta.dtype, device=data.device)
-    return data.view(meta.dtype).view(meta.shape)
+def fit_out(meta: ObjectMeta, out: torch.Tensor) -> torch.Tensor:
+    """``out`` as a tensor of the stored dtype and shape, or StoreError. ``out`` may have the
+    stored dtype and element count in any shape, or be uint8 of the stored byte size."""
+    if out.dtype == meta.dtype and tuple(out.shape) == meta.shape:
+        return out
+    numel = 1
+    for d in meta.shape:
+        numel *= d
+    if out.dtype == meta.dtype and out.numel() == numel:
+        return out.view(meta.shape)
+    if out.dtype == torch.uint8 and out.numel() == meta.nbytes:
+        if meta.nbytes == 0:
+            return torch.empty(meta.shape, dtype=meta.dtype, device=out.device)  # nothing to copy
+        return out.reshape(-1).view(meta.dtype).view(meta.shape)
+    raise StoreError(
+        f"out: got {out.dtype} with {out.numel()} elements; allowed: {meta.dtype} with {numel} "
+        f"elements (stored shape {tuple(meta.shape)}), or torch.uint8 with {meta.nbytes} elements"
+    )
 
 
 def pack_header(key: bytes, meta: ObjectMeta) -> bytes:

@@ -13,7 +13,7 @@ from strata.config import StoreConfig, format_size, load_config
 from strata.errors import StoreError, allowed
 from strata.keys import Key
 from strata.store.chain import TierChain
-from strata.store.codec import ObjectMeta, describe, materialize, typed_view
+from strata.store.codec import describe, materialize
 from strata.store.tiers import build_tier
 
 MODES = ("chain", "exact", "prefer")
@@ -34,6 +34,7 @@ class StorageEngine:
         self.chain = TierChain(tiers, self.config)
         self._tier_index = {t.name: i for i, t in enumerate(tiers)}
         self._max_capacity = max(t.capacity for t in tiers)
+        self._chain_order = list(range(len(tiers)))
         self._ns = defaultdict(lambda: defaultdict(int))
         self._ns_lock = threading.Lock()
         self._closed = False
@@ -51,12 +52,12 @@ class StorageEngine:
         return key
 
     def _order(self, mode: str, tier: str | None) -> tuple[list[int], bool]:
+        if mode == "chain" and tier is None:
+            return self._chain_order, self.config.promote
         if mode not in MODES:
             raise StoreError(allowed("mode", mode, MODES))
         if mode == "chain":
-            if tier is not None:
-                raise StoreError("tier: only used with mode='exact' or mode='prefer'")
-            return list(range(len(self.tiers))), self.config.promote
+            raise StoreError("tier: only used with mode='exact' or mode='prefer'")
         if tier not in self._tier_index:
             raise StoreError(allowed(f"tier (mode={mode!r})", tier, self._tier_index))
         first = self._tier_index[tier]
@@ -64,11 +65,15 @@ class StorageEngine:
             return [first], False
         return [first] + [i for i in range(len(self.tiers)) if i != first], self.config.promote
 
-    def _count(self, ns: str, **fields: int) -> None:
+    def _count(self, ns: str, event: str, nbytes: int) -> None:
+        """Count one ``event`` (puts, put_rejected, hits, misses) of ``nbytes`` for a namespace."""
         with self._ns_lock:
             c = self._ns[ns]
-            for k, v in fields.items():
-                c[k] += v
+            c[event] += 1
+            if event == "puts":
+                c["bytes_written"] += nbytes
+            elif event == "hits":
+                c["bytes_read"] += nbytes
 
     # -- writes ------------------------------------------------------------------------------
     def put(self, key: Key, value: "torch.Tensor | bytes") -> bool:
@@ -80,7 +85,7 @@ class StorageEngine:
             caps = ", ".join(f"{t.name}={format_size(t.capacity)}" for t in self.tiers)
             raise StoreError(f"value: {format_size(meta.nbytes)} is larger than every tier ({caps})")
         ok = self.chain.put(key.encoded, key.namespace, meta, data)
-        self._count(key.namespace, puts=1, bytes_written=meta.nbytes if ok else 0, put_rejected=not ok)
+        self._count(key.namespace, "puts" if ok else "put_rejected", meta.nbytes)
         return ok
 
     def put_many(self, items: Iterable[tuple[Key, "torch.Tensor | bytes"]]) -> list[bool]:
@@ -97,46 +102,26 @@ class StorageEngine:
         order, promote = self._order(mode, tier)
         found = self.chain.read(key.encoded, order, promote)
         if found is None:
-            self._count(key.namespace, misses=1)
+            self._count(key.namespace, "misses", 0)
             return None
         meta, data = found
-        self._count(key.namespace, hits=1, bytes_read=meta.nbytes)
+        self._count(key.namespace, "hits", meta.nbytes)
         return materialize(meta, data)
 
     def get_into(self, key: Key, out: torch.Tensor, *, mode: str = "chain", tier: str | None = None) -> bool:
-        """Copy the stored tensor into ``out`` (same dtype and element count, or uint8 of the same
-        byte size; contiguous; any device). From pinned memory to CUDA the copy is non-blocking
-        on the current stream. False on a miss."""
+        """Copy the stored tensor into ``out`` (the stored dtype and element count in any shape,
+        or uint8 of the stored byte size; contiguous; any device). From pinned memory to CUDA
+        the copy is non-blocking on the current stream. False on a miss."""
         key = self._check_key(key)
         if not isinstance(out, torch.Tensor) or not out.is_contiguous():
             raise StoreError("out: allowed: a contiguous torch.Tensor")
         order, promote = self._order(mode, tier)
-        flat = out.reshape(-1)
-        flat = flat.view(torch.uint8) if flat.numel() else torch.empty(0, dtype=torch.uint8, device=out.device)
-        with self.chain.lock:  # check the shape against what is stored before copying
-            i = self.chain.where(key.encoded, order)
-            meta = self.tiers[i].index[key.encoded].meta if i is not None else None
-        if meta is not None:
-            self._check_out(meta, out)
-        found = self.chain.read(key.encoded, order, promote, out=flat)
+        found = self.chain.read(key.encoded, order, promote, out=out)
         if found is None:
-            self._count(key.namespace, misses=1)
+            self._count(key.namespace, "misses", 0)
             return False
-        self._count(key.namespace, hits=1, bytes_read=found[0].nbytes)
+        self._count(key.namespace, "hits", found[0].nbytes)
         return True
-
-    @staticmethod
-    def _check_out(meta: ObjectMeta, out: torch.Tensor) -> None:
-        numel = 1
-        for d in meta.shape:
-            numel *= d
-        same_type = out.dtype == meta.dtype and out.numel() == numel
-        raw = out.dtype == torch.uint8 and out.numel() == meta.nbytes
-        if not (same_type or raw):
-            raise StoreError(
-                f"out: got {out.dtype} with {out.numel()} elements; allowed: {meta.dtype} with {numel} "
-                f"elements (stored shape {tuple(meta.shape)}), or torch.uint8 with {meta.nbytes} elements"
-            )
 
     def get_many(self, keys: Sequence[Key], *, mode: str = "chain", tier: str | None = None) -> list:
         return [self.get(k, mode=mode, tier=tier) for k in keys]
@@ -156,16 +141,16 @@ class StorageEngine:
         A copy found only in a lower tier is promoted first."""
         key = self._check_key(key)
         held = self.chain.lease_view(key.encoded)
-        if held is None and self.chain.read(key.encoded, list(range(len(self.tiers))), True) is not None:
+        if held is None and self.chain.read(key.encoded, self._chain_order, True) is not None:
             held = self.chain.lease_view(key.encoded)
         if held is None:
-            self._count(key.namespace, misses=1)
+            self._count(key.namespace, "misses", 0)
             yield None
             return
         tier, e = held
-        self._count(key.namespace, hits=1, bytes_read=e.meta.nbytes)
+        self._count(key.namespace, "hits", e.meta.nbytes)
         try:
-            yield typed_view(e.meta, e.view)
+            yield e.view
         finally:
             self.chain.release(tier, e)
 

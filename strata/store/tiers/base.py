@@ -28,7 +28,7 @@ class Entry:
         self.leases = 0
         self.dead = False  # retired while leased: freed on the last release
         self.dirty = False  # write-back: not yet in the tier below
-        self.view: torch.Tensor | None = None  # memory tiers: flat uint8 view of the payload
+        self.view: torch.Tensor | None = None  # memory tiers: typed view of the payload in place
 
 
 @dataclass
@@ -62,6 +62,7 @@ class Tier:
         self.used = 0  # bytes held: visible, reserved, and retired-but-leased objects
         self.counters = TierCounters()
         self._policies: dict[str, object] = {}
+        self._quotas: dict[str, int | None] = {}
 
     # -- subclass hooks ---------------------------------------------------------------
     def stored_size(self, key: bytes, meta: ObjectMeta) -> int:
@@ -82,9 +83,16 @@ class Tier:
         raise NotImplementedError
 
     def read_into(self, entry: Entry, out: torch.Tensor) -> None:
-        """Copy the payload into flat uint8 ``out`` (outside the lock, entry leased).
-        Raises CorruptObject on a checksum or identity mismatch, OSError on I/O faults."""
+        """Copy the payload into ``out`` (a contiguous CPU tensor of the stored dtype and shape),
+        outside the lock with the entry leased. Raises CorruptObject on a checksum or identity
+        mismatch, OSError on I/O faults."""
         raise NotImplementedError
+
+    def read(self, entry: Entry) -> torch.Tensor:
+        """The payload as a new CPU tensor of the stored dtype and shape."""
+        out = torch.empty(entry.meta.shape, dtype=entry.meta.dtype)
+        self.read_into(entry, out)
+        return out
 
     def stats_extra(self) -> dict:
         return {}
@@ -114,7 +122,9 @@ class Tier:
         """A not-yet-visible entry with room for ``meta``'s payload, evicting as policy allows."""
         size = self.stored_size(key, meta)
         e = Entry(key, ns, meta, size, None)
-        quota = self.store_cfg.policy(ns).quota.get(self.name)
+        quota = self._quotas.get(ns, -1)
+        if quota == -1:
+            quota = self._quotas[ns] = self.store_cfg.policy(ns).quota.get(self.name)
         if size > self.capacity or (quota is not None and size > quota):
             return None
         refused: set[bytes] = set()

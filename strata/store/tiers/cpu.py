@@ -1,6 +1,6 @@
 """The CPU tier: one slab of host memory (pinned when CUDA is present), extent-allocated.
 
-Objects are views into the slab. Readers hold a lease while they copy, so an
+Objects are typed views into the slab. Readers hold a lease while they copy, so an
 evicted or overwritten object's bytes are never reused under them; a non-blocking
 copy to the GPU keeps its lease until the copy's CUDA event has completed.
 Host RAM is trusted: checksums are computed when an object leaves this tier for a
@@ -8,6 +8,8 @@ persistent one, or on every put and get with ``verify: true``.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -24,6 +26,15 @@ def _want_pinned(pin: str) -> bool:
     return torch.cuda.is_available()
 
 
+@functools.lru_cache(maxsize=4096)
+def contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    strides, step = [], 1
+    for d in reversed(shape):
+        strides.append(step)
+        step *= max(d, 1)
+    return tuple(reversed(strides))
+
+
 class CpuTier(Tier):
     kind = "cpu"
 
@@ -34,10 +45,17 @@ class CpuTier(Tier):
         self.capacity = self.allocator.capacity
         # Pageable memory is reserved lazily by the OS; pinned memory is locked up front.
         self.slab = torch.empty(self.capacity, dtype=torch.uint8, pin_memory=self.pinned)
+        self._aliases: dict[torch.dtype, torch.Tensor] = {}  # the slab seen as each dtype
         self._in_flight: list[tuple[object, Entry]] = []  # (CUDA event, leased entry)
 
     def stored_size(self, key, meta) -> int:
         return self.allocator.rounded(meta.nbytes)
+
+    def _typed_view(self, off: int, meta) -> torch.Tensor:
+        alias = self._aliases.get(meta.dtype)
+        if alias is None:
+            alias = self._aliases[meta.dtype] = self.slab.view(meta.dtype)
+        return alias.as_strided(meta.shape, contiguous_strides(meta.shape), off // alias.element_size())
 
     def _alloc(self, e: Entry) -> bool:
         off = self.allocator.alloc(e.size)
@@ -47,7 +65,7 @@ class CpuTier(Tier):
             if off is None:
                 return False
         e.loc = off
-        e.view = self.slab[off : off + e.meta.nbytes]
+        e.view = self._typed_view(off, e.meta)
         return True
 
     def _free(self, e: Entry) -> None:
@@ -59,9 +77,16 @@ class CpuTier(Tier):
             e.meta = e.meta.with_checksum(checksum(e.view))
         return True
 
-    def read_into(self, e: Entry, out: torch.Tensor) -> None:
+    def _verify(self, e: Entry) -> None:
         if self.cfg.verify and checksum(e.view) != e.meta.checksum:
             raise CorruptObject(f"checksum mismatch in tier {self.name}")
+
+    def read(self, e: Entry) -> torch.Tensor:
+        self._verify(e)
+        return e.view.clone()
+
+    def read_into(self, e: Entry, out: torch.Tensor) -> None:
+        self._verify(e)
         out.copy_(e.view)
 
     # -- asynchronous copies to the GPU -------------------------------------------------

@@ -10,6 +10,7 @@ a mismatch is a miss, counted, and the file is dropped.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import time
@@ -19,7 +20,7 @@ from pathlib import Path
 import torch
 
 from strata.keys import Key
-from strata.store.codec import CorruptObject, FIXED_HEADER_SIZE, checksum, header_size, header_size_for, pack_header, unpack_header
+from strata.store.codec import CorruptObject, FIXED_HEADER_SIZE, checksum, flat_bytes, header_size, header_size_for, pack_header, unpack_header
 from strata.store.tiers.base import Entry, Tier
 
 _SUFFIX = ".obj"
@@ -103,7 +104,7 @@ class FileTier(Tier):
             with open(tmp, "wb") as f:
                 f.write(head)
                 if e.meta.nbytes:
-                    f.write(memoryview(data.cpu().numpy()))
+                    f.write(memoryview(flat_bytes(data).cpu().numpy()))
                 if self.cfg.fsync:
                     f.flush()
                     os.fsync(f.fileno())
@@ -111,7 +112,8 @@ class FileTier(Tier):
             os.replace(tmp, e.loc)
         except OSError:
             self.counters.errors += 1
-            tmp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
             return False
         return True
 
@@ -123,7 +125,7 @@ class FileTier(Tier):
             if key != e.key or meta.nbytes != e.meta.nbytes or meta.checksum != e.meta.checksum:
                 raise CorruptObject("file holds another object")
             if meta.nbytes:
-                buf = memoryview(out.numpy())
+                buf = memoryview(flat_bytes(out).numpy())
                 if f.readinto(buf) != meta.nbytes or f.read(1):
                     raise CorruptObject("payload length mismatch")
         if checksum(out) != meta.checksum:

@@ -1,0 +1,116 @@
+"""Store throughput and latency per tier, each next to a same-run baseline.
+
+    python benchmarks/store.py [--quick]
+
+CPU tier: put vs ``dst.copy_(src)`` into preallocated memory, get vs ``src.clone()``,
+get_into vs ``dst.copy_(src)``. File tier: put vs a plain write+rename of the same
+bytes, get vs a plain read into a preallocated buffer. The working set cycles
+through enough distinct tensors to leave the CPU caches for sizes of 1 MiB and up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import strata  # noqa: E402
+from strata import Key  # noqa: E402
+
+SIZES = {"4KiB": 4 << 10, "1MiB": 1 << 20, "32MiB": 32 << 20}
+
+
+def timed(fn, items, repeat):
+    """Median seconds per call of ``fn(item)`` over ``repeat`` passes through ``items``."""
+    samples = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        for it in items:
+            fn(it)
+        samples.append((time.perf_counter() - t0) / len(items))
+    return statistics.median(samples)
+
+
+def row(tier, op, size_name, nbytes, t, base, base_name):
+    gbs = nbytes / t / 1e9
+    print(f"{tier:5} {op:9} {size_name:6} {gbs:8.2f} GB/s {t * 1e6:10.1f} us   "
+          f"baseline {base_name:12} {nbytes / base / 1e9:8.2f} GB/s {base * 1e6:10.1f} us   ratio {t / base:5.2f}x")
+
+
+def bench_cpu(size_name, nbytes, count, repeat):
+    srcs = [torch.randint(0, 255, (nbytes,), dtype=torch.uint8) for _ in range(count)]
+    dsts = [torch.empty(nbytes, dtype=torch.uint8) for _ in range(count)]
+    for d in dsts:
+        d.fill_(1)  # touch the baseline's pages, as the store's slab is touched by warm-up
+    keys = [Key("kv", "bench", f"{size_name}-{i}") for i in range(count)]
+    cap = 3 * nbytes * count + (64 << 20)
+    with strata.open_store({"tiers": [{"kind": "cpu", "capacity": cap, "pin": "auto"}]}) as store:
+        for _ in range(3):  # warm-up: every extent of the slab written at least once
+            for k, s in zip(keys, srcs):
+                store.put(k, s)
+        pairs = list(zip(keys, srcs, dsts))
+        base_copy = timed(lambda p: p[2].copy_(p[1]), pairs, repeat)
+        put = timed(lambda p: store.put(p[0], p[1]), pairs, repeat)
+        row("cpu", "put", size_name, nbytes, put, base_copy, "copy_")
+        base_clone = timed(lambda p: p[1].clone(), pairs, repeat)
+        get = timed(lambda p: store.get(p[0]), pairs, repeat)
+        row("cpu", "get", size_name, nbytes, get, base_clone, "clone")
+        get_into = timed(lambda p: store.get_into(p[0], p[2]), pairs, repeat)
+        row("cpu", "get_into", size_name, nbytes, get_into, base_copy, "copy_")
+
+
+def bench_file(size_name, nbytes, count, repeat, root):
+    srcs = [torch.randint(0, 255, (nbytes,), dtype=torch.uint8) for _ in range(count)]
+    dst = torch.empty(nbytes, dtype=torch.uint8)
+    keys = [Key("kv", "bench", f"{size_name}-{i}") for i in range(count)]
+    plain = os.path.join(root, "plain")
+    os.makedirs(plain, exist_ok=True)
+
+    def plain_write(i):
+        tmp = os.path.join(plain, f"{i}.tmp")
+        with open(tmp, "wb") as f:
+            f.write(memoryview(srcs[i].numpy()))
+        os.replace(tmp, os.path.join(plain, f"{i}.bin"))
+
+    def plain_read(i):
+        with open(os.path.join(plain, f"{i}.bin"), "rb") as f:
+            f.readinto(memoryview(dst.numpy()))
+
+    cfg = {"tiers": [{"kind": "file", "path": os.path.join(root, "tier"), "capacity": 3 * nbytes * count + (64 << 20)}]}
+    idx = list(range(count))
+    with strata.open_store(cfg) as store:
+        base_w = timed(plain_write, idx, repeat)
+        put = timed(lambda i: store.put(keys[i], srcs[i]), idx, repeat)
+        row("file", "put", size_name, nbytes, put, base_w, "write")
+        base_r = timed(plain_read, idx, repeat)
+        get_into = timed(lambda i: store.get_into(keys[i], dst), idx, repeat)
+        row("file", "get_into", size_name, nbytes, get_into, base_r, "read")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="fewer repetitions (smoke run)")
+    args = ap.parse_args()
+    repeat = 3 if args.quick else 7
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, cuda {torch.cuda.is_available()}")
+    for size_name, nbytes in SIZES.items():
+        count = max(8, min(2048, (256 << 20) // nbytes))  # >= 256 MiB working set for large sizes
+        if args.quick:
+            count = max(4, count // 8)
+        bench_cpu(size_name, nbytes, count, repeat)
+    with tempfile.TemporaryDirectory(dir=os.environ.get("STRATA_BENCH_DIR")) as root:
+        for size_name, nbytes in SIZES.items():
+            count = max(4, min(512, (128 << 20) // nbytes))
+            if args.quick:
+                count = max(4, count // 8)
+            bench_file(size_name, nbytes, count, repeat, root)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""The ``strata`` command: stats of a store, presets, and the demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from strata.config import format_size, presets
+
+
+def format_stats(stats: dict) -> str:
+    """A human-readable table of ``StorageEngine.stats()``."""
+    cols = ("bytes", "capacity", "objects", "hits", "misses", "evictions", "rejected", "checksum_failures", "errors")
+    heads = ("tier", "kind", "used", "capacity", "objects", "hits", "misses", "evicted", "rejected", "bad-sum", "errors")
+    rows = [heads]
+    for name, t in stats["tiers"].items():
+        rows.append((name, t["kind"], format_size(t["bytes"]), format_size(t["capacity"]),
+                     *(str(t[c]) for c in cols[2:])))
+    lines = _table(rows)
+    ns_rows = [("namespace", "tier", "used", "objects")]
+    for name, t in stats["tiers"].items():
+        for ns, held in t["namespaces"].items():
+            ns_rows.append((ns, name, format_size(held["bytes"]), str(held["objects"])))
+    if len(ns_rows) > 1:
+        lines += [""] + _table(ns_rows)
+    traffic = [("namespace", "puts", "hits", "misses", "written", "read")]
+    for ns, c in sorted(stats["namespaces"].items()):
+        traffic.append((ns, str(c.get("puts", 0)), str(c.get("hits", 0)), str(c.get("misses", 0)),
+                        format_size(c.get("bytes_written", 0)), format_size(c.get("bytes_read", 0))))
+    if len(traffic) > 1:
+        lines += [""] + _table(traffic)
+    wb = stats["writeback"]
+    lines.append("")
+    lines.append(f"write-back: queue {wb['queue_depth']} ({format_size(wb['pending_bytes'])}), "
+                 f"flushed {wb['flushed']}, failed {wb['failed']}, dropped dirty {wb['dropped_dirty']}")
+    return "\n".join(lines)
+
+
+def _table(rows) -> list[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+
+
+def _cmd_stats(args) -> int:
+    from strata.store.engine import open_store
+
+    with open_store(args.config) as store:
+        stats = store.stats()
+    print(json.dumps(stats, indent=2) if args.json else format_stats(stats))
+    return 0
+
+
+def _cmd_presets(args) -> int:
+    for p in presets():
+        print(p)
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    from strata.demo import run_demo
+
+    return run_demo(args.config)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="strata", description="Strata: one tiered tensor store for weights and KV.")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("stats", help="open a store and print its tiers, namespaces and counters")
+    p.add_argument("--config", default=None, help="preset name or YAML path (default: the cpu preset)")
+    p.add_argument("--json", action="store_true", help="print the raw stats() dict as JSON")
+    p.set_defaults(func=_cmd_stats)
+    p = sub.add_parser("presets", help="list the YAML presets shipped with Strata")
+    p.set_defaults(func=_cmd_presets)
+    p = sub.add_parser("demo", help="run the demo on the default CPU tier")
+    p.add_argument("--config", default=None, help="preset name or YAML path (default: the cpu preset)")
+    p.set_defaults(func=_cmd_demo)
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except Exception as e:  # clear one-line errors for the command line
+        from strata.errors import StrataError
+
+        if isinstance(e, StrataError):
+            print(f"strata: error: {e}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

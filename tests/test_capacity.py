@@ -1,0 +1,133 @@
+"""Capacity is a hard bound: random workloads on small tiers, quotas, pinning, priorities."""
+
+import random
+
+import pytest
+import torch
+from hypothesis import given, strategies as st
+
+import strata
+from strata import Key, StoreError
+from values import same
+
+
+def check_accounting(store):
+    for t in store.tiers:
+        assert 0 <= t.used <= t.capacity
+        live = sum(e.size for e in t.index.values())
+        assert live <= t.used
+        if t.kind == "cpu":
+            assert t.used + t.allocator.free_bytes == t.capacity
+        for ns, b in t.counters.ns_bytes.items():
+            quota = store.config.policy(ns).quota.get(t.name)
+            assert quota is None or b <= quota
+
+
+@pytest.mark.parametrize("policy", ["lru", "s3fifo"])
+@pytest.mark.parametrize("two_tiers", [False, True])
+@given(seed=st.integers(0, 2**32 - 1))
+def test_random_workload_never_exceeds_bounds_and_never_returns_wrong_bytes(tmp_path_factory, policy, two_tiers, seed):
+    rng = random.Random(seed)
+    tiers = [{"kind": "cpu", "capacity": "64KiB", "policy": policy, "write": rng.choice(["through", "back"])}]
+    if two_tiers:
+        tiers.append({"kind": "file", "path": str(tmp_path_factory.mktemp("f")), "capacity": "160KiB", "policy": policy})
+    cfg = {"tiers": tiers, "namespaces": {"kv": {"quota": "40KiB"}, "param": {"evict": "drop", "priority": 5}}}
+    last = {}
+    with strata.open_store(cfg) as store:
+        for step in range(120):
+            k = Key(rng.choice(["kv", "param"]), "s", str(rng.randrange(24)))
+            op = rng.random()
+            if op < 0.55:
+                v = torch.full((rng.randrange(1, 4096),), step, dtype=torch.int32)
+                if store.put(k, v):
+                    last[k] = v
+                else:
+                    last.pop(k, None)
+            elif op < 0.9:
+                got = store.get(k)
+                assert got is None or same(got, last.get(k)), (k, step)
+            else:
+                store.delete(k)
+                last.pop(k, None)
+            check_accounting(store)
+        store.flush()
+        check_accounting(store)
+
+
+def test_oversized_object_is_a_clear_error():
+    with strata.open_store({"tiers": [{"kind": "cpu", "capacity": "64KiB"}]}) as store:
+        with pytest.raises(StoreError, match=r"value: 128.0 KiB is larger than every tier \(cpu=64.0 KiB\)"):
+            store.put(Key("kv", "s", "big"), torch.empty(128 << 10, dtype=torch.uint8))
+
+
+def test_pinned_namespace_is_never_evicted_and_a_full_tier_rejects_without_crashing():
+    cfg = {"tiers": [{"kind": "cpu", "capacity": "64KiB"}], "namespaces": {"param": {"evict": "never"}}}
+    with strata.open_store(cfg) as store:
+        blocks = [Key("param", "m", f"b{i}") for i in range(8)]
+        results = [store.put(k, torch.full((4096,), i, dtype=torch.int32)) for i, k in enumerate(blocks)]
+        assert results[:4] == [True] * 4 and results[4:] == [False] * 4
+        assert store.stats()["tiers"]["cpu"]["rejected"] == 4
+        assert store.stats()["namespaces"]["param"]["put_rejected"] == 4
+        # KV cannot push pinned weights out either.
+        assert not store.put(Key("kv", "m", "c"), torch.zeros(1024, dtype=torch.int32))
+        for i, k in enumerate(blocks[:4]):
+            assert store.get(k)[0].item() == i
+
+
+def test_lower_priority_namespace_is_evicted_first():
+    cfg = {"tiers": [{"kind": "cpu", "capacity": "64KiB"}],
+           "namespaces": {"kv": {"priority": 0}, "param": {"evict": "drop", "priority": 10}}}
+    with strata.open_store(cfg) as store:
+        store.put(Key("param", "m", "w"), torch.zeros(4096, dtype=torch.int32))  # 16 KiB, oldest
+        for i in range(6):
+            store.put(Key("kv", "m", str(i)), torch.zeros(4096, dtype=torch.int32))
+        assert store.contains(Key("param", "m", "w"))
+        assert store.stats()["tiers"]["cpu"]["evictions"] == 3
+
+
+def test_lower_policy_demotes_to_the_tier_below_before_evicting(tmp_path):
+    cfg = {"tiers": [{"kind": "cpu", "capacity": "64KiB"},
+                     {"kind": "file", "path": str(tmp_path), "capacity": "1MiB"}],
+           "namespaces": {"param": {"evict": "lower"}}}
+    with strata.open_store(cfg) as store:
+        keys = [Key("param", "m", str(i)) for i in range(8)]
+        for i, k in enumerate(keys):
+            assert store.put(k, torch.full((4096,), i, dtype=torch.int32))
+        for i, k in enumerate(keys):
+            assert store.get(k, mode="exact", tier="file")[0].item() == i
+    # Only one tier: 'lower' objects have nowhere to go, so they stay.
+    with strata.open_store({"tiers": [{"kind": "cpu", "capacity": "64KiB"}]}) as store:
+        assert store.put(Key("param", "m", "a"), torch.zeros(16 << 10, dtype=torch.uint8))
+        assert not store.put(Key("param", "m", "b"), torch.zeros(60 << 10, dtype=torch.uint8))
+        assert store.contains(Key("param", "m", "a"))
+
+
+def test_quota_keeps_a_namespace_inside_its_share():
+    cfg = {"tiers": [{"kind": "cpu", "capacity": "64KiB"}], "namespaces": {"kv": {"quota": "16KiB"}}}
+    with strata.open_store(cfg) as store:
+        store.put(Key("param", "m", "w"), torch.zeros(8192, dtype=torch.int32))  # 32 KiB
+        for i in range(10):
+            assert store.put(Key("kv", "m", str(i)), torch.zeros(1024, dtype=torch.int32))  # 4 KiB each
+        s = store.stats()["tiers"]["cpu"]["namespaces"]
+        assert s["kv"]["bytes"] == 16 << 10 and s["param"]["bytes"] == 32 << 10
+
+
+def test_lru_keeps_what_was_read_recently():
+    with strata.open_store({"tiers": [{"kind": "cpu", "capacity": "16KiB", "policy": "lru"}]}) as store:
+        ks = [Key("kv", "m", str(i)) for i in range(5)]
+        for k in ks[:4]:
+            store.put(k, torch.zeros(4096, dtype=torch.uint8))
+        store.get(ks[0])
+        store.put(ks[4], torch.zeros(4096, dtype=torch.uint8))
+        assert [store.contains(k) for k in ks] == [True, False, True, True, True]
+
+
+def test_s3fifo_drops_one_hit_wonders_before_reused_objects():
+    with strata.open_store({"tiers": [{"kind": "cpu", "capacity": "40KiB", "policy": "s3fifo"}]}) as store:
+        hot = [Key("kv", "hot", str(i)) for i in range(4)]
+        for k in hot:
+            store.put(k, torch.zeros(4096, dtype=torch.uint8))
+            store.get(k)
+        for i in range(40):  # a scan of objects read never
+            store.put(Key("kv", "scan", str(i)), torch.zeros(4096, dtype=torch.uint8))
+        assert all(store.contains(k) for k in hot)

@@ -1,0 +1,53 @@
+import subprocess
+import sys
+
+import pytest
+from hypothesis import given, strategies as st
+
+import strata
+from strata import Key, StoreError
+
+parts = st.text(max_size=12)
+
+
+@given(parts, parts, parts, parts)
+def test_distinct_keys_never_share_an_encoding(s1, n1, s2, n2):
+    a, b = Key("kv", s1, n1), Key("kv", s2, n2)
+    assert (a.encoded == b.encoded) == ((s1, n1) == (s2, n2))
+    assert (a == b) == ((s1, n1) == (s2, n2))
+
+
+@given(st.sampled_from(["kv", "param"]), parts, parts)
+def test_decode_inverts_encode(ns, scope, name):
+    k = Key(ns, scope, name)
+    assert Key.decode(k.encoded) == k
+
+
+def test_separator_characters_do_not_alias():
+    assert Key("kv", "a/b", "c").encoded != Key("kv", "a", "b/c").encoded
+    assert Key("kv", "a\x00", "b").encoded != Key("kv", "a", "\x00b").encoded
+    assert Key("kv", "s", "x") != Key("param", "s", "x")
+
+
+def test_unknown_namespace_is_refused_with_the_allowed_ones():
+    with pytest.raises(StoreError, match=r"namespace: got 'kvv'.*allowed: kv, param.*did you mean 'kv'"):
+        Key("kvv", "s", "n")
+    strata.register_namespace("user-ns")
+    assert Key("user-ns", "s", "n").namespace == "user-ns"
+    with pytest.raises(StoreError, match="namespace"):
+        strata.register_namespace("bad name")
+
+
+def test_key_parts_must_be_strings():
+    with pytest.raises(StoreError, match=r"Key.scope: got int; allowed: str"):
+        Key("kv", 3, "n")
+
+
+def test_make_scope_is_stable_across_processes_and_hash_seeds():
+    here = strata.make_scope(model="llama", dtype="bf16", tp=2)
+    code = "import strata; print(strata.make_scope(tp=2, dtype='bf16', model='llama'))"
+    for seed in ("1", "2"):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                             env={"PYTHONHASHSEED": seed, "PATH": "/usr/bin"}).stdout.strip()
+        assert out == here
+    assert strata.make_scope(model="llama", dtype="bf16", tp=1) != here
