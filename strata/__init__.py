@@ -3,6 +3,7 @@
 from strata.config import StoreConfig, load_config, parse_size, presets
 from strata.errors import ConfigError, StoreError, StrataError
 from strata.keys import Key, make_scope, namespaces, register_namespace
+from strata.offload import OffloadError, OffloadHandle, offload
 from strata.store.engine import StorageEngine, open_store
 
 __version__ = "0.1.0"
@@ -10,6 +11,8 @@ __version__ = "0.1.0"
 __all__ = [
     "ConfigError",
     "Key",
+    "OffloadError",
+    "OffloadHandle",
     "StorageEngine",
     "StoreConfig",
     "StoreError",
@@ -17,6 +20,7 @@ __all__ = [
     "load_config",
     "make_scope",
     "namespaces",
+    "offload",
     "open_store",
     "parse_size",
     "presets",

@@ -1,0 +1,246 @@
+"""``strata.offload(model)``: put a model's repeated blocks in the store and stream them back."""
+
+from __future__ import annotations
+
+import uuid
+import warnings
+from typing import Iterable
+
+import torch
+from tqdm.auto import tqdm
+
+from strata.config import format_size, parse_size
+from strata.errors import ConfigError
+from strata.hooks import attach_hook, detach_hook
+from strata.keys import Key, make_scope
+from strata.offload.blocks import OffloadError, block_names, find_blocks
+from strata.offload.packing import ALIGN, BlockLayout, set_tensor
+from strata.offload.placement import Plan, plan
+from strata.offload.scheduler import BlockHook, PrefetchScheduler
+from strata.store.engine import StorageEngine, open_store
+
+_MARK = "_strata_offload"
+
+
+def check_device(device: "str | torch.device") -> torch.device:
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise OffloadError(f"device: got {device!r}; allowed: 'cuda', 'cuda:N' or 'cpu'") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise OffloadError(f"device: got {device!r} but CUDA is not available here; allowed: 'cpu'")
+        if dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+        if dev.index >= torch.cuda.device_count():
+            raise OffloadError(f"device: got {device!r}; allowed: cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
+    elif dev.type != "cpu":
+        raise OffloadError(f"device: got {device!r}; allowed: 'cuda', 'cuda:N' or 'cpu'")
+    return dev
+
+
+def parse_budget(budget: object, device: torch.device) -> int | None:
+    if budget is None:
+        return None
+    if isinstance(budget, dict):  # Accelerate's max_memory style: {0: "20GiB", "cpu": "64GiB"}
+        for k in (device.index, str(device.index), f"cuda:{device.index}", str(device)):
+            if k in budget:
+                return parse_size(budget[k], f"gpu_budget[{k!r}]")
+        raise OffloadError(f"gpu_budget: no entry for {device} in {sorted(map(str, budget))}")
+    try:
+        return parse_size(budget, "gpu_budget")
+    except ConfigError as e:
+        raise OffloadError(str(e)) from None
+
+
+class OffloadHandle:
+    """What ``strata.offload`` returns: stats, placement, and ``detach()``."""
+
+    def __init__(self, model, store, owns_store, device, names, layouts, keys, plan_, scheduler, orig_devices,
+                 block_path):
+        self.model = model
+        self.store: StorageEngine = store
+        self._owns_store = owns_store
+        self.device = device
+        self.names = names
+        self.layouts = layouts
+        self.keys = keys
+        self.plan: Plan = plan_
+        self.scheduler: PrefetchScheduler | None = scheduler
+        self._orig_devices = orig_devices
+        self.block_path = block_path
+        self._hooks: list[tuple[torch.nn.Module, BlockHook]] = []
+        self.attached = True
+
+    # -- reporting -----------------------------------------------------------------------------
+    def stats(self) -> dict:
+        """Bytes streamed, copy time hidden vs exposed, per-block wait, resident and pinned bytes."""
+        p = self.plan
+        out = {
+            "blocks": len(self.layouts),
+            "offloaded_blocks": len(p.offloaded),
+            "resident_blocks": len(p.resident),
+            "offloaded_bytes": sum(self.layouts[b].nbytes for b in p.offloaded),
+            "resident_bytes": p.other_bytes + sum(self.layouts[b].nbytes for b in p.resident),
+            "ring_bytes": p.ring_bytes,
+            "device": str(self.device),
+        }
+        if self.scheduler is not None:
+            out.update(self.scheduler.stats())
+        cpu = [t for t in self.store.stats()["tiers"].values() if t["kind"] == "cpu"]
+        out["pinned_bytes"] = sum(t["capacity"] for t in cpu if t.get("pinned"))
+        out["store_param_bytes"] = sum(t["namespaces"].get("param", {}).get("bytes", 0)
+                                       for t in self.store.stats()["tiers"].values())
+        return out
+
+    def placement(self) -> str:
+        """Where every block and the rest of the model live, one line each."""
+        p = self.plan
+        lines = [f"device {self.device}: non-block modules {format_size(p.other_bytes)}, "
+                 f"ring {p.ring_slots} x {format_size(p.slot_bytes)}"]
+        for i, name in enumerate(self.names):
+            where = "resident on device" if i in p.resident else f"store -> ring slot {p.offloaded.index(i) % max(p.ring_slots, 1)}"
+            lines.append(f"  {name}: {format_size(self.layouts[i].nbytes)}, {where}")
+        return "\n".join(lines)
+
+    # -- undo ----------------------------------------------------------------------------------
+    def detach(self) -> torch.nn.Module:
+        """Put every parameter back where it was, bit for bit, and remove Strata's hooks."""
+        if not self.attached:
+            return self.model
+        for module, hook in self._hooks:
+            detach_hook(module, hook)
+        if self.scheduler is not None:
+            self.scheduler.close()
+        for b in self.plan.offloaded:
+            layout = self.layouts[b]
+            packed = self.store.get(self.keys[b])
+            if packed is None:
+                raise OffloadError(f"detach: block {self.names[b]} is missing from the store; cannot restore it")
+            layout.bind([v.to(self._orig_devices[id(t)], copy=True)
+                         for v, t in zip(layout.views(packed), layout.tensors)])
+            self.store.delete(self.keys[b])
+        for (module, name, is_param), dev in self._moved.items():
+            t = module._parameters[name] if is_param else module._buffers[name]
+            set_tensor(module, name, is_param, t.to(dev))
+        if self._owns_store:
+            self.store.close()
+        object.__delattr__(self.model, _MARK)
+        self.attached = False
+        return self.model
+
+    def __enter__(self) -> "OffloadHandle":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.detach()
+
+    def __repr__(self) -> str:
+        p = self.plan
+        return (f"OffloadHandle({len(p.offloaded)}/{len(self.layouts)} blocks streamed from the store, "
+                f"{len(p.resident)} resident, ring {p.ring_slots} x {format_size(p.slot_bytes)} on {self.device})")
+
+
+def _tensors(module: torch.nn.Module):
+    for mod in module.modules():
+        for is_param, table in ((True, mod._parameters), (False, mod._buffers)):
+            for name, t in table.items():
+                if t is not None:
+                    yield mod, name, is_param, t
+
+
+def offload(model: torch.nn.Module, *, store: StorageEngine | None = None, device: "str | torch.device" = "cuda",
+            gpu_budget: "int | str | dict | None" = None, prefetch: int = 1,
+            blocks: "str | Iterable[torch.nn.Module] | None" = None, timing: bool = True,
+            progress: bool = True) -> OffloadHandle:
+    """Keep ``model``'s repeated blocks in the store and stream each onto ``device`` just before
+    it runs, ``prefetch`` blocks ahead; see the README for every argument."""
+    if not isinstance(model, torch.nn.Module):
+        raise OffloadError(f"model: got {type(model).__name__}; allowed: a torch.nn.Module")
+    if getattr(model, _MARK, None) is not None:
+        raise OffloadError("model: already offloaded by strata.offload; call handle.detach() first")
+    if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 0:
+        raise OffloadError(f"prefetch: got {prefetch!r}; allowed: an integer >= 0 (blocks copied ahead)")
+    dev = check_device(device)
+    budget = parse_budget(gpu_budget, dev)
+    block_path, mods = find_blocks(model, blocks)
+    names = block_names(model, mods) if block_path == "<given>" else [f"{block_path}.{i}" for i in range(len(mods))]
+
+    # Tensors shared between blocks, or with a module outside the blocks, stay resident.
+    owners: dict[int, set[int]] = {}
+    block_modules: set[int] = set()
+    for i, m in enumerate(mods):
+        block_modules.update(id(sub) for sub in m.modules())
+        for *_, t in _tensors(m):
+            owners.setdefault(id(t), set()).add(i)
+    outside = {tid for tid, blocks_ in owners.items() if len(blocks_) > 1}
+    for mod in model.modules():
+        if id(mod) not in block_modules:
+            outside.update(id(t) for t in (*mod._parameters.values(), *mod._buffers.values()) if t is not None)
+    layouts = [BlockLayout(m, skip=outside) for m in mods]
+    if not any(l.nbytes for l in layouts):
+        raise OffloadError(f"blocks: the blocks found at {block_path!r} hold no tensors of their own to offload")
+    seen_other: set[int] = set()
+    other_bytes = 0
+    for mod, name, is_param, t in _tensors(model):
+        if id(t) in outside and id(t) not in seen_other:
+            seen_other.add(id(t))
+            other_bytes += (t.numel() * t.element_size() + ALIGN - 1) // ALIGN * ALIGN
+    p = plan([l.nbytes for l in layouts], other_bytes, budget, prefetch)
+
+    offloaded_bytes = sum(layouts[b].nbytes for b in p.offloaded)
+    owns_store = store is None
+    if owns_store:
+        store = open_store({"tiers": [{"kind": "cpu", "capacity": max(offloaded_bytes, 1) + (1 << 20)}],
+                            "namespaces": {"param": {"evict": "never"}}})
+    elif not isinstance(store, StorageEngine):
+        raise OffloadError(f"store: got {type(store).__name__}; allowed: a StorageEngine (strata.open_store) or None")
+
+    arch = make_scope(names=tuple(names), layout=tuple(l.signature for l in layouts))
+    scope = make_scope(model=type(model).__name__, arch=arch, instance=uuid.uuid4().hex)
+    keys = {b: Key("param", scope, names[b]) for b in p.offloaded}
+    orig_devices: dict[int, torch.device] = {}
+    done: list[int] = []
+    try:
+        staging = torch.empty(p.slot_bytes if p.offloaded else 0, dtype=torch.uint8)
+        bar = tqdm(p.offloaded, desc="strata: blocks -> store", unit="block", disable=not progress or not p.offloaded)
+        for b in bar:
+            layout = layouts[b]
+            if not store.put(keys[b], layout.pack(staging[: layout.nbytes])):
+                raise OffloadError(
+                    f"store: could not take block {names[b]} ({format_size(layout.nbytes)}); the store's tiers are "
+                    f"full of objects it may not evict: {store!r}. Give it more capacity or a lower tier")
+            for t in layout.tensors:
+                orig_devices[id(t)] = t.device
+            layout.bind(layout.placeholders(dev))  # the store's copy is now the only one
+            done.append(b)
+    except BaseException:
+        for b in done:  # put back what was already moved, then forget it
+            restored = layouts[b].views(store.get(keys[b]))
+            layouts[b].bind([v.to(orig_devices[id(t)], copy=True) for v, t in zip(restored, layouts[b].tensors)])
+            store.delete(keys[b])
+        if owns_store:
+            store.close()
+        raise
+    moved: dict[tuple, torch.device] = {}
+    for mod, name, is_param, t in _tensors(model):
+        if id(t) in orig_devices or t.device == dev:
+            continue
+        if t.device.type == "meta":
+            raise OffloadError(f"model: {name} is still on the meta device; load its weights first (strata.load)")
+        moved[(mod, name, is_param)] = t.device
+        set_tensor(mod, name, is_param, t.to(dev))
+    scheduler = None
+    if p.offloaded:
+        scheduler = PrefetchScheduler(store, dev, names, layouts, keys, p.offloaded, p.ring_slots, p.slot_bytes,
+                                      prefetch, timing=timing)
+    handle = OffloadHandle(model, store, owns_store, dev, names, layouts, keys, p, scheduler, orig_devices, block_path)
+    handle._moved = moved
+    if scheduler is not None:
+        for i, m in enumerate(mods):
+            hook = attach_hook(m, BlockHook(scheduler, i))
+            handle._hooks.append((m, hook))
+    object.__setattr__(model, _MARK, handle)
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+    return handle

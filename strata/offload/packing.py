@@ -1,0 +1,91 @@
+"""One block's tensors packed into one contiguous byte buffer at aligned offsets.
+
+Streaming a block is then one copy, and its parameters and buffers become views into
+the ring slot it landed in. Between forwards they point at a one-element placeholder
+expanded to their shape (NaN for floats), so shapes, dtypes and devices stay true and
+any use outside the forward is loudly wrong instead of silently stale.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+ALIGN = 256
+
+
+@dataclass(frozen=True)
+class Slot:
+    """Where one tensor lives inside a packed block."""
+
+    module: torch.nn.Module
+    name: str
+    is_param: bool
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    offset: int
+    nbytes: int
+
+
+class BlockLayout:
+    """The packing of one block: every parameter and buffer it owns, shared ones once."""
+
+    def __init__(self, block: torch.nn.Module, skip: set[int]):
+        self.slots: list[Slot] = []
+        self.tensors: list[torch.Tensor] = []  # the original tensors, in slot order
+        seen: dict[int, int] = {}  # id(tensor) -> slot index
+        self.aliases: list[tuple[torch.nn.Module, str, int]] = []  # buffers tied inside the block
+        off = 0
+        for mod in block.modules():
+            for is_param, table in ((True, mod._parameters), (False, mod._buffers)):
+                for name, t in table.items():
+                    if t is None or id(t) in skip:
+                        continue
+                    if id(t) in seen:
+                        if not is_param:  # a tied Parameter is one object: binding it once binds all
+                            self.aliases.append((mod, name, seen[id(t)]))
+                        continue
+                    nbytes = t.numel() * t.element_size()
+                    seen[id(t)] = len(self.slots)
+                    self.slots.append(Slot(mod, name, is_param, t.dtype, tuple(t.shape), off, nbytes))
+                    self.tensors.append(t)
+                    off += (nbytes + ALIGN - 1) // ALIGN * ALIGN
+        self.nbytes = off
+        self.signature = tuple((s.dtype, s.shape, s.offset) for s in self.slots)
+
+    def pack(self, out: torch.Tensor) -> torch.Tensor:
+        """Copy the block's current tensors into flat uint8 ``out`` (any device)."""
+        for s, t in zip(self.slots, self.tensors):
+            if s.nbytes:
+                out[s.offset : s.offset + s.nbytes].copy_(t.detach().reshape(-1).view(torch.uint8))
+        return out
+
+    def views(self, buf: torch.Tensor) -> list[torch.Tensor]:
+        """Typed views of every slot inside flat uint8 ``buf``."""
+        out = []
+        for s in self.slots:
+            raw = buf[s.offset : s.offset + s.nbytes]
+            out.append(raw.view(s.dtype).view(s.shape) if s.nbytes else torch.empty(s.shape, dtype=s.dtype, device=buf.device))
+        return out
+
+    def placeholders(self, device: torch.device) -> list[torch.Tensor]:
+        out = []
+        for s in self.slots:
+            fill = float("nan") if s.dtype.is_floating_point or s.dtype.is_complex else 0
+            out.append(torch.full((1,), fill, dtype=s.dtype, device=device).expand(s.shape))
+        return out
+
+    def bind(self, tensors: list[torch.Tensor]) -> None:
+        """Point every parameter and buffer of the block at ``tensors`` (slot order)."""
+        for s, t in zip(self.slots, tensors):
+            set_tensor(s.module, s.name, s.is_param, t)
+        for mod, name, index in self.aliases:
+            mod._buffers[name] = tensors[index]
+
+
+def set_tensor(module: torch.nn.Module, name: str, is_param: bool, value: torch.Tensor) -> None:
+    if is_param:
+        module._parameters[name].data = value
+    else:
+        module._buffers[name] = value

@@ -1,0 +1,58 @@
+"""Which blocks stay on the device under a budget, and how big the streaming ring is."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+from strata.config import format_size
+from strata.offload.blocks import OffloadError
+
+
+@dataclass(frozen=True)
+class Plan:
+    resident: frozenset[int]  # block indices kept on the device
+    offloaded: tuple[int, ...]  # block indices streamed, in execution order
+    ring_slots: int
+    slot_bytes: int
+    other_bytes: int  # non-block parameters and buffers (always resident)
+
+    @property
+    def ring_bytes(self) -> int:
+        return self.ring_slots * self.slot_bytes
+
+
+def spread(n: int, k: int) -> list[int]:
+    """``k`` of ``range(n)`` spaced evenly, so streamed blocks sit between resident ones."""
+    if k <= 0:
+        return []
+    return sorted({min(n - 1, int((j + 0.5) * n / k)) for j in range(k)})
+
+
+def plan(block_bytes: list[int], other_bytes: int, budget: int | None, prefetch: int) -> Plan:
+    n = len(block_bytes)
+    if budget is None:
+        offloaded = tuple(range(n))
+        return Plan(frozenset(), offloaded, min(prefetch + 1, n), max(block_bytes), other_bytes)
+    biggest = max(block_bytes)
+    slots = min(prefetch + 1, n)
+    minimum = other_bytes + slots * biggest
+    if budget < minimum:
+        raise OffloadError(
+            f"gpu_budget: got {format_size(budget)}; allowed: at least {format_size(minimum)} here = the non-block "
+            f"modules ({format_size(other_bytes)}) + a ring of prefetch+1={slots} buffers of the largest block "
+            f"({format_size(biggest)}); raise the budget or lower prefetch"
+        )
+    if other_bytes + sum(block_bytes) <= budget:
+        warnings.warn(
+            f"strata.offload: the whole model ({format_size(other_bytes + sum(block_bytes))}) fits gpu_budget="
+            f"{format_size(budget)}; nothing is offloaded", stacklevel=3)
+        return Plan(frozenset(range(n)), (), 0, 0, other_bytes)
+    free = budget - minimum
+    for k in range(n - 1, -1, -1):
+        keep = spread(n, k)
+        if sum(block_bytes[i] for i in keep) <= free:
+            break
+    offloaded = tuple(i for i in range(n) if i not in keep)
+    slot_bytes = max(block_bytes[i] for i in offloaded)
+    return Plan(frozenset(keep), offloaded, min(prefetch + 1, len(offloaded)), slot_bytes, other_bytes)

@@ -1,0 +1,206 @@
+"""The layer-ahead prefetch scheduler: a fixed ring of device buffers fed from the store.
+
+Offloaded blocks have positions in execution order. Before block *i* runs, its own
+copy and the copies of the next ``prefetch`` offloaded blocks are issued, each into
+the least recently filled ring slot that holds none of them, on a side CUDA stream
+(each copy waits, on the GPU, for the slot's previous user to finish); the compute
+stream waits on block *i*'s copy event and the block's parameters are pointed at
+views into its slot (built once per block layout and slot). After it runs, the
+slot's compute event is recorded and the parameters go back to placeholders. No
+allocation and no host synchronisation per block. Without CUDA the same steps run
+synchronously.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+
+import torch
+
+from strata.hooks import ModuleHook
+from strata.keys import Key
+from strata.offload.blocks import OffloadError
+from strata.offload.packing import BlockLayout
+
+
+class BlockHook(ModuleHook):
+    def __init__(self, scheduler: "PrefetchScheduler", index: int):
+        self.scheduler, self.index = scheduler, index
+
+    def pre_forward(self, module, args, kwargs):
+        self.scheduler.before(self.index)
+        return args, kwargs
+
+    def post_forward(self, module, output):
+        self.scheduler.after(self.index)
+        return output
+
+
+class PrefetchScheduler:
+    def __init__(self, store, device: torch.device, names: list[str], layouts: list[BlockLayout],
+                 keys: dict[int, Key], offloaded: tuple[int, ...], slots: int, slot_bytes: int,
+                 prefetch: int, timing: bool = True):
+        self.store, self.device, self.names, self.layouts = store, device, names, layouts
+        self.offloaded = offloaded
+        self.pos_of = {b: q for q, b in enumerate(offloaded)}
+        self.n = len(offloaded)
+        self.slots = slots
+        self.lookahead = min(prefetch, max(self.n - 1, 0))
+        self.cuda = device.type == "cuda"
+        self.keys = [keys[b] for b in offloaded]
+        # next offloaded position at or after each block index (cyclic: the last block prefetches
+        # the first ones of the next forward)
+        n_blocks = len(layouts)
+        self.next_pos = [0] * n_blocks
+        nxt = 0
+        for i in range(n_blocks - 1, -1, -1):
+            if i in self.pos_of:
+                nxt = self.pos_of[i]
+            self.next_pos[i] = nxt
+        self.ring = [torch.empty(slot_bytes, dtype=torch.uint8, device=device) for _ in range(slots)]
+        self._views: dict[tuple, list[torch.Tensor]] = {}  # (layout signature, slot) -> typed views
+        self._dest: dict[tuple, torch.Tensor] = {}  # (nbytes, slot) -> the slot's first nbytes
+        for b in offloaded:
+            for slot in range(slots):
+                self._views.setdefault((layouts[b].signature, slot), layouts[b].views(self.ring[slot]))
+                self._dest.setdefault((layouts[b].nbytes, slot), self.ring[slot][: layouts[b].nbytes])
+        self.placeholders = {b: layouts[b].placeholders(device) for b in offloaded}
+        self.slot_pos = [-1] * slots  # which position each slot holds (or is receiving)
+        self.slot_of: dict[int, int] = {}  # position -> slot
+        self._fill_order = deque(range(slots))  # least recently filled slot first
+        if self.cuda:
+            self.copy_stream = torch.cuda.Stream(device=device)
+            self.copy_done = [torch.cuda.Event() for _ in range(slots)]
+            self.compute_done = [torch.cuda.Event() for _ in range(slots)]
+        self.timing = timing
+        self._samples: deque = deque()  # [block, copy start, copy end, compute arrival] CUDA events
+        self._last_copy: dict[int, list] = {}  # position -> its latest copy's sample
+        # counters
+        self.copies = 0
+        self.bytes_streamed = 0
+        self.forwards = 0
+        self.copy_seconds = 0.0
+        self.exposed_seconds = 0.0
+        self.wait_by_block = [0.0] * n_blocks
+        self.copies_by_block = [0] * n_blocks
+
+    # -- the hot path ------------------------------------------------------------------------
+    def before(self, i: int) -> None:
+        if i == 0:
+            self.forwards += 1
+        q = self.pos_of.get(i)
+        if q is None:  # a resident block: no slot is in use, fill the whole ring ahead
+            window = [(self.next_pos[i] + k) % self.n for k in range(self.slots)]
+        else:
+            window = [(q + k) % self.n for k in range(self.lookahead + 1)]
+        for pos in window:
+            self._ensure(pos, window)
+        if q is None:
+            return
+        slot = self.slot_of[q]
+        if self.cuda:
+            stream = torch.cuda.current_stream(self.device)
+            sample = self._last_copy.pop(q, None)
+            if sample is not None:  # when did compute arrive here, against when the copy ended
+                sample[3] = torch.cuda.Event(enable_timing=True)
+                sample[3].record(stream)
+            stream.wait_event(self.copy_done[slot])
+        self.layouts[i].bind(self._views[(self.layouts[i].signature, slot)])
+
+    def after(self, i: int) -> None:
+        q = self.pos_of.get(i)
+        if q is None:
+            return
+        if self.cuda:
+            self.compute_done[self.slot_of[q]].record(torch.cuda.current_stream(self.device))
+            if self.timing and len(self._samples) > 256:
+                self._harvest(block=False)
+        self.layouts[i].bind(self.placeholders[i])
+
+    def _ensure(self, q: int, window: list[int]) -> None:
+        """Make sure position ``q``'s bytes are in (or on their way to) a slot, never evicting
+        a position of ``window`` (the running block and the ones prefetched for it)."""
+        if q in self.slot_of:
+            return
+        for slot in self._fill_order:
+            if self.slot_pos[slot] not in window:
+                break
+        else:  # cannot happen: the window is never larger than the ring
+            raise RuntimeError("strata: prefetch window larger than the ring")
+        self._fill_order.remove(slot)
+        self._fill_order.append(slot)
+        self.slot_of.pop(self.slot_pos[slot], None)
+        self.slot_pos[slot] = -1
+        b = self.offloaded[q]
+        dest = self._dest[(self.layouts[b].nbytes, slot)]
+        if self.cuda:
+            with torch.cuda.stream(self.copy_stream):
+                self.copy_stream.wait_event(self.compute_done[slot])
+                start = end = None
+                if self.timing:
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    start.record(self.copy_stream)
+                ok = self.store.get_into(self.keys[q], dest)
+                if end is not None:
+                    end.record(self.copy_stream)
+                    sample = [b, start, end, None]  # the arrival event is filled in by before()
+                    self._samples.append(sample)
+                    self._last_copy[q] = sample
+                self.copy_done[slot].record(self.copy_stream)
+        else:
+            t0 = time.perf_counter()
+            ok = self.store.get_into(self.keys[q], dest)
+            dt = time.perf_counter() - t0
+            self.copy_seconds += dt
+            self.exposed_seconds += dt  # synchronous: nothing hides it
+            self.wait_by_block[b] += dt
+        if not ok:
+            raise OffloadError(
+                f"block {self.names[b]}: its weights are not in the store any more (evicted with no lower "
+                f"tier to keep them, or a tier failed); see store.stats()")
+        self.slot_pos[slot] = q
+        self.slot_of[q] = slot
+        self.copies += 1
+        self.copies_by_block[b] += 1
+        self.bytes_streamed += self.layouts[b].nbytes
+
+    # -- accounting ------------------------------------------------------------------------
+    def _harvest(self, block: bool) -> None:
+        """Turn finished CUDA timing events into copy and exposed-wait seconds. A copy whose
+        block has not run yet stops a non-blocking harvest; a blocking one counts it as hidden."""
+        while self._samples:
+            b, start, end, arrive = self._samples[0]
+            if not block and (arrive is None or not end.query() or not arrive.query()):
+                return
+            end.synchronize()
+            self._samples.popleft()
+            self.copy_seconds += start.elapsed_time(end) / 1e3
+            if arrive is not None:
+                arrive.synchronize()
+                exposed = max(0.0, arrive.elapsed_time(end) / 1e3)
+                self.exposed_seconds += exposed
+                self.wait_by_block[b] += exposed
+
+    def stats(self) -> dict:
+        if self.cuda and self.timing:
+            torch.cuda.synchronize(self.device)
+            self._harvest(block=True)
+        return {
+            "forwards": self.forwards,
+            "copies": self.copies,
+            "bytes_streamed": self.bytes_streamed,
+            "copy_seconds": self.copy_seconds,
+            "exposed_wait_seconds": self.exposed_seconds,
+            "hidden_copy_seconds": max(0.0, self.copy_seconds - self.exposed_seconds),
+            "wait_seconds_by_block": {self.names[b]: self.wait_by_block[b] for b in self.offloaded},
+            "ring_slots": self.slots,
+            "ring_bytes": sum(r.numel() for r in self.ring),
+        }
+
+    def close(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+        self.ring = []
+        self._dest.clear()
+        self._views.clear()
