@@ -99,7 +99,7 @@ class OffloadHandle:
         lines = [f"device {self.device}: non-block modules {format_size(p.other_bytes)}, "
                  f"ring {p.ring_slots} x {format_size(p.slot_bytes)}"]
         for i, name in enumerate(self.names):
-            where = "resident on device" if i in p.resident else f"store -> ring slot {p.offloaded.index(i) % max(p.ring_slots, 1)}"
+            where = "resident on device" if i in p.resident else "streamed from the store"
             lines.append(f"  {name}: {format_size(self.layouts[i].nbytes)}, {where}")
         return "\n".join(lines)
 

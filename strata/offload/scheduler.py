@@ -68,6 +68,7 @@ class PrefetchScheduler:
         self.placeholders = {b: layouts[b].placeholders(device) for b in offloaded}
         self.slot_pos = [-1] * slots  # which position each slot holds (or is receiving)
         self.slot_of: dict[int, int] = {}  # position -> slot
+        self._bound: dict[int, int] = {}  # block index -> slot, while the block runs
         self._fill_order = deque(range(slots))  # least recently filled slot first
         if self.cuda:
             self.copy_stream = torch.cuda.Stream(device=device)
@@ -89,6 +90,9 @@ class PrefetchScheduler:
     def before(self, i: int) -> None:
         if i == 0:
             self.forwards += 1
+        if self._bound:  # a forward that raised left blocks bound: close them as if they had run
+            for j in list(self._bound):
+                self.after(j)
         q = self.pos_of.get(i)
         if q is None:  # a resident block: no slot is in use, fill the whole ring ahead
             window = [(self.next_pos[i] + k) % self.n for k in range(self.slots)]
@@ -107,13 +111,14 @@ class PrefetchScheduler:
                 sample[3].record(stream)
             stream.wait_event(self.copy_done[slot])
         self.layouts[i].bind(self._views[(self.layouts[i].signature, slot)])
+        self._bound[i] = slot
 
     def after(self, i: int) -> None:
-        q = self.pos_of.get(i)
-        if q is None:
+        slot = self._bound.pop(i, None)
+        if slot is None:
             return
         if self.cuda:
-            self.compute_done[self.slot_of[q]].record(torch.cuda.current_stream(self.device))
+            self.compute_done[slot].record(torch.cuda.current_stream(self.device))
             if self.timing and len(self._samples) > 256:
                 self._harvest(block=False)
         self.layouts[i].bind(self.placeholders[i])

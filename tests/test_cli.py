@@ -1,0 +1,39 @@
+"""The strata command: stats, presets, demo, and clear errors."""
+
+import json
+import subprocess
+import sys
+
+import torch
+
+import strata
+from strata import Key
+from strata.cli import main
+
+
+def test_stats_shows_what_a_persistent_store_holds(tmp_path, capsys):
+    cfg = tmp_path / "store.yaml"
+    cfg.write_text(f"tiers:\n  - kind: file\n    path: {tmp_path / 'files'}\n    capacity: 1MiB\n")
+    with strata.open_store(str(cfg)) as store:
+        store.put(Key("kv", "m", "a"), torch.zeros(100))
+        store.put(Key("param", "m", "w"), torch.zeros(10))
+    assert main(["stats", "--config", str(cfg)]) == 0
+    out = capsys.readouterr().out
+    assert "file" in out and "kv" in out and "param" in out
+    assert main(["stats", "--config", str(cfg), "--json"]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert stats["tiers"]["file"]["objects"] == 2
+
+
+def test_bad_config_is_a_one_line_error_and_exit_code_2(capsys):
+    assert main(["stats", "--config", "no-such-preset"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("strata: error: config: got 'no-such-preset'")
+
+
+def test_presets_and_demo_run_as_installed_commands():
+    out = subprocess.run([sys.executable, "-m", "strata.cli", "presets"], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == strata.presets()
+    demo = subprocess.run([sys.executable, "-m", "strata.cli", "demo"], capture_output=True, text=True, timeout=300)
+    assert demo.returncode == 0, demo.stderr[-2000:]
+    assert "identical to the model without Strata" in demo.stdout
