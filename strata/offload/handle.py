@@ -56,8 +56,7 @@ def parse_budget(budget: object, device: torch.device) -> int | None:
 class OffloadHandle:
     """What ``strata.offload`` returns: stats, placement, and ``detach()``."""
 
-    def __init__(self, model, store, owns_store, device, names, layouts, keys, plan_, scheduler, orig_devices,
-                 block_path):
+    def __init__(self, model, store, owns_store, device, names, layouts, keys, plan_, scheduler, moved, block_path):
         self.model = model
         self.store: StorageEngine = store
         self._owns_store = owns_store
@@ -67,7 +66,7 @@ class OffloadHandle:
         self.keys = keys
         self.plan: Plan = plan_
         self.scheduler: PrefetchScheduler | None = scheduler
-        self._orig_devices = orig_devices
+        self._moved: dict[tuple, torch.device] = moved  # resident tensors moved to the device: where from
         self.block_path = block_path
         self._hooks: list[tuple[torch.nn.Module, BlockHook]] = []
         self.attached = True
@@ -117,8 +116,7 @@ class OffloadHandle:
             packed = self.store.get(self.keys[b])
             if packed is None:
                 raise OffloadError(f"detach: block {self.names[b]} is missing from the store; cannot restore it")
-            layout.bind([v.to(self._orig_devices[id(t)], copy=True)
-                         for v, t in zip(layout.views(packed), layout.tensors)])
+            layout.bind([v.to(dev, copy=True) for v, dev in zip(layout.views(packed), layout.devices)])
             self.store.delete(self.keys[b])
         for (module, name, is_param), dev in self._moved.items():
             t = module._parameters[name] if is_param else module._buffers[name]
@@ -199,7 +197,7 @@ def offload(model: torch.nn.Module, *, store: StorageEngine | None = None, devic
     arch = make_scope(names=tuple(names), layout=tuple(l.signature for l in layouts))
     scope = make_scope(model=type(model).__name__, arch=arch, instance=uuid.uuid4().hex)
     keys = {b: Key("param", scope, names[b]) for b in p.offloaded}
-    orig_devices: dict[int, torch.device] = {}
+    offloaded_ids: set[int] = set()
     done: list[int] = []
     try:
         staging = torch.empty(p.slot_bytes if p.offloaded else 0, dtype=torch.uint8)
@@ -210,21 +208,21 @@ def offload(model: torch.nn.Module, *, store: StorageEngine | None = None, devic
                 raise OffloadError(
                     f"store: could not take block {names[b]} ({format_size(layout.nbytes)}); the store's tiers are "
                     f"full of objects it may not evict: {store!r}. Give it more capacity or a lower tier")
-            for t in layout.tensors:
-                orig_devices[id(t)] = t.device
+            offloaded_ids.update(id(t) for t in layout.tensors)
             layout.bind(layout.placeholders(dev))  # the store's copy is now the only one
+            layout.forget_buffers()
             done.append(b)
     except BaseException:
         for b in done:  # put back what was already moved, then forget it
             restored = layouts[b].views(store.get(keys[b]))
-            layouts[b].bind([v.to(orig_devices[id(t)], copy=True) for v, t in zip(restored, layouts[b].tensors)])
+            layouts[b].bind([v.to(d, copy=True) for v, d in zip(restored, layouts[b].devices)])
             store.delete(keys[b])
         if owns_store:
             store.close()
         raise
     moved: dict[tuple, torch.device] = {}
     for mod, name, is_param, t in _tensors(model):
-        if id(t) in orig_devices or t.device == dev:
+        if id(t) in offloaded_ids or t.device == dev:
             continue
         if t.device.type == "meta":
             raise OffloadError(f"model: {name} is still on the meta device; load its weights first (strata.load)")
@@ -234,8 +232,7 @@ def offload(model: torch.nn.Module, *, store: StorageEngine | None = None, devic
     if p.offloaded:
         scheduler = PrefetchScheduler(store, dev, names, layouts, keys, p.offloaded, p.ring_slots, p.slot_bytes,
                                       prefetch, timing=timing)
-    handle = OffloadHandle(model, store, owns_store, dev, names, layouts, keys, p, scheduler, orig_devices, block_path)
-    handle._moved = moved
+    handle = OffloadHandle(model, store, owns_store, dev, names, layouts, keys, p, scheduler, moved, block_path)
     if scheduler is not None:
         for i, m in enumerate(mods):
             hook = attach_hook(m, BlockHook(scheduler, i))

@@ -51,6 +51,7 @@ class BlockLayout:
                     self.slots.append(Slot(mod, name, is_param, t.dtype, tuple(t.shape), off, nbytes))
                     self.tensors.append(t)
                     off += (nbytes + ALIGN - 1) // ALIGN * ALIGN
+        self.devices = [t.device for t in self.tensors]  # where each tensor lived before offload
         self.nbytes = off
         self.signature = tuple((s.dtype, s.shape, s.offset) for s in self.slots)
 
@@ -60,6 +61,11 @@ class BlockLayout:
             if s.nbytes:
                 out[s.offset : s.offset + s.nbytes].copy_(t.detach().reshape(-1).view(torch.uint8))
         return out
+
+    def forget_buffers(self) -> None:
+        """Drop the references to original buffers once packed, so their memory can go
+        (parameters stay: they are the same objects before, during and after offload)."""
+        self.tensors = [t if s.is_param else None for s, t in zip(self.slots, self.tensors)]
 
     def views(self, buf: torch.Tensor) -> list[torch.Tensor]:
         """Typed views of every slot inside flat uint8 ``buf``."""

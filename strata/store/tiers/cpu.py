@@ -92,6 +92,8 @@ class CpuTier(Tier):
     # -- asynchronous copies to the GPU -------------------------------------------------
     def hold_until(self, e: Entry, event) -> None:
         """Keep ``e``'s lease until ``event`` (a recorded CUDA event) completes. Caller holds the lock."""
+        if self._in_flight:
+            self.reap()  # leases of copies that have finished go back now, not at the next full slab
         self.lease(e)
         self._in_flight.append((event, e))
 
