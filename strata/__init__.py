@@ -3,7 +3,8 @@
 from strata.config import StoreConfig, load_config, parse_size, presets
 from strata.errors import ConfigError, StoreError, StrataError
 from strata.keys import Key, make_scope, namespaces, register_namespace
-from strata.offload import OffloadError, OffloadHandle, offload
+from strata.offload import OffloadError, OffloadHandle, handle_of, offload
+from strata.offload.loading import load
 from strata.store.engine import StorageEngine, open_store
 
 __version__ = "0.1.0"
@@ -17,6 +18,8 @@ __all__ = [
     "StoreConfig",
     "StoreError",
     "StrataError",
+    "handle_of",
+    "load",
     "load_config",
     "make_scope",
     "namespaces",

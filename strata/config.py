@@ -58,7 +58,8 @@ def format_size(n: float) -> str:
 
 # --------------------------------------------------------------------------- schema
 
-TIER_KINDS = ("cpu", "file")
+TIER_KINDS = ("cpu", "file", "ranges")
+UNBOUNDED = 1 << 62
 POLICIES = ("lru", "s3fifo")
 WRITE_MODES = ("through", "back")
 EVICT_MODES = ("drop", "lower", "never")
@@ -109,6 +110,7 @@ DEFAULT_POLICIES = {
 _TIER_KEYS = {
     "cpu": {"kind", "name", "capacity", "policy", "write", "verify", "pin"},
     "file": {"kind", "name", "capacity", "policy", "write", "verify", "path", "fsync"},
+    "ranges": {"kind", "name", "capacity", "policy"},  # read-only: objects registered from existing files
 }
 _TOP_KEYS = {"tiers", "namespaces", "writeback", "promote"}
 _NS_KEYS = {"evict", "priority", "quota"}
@@ -147,9 +149,9 @@ def _tier(i: int, raw: Mapping) -> TierConfig:
         raise ConfigError(f"{where}.kind: missing; allowed: {', '.join(TIER_KINDS)}")
     kind = _choice(f"{where}.kind", raw["kind"], TIER_KINDS)
     _check_keys(where, raw, _TIER_KEYS[kind])
-    if "capacity" not in raw:
+    if "capacity" not in raw and kind != "ranges":
         raise ConfigError(f"{where}.capacity: missing; allowed: bytes as an int or a string like '8GiB'")
-    capacity = parse_size(raw["capacity"], f"{where}.capacity")
+    capacity = parse_size(raw.get("capacity", UNBOUNDED), f"{where}.capacity")
     if capacity == 0:
         raise ConfigError(f"{where}.capacity: got {raw['capacity']!r}; allowed: more than 0 bytes")
     name = raw.get("name", kind)

@@ -139,12 +139,28 @@ class OffloadHandle:
                 f"{len(p.resident)} resident, ring {p.ring_slots} x {format_size(p.slot_bytes)} on {self.device})")
 
 
-def _tensors(module: torch.nn.Module):
-    for mod in module.modules():
+def named_tensors(module: torch.nn.Module):
+    """(owner module, attribute, is_param, dotted name, tensor) for every parameter and buffer
+    reference, tied ones once per reference."""
+    for prefix, mod in module.named_modules(remove_duplicate=False):
         for is_param, table in ((True, mod._parameters), (False, mod._buffers)):
             for name, t in table.items():
                 if t is not None:
-                    yield mod, name, is_param, t
+                    yield mod, name, is_param, f"{prefix}.{name}" if prefix else name, t
+
+
+class LiveSource:
+    """The weights are the model's own tensors: pack them, move the rest to the device."""
+
+    restores_devices = True
+
+    def store_block(self, store: StorageEngine, key: Key, layout: BlockLayout, staging: torch.Tensor) -> bool:
+        return store.put(key, layout.pack(staging[: layout.nbytes]))
+
+    def resident(self, full_name: str, t: torch.Tensor, dev: torch.device) -> torch.Tensor | None:
+        if t.device.type == "meta":
+            raise OffloadError(f"model: {full_name} is still on the meta device; load its weights first (strata.load)")
+        return None if t.device == dev else t.to(dev)
 
 
 def offload(model: torch.nn.Module, *, store: StorageEngine | None = None, device: "str | torch.device" = "cuda",
@@ -153,46 +169,48 @@ def offload(model: torch.nn.Module, *, store: StorageEngine | None = None, devic
             progress: bool = True) -> OffloadHandle:
     """Keep ``model``'s repeated blocks in the store and stream each onto ``device`` just before
     it runs, ``prefetch`` blocks ahead; see the README for every argument."""
+    return offload_from(model, LiveSource(), store=store, device=device, gpu_budget=gpu_budget, prefetch=prefetch,
+                        blocks=blocks, timing=timing, progress=progress)
+
+
+def offload_from(model: torch.nn.Module, source, *, store: StorageEngine | None, device, gpu_budget, prefetch: int,
+                 blocks, timing: bool, progress: bool, store_factory=None) -> OffloadHandle:
+    """``offload`` with the weights coming from ``source`` (the live model, or a checkpoint)."""
     if not isinstance(model, torch.nn.Module):
         raise OffloadError(f"model: got {type(model).__name__}; allowed: a torch.nn.Module")
     if getattr(model, _MARK, None) is not None:
         raise OffloadError("model: already offloaded by strata.offload; call handle.detach() first")
     if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 0:
         raise OffloadError(f"prefetch: got {prefetch!r}; allowed: an integer >= 0 (blocks copied ahead)")
+    if store is not None and not isinstance(store, StorageEngine):
+        raise OffloadError(f"store: got {type(store).__name__}; allowed: a StorageEngine (strata.open_store) or None")
     dev = check_device(device)
     budget = parse_budget(gpu_budget, dev)
     block_path, mods = find_blocks(model, blocks)
-    names = block_names(model, mods) if block_path == "<given>" else [f"{block_path}.{i}" for i in range(len(mods))]
+    names = block_names(model, mods)
 
     # Tensors shared between blocks, or with a module outside the blocks, stay resident.
     owners: dict[int, set[int]] = {}
     block_modules: set[int] = set()
     for i, m in enumerate(mods):
         block_modules.update(id(sub) for sub in m.modules())
-        for *_, t in _tensors(m):
+        for *_, t in named_tensors(m):
             owners.setdefault(id(t), set()).add(i)
     outside = {tid for tid, blocks_ in owners.items() if len(blocks_) > 1}
     for mod in model.modules():
         if id(mod) not in block_modules:
             outside.update(id(t) for t in (*mod._parameters.values(), *mod._buffers.values()) if t is not None)
-    layouts = [BlockLayout(m, skip=outside) for m in mods]
+    layouts = [BlockLayout(m, names[i], skip=outside) for i, m in enumerate(mods)]
     if not any(l.nbytes for l in layouts):
         raise OffloadError(f"blocks: the blocks found at {block_path!r} hold no tensors of their own to offload")
-    seen_other: set[int] = set()
-    other_bytes = 0
-    for mod, name, is_param, t in _tensors(model):
-        if id(t) in outside and id(t) not in seen_other:
-            seen_other.add(id(t))
-            other_bytes += (t.numel() * t.element_size() + ALIGN - 1) // ALIGN * ALIGN
+    other = {id(t): t for *_, t in named_tensors(model) if id(t) in outside}
+    other_bytes = sum((t.numel() * t.element_size() + ALIGN - 1) // ALIGN * ALIGN for t in other.values())
     p = plan([l.nbytes for l in layouts], other_bytes, budget, prefetch)
 
     offloaded_bytes = sum(layouts[b].nbytes for b in p.offloaded)
     owns_store = store is None
     if owns_store:
-        store = open_store({"tiers": [{"kind": "cpu", "capacity": max(offloaded_bytes, 1) + (1 << 20)}],
-                            "namespaces": {"param": {"evict": "never"}}})
-    elif not isinstance(store, StorageEngine):
-        raise OffloadError(f"store: got {type(store).__name__}; allowed: a StorageEngine (strata.open_store) or None")
+        store = (store_factory or _default_store)(offloaded_bytes)
 
     arch = make_scope(names=tuple(names), layout=tuple(l.signature for l in layouts))
     scope = make_scope(model=type(model).__name__, arch=arch, instance=uuid.uuid4().hex)
@@ -204,7 +222,7 @@ def offload(model: torch.nn.Module, *, store: StorageEngine | None = None, devic
         bar = tqdm(p.offloaded, desc="strata: blocks -> store", unit="block", disable=not progress or not p.offloaded)
         for b in bar:
             layout = layouts[b]
-            if not store.put(keys[b], layout.pack(staging[: layout.nbytes])):
+            if not source.store_block(store, keys[b], layout, staging):
                 raise OffloadError(
                     f"store: could not take block {names[b]} ({format_size(layout.nbytes)}); the store's tiers are "
                     f"full of objects it may not evict: {store!r}. Give it more capacity or a lower tier")
@@ -212,22 +230,29 @@ def offload(model: torch.nn.Module, *, store: StorageEngine | None = None, devic
             layout.bind(layout.placeholders(dev))  # the store's copy is now the only one
             layout.forget_buffers()
             done.append(b)
+        moved: dict[tuple, torch.device] = {}
+        placed: dict[int, torch.Tensor] = {}  # tied tensors are placed once
+        for mod, name, is_param, full, t in list(named_tensors(model)):
+            if id(t) in offloaded_ids:
+                continue
+            new = placed.get(id(t))
+            if new is None:
+                new = source.resident(full, t, dev)
+                if new is None:
+                    continue
+                placed[id(t)] = new
+                if source.restores_devices:
+                    moved[(mod, name, is_param)] = t.device
+            set_tensor(mod, name, is_param, new)
     except BaseException:
         for b in done:  # put back what was already moved, then forget it
-            restored = layouts[b].views(store.get(keys[b]))
-            layouts[b].bind([v.to(d, copy=True) for v, d in zip(restored, layouts[b].devices)])
+            packed = store.get(keys[b])
+            if packed is not None:
+                layouts[b].bind([v.to(d, copy=True) for v, d in zip(layouts[b].views(packed), layouts[b].devices)])
             store.delete(keys[b])
         if owns_store:
             store.close()
         raise
-    moved: dict[tuple, torch.device] = {}
-    for mod, name, is_param, t in _tensors(model):
-        if id(t) in offloaded_ids or t.device == dev:
-            continue
-        if t.device.type == "meta":
-            raise OffloadError(f"model: {name} is still on the meta device; load its weights first (strata.load)")
-        moved[(mod, name, is_param)] = t.device
-        set_tensor(mod, name, is_param, t.to(dev))
     scheduler = None
     if p.offloaded:
         scheduler = PrefetchScheduler(store, dev, names, layouts, keys, p.offloaded, p.ring_slots, p.slot_bytes,
@@ -241,3 +266,14 @@ def offload(model: torch.nn.Module, *, store: StorageEngine | None = None, devic
     if dev.type == "cuda":
         torch.cuda.empty_cache()
     return handle
+
+
+def _default_store(offloaded_bytes: int) -> StorageEngine:
+    """A CPU tier sized to the offloaded weights (pinned when CUDA is present), weights pinned in it."""
+    return open_store({"tiers": [{"kind": "cpu", "capacity": max(offloaded_bytes, 1) + (1 << 20)}],
+                       "namespaces": {"param": {"evict": "never"}}})
+
+
+def handle_of(model: torch.nn.Module) -> OffloadHandle | None:
+    """The ``OffloadHandle`` of a model offloaded or loaded by Strata, or None."""
+    return getattr(model, _MARK, None)

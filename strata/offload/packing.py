@@ -21,6 +21,7 @@ class Slot:
 
     module: torch.nn.Module
     name: str
+    full_name: str  # dotted name in the model
     is_param: bool
     dtype: torch.dtype
     shape: tuple[int, ...]
@@ -31,13 +32,13 @@ class Slot:
 class BlockLayout:
     """The packing of one block: every parameter and buffer it owns, shared ones once."""
 
-    def __init__(self, block: torch.nn.Module, skip: set[int]):
+    def __init__(self, block: torch.nn.Module, prefix: str, skip: set[int]):
         self.slots: list[Slot] = []
         self.tensors: list[torch.Tensor] = []  # the original tensors, in slot order
         seen: dict[int, int] = {}  # id(tensor) -> slot index
         self.aliases: list[tuple[torch.nn.Module, str, int]] = []  # buffers tied inside the block
         off = 0
-        for mod in block.modules():
+        for mod_name, mod in block.named_modules():
             for is_param, table in ((True, mod._parameters), (False, mod._buffers)):
                 for name, t in table.items():
                     if t is None or id(t) in skip:
@@ -48,7 +49,8 @@ class BlockLayout:
                         continue
                     nbytes = t.numel() * t.element_size()
                     seen[id(t)] = len(self.slots)
-                    self.slots.append(Slot(mod, name, is_param, t.dtype, tuple(t.shape), off, nbytes))
+                    full = ".".join(p for p in (prefix, mod_name, name) if p)
+                    self.slots.append(Slot(mod, name, full, is_param, t.dtype, tuple(t.shape), off, nbytes))
                     self.tensors.append(t)
                     off += (nbytes + ALIGN - 1) // ALIGN * ALIGN
         self.devices = [t.device for t in self.tensors]  # where each tensor lived before offload

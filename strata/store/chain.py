@@ -42,6 +42,9 @@ class TierChain:
         stored = False
         while i < len(self.tiers):
             tier = self.tiers[i]
+            if not tier.writable:
+                i += 1
+                continue
             if i > 0 and data.device.type != "cpu":
                 data = data.cpu()
             if tier.persistent and meta.checksum is None:
@@ -202,7 +205,7 @@ class TierChain:
     def _promote(self, i: int, key: bytes, e: Entry, data: torch.Tensor) -> None:
         for j in range(i):
             upper = self.tiers[j]
-            if key in upper.index:  # already there (a 'prefer' read that skipped it)
+            if key in upper.index or not upper.writable:  # already there, or read-only
                 continue
             if self._write_one(upper, key, e.ns, e.meta, data, None) is not None:
                 with self.lock:

@@ -88,6 +88,20 @@ class StorageEngine:
         self._count(key.namespace, "puts" if ok else "put_rejected", meta.nbytes)
         return ok
 
+    def put_ranges(self, key: Key, dtype: torch.dtype, shape: tuple, extents: list, *, tier: str | None = None) -> bool:
+        """Register an object whose bytes already lie in files (``strata.store.tiers.Extent`` list)
+        with a read-only ``ranges`` tier; reads assemble it on demand. False if the tier is full."""
+        key = self._check_key(key)
+        ranges = [i for i, t in enumerate(self.tiers) if t.kind == "ranges" and (tier is None or t.name == tier)]
+        if not ranges:
+            raise StoreError(f"tier: this store has no ranges tier{f' named {tier!r}' if tier else ''}; "
+                             "add one to the config: {kind: ranges}")
+        meta, _ = describe(torch.empty(shape, dtype=dtype, device="meta"))
+        with self.chain.lock:
+            ok = self.tiers[ranges[0]].register(key.encoded, key.namespace, meta, extents) is not None
+        self._count(key.namespace, "puts" if ok else "put_rejected", meta.nbytes)
+        return ok
+
     def put_many(self, items: Iterable[tuple[Key, "torch.Tensor | bytes"]]) -> list[bool]:
         return [self.put(k, v) for k, v in items]
 

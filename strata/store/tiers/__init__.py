@@ -3,12 +3,13 @@
 from strata.store.tiers.base import Tier
 from strata.store.tiers.cpu import CpuTier
 from strata.store.tiers.file import FileTier
+from strata.store.tiers.ranges import Extent, RangesTier
 
-TIER_CLASSES: dict[str, type[Tier]] = {"cpu": CpuTier, "file": FileTier}
+TIER_CLASSES: dict[str, type[Tier]] = {"cpu": CpuTier, "file": FileTier, "ranges": RangesTier}
 
 
 def build_tier(cfg, store_cfg) -> Tier:
     return TIER_CLASSES[cfg.kind](cfg, store_cfg)
 
 
-__all__ = ["Tier", "CpuTier", "FileTier", "TIER_CLASSES", "build_tier"]
+__all__ = ["Tier", "CpuTier", "Extent", "FileTier", "RangesTier", "TIER_CLASSES", "build_tier"]

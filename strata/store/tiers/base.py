@@ -52,6 +52,7 @@ EvictHook = Callable[["Tier", Entry], bool]
 class Tier:
     kind = "base"
     persistent = False  # bytes survive the process: checksums are always verified on read
+    writable = True  # False: objects are registered, never written through the chain
 
     def __init__(self, cfg: TierConfig, store_cfg: StoreConfig):
         self.cfg = cfg

@@ -1,0 +1,186 @@
+"""``strata.load``: a checkpoint larger than the GPU (and than host RAM) loaded ready to run.
+
+The model is built on the meta device (Accelerate's ``init_empty_weights``). Every
+check that can fail — shards, index, tensor names, shapes, dtypes, architecture — runs
+before any device memory is taken. Then the decoder blocks are read tensor by tensor
+from the safetensors files into the store (or, in file-backed mode, registered as byte
+ranges of the files themselves, read on demand), the rest goes to the device, and the
+offload hooks of ``strata.offload`` are attached.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Iterable
+
+import torch
+
+from strata.config import format_size, parse_size
+from strata.errors import ConfigError
+from strata.keys import Key
+from strata.offload.blocks import OffloadError
+from strata.offload.checkpoint import Checkpoint, TensorInfo
+from strata.offload.handle import check_device, named_tensors, offload_from
+from strata.offload.packing import BlockLayout
+from strata.store.engine import StorageEngine, open_store
+from strata.store.tiers.ranges import Extent
+
+
+class CheckpointSource:
+    """The weights come from a checkpoint: read them (or register their byte ranges)."""
+
+    restores_devices = False
+
+    def __init__(self, ckpt: Checkpoint, names_of: dict[int, list[str]], prefix: str, file_backed: bool):
+        self.ckpt, self.names_of, self.prefix, self.file_backed = ckpt, names_of, prefix, file_backed
+
+    def info(self, full_name: str, t: torch.Tensor) -> TensorInfo | None:
+        return self.ckpt.find(self.names_of.get(id(t), [full_name]), self.prefix)
+
+    def store_block(self, store: StorageEngine, key: Key, layout: BlockLayout, staging: torch.Tensor) -> bool:
+        infos = [self.info(s.full_name, t) if t is not None else None for s, t in zip(layout.slots, layout.tensors)]
+        if self.file_backed and all(i is not None for i in infos):
+            extents = [Extent(i.path, i.offset, i.nbytes, s.offset, i.dtype, s.dtype) for s, i in zip(layout.slots, infos)]
+            return store.put_ranges(key, torch.uint8, (layout.nbytes,), extents)
+        buf = staging[: layout.nbytes]
+        for s, t, info in zip(layout.slots, layout.tensors, infos):
+            dest = buf[s.offset : s.offset + s.nbytes].view(s.dtype).view(s.shape) if s.nbytes else None
+            if dest is None:
+                continue
+            if info is not None:
+                self.ckpt.read_into(info, dest)
+            else:  # a buffer the model computes itself (not in the checkpoint)
+                dest.copy_(t)
+        return store.put(key, buf)
+
+    def resident(self, full_name: str, t: torch.Tensor, dev: torch.device) -> torch.Tensor | None:
+        info = self.info(full_name, t)
+        if info is None:
+            return None if t.device == dev else t.to(dev)
+        out = torch.empty(t.shape, dtype=t.dtype)
+        self.ckpt.read_into(info, out)
+        return out if dev.type == "cpu" else out.to(dev)
+
+
+def _resolve_dtype(dtype, config) -> torch.dtype | None:
+    if dtype is None:
+        dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+        if dtype is None:
+            return None
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype.replace("torch.", ""), None) if dtype != "auto" else None
+        if dtype is None:
+            return None
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise OffloadError(f"dtype: got {dtype!r}; allowed: a floating dtype such as torch.bfloat16, torch.float16, "
+                           "torch.float32 (or None for the checkpoint's own)")
+    return dtype
+
+
+def _build_meta_model(path: str, dtype, model_cls):
+    try:
+        import transformers
+        from accelerate import init_empty_weights
+    except ImportError:
+        raise OffloadError("strata.load needs transformers and accelerate: pip install transformers accelerate") from None
+    try:
+        config = transformers.AutoConfig.from_pretrained(path)
+    except (ValueError, KeyError, OSError) as e:
+        raise OffloadError(f"config.json: transformers {transformers.__version__} cannot read it ({e}); "
+                           "pass model_cls= for a custom architecture") from None
+    torch_dtype = _resolve_dtype(dtype, config)
+    cls = model_cls or transformers.AutoModelForCausalLM
+    kwargs = {"dtype": torch_dtype} if int(transformers.__version__.split(".")[0]) >= 5 else {"torch_dtype": torch_dtype}
+    try:
+        with init_empty_weights():
+            model = cls.from_config(config, **kwargs) if hasattr(cls, "from_config") else cls(config)
+    except ValueError as e:
+        raise OffloadError(f"config.json: model_type {getattr(config, 'model_type', '?')!r} has no model class "
+                           f"{getattr(cls, '__name__', cls)} can build ({e}); pass model_cls=") from None
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    try:
+        model.generation_config = transformers.GenerationConfig.from_pretrained(path)
+    except (OSError, ValueError, AttributeError):
+        pass
+    return model.eval()
+
+
+def _check_against(model, ckpt: Checkpoint, prefix: str) -> dict[int, list[str]]:
+    """Every meta tensor must be in the checkpoint with its shape and a castable dtype."""
+    names_of: dict[int, list[str]] = {}
+    for *_, full, t in named_tensors(model):
+        names_of.setdefault(id(t), []).append(full)
+    for *_, full, t in named_tensors(model):
+        if t.device.type != "meta":
+            continue  # a buffer the model computes itself
+        info = ckpt.find(names_of[id(t)], prefix)
+        if info is None:
+            raise OffloadError(f"checkpoint: {ckpt.root} has no tensor for {full} (nor {', '.join(names_of[id(t)])}); "
+                               "is it the checkpoint of this architecture?")
+        if info.shape != tuple(t.shape):
+            raise OffloadError(f"checkpoint: {info.name} has shape {list(info.shape)}, the model expects {list(t.shape)}")
+        if info.dtype != t.dtype and not (info.dtype.is_floating_point and t.dtype.is_floating_point):
+            raise OffloadError(f"dtype: checkpoint tensor {info.name} is {info.dtype} and cannot be cast to {t.dtype}")
+    return names_of
+
+
+def _dematerialize(model: torch.nn.Module, dev: torch.device) -> None:
+    """Swap meta tensors for shape-true placeholders on ``dev`` (ties kept: one object per tensor)."""
+    new: dict[int, torch.Tensor] = {}
+    for mod, name, is_param, _, t in list(named_tensors(model)):
+        if t.device.type != "meta":
+            continue
+        if id(t) not in new:
+            fill = float("nan") if t.dtype.is_floating_point else 0
+            ph = torch.full((1,), fill, dtype=t.dtype, device=dev).expand(t.shape)
+            new[id(t)] = torch.nn.Parameter(ph, requires_grad=False) if is_param else ph
+        if is_param:
+            mod._parameters[name] = new[id(t)]
+        else:
+            mod._buffers[name] = new[id(t)]
+
+
+def load(path: "str | os.PathLike", *, store: StorageEngine | None = None, device: "str | torch.device" = "cuda",
+         gpu_budget: "int | str | dict | None" = None, dtype: "torch.dtype | str | None" = None, prefetch: int = 1,
+         model_cls=None, file_backed: bool = False, cpu_cache: "int | str" = "2GiB",
+         blocks: "str | Iterable[torch.nn.Module] | None" = None, progress: bool = True) -> torch.nn.Module:
+    """Load a safetensors checkpoint directory ready to run, weights streamed from the store.
+
+    ``file_backed=True`` keeps the checkpoint's own files as the lowest tier (read on
+    demand) under a CPU tier of ``cpu_cache`` bytes, so host memory stays bounded for a
+    checkpoint larger than it. ``strata.handle_of(model)`` gives the offload handle
+    (``placement()``, ``stats()``, ``detach()``).
+    """
+    ckpt = Checkpoint(path)
+    dev = check_device(device)
+    if file_backed and store is not None and not any(t.kind == "ranges" for t in store.tiers):
+        raise OffloadError("file_backed: the given store has no ranges tier; pass store=None or add {kind: ranges}")
+    try:
+        cache_bytes = parse_size(cpu_cache, "cpu_cache")
+    except ConfigError as e:
+        raise OffloadError(str(e)) from None
+    model = _build_meta_model(str(path), dtype, model_cls)
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    _check_against(model, ckpt, prefix)
+    _dematerialize(model, dev)
+    names_of: dict[int, list[str]] = {}
+    for *_, full, t in named_tensors(model):
+        names_of.setdefault(id(t), []).append(full)
+    source = CheckpointSource(ckpt, names_of, prefix, file_backed)
+
+    def file_backed_store(offloaded_bytes: int) -> StorageEngine:
+        return open_store({"tiers": [{"kind": "cpu", "capacity": cache_bytes}, {"kind": "ranges"}],
+                           "namespaces": {"param": {"evict": "lower"}}})
+
+    handle = offload_from(model, source, store=store, device=dev, gpu_budget=gpu_budget, prefetch=prefetch,
+                          blocks=blocks, timing=True, progress=progress,
+                          store_factory=file_backed_store if file_backed else None)
+    handle.checkpoint_bytes = ckpt.nbytes
+    if progress:
+        s = handle.stats()
+        where = "registered in place (file-backed)" if file_backed else "in the store"
+        print(f"strata.load: {format_size(ckpt.nbytes)} checkpoint; {format_size(s['resident_bytes'])} resident on "
+              f"{dev}; {s['offloaded_blocks']} blocks ({format_size(s['offloaded_bytes'])}) {where}, streamed "
+              f"through a ring of {format_size(s['ring_bytes'])}; store: {handle.store!r}")
+    return model

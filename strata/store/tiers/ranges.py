@@ -1,0 +1,61 @@
+"""The ranges tier: read-only objects assembled from byte ranges of files that already exist.
+
+It lets files the store did not write serve as a lowest tier: a checkpoint's
+safetensors shards, for example, read on demand, so a model larger than host RAM
+needs no copy of its weights anywhere but where they already are. An object is a
+list of extents (file, offset, length, where its bytes go in the payload, and an
+optional dtype cast). The store never writes to this tier and keeps no checksum of
+it: the bytes are the files' own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from strata.store.fileio import read_range
+from strata.store.tiers.base import Entry, Tier
+
+
+@dataclass(frozen=True)
+class Extent:
+    path: str
+    offset: int  # byte offset in the file
+    nbytes: int  # bytes in the file
+    dest: int  # byte offset in the object's payload
+    src_dtype: torch.dtype = torch.uint8
+    dst_dtype: torch.dtype = torch.uint8  # cast on read when it differs from src_dtype
+
+
+class RangesTier(Tier):
+    kind = "ranges"
+    writable = False
+
+    def register(self, key: bytes, ns: str, meta, extents: list[Extent]) -> Entry | None:
+        """Add (or replace) an object; None if it does not fit the tier's capacity. Caller holds the lock."""
+        old = self.index.get(key)
+        room = self.capacity - self.used + (old.size if old is not None else 0)
+        if meta.nbytes > room:
+            return None
+        e = Entry(key, ns, meta, meta.nbytes, tuple(extents))
+        self._account(e, +1)
+        self.publish(e)
+        return e
+
+    def _alloc(self, e: Entry) -> bool:
+        return False  # never written through the chain
+
+    def write(self, e: Entry, data: torch.Tensor) -> bool:
+        return False
+
+    def read_into(self, e: Entry, out: torch.Tensor) -> None:
+        flat = out.reshape(-1).view(torch.uint8) if out.numel() else out
+        for x in e.loc:
+            if x.src_dtype == x.dst_dtype:
+                read_range(x.path, x.offset, flat[x.dest : x.dest + x.nbytes])
+            else:
+                raw = torch.empty(x.nbytes // x.src_dtype.itemsize, dtype=x.src_dtype)
+                read_range(x.path, x.offset, raw)
+                n = raw.numel() * x.dst_dtype.itemsize
+                flat[x.dest : x.dest + n].view(x.dst_dtype).copy_(raw)

@@ -1,0 +1,147 @@
+"""strata.load from safetensors checkpoints made locally: exact tokens, bounded memory, clear errors."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import transformers as tf
+
+import strata
+from strata import OffloadError
+from tiny_models import VOCAB, greedy, make
+
+IDS = torch.randint(0, VOCAB, (2, 6), generator=torch.Generator().manual_seed(5))
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    out = {}
+    for arch in ("llama", "qwen2", "gpt2"):
+        d = tmp_path_factory.mktemp(arch)
+        make(arch, layers=4, seed=11).save_pretrained(d)
+        out[arch] = d
+    d = tmp_path_factory.mktemp("sharded")
+    make("llama", layers=4, seed=12).save_pretrained(d, max_shard_size="150KB")
+    assert (d / "model.safetensors.index.json").is_file() and len(list(d.glob("*.safetensors"))) > 2
+    out["sharded"] = d
+    return out
+
+
+def reference(path):
+    return greedy(tf.AutoModelForCausalLM.from_pretrained(path).eval(), IDS)
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2", "gpt2", "sharded"])
+@pytest.mark.parametrize("mode", ["stream", "budget", "file_backed"])
+def test_greedy_tokens_equal_from_pretrained_in_every_placement_mode(checkpoints, name, mode):
+    path = checkpoints[name]
+    size = sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
+    kwargs = {"stream": {}, "budget": {"gpu_budget": int(0.85 * size)},
+              "file_backed": {"file_backed": True, "cpu_cache": "200KiB"}}[mode]
+    model = strata.load(path, device="cpu", progress=False, **kwargs)
+    handle = strata.handle_of(model)
+    assert greedy(model, IDS) == reference(path)
+    stats = handle.stats()
+    assert stats["offloaded_blocks"] > 0 and stats["copies"] > 0
+    if mode == "budget":
+        assert 0 < stats["resident_blocks"] < 4
+    if mode == "file_backed":
+        tiers = handle.store.stats()["tiers"]
+        assert tiers["ranges"]["hits"] > 0 and tiers["cpu"]["bytes"] <= 200 << 10
+    assert "streamed from the store" in handle.placement()
+    handle.detach()
+    assert greedy(model, IDS) == reference(path)  # a plain model afterwards
+
+
+def test_loading_in_another_dtype_casts(checkpoints):
+    model = strata.load(checkpoints["llama"], device="cpu", dtype=torch.bfloat16, progress=False)
+    ref = tf.AutoModelForCausalLM.from_pretrained(checkpoints["llama"], dtype=torch.bfloat16).eval()
+    assert next(model.parameters()).dtype == torch.bfloat16
+    assert greedy(model, IDS) == greedy(ref, IDS)
+    strata.handle_of(model).detach()
+
+
+def copy_ckpt(src: Path, dst: Path) -> Path:
+    dst.mkdir()
+    for f in src.iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+    return dst
+
+
+def test_bad_checkpoints_are_refused_before_anything_is_placed(checkpoints, tmp_path):
+    with pytest.raises(OffloadError, match="is not a directory"):
+        strata.load(tmp_path / "nope", device="cpu")
+    d = copy_ckpt(checkpoints["sharded"], tmp_path / "missing")
+    index = json.loads((d / "model.safetensors.index.json").read_text())
+    shard = sorted(set(index["weight_map"].values()))[1]
+    (d / shard).unlink()
+    with pytest.raises(OffloadError, match=f"shard {shard} named by the index is missing"):
+        strata.load(d, device="cpu")
+
+    d = copy_ckpt(checkpoints["sharded"], tmp_path / "truncated")
+    with open(d / shard, "r+b") as f:
+        f.truncate(os.path.getsize(d / shard) - 1000)
+    with pytest.raises(OffloadError, match=f"shard {shard} is truncated or corrupt"):
+        strata.load(d, device="cpu")
+
+    d = copy_ckpt(checkpoints["sharded"], tmp_path / "index")
+    index["weight_map"]["model.layers.9.mlp.up_proj.weight"] = shard
+    (d / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(OffloadError, match=r"the index maps model.layers.9.mlp.up_proj.weight to .* which does not hold it"):
+        strata.load(d, device="cpu")
+
+    d = copy_ckpt(checkpoints["llama"], tmp_path / "arch")
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, "model_type": "no-such-model"}))
+    with pytest.raises(OffloadError, match="config.json: transformers .* cannot read it"):
+        strata.load(d, device="cpu")
+
+    d = copy_ckpt(checkpoints["llama"], tmp_path / "shape")
+    (d / "config.json").write_text(json.dumps({**cfg, "intermediate_size": 96}))
+    with pytest.raises(OffloadError, match=r"has shape \[128, 64\], the model expects \[96, 64\]"):
+        strata.load(d, device="cpu")
+
+    with pytest.raises(OffloadError, match=r"dtype: got torch.int8; allowed: a floating dtype"):
+        strata.load(checkpoints["llama"], device="cpu", dtype=torch.int8)
+
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "config.json").write_text("{}")
+    with pytest.raises(OffloadError, match="holds no \\*.safetensors files"):
+        strata.load(tmp_path / "empty", device="cpu")
+
+
+BIG = textwrap.dedent("""
+    import sys, torch, strata, transformers
+    def status(field):  # VmHWM is this process's own peak; ru_maxrss would include the forking parent's
+        with open("/proc/self/status") as f:
+            return next(int(l.split()[1]) * 1024 for l in f if l.startswith(field + ":"))
+    import transformers.models.llama.modeling_llama  # imported lazily by the load: not the load's memory
+    path = sys.argv[1]
+    ids = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(0))
+    base = status("VmRSS")
+    model = strata.load(path, device="cpu", file_backed=True, cpu_cache="16MiB", progress=False)
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    peak = status("VmHWM")
+    print(peak - base, strata.handle_of(model).store.stats()["tiers"]["cpu"]["bytes"])
+""")
+
+
+def test_file_backed_peak_host_memory_stays_bounded_for_a_much_larger_checkpoint(tmp_path):
+    cfg = tf.LlamaConfig(vocab_size=256, hidden_size=512, intermediate_size=1536, num_hidden_layers=24,
+                         num_attention_heads=8, num_key_value_heads=4)
+    torch.manual_seed(0)
+    tf.LlamaForCausalLM(cfg).save_pretrained(tmp_path)
+    size = sum(f.stat().st_size for f in tmp_path.glob("*.safetensors"))
+    bound = 80 << 20  # CPU tier 16 MiB + a ring of 2 blocks (2 x 13 MiB) + working memory
+    assert size > 3 * bound
+    out = subprocess.run([sys.executable, "-c", BIG, str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    growth, cpu_tier_bytes = map(int, out.stdout.split()[-2:])
+    assert cpu_tier_bytes <= 16 << 20
+    assert growth < bound, f"peak RSS grew by {growth >> 20} MiB for a {size >> 20} MiB checkpoint"
