@@ -155,19 +155,17 @@ class TierChain:
                 tier.touch(e)
             try:
                 data = self._read_entry(tier, e, out)
-            except CorruptObject as exc:
-                log.warning("tier %s: dropping a corrupt object (%s)", tier.name, exc)
+            except (CorruptObject, OSError) as exc:  # a miss and a counter, never an exception
+                corrupt = isinstance(exc, CorruptObject)
+                log.warning("tier %s: %s, treated as a miss (%s)", tier.name,
+                            "corrupt object dropped" if corrupt else "read failed", exc)
                 with self.lock:
-                    tier.counters.checksum_failures += 1
                     tier.counters.misses += 1
-                    tier.retire(e)
-                    tier.release(e)
-                continue
-            except OSError as exc:
-                log.warning("tier %s: read failed, treated as a miss (%s)", tier.name, exc)
-                with self.lock:
-                    tier.counters.errors += 1
-                    tier.counters.misses += 1
+                    if corrupt:
+                        tier.counters.checksum_failures += 1
+                        tier.retire(e)  # never served again
+                    else:
+                        tier.counters.errors += 1
                     tier.release(e)
                 continue
             except BaseException:
