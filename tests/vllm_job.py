@@ -1,0 +1,56 @@
+"""One vLLM engine (CPU build) with the Strata connector: runs prompts several times, prints JSON.
+
+    python tests/vllm_job.py MODEL_DIR STORE_YAML RUNS [--no-connector]
+"""
+
+import json
+import os
+import sys
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine core in this process: its store is ours
+
+
+def prompts():
+    import random
+
+    rng = random.Random(7)
+    shared = [rng.randrange(1, 500) for _ in range(600)]
+    return [shared + [rng.randrange(1, 500) for _ in range(40)], [rng.randrange(1, 500) for _ in range(300)]]
+
+
+def main():
+    model_dir, store_cfg, runs = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    use_connector = "--no-connector" not in sys.argv
+    from vllm import LLM, SamplingParams
+
+    kwargs = {}
+    if use_connector:
+        kwargs["kv_transfer_config"] = {
+            "kv_connector": "StrataConnector", "kv_connector_module_path": "strata.kv.vllm", "kv_role": "kv_both",
+            "kv_load_failure_policy": "recompute",
+            "kv_connector_extra_config": {"strata.config": store_cfg, "strata.chunk_size": 256}}
+    llm = LLM(model=model_dir, skip_tokenizer_init=True, enable_prefix_caching=False, max_model_len=1024,
+              max_num_seqs=4, dtype="float32", seed=0, **kwargs)
+    params = SamplingParams(temperature=0.0, max_tokens=8)
+    out = {"runs": []}
+    for _ in range(runs):
+        results = llm.generate([{"prompt_token_ids": p} for p in prompts()], params, use_tqdm=False)
+        out["runs"].append([list(r.outputs[0].token_ids) for r in results])
+        if use_connector:
+            from strata.kv.vllm import connectors
+
+            for c in connectors():
+                c.flush()
+    if use_connector:
+        from strata.kv.vllm import connectors
+
+        worker = [c for c in connectors() if c.paged is not None]
+        out["connector"] = worker[0].stats() if worker else None
+        out["block_size"] = worker[0].block_size if worker else None
+        out["store"] = worker[0].store.stats() if worker else None
+        out["same_engine"] = len({id(c.store) for c in connectors()}) == 1
+    print("STRATA-JSON " + json.dumps(out), flush=True)
+
+
+if __name__ == "__main__":
+    main()
