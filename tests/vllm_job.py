@@ -10,12 +10,17 @@ import sys
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine core in this process: its store is ours
 
 
-def prompts():
+def prompts(run: int):
+    """Run 0: a 640-token and a 300-token prompt. Later runs add a prompt that shares only the
+    first 300 tokens of the first one, then diverges."""
     import random
 
     rng = random.Random(7)
     shared = [rng.randrange(1, 500) for _ in range(600)]
-    return [shared + [rng.randrange(1, 500) for _ in range(40)], [rng.randrange(1, 500) for _ in range(300)]]
+    first = shared + [rng.randrange(1, 500) for _ in range(40)]
+    second = [rng.randrange(1, 500) for _ in range(300)]
+    diverging = shared[:300] + [rng.randrange(1, 500) for _ in range(340)]
+    return [first, second] if run == 0 else [first, second, diverging]
 
 
 def main():
@@ -31,11 +36,13 @@ def main():
             "kv_connector_extra_config": {"strata.config": store_cfg, "strata.chunk_size": 256}}
     llm = LLM(model=model_dir, skip_tokenizer_init=True, enable_prefix_caching=False, max_model_len=1024,
               max_num_seqs=4, dtype="float32", seed=0, **kwargs)
-    params = SamplingParams(temperature=0.0, max_tokens=8)
-    out = {"runs": []}
-    for _ in range(runs):
-        results = llm.generate([{"prompt_token_ids": p} for p in prompts()], params, use_tqdm=False)
+    params = SamplingParams(temperature=0.0, max_tokens=8, logprobs=1)
+    out = {"runs": [], "logprobs": []}
+    for run in range(runs):
+        results = llm.generate([{"prompt_token_ids": p} for p in prompts(run)], params, use_tqdm=False)
         out["runs"].append([list(r.outputs[0].token_ids) for r in results])
+        out["logprobs"].append([[step[t].logprob for t, step in zip(r.outputs[0].token_ids, r.outputs[0].logprobs)]
+                                for r in results])
         if use_connector:
             from strata.kv.vllm import connectors
 
