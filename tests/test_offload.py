@@ -1,6 +1,5 @@
 """strata.offload on CPU: exact greedy tokens, budgets, detach, hooks, bad input."""
 
-import warnings
 
 import pytest
 import torch

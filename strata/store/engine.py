@@ -17,7 +17,6 @@ from strata.store.codec import describe, materialize
 from strata.store.tiers import build_tier
 
 MODES = ("chain", "exact", "prefer")
-Value = "torch.Tensor | bytes"
 
 
 class StorageEngine:
@@ -196,8 +195,8 @@ class StorageEngine:
             tiers = {t.name: t.stats() for t in self.tiers}
         with self._ns_lock:
             names = {ns: dict(c) for ns, c in self._ns.items()}
-        for t in tiers.values():
-            for ns, held in t["namespaces"].items():
+        for t in tiers.values():  # namespaces held (e.g. recovered from disk) but not touched yet
+            for ns in t["namespaces"]:
                 names.setdefault(ns, {})
         wb = self.chain.writeback.stats() if self.chain.writeback else {
             "queue_depth": 0, "pending_bytes": 0, "flushed": 0, "failed": 0, "writer_waits": 0}
