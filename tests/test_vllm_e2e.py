@@ -83,3 +83,15 @@ def test_a_second_engine_reuses_the_file_tier_and_a_corrupt_chunk_is_recomputed(
     assert same_logprobs(third["logprobs"][:1], reference["logprobs"][:1])
     assert third["connector"]["chunks_failed"] >= 2 and third["connector"]["chunks_loaded"] == 0
     assert third["store"]["tiers"]["file"]["checksum_failures"] >= 2
+
+
+def test_a_full_store_rejects_saves_and_serving_goes_on(setup):
+    root, _, reference = setup
+    full = root / "full.yaml"  # room for two 256-token chunks of this model, KV never evicted
+    full.write_text("tiers:\n  - kind: cpu\n    capacity: 1MiB\nnamespaces:\n  kv: {evict: never}\n")
+    out = run_job(root / "model", full, 2)
+    assert out["runs"] == reference["runs"]
+    c = out["connector"]
+    assert c["saves_rejected"] > 0 and c["chunks_saved"] > 0 and c["chunks_failed"] == 0
+    cpu = out["store"]["tiers"]["cpu"]
+    assert cpu["bytes"] <= cpu["capacity"] and cpu["rejected"] == c["saves_rejected"]

@@ -39,7 +39,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorRole,
 )
 
-from strata.errors import ConfigError
+from strata.errors import ConfigError, StoreError
 from strata.kv.chunks import Chunk, ChunkHasher, kv_scope
 from strata.kv.paged import PagedKV
 from strata.store.shared import shared_store
@@ -128,7 +128,7 @@ class StrataConnector(KVConnectorBase_V1):
         self.paged: PagedKV | None = None
         self._failed: set[int] = set()
         self.counters = {"chunks_loaded": 0, "chunks_failed": 0, "tokens_loaded": 0, "chunks_saved": 0,
-                         "tokens_saved": 0, "saves_dropped": 0, "chunks_skipped": 0}
+                         "tokens_saved": 0, "saves_dropped": 0, "saves_rejected": 0, "chunks_skipped": 0}
         self._saves: queue.Queue = queue.Queue(maxsize=cfg["max_pending_saves"])
         self._saver: threading.Thread | None = None
         _track(self)
@@ -263,6 +263,12 @@ class StrataConnector(KVConnectorBase_V1):
                 if self.store.put(chunk.key, bundle):
                     self.counters["chunks_saved"] += 1
                     self.counters["tokens_saved"] += chunk.end - chunk.start
+                else:  # the store is full of what it may not evict: a future miss
+                    self.counters["saves_rejected"] += 1
+            except StoreError as e:  # e.g. a chunk larger than every tier
+                self.counters["saves_rejected"] += 1
+                if self.counters["saves_rejected"] == 1:
+                    log.warning("strata: a KV chunk cannot be stored (%s); such saves are dropped", e)
             except Exception:  # a failing save is a future miss, never an error in serving
                 log.exception("strata: saving a KV chunk failed")
             finally:
