@@ -95,3 +95,17 @@ def test_a_full_store_rejects_saves_and_serving_goes_on(setup):
     assert c["saves_rejected"] > 0 and c["chunks_saved"] > 0 and c["chunks_failed"] == 0
     cpu = out["store"]["tiers"]["cpu"]
     assert cpu["bytes"] <= cpu["capacity"] and cpu["rejected"] == c["saves_rejected"]
+
+
+def test_sixteen_concurrent_requests_over_four_prefixes_match_every_round(setup):
+    root, _, _ = setup
+    store = root / "concurrent.yaml"
+    store.write_text("tiers:\n  - kind: cpu\n    capacity: 256MiB\n")
+    reference = run_job(root / "model", store, 3, "--no-connector", "--concurrent")
+    out = run_job(root / "model", store, 3, "--concurrent")
+    assert out["runs"] == reference["runs"]  # round by round, request by request
+    assert same_logprobs(out["logprobs"], reference["logprobs"])
+    c = out["connector"]
+    # rounds 2 and 3 load each request's two shared whole chunks (and round 1 may load those
+    # another request of its batch saved first); nothing fails, nothing is dropped
+    assert c["chunks_loaded"] >= 2 * 16 * 2 and c["chunks_failed"] == 0 and c["saves_dropped"] == 0

@@ -1,6 +1,6 @@
 """One vLLM engine (CPU build) with the Strata connector: runs prompts several times, prints JSON.
 
-    python tests/vllm_job.py MODEL_DIR STORE_YAML RUNS [--no-connector]
+    python tests/vllm_job.py MODEL_DIR STORE_YAML RUNS [--no-connector] [--concurrent]
 """
 
 import json
@@ -23,6 +23,15 @@ def prompts(run: int):
     return [first, second] if run == 0 else [first, second, diverging]
 
 
+def concurrent_prompts():
+    """16 requests over 4 shared 512-token prefixes, each with its own 100-token tail."""
+    import random
+
+    rng = random.Random(11)
+    prefixes = [[rng.randrange(1, 500) for _ in range(512)] for _ in range(4)]
+    return [prefixes[i % 4] + [rng.randrange(1, 500) for _ in range(100)] for i in range(16)]
+
+
 def main():
     model_dir, store_cfg, runs = sys.argv[1], sys.argv[2], int(sys.argv[3])
     use_connector = "--no-connector" not in sys.argv
@@ -34,12 +43,14 @@ def main():
             "kv_connector": "StrataConnector", "kv_connector_module_path": "strata.kv.vllm", "kv_role": "kv_both",
             "kv_load_failure_policy": "recompute",
             "kv_connector_extra_config": {"strata.config": store_cfg, "strata.chunk_size": 256}}
+    concurrent = "--concurrent" in sys.argv
     llm = LLM(model=model_dir, skip_tokenizer_init=True, enable_prefix_caching=False, max_model_len=1024,
-              max_num_seqs=4, dtype="float32", seed=0, **kwargs)
+              max_num_seqs=16 if concurrent else 4, dtype="float32", seed=0, **kwargs)
     params = SamplingParams(temperature=0.0, max_tokens=8, logprobs=1)
     out = {"runs": [], "logprobs": []}
     for run in range(runs):
-        results = llm.generate([{"prompt_token_ids": p} for p in prompts(run)], params, use_tqdm=False)
+        batch = concurrent_prompts() if concurrent else prompts(run)
+        results = llm.generate([{"prompt_token_ids": p} for p in batch], params, use_tqdm=False)
         out["runs"].append([list(r.outputs[0].token_ids) for r in results])
         out["logprobs"].append([[step[t].logprob for t, step in zip(r.outputs[0].token_ids, r.outputs[0].logprobs)]
                                 for r in results])
