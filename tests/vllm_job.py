@@ -1,6 +1,9 @@
 """One vLLM engine (CPU build) with the Strata connector: runs prompts several times, prints JSON.
 
-    python tests/vllm_job.py MODEL_DIR STORE_YAML RUNS [--no-connector] [--concurrent]
+    python tests/vllm_job.py MODEL_DIR STORE_YAML RUNS [--no-connector] [--concurrent] [--prefix-cache]
+
+With --prefix-cache vLLM's own prefix cache is on and reset (``LLM.reset_prefix_cache()``)
+before every run, so a repeat is served by the connector, not by vLLM's GPU-side cache.
 """
 
 import json
@@ -11,8 +14,9 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine core in t
 
 
 def prompts(run: int):
-    """Run 0: a 640-token and a 300-token prompt. Later runs add a prompt that shares only the
-    first 300 tokens of the first one, then diverges."""
+    """Run 0: a 640-token and a 300-token prompt. Run 1 repeats them and adds a prompt that
+    shares only the first 300 tokens of the first one, then diverges; run 2 is one more such
+    prompt, alone."""
     import random
 
     rng = random.Random(7)
@@ -20,7 +24,8 @@ def prompts(run: int):
     first = shared + [rng.randrange(1, 500) for _ in range(40)]
     second = [rng.randrange(1, 500) for _ in range(300)]
     diverging = shared[:300] + [rng.randrange(1, 500) for _ in range(340)]
-    return [first, second] if run == 0 else [first, second, diverging]
+    alone = shared[:300] + [rng.randrange(1, 500) for _ in range(200)]
+    return [[first, second], [first, second, diverging], [alone]][run]
 
 
 def concurrent_prompts():
@@ -44,14 +49,18 @@ def main():
             "kv_load_failure_policy": "recompute",
             "kv_connector_extra_config": {"strata.config": store_cfg, "strata.chunk_size": 256}}
     concurrent = "--concurrent" in sys.argv
-    llm = LLM(model=model_dir, skip_tokenizer_init=True, enable_prefix_caching=False, max_model_len=1024,
+    prefix_cache = "--prefix-cache" in sys.argv
+    llm = LLM(model=model_dir, skip_tokenizer_init=True, enable_prefix_caching=prefix_cache, max_model_len=1024,
               max_num_seqs=16 if concurrent else 4, dtype="float32", seed=0, **kwargs)
     params = SamplingParams(temperature=0.0, max_tokens=8, logprobs=1)
-    out = {"runs": [], "logprobs": []}
+    out = {"runs": [], "logprobs": [], "cached": [], "reset": []}
     for run in range(runs):
+        if prefix_cache:
+            out["reset"].append(llm.reset_prefix_cache())
         batch = concurrent_prompts() if concurrent else prompts(run)
         results = llm.generate([{"prompt_token_ids": p} for p in batch], params, use_tqdm=False)
         out["runs"].append([list(r.outputs[0].token_ids) for r in results])
+        out["cached"].append([r.num_cached_tokens or 0 for r in results])
         out["logprobs"].append([[step[t].logprob for t, step in zip(r.outputs[0].token_ids, r.outputs[0].logprobs)]
                                 for r in results])
         if use_connector:

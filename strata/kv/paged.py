@@ -30,6 +30,19 @@ class PagedKV:
         self.block_shape = tuple(first.shape[1:])
         self.dtype = first.dtype
         self.device = first.device
+        self._staging = torch.empty(0, dtype=self.dtype, device=self.device)
+
+    def staging(self, num_blocks: int) -> torch.Tensor:
+        """A contiguous bundle-shaped buffer on the KV cache's device, reused across calls (grown
+        when needed): a load lands here in one copy from the store, then scatters on the device.
+        Calls on one CUDA stream are ordered, so reuse needs no synchronisation."""
+        shape = (len(self.layers), num_blocks, *self.block_shape)
+        numel = 1
+        for d in shape:
+            numel *= d
+        if self._staging.numel() < numel:
+            self._staging = torch.empty(numel, dtype=self.dtype, device=self.device)
+        return self._staging[:numel].view(shape)
 
     def layout(self) -> tuple:
         return (len(self.layers), self.block_shape, str(self.dtype))

@@ -214,9 +214,8 @@ class StrataConnector(KVConnectorBase_V1):
             failed = False
             for chunk in spec.chunks:
                 ids = spec.block_ids[chunk.start // bs : chunk.end // bs]
-                bundle = None if failed else self.store.get(chunk.key)
-                if bundle is None or not isinstance(bundle, torch.Tensor) or \
-                        tuple(bundle.shape) != (len(self.paged.layers), len(ids), *self.paged.block_shape):
+                bundle = self.paged.staging(len(ids))
+                if failed or not self._load_into(chunk, bundle):
                     failed = True  # this chunk and every one after it are recomputed by vLLM
                     first = max(chunk.start, spec.first_token) // bs
                     self._failed.update(spec.block_ids[first : chunk.end // bs])
@@ -226,6 +225,15 @@ class StrataConnector(KVConnectorBase_V1):
                 self.paged.scatter(bundle, ids, first=skip)
                 self.counters["chunks_loaded"] += 1
                 self.counters["tokens_loaded"] += chunk.end - max(chunk.start, spec.first_token)
+
+    def _load_into(self, chunk: Chunk, bundle: torch.Tensor) -> bool:
+        """One copy from the store into the device staging bundle; False on a miss or a bundle
+        of another size or dtype (the store's checks name which)."""
+        try:
+            return self.store.get_into(chunk.key, bundle)
+        except StoreError as e:
+            log.warning("strata: KV chunk %s does not fit this cache (%s); recomputed", chunk.key.name[:16], e)
+            return False
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return  # loads are synchronous, done in start_load_kv
