@@ -6,7 +6,9 @@
 Workloads: decode (batch 1, 512-token context), decode (batch 32), prefill (4K tokens;
 1K with --small). Methods, in one run on one model: every weight on the device;
 Accelerate's ``cpu_offload``; diffusers' ``apply_group_offloading`` (block level, one
-block per group, ``use_stream=True``) when diffusers is installed; ``strata.offload``
+block per group, ``use_stream=True`` on a GPU) when diffusers is installed (it is pure
+Python: ``pip install --no-deps --target DIR diffusers`` and ``PYTHONPATH=DIR`` carries it
+to a machine without a registry); ``strata.offload``
 streaming every block; ``strata.offload`` with a budget of half the weights. The
 roofline is max(full-device time, streamed bytes / pinned host-to-device bandwidth
 measured in the same run); every offloaded time is printed as a ratio to it.
@@ -165,8 +167,13 @@ def main() -> None:
     except ImportError:
         print("  diffusers not installed: group offloading skipped", flush=True)
     else:
+        # block_modules=["model"]: descend into LlamaModel so each decoder layer is its own group
+        # (without it the whole LlamaModel is one unmatched group, loaded at once). Streams
+        # need a device that has them: on the CPU smoke run use_stream is off.
+        cuda = device.type == "cuda"
         apply_group_offloading(model, onload_device=device, offload_device=torch.device("cpu"),
-                               offload_type="block_level", num_blocks_per_group=1, use_stream=True)
+                               offload_type="block_level", num_blocks_per_group=1, use_stream=cuda,
+                               non_blocking=cuda, block_modules=["model"])
         run("diffusers group offload", model, streamed_all)
 
     print("\nroofline = max(all-on-device time, streamed bytes / pinned H2D bandwidth)")

