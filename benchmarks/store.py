@@ -4,13 +4,17 @@
 
 CPU tier: put vs ``dst.copy_(src)`` into preallocated memory, get vs ``src.clone()``,
 get_into vs ``dst.copy_(src)``. File tier: put vs a plain write+rename of the same
-bytes, get vs a plain read into a preallocated buffer. The working set cycles
-through enough distinct tensors to leave the CPU caches for sizes of 1 MiB and up.
+bytes, get vs a plain read into a preallocated buffer. CXL tier (a mapped file under
+``/dev/shm``, or ``$STRATA_BENCH_CXL_DIR``): put and get_into vs a plain copy into and out of
+a mapping of the same kind, with the payload checksum (``verify``, the default) and
+without. The working set cycles through enough distinct tensors to leave the CPU caches
+for sizes of 1 MiB and up.
 """
 
 from __future__ import annotations
 
 import argparse
+import mmap
 import os
 import statistics
 import sys
@@ -93,6 +97,40 @@ def bench_file(size_name, nbytes, count, repeat, root):
         row("file", "get_into", size_name, nbytes, get_into, base_r, "read")
 
 
+def bench_cxl(size_name, nbytes, count, repeat, root):
+    srcs = [torch.randint(0, 255, (nbytes,), dtype=torch.uint8) for _ in range(count)]
+    dst = torch.empty(nbytes, dtype=torch.uint8)
+    dst.fill_(1)
+    keys = [Key("kv", "bench", f"{size_name}-{i}") for i in range(count)]
+    plain_path = os.path.join(root, "plain-map")
+    with open(plain_path, "wb") as f:
+        f.truncate(nbytes * count)
+    with open(plain_path, "r+b") as f:
+        plain_map = mmap.mmap(f.fileno(), nbytes * count)
+    plain = torch.frombuffer(plain_map, dtype=torch.uint8)
+    plain.fill_(1)  # touch it, as the warm-up touches the tier's region
+    views = [plain[i * nbytes:(i + 1) * nbytes] for i in range(count)]
+    idx = list(range(count))
+    base_w = timed(lambda i: views[i].copy_(srcs[i]), idx, repeat)
+    base_r = timed(lambda i: dst.copy_(views[i]), idx, repeat)
+    for verify in (True, False):
+        region = os.path.join(root, f"region-{size_name}-{verify}")
+        cfg = {"tiers": [{"kind": "cxl", "path": region, "size": 3 * nbytes * count + (64 << 20), "verify": verify}]}
+        with strata.open_store(cfg) as store:
+            for _ in range(2):  # warm-up: the region's pages touched
+                for k, src in zip(keys, srcs):
+                    store.put(k, src)
+            name = "cxl" if verify else "cxl-nv"
+            put = timed(lambda i: store.put(keys[i], srcs[i]), idx, repeat)
+            row(name, "put", size_name, nbytes, put, base_w, "copy_ in")
+            get_into = timed(lambda i: store.get_into(keys[i], dst), idx, repeat)
+            row(name, "get_into", size_name, nbytes, get_into, base_r, "copy_ out")
+        os.unlink(region)
+    del views, plain
+    plain_map.close()
+    os.unlink(plain_path)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer repetitions (smoke run)")
@@ -110,6 +148,13 @@ def main() -> None:
             if args.quick:
                 count = max(4, count // 8)
             bench_file(size_name, nbytes, count, repeat, root)
+    shm = os.environ.get("STRATA_BENCH_CXL_DIR", "/dev/shm" if os.path.isdir("/dev/shm") else None)
+    with tempfile.TemporaryDirectory(dir=shm) as root:
+        for size_name, nbytes in SIZES.items():
+            count = max(4, min(512, (128 << 20) // nbytes))
+            if args.quick:
+                count = max(4, count // 8)
+            bench_cxl(size_name, nbytes, count, repeat, root)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The ``strata`` command: stats of a store, presets, and the demo."""
+"""The ``strata`` command: stats and contents of a store, presets, and the demo."""
 
 from __future__ import annotations
 
@@ -51,6 +51,43 @@ def _cmd_stats(args) -> int:
     return 0
 
 
+def format_contents(store) -> str:
+    """Per tier: where it lives, then objects and bytes by namespace and scope."""
+    from strata.keys import Key
+
+    lines = []
+    for tier in store.tiers:
+        extra = tier.stats()
+        where = extra.get("path") or ("pinned" if getattr(tier, "pinned", False) else "memory")
+        lines.append(f"{tier.name} ({tier.kind}, {where}): {len(tier.index)} objects, "
+                     f"{format_size(tier.used)} of {format_size(tier.capacity)}"
+                     + (f", fragmentation {extra['fragmentation']:.1%}" if "fragmentation" in extra else ""))
+        groups: dict[tuple[str, str], list[int]] = {}
+        for raw, e in list(tier.index.items()):
+            try:
+                key = Key.decode(raw)
+                group = (key.namespace, key.scope)
+            except Exception:
+                group = (e.ns, "?")
+            held = groups.setdefault(group, [0, 0])
+            held[0] += 1
+            held[1] += e.size
+        rows = [("  namespace", "scope", "objects", "bytes")]
+        for (ns, scope), (n, size) in sorted(groups.items()):
+            rows.append((f"  {ns}", scope if len(scope) <= 48 else scope[:45] + "...", str(n), format_size(size)))
+        if len(rows) > 1:
+            lines += _table(rows)
+    return "\n".join(lines)
+
+
+def _cmd_inspect(args) -> int:
+    from strata.store.engine import open_store
+
+    with open_store(args.config) as store:
+        print(format_contents(store))
+    return 0
+
+
 def _cmd_presets(args) -> int:
     for p in presets():
         print(p)
@@ -70,6 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", default=None, help="preset name or YAML path (default: the cpu preset)")
     p.add_argument("--json", action="store_true", help="print the raw stats() dict as JSON")
     p.set_defaults(func=_cmd_stats)
+    p = sub.add_parser("inspect", help="open a store and summarise what each tier holds, by namespace and scope")
+    p.add_argument("config", help="preset name or YAML path")
+    p.set_defaults(func=_cmd_inspect)
     p = sub.add_parser("presets", help="list the YAML presets shipped with Strata")
     p.set_defaults(func=_cmd_presets)
     p = sub.add_parser("demo", help="run the demo on the default CPU tier")

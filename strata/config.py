@@ -58,7 +58,7 @@ def format_size(n: float) -> str:
 
 # --------------------------------------------------------------------------- schema
 
-TIER_KINDS = ("cpu", "file", "ranges")
+TIER_KINDS = ("cpu", "file", "ranges", "cxl")
 UNBOUNDED = 1 << 62
 POLICIES = ("lru", "s3fifo")
 WRITE_MODES = ("through", "back")
@@ -74,8 +74,11 @@ class TierConfig:
     write: str = "through"  # how writes to this tier reach the next one
     verify: bool = False  # verify checksums on every read (persistent tiers always do)
     pin: str = "auto"  # cpu: pinned slab when CUDA is available ("auto"), or "always"/"never"
-    path: str | None = None  # file: directory
+    path: str | None = None  # file: directory; cxl: a DAX device or a file to map
     fsync: bool = False  # file: fsync each object before it becomes visible
+    size: int | None = None  # cxl: bytes of the region to map
+    reset: bool = False  # cxl: wipe the region's objects on open
+    numa_node: int | None = None  # cxl: bind the region's memory to this NUMA node
 
 
 @dataclass(frozen=True)
@@ -111,6 +114,7 @@ _TIER_KEYS = {
     "cpu": {"kind", "name", "capacity", "policy", "write", "verify", "pin"},
     "file": {"kind", "name", "capacity", "policy", "write", "verify", "path", "fsync"},
     "ranges": {"kind", "name", "capacity", "policy"},  # read-only: objects registered from existing files
+    "cxl": {"kind", "name", "capacity", "policy", "write", "verify", "path", "size", "reset", "numa_node"},
 }
 _TOP_KEYS = {"tiers", "namespaces", "writeback", "promote"}
 _NS_KEYS = {"evict", "priority", "quota"}
@@ -149,9 +153,10 @@ def _tier(i: int, raw: Mapping) -> TierConfig:
         raise ConfigError(f"{where}.kind: missing; allowed: {', '.join(TIER_KINDS)}")
     kind = _choice(f"{where}.kind", raw["kind"], TIER_KINDS)
     _check_keys(where, raw, _TIER_KEYS[kind])
-    if "capacity" not in raw and kind != "ranges":
+    if "capacity" not in raw and kind not in ("ranges", "cxl"):
         raise ConfigError(f"{where}.capacity: missing; allowed: bytes as an int or a string like '8GiB'")
-    capacity = parse_size(raw.get("capacity", UNBOUNDED), f"{where}.capacity")
+    capacity = parse_size(raw.get("capacity", raw.get("size", UNBOUNDED) if kind == "cxl" else UNBOUNDED),
+                          f"{where}.capacity")
     if capacity == 0:
         raise ConfigError(f"{where}.capacity: got {raw['capacity']!r}; allowed: more than 0 bytes")
     name = raw.get("name", kind)
@@ -175,6 +180,20 @@ def _tier(i: int, raw: Mapping) -> TierConfig:
         kw["verify"] = True
         if "fsync" in raw:
             kw["fsync"] = _bool(f"{where}.fsync", raw["fsync"])
+    if kind == "cxl":
+        path = raw.get("path")
+        if not isinstance(path, str) or not path:
+            raise ConfigError(f"{where}.path: got {path!r}; allowed: a DAX device (/dev/daxX.Y) or a file path "
+                              "(e.g. under /dev/shm) to map")
+        kw["path"] = os.path.expanduser(os.path.expandvars(path))
+        if "size" not in raw:
+            raise ConfigError(f"{where}.size: missing; allowed: bytes of the region as an int or a string like '4GiB'")
+        kw["size"] = parse_size(raw["size"], f"{where}.size")
+        kw["verify"] = _bool(f"{where}.verify", raw["verify"]) if "verify" in raw else True
+        if "reset" in raw:
+            kw["reset"] = _bool(f"{where}.reset", raw["reset"])
+        if raw.get("numa_node") is not None:
+            kw["numa_node"] = _int(f"{where}.numa_node", raw["numa_node"])
     return TierConfig(**kw)
 
 

@@ -25,6 +25,20 @@ def test_stats_shows_what_a_persistent_store_holds(tmp_path, capsys):
     assert stats["tiers"]["file"]["objects"] == 2
 
 
+def test_inspect_summarises_a_cxl_region_by_namespace_and_scope(tmp_path, capsys):
+    cfg = tmp_path / "store.yaml"
+    cfg.write_text(f"tiers:\n  - kind: cxl\n    path: {tmp_path / 'region'}\n    size: 4MiB\n")
+    with strata.open_store(str(cfg)) as store:
+        for i in range(3):
+            store.put(Key("kv", "llama-1b", f"c{i}"), torch.zeros(1000))
+        store.put(Key("param", "qwen", "w"), torch.zeros(10))
+    assert main(["inspect", str(cfg)]) == 0  # another process's view: a fresh open of the region
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("cxl (cxl, ") and "4 objects" in out[0] and "fragmentation" in out[0]
+    rows = {tuple(line.split()[:3]) for line in out[2:]}
+    assert ("kv", "llama-1b", "3") in rows and ("param", "qwen", "1") in rows
+
+
 def test_bad_config_is_a_one_line_error_and_exit_code_2(capsys):
     assert main(["stats", "--config", "no-such-preset"]) == 2
     err = capsys.readouterr().err

@@ -5,11 +5,14 @@ from strata import ConfigError, load_config, parse_size
 
 
 def test_presets_load_and_default_is_cpu():
-    assert {"cpu", "cpu_file"} <= set(strata.presets())
+    assert {"cpu", "cpu_file", "cpu_cxl"} <= set(strata.presets())
     cfg = load_config(None)
     assert [t.kind for t in cfg.tiers] == ["cpu"]
     two = load_config("cpu_file")
     assert [t.kind for t in two.tiers] == ["cpu", "file"] and two.tiers[0].write == "back"
+    cxl = load_config("cpu_cxl").tiers[1]
+    assert (cxl.kind, cxl.path, cxl.size, cxl.capacity, cxl.verify) == ("cxl", "/dev/shm/strata-cxl", 16 << 30,
+                                                                        16 << 30, True)
 
 
 def test_yaml_path(tmp_path):
@@ -23,7 +26,7 @@ def test_yaml_path(tmp_path):
     "cfg, message",
     [
         ({"tiers": [{"kind": "cpu", "capacty": "1GiB"}]}, r"unknown key tiers\[0\]: got 'capacty'.*did you mean 'capacity'"),
-        ({"tiers": [{"kind": "gpu", "capacity": 1}]}, r"tiers\[0\].kind: got 'gpu'; allowed: cpu, file"),
+        ({"tiers": [{"kind": "gpu", "capacity": 1}]}, r"tiers\[0\].kind: got 'gpu'; allowed: cpu, cxl, file"),
         ({"tiers": [{"kind": "cpu", "capacity": -5}]}, r"tiers\[0\].capacity: got -5; allowed: a size of 0 bytes or more"),
         ({"tiers": [{"kind": "cpu", "capacity": "4 GB of ram"}]}, r"tiers\[0\].capacity: got '4 GB of ram'"),
         ({"tiers": [{"kind": "cpu"}]}, r"tiers\[0\].capacity: missing"),
@@ -46,7 +49,7 @@ def test_bad_config_names_the_field_and_the_allowed_values(cfg, message):
 
 
 def test_unknown_preset_and_bad_yaml(tmp_path):
-    with pytest.raises(ConfigError, match=r"config: got 'cpux'.*allowed: cpu, cpu_file"):
+    with pytest.raises(ConfigError, match=r"config: got 'cpux'.*allowed: cpu, cpu_cxl, cpu_file"):
         load_config("cpux")
     p = tmp_path / "bad.yaml"
     p.write_text("tiers: [\n")

@@ -103,8 +103,23 @@ def chain(write):
     return make
 
 
+def cxl(d):
+    return {"tiers": [{"kind": "cxl", "path": f"{d}/region", "size": "8MiB", "policy": "s3fifo"}]}
+
+
+def cpu_cxl(write):
+    def make(d):
+        return {"tiers": [{"kind": "cpu", "capacity": "4MiB", "write": write},
+                          {"kind": "cxl", "path": f"{d}/region", "size": "16MiB"}],
+                "writeback": {"max_pending": 3}}
+    return make
+
+
 TestCpuTier = machine(cpu, False, "cpu").TestCase
 TestCpuTierVerified = machine(cpu_verified, False, "cpu").TestCase
 TestFileTier = machine(file, True, "file").TestCase
 TestChainWriteThrough = machine(chain("through"), True, "file").TestCase
 TestChainWriteBack = machine(chain("back"), True, "file").TestCase
+TestCxlTier = machine(cxl, True, "cxl").TestCase
+TestCpuCxlWriteThrough = machine(cpu_cxl("through"), True, "cxl").TestCase
+TestCpuCxlWriteBack = machine(cpu_cxl("back"), True, "cxl").TestCase

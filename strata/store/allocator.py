@@ -36,6 +36,11 @@ class ExtentAllocator:
         del self._end[off + size]
         self.free_bytes -= size
 
+    def take_all(self) -> None:
+        """Mark the whole arena in use (to rebuild free space from known holes with ``free``)."""
+        for size, off in list(self._by_size):
+            self._drop(off, size)
+
     def largest_free(self) -> int:
         return self._by_size[-1][0] if self._by_size else 0
 

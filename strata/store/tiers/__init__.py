@@ -2,14 +2,15 @@
 
 from strata.store.tiers.base import Tier
 from strata.store.tiers.cpu import CpuTier
+from strata.store.tiers.cxl import CxlTier
 from strata.store.tiers.file import FileTier
 from strata.store.tiers.ranges import Extent, RangesTier
 
-TIER_CLASSES: dict[str, type[Tier]] = {"cpu": CpuTier, "file": FileTier, "ranges": RangesTier}
+TIER_CLASSES: dict[str, type[Tier]] = {"cpu": CpuTier, "file": FileTier, "ranges": RangesTier, "cxl": CxlTier}
 
 
 def build_tier(cfg, store_cfg) -> Tier:
     return TIER_CLASSES[cfg.kind](cfg, store_cfg)
 
 
-__all__ = ["Tier", "CpuTier", "Extent", "FileTier", "RangesTier", "TIER_CLASSES", "build_tier"]
+__all__ = ["Tier", "CpuTier", "CxlTier", "Extent", "FileTier", "RangesTier", "TIER_CLASSES", "build_tier"]

@@ -1,0 +1,371 @@
+"""The CXL tier: objects in one mapped region (a DAX device such as ``/dev/dax0.0``, or a
+file, e.g. under ``/dev/shm``, where no CXL hardware exists), persistent and shared.
+
+Region layout: a superblock (magic, geometry, a generation counter), a table of slots,
+then the data area. An object is a record in the data area, Strata's checksummed header
+then the payload (aligned), and a slot ``(commit, offset, length, seq)`` naming it. A put
+writes and flushes the record, then the slot's fields, then its commit word last (a
+hash of the fields, so neither a torn slot nor a stale word looks committed), and
+flushes again. After a crash only committed slots exist: an interrupted put is never
+readable and its bytes are free, because the allocator is rebuilt from the committed
+slots on open. The newest ``seq`` of a key wins.
+
+With ``numa_node`` the region's pages are bound to that node (``mbind`` through libnuma),
+for CXL memory that the host shows as a CPU-less NUMA node; a missing node or libnuma is a
+warning and a ``numa`` entry in stats, never a crash.
+
+Processes share the region through a file lock: a writer holds it from reserving space
+until its put is committed or aborted, and every change bumps the generation; a process
+that sees another generation re-reads the slot table before it looks anything up or
+allocates. Reads are zero-copy views of the mapping under the chain's lease, checked
+against the payload checksum, so an object another process freed and reused meanwhile
+is a miss, never wrong bytes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import mmap
+import os
+import struct
+
+import torch
+import xxhash
+
+from strata.errors import ConfigError
+from strata.keys import Key
+from strata.store import numa
+from strata.store.allocator import ExtentAllocator
+from strata.store.codec import CorruptObject, checksum, header_size_for, pack_header, unpack_header
+from strata.store.tiers.base import Entry, Tier
+from strata.store.tiers.cpu import contiguous_strides
+
+log = logging.getLogger("strata.cxl")
+
+_MAGIC = b"STRATCXL"
+_VERSION = 1
+_SUPER = struct.Struct("<8sIIQQQ")  # magic, version, slot size, region size, slots, data start
+_GEN_AT = 64  # the generation counter: its own 8 bytes
+_SEQ_AT = 72  # the last put sequence number handed out
+_SLOT = struct.Struct("<QQQQ")  # commit, offset, length, seq
+_SLOTS_AT = 4096
+_ALIGN = 256  # records start here; payloads at a 64-byte boundary after the header
+_PAYLOAD_ALIGN = 64
+_BYTES_PER_SLOT = 64 << 10  # one slot per 64 KiB of region (at least 256 slots)
+
+
+def _commit_word(offset: int, length: int, seq: int) -> int:
+    return xxhash.xxh3_64_intdigest(struct.pack("<QQQ", offset, length, seq)) | 1
+
+
+def _round(n: int, a: int) -> int:
+    return (n + a - 1) // a * a
+
+
+class CxlTier(Tier):
+    kind = "cxl"
+    persistent = True
+
+    def __init__(self, cfg, store_cfg):
+        super().__init__(cfg, store_cfg)
+        self.path = cfg.path
+        size = cfg.size
+        exists = os.path.exists(self.path)
+        try:
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as e:
+            raise ConfigError(f"tiers[{cfg.name}].path: cannot open {self.path!r} ({e.strerror}); allowed: a DAX "
+                              "device or a file path in a writable directory") from e
+        is_file = os.path.isfile(self.path)
+        if is_file and os.fstat(self._fd).st_size < size:
+            os.ftruncate(self._fd, size)
+        self.map = mmap.mmap(self._fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        self.bytes = torch.frombuffer(self.map, dtype=torch.uint8)
+        self.numa = None
+        if cfg.numa_node is not None:  # CXL memory as a CPU-less NUMA node: place the region's pages there
+            bound, why = numa.bind(self.bytes.data_ptr(), size, cfg.numa_node)
+            self.numa = {"node": cfg.numa_node, "bound": bound, "reason": why}
+            if not bound:
+                log.warning("tier %s: %s; the region stays where the OS puts it", cfg.name, why)
+        self._locks = 0  # puts of this process in flight while it holds the region lock
+        foreign = False
+        with self._region_lock():
+            if cfg.reset or self.map[:8] != _MAGIC:  # decided under the lock: another opener may have formatted it
+                foreign = exists and is_file and not cfg.reset and any(self.map[:_SLOTS_AT])
+                if not foreign:
+                    self._format(size)
+            if not foreign:
+                self._open_super(size)
+                self.recovered = self._sync(force=True)
+        if foreign:
+            self.close()
+            raise ConfigError(f"tiers[{cfg.name}].path: {self.path!r} holds something other than a Strata region; "
+                              "allowed: a new or empty file, a DAX device, or reset: true to overwrite it")
+        self.capacity = min(self.capacity, self.data_size)
+
+    # -- region ----------------------------------------------------------------------------
+    def _format(self, size: int) -> None:
+        nslots = max(256, size // _BYTES_PER_SLOT)
+        data_start = _round(_SLOTS_AT + nslots * _SLOT.size, _ALIGN)
+        if data_start + _ALIGN > size:
+            raise ConfigError(f"tiers[{self.name}].size: got {size} bytes; allowed: at least {data_start + _ALIGN}")
+        self.map[_SLOTS_AT:data_start] = bytes(data_start - _SLOTS_AT)
+        self.map[:_SLOTS_AT] = bytes(_SLOTS_AT)
+        self.map[:_SUPER.size] = _SUPER.pack(b"\0" * 8, _VERSION, _SLOT.size, size, nslots, data_start)
+        self.map.flush()
+        self.map[:8] = _MAGIC  # the region is valid only once formatted whole
+        self.map.flush()
+
+    def _open_super(self, size: int) -> None:
+        magic, version, slot_size, rsize, nslots, data_start = _SUPER.unpack_from(self.map)
+        if magic != _MAGIC or version != _VERSION or slot_size != _SLOT.size or rsize > size:
+            raise ConfigError(f"tiers[{self.name}].path: {self.path!r} holds a region of another format or size "
+                              f"(version {version}, {rsize} bytes); set reset: true to wipe it")
+        self.nslots, self.data_start, self.data_size = nslots, data_start, rsize - data_start
+        self.generation = -1
+        self._slot_of: dict[bytes, tuple[int, int]] = {}  # key -> (slot, seq) as last read
+        self._reserved: dict[int, tuple[int, int]] = {}  # slot -> (offset, size) of this process's puts
+
+    def _gen(self) -> int:
+        return struct.unpack_from("<Q", self.map, _GEN_AT)[0]
+
+    def _bump(self) -> None:
+        """Record a change (region lock held). If another process changed the region since this
+        one last read it, the next lookup re-reads it whole."""
+        gen = self._gen()
+        struct.pack_into("<Q", self.map, _GEN_AT, gen + 1)
+        self.generation = gen + 1 if gen == self.generation else -1
+
+    @contextlib.contextmanager
+    def _region_lock(self):
+        self._acquire()
+        try:
+            yield
+        finally:
+            self._release()
+
+    def _acquire(self) -> None:
+        if self._locks == 0:
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+        self._locks += 1
+
+    def _release(self) -> None:
+        self._locks -= 1
+        if self._locks == 0:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def _read_slot(self, i: int) -> tuple[int, int, int] | None:
+        commit, off, length, seq = _SLOT.unpack_from(self.map, _SLOTS_AT + i * _SLOT.size)
+        if commit == 0 or commit != _commit_word(off, length, seq):
+            return None
+        if off < self.data_start or off + length > self.data_start + self.data_size:
+            return None
+        return off, length, seq
+
+    def _write_slot(self, i: int, off: int, length: int, seq: int) -> None:
+        at = _SLOTS_AT + i * _SLOT.size
+        _SLOT.pack_into(self.map, at, 0, off, length, seq)
+        self._flush(at, _SLOT.size)
+        struct.pack_into("<Q", self.map, at, _commit_word(off, length, seq))  # the commit: last
+        self._flush(at, _SLOT.size)
+
+    def _clear_slot(self, i: int) -> None:
+        at = _SLOTS_AT + i * _SLOT.size
+        struct.pack_into("<Q", self.map, at, 0)
+        self._flush(at, 8)
+
+    def _flush(self, at: int, n: int) -> None:
+        start = at - at % mmap.PAGESIZE
+        self.map.flush(start, _round(at + n - start, mmap.PAGESIZE))
+
+    # -- sharing: re-read the slot table when another process changed it -----------------------
+    def _sync(self, force: bool = False) -> int:
+        """Bring the index and the allocator up to the region (caller holds the chain lock)."""
+        gen = self._gen()
+        if gen == self.generation and not force:
+            return 0
+        found: dict[bytes, tuple[int, int, int, int, object]] = {}
+        stale: list[int] = []
+        for i in range(self.nslots):
+            slot = self._read_slot(i)
+            if slot is None:
+                continue
+            off, length, seq = slot
+            try:
+                key, meta = unpack_header(self.map[off : off + min(length, 1 << 16)])
+            except CorruptObject:
+                stale.append(i)
+                continue
+            if _round(header_size_for(key, meta), _PAYLOAD_ALIGN) + meta.nbytes != length:
+                stale.append(i)
+                continue
+            old = found.get(key)
+            if old is not None:
+                stale.append(old[0] if old[3] < seq else i)
+                if old[3] > seq:
+                    continue
+            found[key] = (i, off, length, seq, meta)
+        for key in list(self.index):
+            now = found.get(key)
+            if now is None or (now[0], now[3]) != self._slot_of.get(key):
+                self._forget(self.index[key])  # removed or replaced by another process
+        added = 0
+        for key, (i, off, length, seq, meta) in sorted(found.items(), key=lambda kv: kv[1][3]):
+            if key in self.index:
+                continue
+            try:
+                ns = Key.decode(key).namespace
+            except Exception:
+                stale.append(i)
+                continue
+            e = Entry(key, ns, meta, length, (i, off, seq))
+            e.view = self._view(off, key, meta)
+            self._account(e, +1)
+            self.publish(e, count=False)
+            self._slot_of[key] = (i, seq)
+            added += 1
+        if stale and self._locks:
+            for i in stale:
+                self._clear_slot(i)
+            self._bump()
+        else:
+            self.generation = gen  # a change made meanwhile shows as a newer generation next time
+        self._rebuild_allocator()
+        return added
+
+    def _forget(self, e: Entry) -> None:
+        """Another process removed or replaced this object: drop it here without touching the region."""
+        self._slot_of.pop(e.key, None)
+        e.loc = None
+        self.retire(e)
+
+    def _rebuild_allocator(self) -> None:
+        """Free space and free slots: everything no committed object and no put in flight holds."""
+        held = [(e.loc[0], e.loc[1], e.size) for e in self.index.values() if e.loc is not None]
+        held += [(slot, off, size) for slot, (off, size) in self._reserved.items()]
+        alloc = ExtentAllocator(self.data_size, alignment=_ALIGN)
+        alloc.take_all()
+        cursor = 0
+        for _, off, size in sorted(held, key=lambda h: h[1]):
+            rel = off - self.data_start
+            if rel > cursor:
+                alloc.free(cursor, rel - cursor)
+            cursor = max(cursor, rel + alloc.rounded(size))
+        if cursor < alloc.capacity:
+            alloc.free(cursor, alloc.capacity - cursor)
+        self.allocator = alloc
+        used = {slot for slot, _, _ in held}
+        self._free_slots = [i for i in range(self.nslots - 1, -1, -1) if i not in used]
+
+    def _view(self, off: int, key: bytes, meta) -> torch.Tensor:
+        start = off + _round(header_size_for(key, meta), _PAYLOAD_ALIGN)
+        raw = self.bytes[start : start + meta.nbytes]
+        if meta.nbytes == 0:
+            return torch.empty(meta.shape, dtype=meta.dtype)
+        return raw.view(meta.dtype).as_strided(meta.shape, contiguous_strides(meta.shape))
+
+    # -- storage hooks (chain lock held for lookup/_alloc/_free) -----------------------------------
+    def lookup(self, key: bytes) -> Entry | None:
+        self._sync()
+        return self.index.get(key)
+
+    def stored_size(self, key: bytes, meta) -> int:
+        return _round(header_size_for(key, meta), _PAYLOAD_ALIGN) + meta.nbytes
+
+    def _alloc(self, e: Entry) -> bool:
+        self._acquire()  # held until publish or abort: other processes must not take these bytes
+        self._sync()
+        size = self.allocator.rounded(e.size)
+        rel = self.allocator.alloc(size) if self._free_slots else None
+        if rel is None:
+            self._release()
+            return False
+        slot, off = self._free_slots.pop(), self.data_start + rel
+        self._reserved[slot] = (off, e.size)
+        seq = struct.unpack_from("<Q", self.map, _SEQ_AT)[0] + 1
+        struct.pack_into("<Q", self.map, _SEQ_AT, seq)
+        e.loc = (slot, off, seq)
+        e.view = self._view(off, e.key, e.meta)
+        return True
+
+    def write(self, e: Entry, data: torch.Tensor) -> bool:
+        slot, off, seq = e.loc
+        head = pack_header(e.key, e.meta)
+        self.map[off : off + len(head)] = head
+        if e.meta.nbytes:
+            e.view.copy_(data)
+        self._flush(off, e.size)
+        self._write_slot(slot, off, e.size, seq)
+        return True
+
+    def publish(self, e: Entry, count: bool = True) -> None:
+        super().publish(e, count)
+        if count:  # a put of this process, committed in write(): visible now
+            slot, _, seq = e.loc
+            self._reserved.pop(slot, None)
+            self._slot_of[e.key] = (slot, seq)
+            self._bump()
+            self._release()
+
+    def abort(self, e: Entry) -> None:
+        mine = e.loc is not None and e.loc[0] in self._reserved
+        if mine:
+            slot = e.loc[0]
+            self._reserved.pop(slot)
+            if self._read_slot(slot) is not None:  # written, then lost to a newer put of the same key
+                self._clear_slot(slot)
+                self._bump()
+        super().abort(e)  # frees the bytes (and the slot) through _free
+        if mine:
+            self._release()
+
+    def _free(self, e: Entry) -> None:
+        if e.loc is None:
+            return  # already gone from the region: another process removed it
+        slot, off, seq = e.loc
+        if self._slot_of.get(e.key) == (slot, seq):
+            del self._slot_of[e.key]
+        with self._region_lock():
+            cur = self._read_slot(slot)
+            if cur is not None and cur[0] == off and cur[2] == seq:
+                self._clear_slot(slot)
+                self._bump()
+            if self.generation != -1:  # else the next sync rebuilds free space from the region
+                self.allocator.free(off - self.data_start, self.allocator.rounded(e.size))
+                self._free_slots.append(slot)
+        e.loc = None
+
+    def read_into(self, e: Entry, out: torch.Tensor) -> None:
+        out.copy_(e.view)
+        if self.cfg.verify and checksum(out) != e.meta.checksum:
+            raise CorruptObject("payload checksum mismatch (torn, or reused by another process)")
+
+    def read(self, e: Entry) -> torch.Tensor:
+        out = torch.empty(e.meta.shape, dtype=e.meta.dtype)
+        self.read_into(e, out)
+        return out
+
+    def stats_extra(self) -> dict:
+        free = self.allocator.free_bytes
+        largest = self.allocator.largest_free()
+        out = {"path": self.path, "region_bytes": self.data_size, "recovered": self.recovered,
+               "fragmentation": round(1 - largest / free, 4) if free else 0.0}
+        if self.numa is not None:
+            out["numa"] = dict(self.numa)
+        return out
+
+    def close(self) -> None:
+        if self.map is None:
+            return
+        self.index.clear()
+        self.bytes = None
+        try:
+            self.map.flush()
+            self.map.close()
+        except BufferError:
+            pass  # a caller still holds a view; the OS unmaps at exit
+        os.close(self._fd)
+        self.map = None
+

@@ -1,0 +1,184 @@
+"""The cxl tier on a mapped file: crash consistency under SIGKILL, two processes on one
+region, and clear errors. (The engine's property test covers it alone and under a CPU tier.)"""
+
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import strata
+from strata import ConfigError
+
+CHILD = r"""
+import sys, torch, strata
+path, mode, first = sys.argv[1], sys.argv[2], int(sys.argv[3])
+store = strata.open_store({"tiers": [{"kind": "cxl", "path": path, "size": "32MiB"}]})
+
+def value(i):
+    g = torch.Generator().manual_seed(i)
+    return torch.randn(int(torch.randint(16, 50_000, (1,), generator=g)), generator=g)
+
+if mode == "crash":  # put forever; say each index once its put has returned
+    i = first
+    print("ready", flush=True)
+    while True:
+        print(f"start {i}", flush=True)
+        assert store.put(strata.Key("kv", "crash", f"k{i % 40}"), value(i))
+        print(f"done {i}", flush=True)
+        i += 1
+else:  # share: read what the parent wrote, write our own, exit
+    for i in range(10):
+        got = store.get(strata.Key("param", "share", f"p{i}"))
+        assert got is not None and torch.equal(got, value(1000 + i)), f"p{i}"
+    for i in range(20):
+        assert store.put(strata.Key("kv", "share", f"c{i}"), value(i))
+    print("written", flush=True)
+"""
+
+
+def value(i):
+    g = torch.Generator().manual_seed(i)
+    return torch.randn(int(torch.randint(16, 50_000, (1,), generator=g)), generator=g)
+
+
+def cxl_tier(store):
+    return next(t for t in store.tiers if t.kind == "cxl")
+
+
+def assert_exact_accounting(tier):
+    extents = sorted((e.loc[1], tier.allocator.rounded(e.size)) for e in tier.index.values())
+    for (a, n), (b, _) in zip(extents, extents[1:]):
+        assert a + n <= b, "two objects share bytes"
+    assert tier.used == sum(e.size for e in tier.index.values())
+    assert tier.allocator.free_bytes + sum(n for _, n in extents) == tier.allocator.capacity
+    assert len({e.loc[0] for e in tier.index.values()}) == len(tier.index)
+
+
+def test_objects_survive_sigkill_at_random_moments_and_nothing_torn_is_readable(tmp_path):
+    path = str(tmp_path / "region")
+    cfg = {"tiers": [{"kind": "cxl", "path": path, "size": "32MiB"}]}
+    rng = random.Random(3)
+    latest: dict[str, int] = {}  # key -> index of its last put that returned
+    first, kills = 0, 0
+    for _ in range(10):
+        child = subprocess.Popen([sys.executable, "-c", CHILD, path, "crash", str(first)],
+                                 stdout=subprocess.PIPE, text=True)
+        assert child.stdout.readline().strip() == "ready"
+        time.sleep(rng.uniform(0.05, 0.6))
+        child.send_signal(signal.SIGKILL)
+        out, _ = child.communicate()
+        in_flight = None
+        for line in out.splitlines():
+            what, i = line.split()
+            if what == "start":
+                in_flight = int(i)
+            else:
+                latest[f"k{int(i) % 40}"] = int(i)
+                in_flight = None
+        kills += 1
+        with strata.open_store(cfg) as store:
+            for name in {f"k{i}" for i in range(40)}:
+                got = store.get(strata.Key("kv", "crash", name))
+                allowed = [latest[name]] if name in latest else []
+                if in_flight is not None and f"k{in_flight % 40}" == name:
+                    allowed.append(in_flight)  # committed just before the kill, or not at all
+                if got is None:
+                    assert name not in latest, f"{name}: a put that returned was lost"
+                else:
+                    match = [i for i in allowed if torch.equal(got, value(i))]
+                    assert match, f"{name}: torn or stale bytes"
+                    latest[name] = match[-1]  # an in-flight put that committed is the value from now on
+            assert_exact_accounting(cxl_tier(store))
+            assert cxl_tier(store).stats()["checksum_failures"] == 0
+        if in_flight is not None:  # the next child starts after every index this one may have used
+            first = in_flight + 1
+        else:
+            first = max(latest.values(), default=-1) + 1
+    assert kills == 10 and len(latest) >= 10
+
+
+def test_two_processes_share_one_region_bit_for_bit(tmp_path):
+    path = str(tmp_path / "region")
+    cfg = {"tiers": [{"kind": "cxl", "path": path, "size": "32MiB"}]}
+    with strata.open_store(cfg) as store:
+        for i in range(10):
+            assert store.put(strata.Key("param", "share", f"p{i}"), value(1000 + i))
+        # the other process opens the region while this one still has it open
+        out = subprocess.run([sys.executable, "-c", CHILD, path, "share", "0"], capture_output=True, text=True,
+                             timeout=300)
+        assert out.returncode == 0 and "written" in out.stdout, out.stderr[-3000:]
+        for i in range(20):
+            got = store.get(strata.Key("kv", "share", f"c{i}"))
+            assert got is not None and torch.equal(got, value(i)), f"c{i}"
+        # this process's allocator learned of the other's objects: new puts never overlap them
+        for i in range(10, 20):
+            assert store.put(strata.Key("param", "share", f"p{i}"), value(1000 + i))
+        assert_exact_accounting(cxl_tier(store))
+        for i in range(20):
+            assert torch.equal(store.get(strata.Key("kv", "share", f"c{i}")), value(i))
+            assert torch.equal(store.get(strata.Key("param", "share", f"p{i}")), value(1000 + i))
+
+
+def test_a_corrupted_payload_is_a_miss_and_counted(tmp_path):
+    path = tmp_path / "region"
+    cfg = {"tiers": [{"kind": "cxl", "path": str(path), "size": "4MiB"}]}
+    key = strata.Key("kv", "s", "x")
+    with strata.open_store(cfg) as store:
+        assert store.put(key, torch.arange(4096, dtype=torch.int32))
+        tier = cxl_tier(store)
+        e = tier.index[key.encoded]
+        e.view.view(torch.uint8)[100] ^= 0xFF  # a stray write into the mapping
+        assert store.get(key) is None
+        assert tier.stats()["checksum_failures"] == 1
+    with strata.open_store(cfg) as store:
+        assert store.get(key) is None  # dropped for good, not served after a restart
+
+
+def test_reset_wipes_the_region_and_bad_settings_name_the_field(tmp_path):
+    path = str(tmp_path / "region")
+    key = strata.Key("kv", "s", "x")
+    with strata.open_store({"tiers": [{"kind": "cxl", "path": path, "size": "4MiB"}]}) as store:
+        store.put(key, b"kept")
+    with strata.open_store({"tiers": [{"kind": "cxl", "path": path, "size": "4MiB"}]}) as store:
+        assert store.get(key) == b"kept"
+    with strata.open_store({"tiers": [{"kind": "cxl", "path": path, "size": "4MiB", "reset": True}]}) as store:
+        assert store.get(key) is None
+    with pytest.raises(ConfigError, match=r"tiers\[0\]\.size: missing"):
+        strata.open_store({"tiers": [{"kind": "cxl", "path": path}]})
+    with pytest.raises(ConfigError, match=r"tiers\[0\]\.path"):
+        strata.open_store({"tiers": [{"kind": "cxl", "size": "4MiB"}]})
+    with pytest.raises(ConfigError, match="cannot open"):
+        strata.open_store({"tiers": [{"kind": "cxl", "path": str(tmp_path / "no" / "dir" / "r"), "size": "4MiB"}]})
+    other = tmp_path / "other"
+    other.write_bytes(b"not a region" + bytes(8 << 20))
+    with pytest.raises(ConfigError, match="holds something other than a Strata region"):
+        strata.open_store({"tiers": [{"kind": "cxl", "path": str(other), "size": "4MiB"}]})  # never overwritten
+    assert other.read_bytes().startswith(b"not a region")
+    with strata.open_store({"tiers": [{"kind": "cxl", "path": str(other), "size": "4MiB", "reset": True}]}) as store:
+        assert store.put(key, b"x") and store.get(key) == b"x"
+
+
+def test_numa_node_binds_the_region_or_says_why_not(tmp_path, caplog):
+    import ctypes.util
+
+    from strata.store.numa import node_exists
+
+    with strata.open_store({"tiers": [{"kind": "cxl", "path": str(tmp_path / "a"), "size": "4MiB",
+                                       "numa_node": 0}]}) as store:
+        numa = cxl_tier(store).stats()["numa"]
+        assert numa["node"] == 0
+        if node_exists(0) and ctypes.util.find_library("numa"):
+            assert numa["bound"], numa["reason"]
+        assert store.put(strata.Key("kv", "s", "x"), b"on node 0") and store.get(strata.Key("kv", "s", "x"))
+    with strata.open_store({"tiers": [{"kind": "cxl", "path": str(tmp_path / "b"), "size": "4MiB",
+                                       "numa_node": 4095}]}) as store:  # absent: a warning, never a crash
+        numa = cxl_tier(store).stats()["numa"]
+        assert not numa["bound"] and "NUMA node 4095 does not exist" in numa["reason"]
+        assert "does not exist" in caplog.text
+        assert store.put(strata.Key("kv", "s", "x"), b"anywhere") and store.get(strata.Key("kv", "s", "x"))
+    with pytest.raises(ConfigError, match=r"tiers\[0\]\.numa_node: got -1"):
+        strata.open_store({"tiers": [{"kind": "cxl", "path": str(tmp_path / "c"), "size": "4MiB", "numa_node": -1}]})
