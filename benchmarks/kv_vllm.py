@@ -13,6 +13,9 @@ no connector, ``ExampleConnector`` (safetensors files under a temporary director
 cold, then again warm (without a connector a repeat is just another cold request, so that
 engine sends each prompt once); before every request vLLM's own prefix cache is reset
 (``LLM.reset_prefix_cache()``), so a warm request is served by the connector or not at all.
+Prefill is not chunked (``max_num_batched_tokens`` covers the longest prompt) in every
+engine: ``ExampleConnector`` saves only the tokens of the step it runs in, so with an 8K
+prompt split into two steps it stores half the prompt and then fails on load.
 The time to first token is the wall time of a one-token ``generate``.
 
 Printed: per method and length, the median cold (first, saving) and warm TTFT, the tokens
@@ -72,7 +75,8 @@ def engine(args) -> None:
             "kv_load_failure_policy": "recompute", "kv_connector_extra_config": {"strata.config": str(cfg)}}
     lengths = [int(x) for x in args.lengths.split(",")]
     llm = LLM(model=args.model, skip_tokenizer_init=True, enable_prefix_caching=True, dtype=args.dtype,
-              max_model_len=max(lengths) + 64, max_num_seqs=1, seed=0, **kwargs)
+              max_model_len=max(lengths) + 64, max_num_batched_tokens=max(lengths) + 64, max_num_seqs=1,
+              seed=0, **kwargs)
     params = SamplingParams(temperature=0.0, max_tokens=1)
 
     def flush():

@@ -7,7 +7,9 @@ get_into vs ``dst.copy_(src)``. File tier: put vs a plain write+rename of the sa
 bytes, get vs a plain read into a preallocated buffer. CXL tier (a mapped file under
 ``/dev/shm``, or ``$STRATA_BENCH_CXL_DIR``): put and get_into vs a plain copy into and out of
 a mapping of the same kind, with the payload checksum (``verify``, the default) and
-without. The working set cycles through enough distinct tensors to leave the CPU caches
+without. Redis tier (a redis-server started on a free port of 127.0.0.1, or ``--redis-url``):
+put and get vs the plain ``redis`` client's ``set`` and ``get`` of the same bytes over the
+same connection settings. The working set cycles through enough distinct tensors to leave the CPU caches
 for sizes of 1 MiB and up.
 """
 
@@ -16,7 +18,10 @@ from __future__ import annotations
 import argparse
 import mmap
 import os
+import shutil
+import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -131,30 +136,96 @@ def bench_cxl(size_name, nbytes, count, repeat, root):
     os.unlink(plain_path)
 
 
+def start_redis(root):
+    """A throwaway redis-server on a free port (no persistence): (url, process), or (None, None)."""
+    exe = shutil.which("redis-server")
+    if exe is None:
+        return None, None
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                             "--maxmemory-policy", "allkeys-lru",
+                             "--dir", root], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(200):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
+            return f"redis://127.0.0.1:{port}/0", proc
+        except OSError:
+            time.sleep(0.05)
+    proc.kill()
+    return None, None
+
+
+def bench_redis(size_name, nbytes, count, repeat, url):
+    import redis
+
+    srcs = [torch.randint(0, 255, (nbytes,), dtype=torch.uint8) for _ in range(count)]
+    raw = [s.numpy().tobytes() for s in srcs]
+    dst = torch.empty(nbytes, dtype=torch.uint8)
+    keys = [Key("kv", "bench", f"{size_name}-{i}") for i in range(count)]
+    plain = redis.Redis.from_url(url, socket_timeout=5)
+    names = [f"plain:{size_name}:{i}".encode() for i in range(count)]
+    idx = list(range(count))
+    cfg = {"tiers": [{"kind": "redis", "url": url, "timeout_ms": 5000, "key_prefix": "bench:"}]}
+    with strata.open_store(cfg) as store:
+        for i in idx:  # warm-up: keys exist on both sides, connections open
+            plain.set(names[i], raw[i])
+            store.put(keys[i], srcs[i])
+        base_w = timed(lambda i: plain.set(names[i], raw[i]), idx, repeat)
+        put = timed(lambda i: store.put(keys[i], srcs[i]), idx, repeat)
+        row("redis", "put", size_name, nbytes, put, base_w, "client set")
+        base_r = timed(lambda i: plain.get(names[i]), idx, repeat)
+        get = timed(lambda i: store.get(keys[i]), idx, repeat)
+        row("redis", "get", size_name, nbytes, get, base_r, "client get")
+        get_into = timed(lambda i: store.get_into(keys[i], dst), idx, repeat)
+        row("redis", "get_into", size_name, nbytes, get_into, base_r, "client get")
+    plain.flushdb()
+    plain.close()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer repetitions (smoke run)")
+    ap.add_argument("--tiers", default="cpu,file,cxl,redis", help="which tiers to measure, comma separated")
+    ap.add_argument("--redis-url", help="an existing Redis to measure against (default: start redis-server)")
     args = ap.parse_args()
+    which = set(args.tiers.split(","))
     repeat = 3 if args.quick else 7
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, cuda {torch.cuda.is_available()}")
-    for size_name, nbytes in SIZES.items():
+    for size_name, nbytes in SIZES.items() if "cpu" in which else ():
         count = max(8, min(2048, (256 << 20) // nbytes))  # >= 256 MiB working set for large sizes
         if args.quick:
             count = max(4, count // 8)
         bench_cpu(size_name, nbytes, count, repeat)
     with tempfile.TemporaryDirectory(dir=os.environ.get("STRATA_BENCH_DIR")) as root:
-        for size_name, nbytes in SIZES.items():
+        for size_name, nbytes in SIZES.items() if "file" in which else ():
             count = max(4, min(512, (128 << 20) // nbytes))
             if args.quick:
                 count = max(4, count // 8)
             bench_file(size_name, nbytes, count, repeat, root)
     shm = os.environ.get("STRATA_BENCH_CXL_DIR", "/dev/shm" if os.path.isdir("/dev/shm") else None)
     with tempfile.TemporaryDirectory(dir=shm) as root:
-        for size_name, nbytes in SIZES.items():
+        for size_name, nbytes in SIZES.items() if "cxl" in which else ():
             count = max(4, min(512, (128 << 20) // nbytes))
             if args.quick:
                 count = max(4, count // 8)
             bench_cxl(size_name, nbytes, count, repeat, root)
+    if "redis" in which:
+        with tempfile.TemporaryDirectory() as root:
+            url, proc = (args.redis_url, None) if args.redis_url else start_redis(root)
+            if url is None:
+                print("redis: skipped (no redis-server on PATH; pass --redis-url to use a running server)")
+                return
+            try:
+                for size_name, nbytes in SIZES.items():
+                    count = max(4, min(256, (64 << 20) // nbytes))
+                    if args.quick:
+                        count = max(4, count // 8)
+                    bench_redis(size_name, nbytes, count, repeat, url)
+            finally:
+                if proc is not None:
+                    proc.kill()
 
 
 if __name__ == "__main__":

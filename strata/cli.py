@@ -57,21 +57,31 @@ def format_contents(store) -> str:
 
     lines = []
     for tier in store.tiers:
+        tier.refresh()
         extra = tier.stats()
-        where = extra.get("path") or ("pinned" if getattr(tier, "pinned", False) else "memory")
-        lines.append(f"{tier.name} ({tier.kind}, {where}): {len(tier.index)} objects, "
-                     f"{format_size(tier.used)} of {format_size(tier.capacity)}"
-                     + (f", fragmentation {extra['fragmentation']:.1%}" if "fragmentation" in extra else ""))
         groups: dict[tuple[str, str], list[int]] = {}
-        for raw, e in list(tier.index.items()):
+        objects = stored = 0
+        for raw, ns, size in tier.contents():
             try:
                 key = Key.decode(raw)
                 group = (key.namespace, key.scope)
             except Exception:
-                group = (e.ns, "?")
+                group = (ns, "?")
             held = groups.setdefault(group, [0, 0])
             held[0] += 1
-            held[1] += e.size
+            held[1] += size
+            objects, stored = objects + 1, stored + size
+        line = (f"{tier.name} ({tier.kind}, {tier.location()}): {objects} objects, "
+                f"{format_size(stored)} of {format_size(extra['capacity'])}")
+        if "fragmentation" in extra:
+            line += f", fragmentation {extra['fragmentation']:.1%}"
+        server = extra.get("server")
+        if server and server.get("connected"):
+            rate = server["hit_rate"]
+            line += (f"; server: {format_size(server['used_memory'])} used, {server['keys']} keys, maxmemory "
+                     f"{format_size(server['maxmemory']) if server['maxmemory'] else 'unset'} "
+                     f"({server['maxmemory_policy']}), hit rate {'n/a' if rate is None else f'{rate:.1%}'}")
+        lines.append(line)
         rows = [("  namespace", "scope", "objects", "bytes")]
         for (ns, scope), (n, size) in sorted(groups.items()):
             rows.append((f"  {ns}", scope if len(scope) <= 48 else scope[:45] + "...", str(n), format_size(size)))

@@ -58,11 +58,14 @@ def format_size(n: float) -> str:
 
 # --------------------------------------------------------------------------- schema
 
-TIER_KINDS = ("cpu", "file", "ranges", "cxl")
+TIER_KINDS = ("cpu", "file", "ranges", "cxl", "redis")
 UNBOUNDED = 1 << 62
 POLICIES = ("lru", "s3fifo")
 WRITE_MODES = ("through", "back")
 EVICT_MODES = ("drop", "lower", "never")
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+REDIS_POLICIES = ("allkeys-lru", "allkeys-lfu", "allkeys-random", "volatile-lru", "volatile-lfu", "volatile-random",
+                  "volatile-ttl", "noeviction")
 
 
 @dataclass(frozen=True)
@@ -79,6 +82,14 @@ class TierConfig:
     size: int | None = None  # cxl: bytes of the region to map
     reset: bool = False  # cxl: wipe the region's objects on open
     numa_node: int | None = None  # cxl: bind the region's memory to this NUMA node
+    url: str | None = None  # redis: redis://host:port/db, rediss:// (TLS) or unix:///path.sock
+    password: str | None = field(default=None, repr=False)  # redis: never printed or logged
+    password_env: str | None = None  # redis: the environment variable holding the password
+    timeout_ms: int = 200  # redis: the longest any one call may block
+    max_connections: int = 8  # redis: the connection pool's bound
+    key_prefix: str = "strata:"  # redis: prepended to every key this tier reads or writes
+    maxmemory: int | None = None  # redis: set on the server with CONFIG SET (None: leave it)
+    maxmemory_policy: str | None = None  # redis: the server's eviction policy to set (None: leave it)
 
 
 @dataclass(frozen=True)
@@ -115,6 +126,9 @@ _TIER_KEYS = {
     "file": {"kind", "name", "capacity", "policy", "write", "verify", "path", "fsync"},
     "ranges": {"kind", "name", "capacity", "policy"},  # read-only: objects registered from existing files
     "cxl": {"kind", "name", "capacity", "policy", "write", "verify", "path", "size", "reset", "numa_node"},
+    # Redis holds its own capacity (maxmemory) and eviction (maxmemory_policy): no capacity or policy here.
+    "redis": {"kind", "name", "write", "url", "password", "password_env", "timeout_ms", "max_connections",
+              "key_prefix", "maxmemory", "maxmemory_policy"},
 }
 _TOP_KEYS = {"tiers", "namespaces", "writeback", "promote"}
 _NS_KEYS = {"evict", "priority", "quota"}
@@ -153,10 +167,10 @@ def _tier(i: int, raw: Mapping) -> TierConfig:
         raise ConfigError(f"{where}.kind: missing; allowed: {', '.join(TIER_KINDS)}")
     kind = _choice(f"{where}.kind", raw["kind"], TIER_KINDS)
     _check_keys(where, raw, _TIER_KEYS[kind])
-    if "capacity" not in raw and kind not in ("ranges", "cxl"):
+    if "capacity" not in raw and kind not in ("ranges", "cxl", "redis"):
         raise ConfigError(f"{where}.capacity: missing; allowed: bytes as an int or a string like '8GiB'")
-    capacity = parse_size(raw.get("capacity", raw.get("size", UNBOUNDED) if kind == "cxl" else UNBOUNDED),
-                          f"{where}.capacity")
+    default_capacity = {"cxl": raw.get("size", UNBOUNDED), "redis": raw.get("maxmemory") or UNBOUNDED}
+    capacity = parse_size(raw.get("capacity", default_capacity.get(kind, UNBOUNDED)), f"{where}.capacity")
     if capacity == 0:
         raise ConfigError(f"{where}.capacity: got {raw['capacity']!r}; allowed: more than 0 bytes")
     name = raw.get("name", kind)
@@ -194,10 +208,44 @@ def _tier(i: int, raw: Mapping) -> TierConfig:
             kw["reset"] = _bool(f"{where}.reset", raw["reset"])
         if raw.get("numa_node") is not None:
             kw["numa_node"] = _int(f"{where}.numa_node", raw["numa_node"])
+    if kind == "redis":
+        kw.update(_redis(where, raw))
     return TierConfig(**kw)
 
 
-def _namespace(ns: str, raw: Mapping, tier_names: list[str]) -> NamespacePolicy:
+def _redis(where: str, raw: Mapping) -> dict[str, Any]:
+    url = raw.get("url")
+    if not isinstance(url, str) or not url.startswith(REDIS_SCHEMES):
+        raise ConfigError(f"{where}.url: got {url!r}; allowed: a URL starting with {', '.join(REDIS_SCHEMES)} "
+                          "(e.g. redis://127.0.0.1:6379/0)")
+    kw: dict[str, Any] = {"url": url, "verify": True}
+    for name in ("password", "password_env"):
+        if raw.get(name) is not None:
+            if not isinstance(raw[name], str) or not raw[name]:
+                raise ConfigError(f"{where}.{name}: got a {type(raw[name]).__name__}; allowed: a non-empty string")
+            kw[name] = raw[name]
+    if "password" in kw and "password_env" in kw:
+        raise ConfigError(f"{where}.password_env: set with password; allowed: one of password, password_env")
+    if "password_env" in kw and kw["password_env"] not in os.environ:
+        raise ConfigError(f"{where}.password_env: the environment variable {kw['password_env']!r} is not set; "
+                          "allowed: the name of a variable that holds the password")
+    if "timeout_ms" in raw:
+        kw["timeout_ms"] = _int(f"{where}.timeout_ms", raw["timeout_ms"], 1)
+    if "max_connections" in raw:
+        kw["max_connections"] = _int(f"{where}.max_connections", raw["max_connections"], 1)
+    if "key_prefix" in raw:
+        prefix = raw["key_prefix"]
+        if not isinstance(prefix, str):
+            raise ConfigError(f"{where}.key_prefix: got {prefix!r}; allowed: a string (may be empty)")
+        kw["key_prefix"] = prefix
+    if raw.get("maxmemory") is not None:
+        kw["maxmemory"] = parse_size(raw["maxmemory"], f"{where}.maxmemory")
+    if raw.get("maxmemory_policy") is not None:
+        kw["maxmemory_policy"] = _choice(f"{where}.maxmemory_policy", raw["maxmemory_policy"], REDIS_POLICIES)
+    return kw
+
+
+def _namespace(ns: str, raw: Mapping, tier_names: list[str], remote: tuple[str, ...] = ()) -> NamespacePolicy:
     where = f"namespaces.{ns}"
     _check_keys(where, raw, _NS_KEYS)
     base = DEFAULT_POLICIES.get(ns, NamespacePolicy())
@@ -211,10 +259,13 @@ def _namespace(ns: str, raw: Mapping, tier_names: list[str]) -> NamespacePolicy:
         for tname, size in quota_raw.items():
             if tname not in tier_names:
                 raise ConfigError(allowed(f"{where}.quota", tname, tier_names))
+            if tname in remote:
+                raise ConfigError(f"{where}.quota.{tname}: a redis tier is bounded by the server's maxmemory; "
+                                  f"allowed: quotas on {', '.join(t for t in tier_names if t not in remote) or 'no tier'}")
             quota[tname] = parse_size(size, f"{where}.quota.{tname}")
     elif quota_raw is not None:
         size = parse_size(quota_raw, f"{where}.quota")
-        quota = {t: size for t in tier_names}
+        quota = {t: size for t in tier_names if t not in remote}
     return NamespacePolicy(evict=evict, priority=prio, quota=quota)
 
 
@@ -237,7 +288,7 @@ def validate(raw: Mapping) -> StoreConfig:
     for ns, pol in ns_raw.items():
         if ns not in known:
             raise ConfigError(allowed("namespaces", ns, known) + "; register others with strata.register_namespace()")
-        pols[ns] = _namespace(ns, pol or {}, names)
+        pols[ns] = _namespace(ns, pol or {}, names, tuple(t.name for t in tiers if t.kind == "redis"))
     wb_raw = raw.get("writeback") or {}
     _check_keys("writeback", wb_raw, _WB_KEYS)
     wb = WritebackConfig(

@@ -24,3 +24,25 @@ def cpu_file_config(tmp_path):
         return cfg
 
     return make
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory):
+    """A redis-server shared by the session's tests; each test keeps to its own key prefix."""
+    from redis_server import RedisServer, need_redis
+
+    need_redis()
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server.url
+    server.stop()
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    """A redis-server of this test's own, to stop and restart."""
+    from redis_server import RedisServer, need_redis
+
+    need_redis()
+    server = RedisServer(tmp_path).start()
+    yield server
+    server.stop()

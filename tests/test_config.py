@@ -5,7 +5,7 @@ from strata import ConfigError, load_config, parse_size
 
 
 def test_presets_load_and_default_is_cpu():
-    assert {"cpu", "cpu_file", "cpu_cxl"} <= set(strata.presets())
+    assert {"cpu", "cpu_file", "cpu_cxl", "cpu_redis"} <= set(strata.presets())
     cfg = load_config(None)
     assert [t.kind for t in cfg.tiers] == ["cpu"]
     two = load_config("cpu_file")
@@ -13,6 +13,9 @@ def test_presets_load_and_default_is_cpu():
     cxl = load_config("cpu_cxl").tiers[1]
     assert (cxl.kind, cxl.path, cxl.size, cxl.capacity, cxl.verify) == ("cxl", "/dev/shm/strata-cxl", 16 << 30,
                                                                         16 << 30, True)
+    remote = load_config("cpu_redis")
+    assert [t.write for t in remote.tiers] == ["back", "through"]
+    assert (remote.tiers[1].kind, remote.tiers[1].url, remote.tiers[1].timeout_ms) == ("redis", "redis://127.0.0.1:6379/0", 200)
 
 
 def test_yaml_path(tmp_path):

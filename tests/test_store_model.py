@@ -1,7 +1,9 @@
 """Stateful property test: the engine against a plain dict, for each tier and two-tier chains."""
 
 import tempfile
+import uuid
 
+import pytest
 import torch
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
@@ -115,6 +117,22 @@ def cpu_cxl(write):
     return make
 
 
+def cpu_redis(write):
+    def make(d):
+        return {"tiers": [{"kind": "cpu", "capacity": "4MiB", "write": write},
+                          {"kind": "redis", "url": REDIS["url"], "key_prefix": f"model-{uuid.uuid4().hex}:"}],
+                "writeback": {"max_pending": 3}}
+    return make
+
+
+REDIS: dict = {}
+
+
+@pytest.fixture
+def _redis(redis_url):
+    REDIS["url"] = redis_url
+
+
 TestCpuTier = machine(cpu, False, "cpu").TestCase
 TestCpuTierVerified = machine(cpu_verified, False, "cpu").TestCase
 TestFileTier = machine(file, True, "file").TestCase
@@ -123,3 +141,5 @@ TestChainWriteBack = machine(chain("back"), True, "file").TestCase
 TestCxlTier = machine(cxl, True, "cxl").TestCase
 TestCpuCxlWriteThrough = machine(cpu_cxl("through"), True, "cxl").TestCase
 TestCpuCxlWriteBack = machine(cpu_cxl("back"), True, "cxl").TestCase
+TestCpuRedisWriteThrough = pytest.mark.usefixtures("_redis")(machine(cpu_redis("through"), True, "redis").TestCase)
+TestCpuRedisWriteBack = pytest.mark.usefixtures("_redis")(machine(cpu_redis("back"), True, "redis").TestCase)

@@ -116,3 +116,48 @@ def test_sixteen_concurrent_requests_over_four_prefixes_match_every_round(setup)
     # rounds 2 and 3 load each request's two shared whole chunks (and round 1 may load those
     # another request of its batch saved first); nothing fails, nothing is dropped
     assert c["chunks_loaded"] >= 2 * 16 * 2 and c["chunks_failed"] == 0 and c["saves_dropped"] == 0
+
+
+def test_redis_down_then_back_under_one_engine_and_a_second_engine_hits_over_redis(setup, tmp_path):
+    """One engine over Redis alone: Redis is killed after the first run and started again (empty)
+    after the second; every run gives the reference tokens, and the fourth hits again without a
+    restart of vLLM. Then a second engine with its own CPU tier, sharing only Redis, hits at once."""
+    from redis_server import RedisServer, need_redis
+
+    need_redis()
+    root, _, reference = setup
+    server = RedisServer(tmp_path).start()
+    out = None
+    try:
+        alone = tmp_path / "redis.yaml"
+        alone.write_text(f"tiers:\n  - kind: redis\n    url: {server.url}\n    timeout_ms: 500\n")
+        fault = json.dumps({"pid": server.proc.pid, "argv": server.args})
+        out = run_job(root / "model", alone, 4, "--prefix-cache", "--same-prompts", "--redis-fault", fault)
+        assert out["runs"] == [reference["runs"][0]] * 4  # down or up, never wrong
+        for got in out["logprobs"]:
+            assert same_logprobs([got], reference["logprobs"][:1])
+        bs = out["block_size"]
+        warm = [(n - 1) // bs * bs for n in (640, 300)]
+        assert out["cached"] == [[0, 0], [0, 0], [0, 0], warm]  # saved; down; back empty; hits again
+        per_run = out["per_run"]
+        assert per_run[0]["chunks_saved"] >= 3 and per_run[0]["saves_rejected"] == 0
+        assert per_run[1]["saves_rejected"] > 0 and per_run[1]["chunks_saved"] == per_run[0]["chunks_saved"]
+        assert per_run[2]["chunks_saved"] > per_run[1]["chunks_saved"]  # writes resume by themselves
+        assert per_run[3]["chunks_loaded"] >= 3 and per_run[3]["chunks_failed"] == 0
+        redis = out["store"]["tiers"]["redis"]
+        assert redis["dropped_writes"] == per_run[1]["saves_rejected"] and redis["errors"] > 0
+        assert redis["server"]["connected"] is True
+        # a second engine: its own CPU tier, written back to the same Redis; nothing else shared
+        shared = tmp_path / "cpu_redis.yaml"
+        shared.write_text(f"tiers:\n  - kind: cpu\n    capacity: 256MiB\n    write: back\n"
+                          f"  - kind: redis\n    url: {server.url}\n")
+        second = run_job(root / "model", shared, 1, "--same-prompts", hash_seed="5")
+        assert second["runs"][0] == reference["runs"][0]
+        assert same_logprobs(second["logprobs"][:1], reference["logprobs"][:1])
+        assert second["cached"] == [warm]
+        tiers = second["store"]["tiers"]
+        assert tiers["redis"]["hits"] >= 3 and tiers["cpu"]["promotions"] >= 3
+    finally:
+        server.stop()
+        if out is not None and out.get("redis_pid"):
+            os.kill(out["redis_pid"], 9)

@@ -1,9 +1,12 @@
 """One vLLM engine (CPU build) with the Strata connector: runs prompts several times, prints JSON.
 
     python tests/vllm_job.py MODEL_DIR STORE_YAML RUNS [--no-connector] [--concurrent] [--prefix-cache]
+                             [--same-prompts] [--redis-fault JSON]
 
 With --prefix-cache vLLM's own prefix cache is on and reset (``LLM.reset_prefix_cache()``)
 before every run, so a repeat is served by the connector, not by vLLM's GPU-side cache.
+With --same-prompts every run sends run 0's prompts. With --redis-fault '{"pid": P, "argv": [...]}'
+the Redis server P is killed after run 0 and started again from ``argv`` after run 1.
 """
 
 import json
@@ -37,6 +40,24 @@ def concurrent_prompts():
     return [prefixes[i % 4] + [rng.randrange(1, 500) for _ in range(100)] for i in range(16)]
 
 
+def redis_fault(run: int, out: dict) -> None:
+    """Kill the Redis server after run 0; start it again (empty) after run 1."""
+    import signal
+    import subprocess
+    import time
+
+    if "--redis-fault" not in sys.argv:
+        return
+    fault = json.loads(sys.argv[sys.argv.index("--redis-fault") + 1])
+    if run == 0:
+        os.kill(fault["pid"], signal.SIGKILL)
+        time.sleep(0.5)
+    elif run == 1:
+        proc = subprocess.Popen(fault["argv"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        out["redis_pid"] = proc.pid  # outlives this process: the test stops it
+        time.sleep(2.0)  # up, and past the tier's back-off
+
+
 def main():
     model_dir, store_cfg, runs = sys.argv[1], sys.argv[2], int(sys.argv[3])
     use_connector = "--no-connector" not in sys.argv
@@ -57,7 +78,7 @@ def main():
     for run in range(runs):
         if prefix_cache:
             out["reset"].append(llm.reset_prefix_cache())
-        batch = concurrent_prompts() if concurrent else prompts(run)
+        batch = concurrent_prompts() if concurrent else prompts(0 if "--same-prompts" in sys.argv else run)
         results = llm.generate([{"prompt_token_ids": p} for p in batch], params, use_tqdm=False)
         out["runs"].append([list(r.outputs[0].token_ids) for r in results])
         out["cached"].append([r.num_cached_tokens or 0 for r in results])
@@ -68,6 +89,8 @@ def main():
 
             for c in connectors():
                 c.flush()
+            out.setdefault("per_run", []).append([c.stats() for c in connectors() if c.paged is not None][0])
+        redis_fault(run, out)
     if use_connector:
         from strata.kv.vllm import connectors
 

@@ -15,7 +15,7 @@ import torch
 
 from strata.config import StoreConfig
 from strata.store.codec import CorruptObject, ObjectMeta, checksum, fit_out
-from strata.store.tiers.base import Entry, Tier
+from strata.store.tiers.base import Entry, NotStored, Tier
 from strata.store.writeback import WriteBack
 
 log = logging.getLogger("strata.chain")
@@ -147,7 +147,7 @@ class TierChain:
         for i in order:
             tier = self.tiers[i]
             with self.lock:
-                e = tier.lookup(key)
+                e = tier.probe(key)
                 if e is None:
                     tier.counters.misses += 1
                     continue
@@ -155,6 +155,11 @@ class TierChain:
                 tier.touch(e)
             try:
                 data = self._read_entry(tier, e, out)
+            except NotStored:  # a remote tier had nothing under the key
+                with self.lock:
+                    tier.counters.misses += 1
+                    tier.release(e)
+                continue
             except (CorruptObject, OSError) as exc:  # a miss and a counter, never an exception
                 corrupt = isinstance(exc, CorruptObject)
                 log.warning("tier %s: %s, treated as a miss (%s)", tier.name,
@@ -183,6 +188,11 @@ class TierChain:
     def _read_entry(self, tier: Tier, e: Entry, out: torch.Tensor | None) -> torch.Tensor:
         if out is None:
             return tier.read(e)
+        if tier.remote:  # the stored dtype and shape are known once the value has arrived
+            data = tier.read(e)
+            target = fit_out(e.meta, out)
+            target.copy_(data)
+            return target if target.device.type == "cpu" else data
         target = fit_out(e.meta, out)
         if target.device.type == "cpu":
             tier.read_into(e, target)
@@ -210,12 +220,25 @@ class TierChain:
                     upper.counters.promotions += 1
 
     # -- lookups and deletes -------------------------------------------------------------------
-    def where(self, key: bytes, order: list[int]) -> int | None:
-        with self.lock:
-            for i in order:
-                if key in self.tiers[i].index:
-                    return i
-        return None
+    def where_many(self, keys: list[bytes], order: list[int]) -> list[int | None]:
+        """Per key, the first tier of ``order`` that holds it, or None. Local tiers answer from
+        their index under the lock; each remote tier is asked once, outside it, for the keys no
+        tier before it holds."""
+        found: list[int | None] = [None] * len(keys)
+        for i in order:
+            tier = self.tiers[i]
+            todo = [j for j, f in enumerate(found) if f is None]
+            if not todo:
+                break
+            if tier.remote:
+                have = tier.exists_many([keys[j] for j in todo])
+            else:
+                with self.lock:
+                    have = [keys[j] in tier.index for j in todo]
+            for j, h in zip(todo, have):
+                if h:
+                    found[j] = i
+        return found
 
     def lease_view(self, key: bytes) -> tuple[Tier, Entry] | None:
         """Lease the topmost memory-tier copy of ``key`` (zero-copy view), or None."""
@@ -241,11 +264,18 @@ class TierChain:
                 if e is not None:
                     tier.retire(e)
                     found = True
+        for tier in self.tiers:
+            if tier.remote:
+                found = tier.remove(key) or found
         return found
 
     def keys(self) -> set[bytes]:
         with self.lock:
-            return set().union(*(t.index.keys() for t in self.tiers))
+            out = set().union(*(t.index.keys() for t in self.tiers if not t.remote))
+        for t in self.tiers:
+            if t.remote:  # a scan of the server, outside the lock
+                out.update(k for k, _, _ in t.contents())
+        return out
 
     # -- lifecycle ---------------------------------------------------------------------------
     def flush(self) -> None:

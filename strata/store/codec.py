@@ -85,6 +85,12 @@ def checksum(data: torch.Tensor) -> int:
     return xxhash.xxh3_64_intdigest(flat_bytes(data).numpy())
 
 
+def checksum_buffer(buf) -> int:
+    """XXH3-64 of a buffer's bytes (bytes, memoryview, uint8 array): equal to ``checksum`` of a
+    tensor holding the same bytes."""
+    return xxhash.xxh3_64_intdigest(buf)
+
+
 def materialize(meta: ObjectMeta, data: torch.Tensor) -> "torch.Tensor | bytes":
     """The user's value from a tensor of the stored dtype and shape."""
     if meta.kind == KIND_BYTES:

@@ -140,12 +140,13 @@ class StorageEngine:
         return [self.get(k, mode=mode, tier=tier) for k in keys]
 
     def contains(self, key: Key, *, mode: str = "chain", tier: str | None = None) -> bool:
-        key = self._check_key(key)
-        order, _ = self._order(mode, tier)
-        return self.chain.where(key.encoded, order) is not None
+        return self.contains_many([key], mode=mode, tier=tier)[0]
 
     def contains_many(self, keys: Sequence[Key], *, mode: str = "chain", tier: str | None = None) -> list[bool]:
-        return [self.contains(k, mode=mode, tier=tier) for k in keys]
+        """Which keys some tier holds; a remote tier is asked once for the whole batch."""
+        encoded = [self._check_key(k).encoded for k in keys]
+        order, _ = self._order(mode, tier)
+        return [i is not None for i in self.chain.where_many(encoded, order)]
 
     @contextmanager
     def lease(self, key: Key) -> Iterator[torch.Tensor | None]:
@@ -169,8 +170,15 @@ class StorageEngine:
 
     def keys(self, namespace: str | None = None) -> list[Key]:
         """Every key held by any tier (optionally of one namespace)."""
-        out = [Key.decode(k) for k in self.chain.keys()]
-        return [k for k in out if namespace is None or k.namespace == namespace]
+        out = []
+        for raw in self.chain.keys():
+            try:
+                key = Key.decode(raw)
+            except Exception:  # a foreign value under a remote tier's prefix
+                continue
+            if namespace is None or key.namespace == namespace:
+                out.append(key)
+        return out
 
     # -- lifecycle and stats -----------------------------------------------------------------
     def flush(self) -> None:
@@ -191,6 +199,8 @@ class StorageEngine:
 
     def stats(self) -> dict:
         """Per tier and per namespace counters, and the write-back queue."""
+        for t in self.tiers:
+            t.refresh()  # remote tiers read their server's figures (bounded by their timeout)
         with self.chain.lock:
             tiers = {t.name: t.stats() for t in self.tiers}
         with self._ns_lock:

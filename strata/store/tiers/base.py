@@ -18,6 +18,10 @@ from strata.store.codec import ObjectMeta
 from strata.store.eviction import make_policy
 
 
+class NotStored(LookupError):
+    """A tier that looks objects up only when reading (remote) has nothing under the key: a plain miss."""
+
+
 class Entry:
     """One object in one tier."""
 
@@ -53,6 +57,7 @@ class Tier:
     kind = "base"
     persistent = False  # bytes survive the process: checksums are always verified on read
     writable = True  # False: objects are registered, never written through the chain
+    remote = False  # True: the server is the index; reads go through probe(), lookups through exists_many()
 
     def __init__(self, cfg: TierConfig, store_cfg: StoreConfig):
         self.cfg = cfg
@@ -98,6 +103,18 @@ class Tier:
     def stats_extra(self) -> dict:
         return {}
 
+    def refresh(self) -> None:
+        """Update what stats() reports from outside the process (called without the chain lock)."""
+
+    def location(self) -> str:
+        """Where the bytes live, for humans."""
+        return self.stats_extra().get("path") or ("pinned memory" if getattr(self, "pinned", False) else "memory")
+
+    def contents(self):
+        """(key, namespace, stored bytes) of every object (called with the chain lock held for local tiers)."""
+        for key, e in list(self.index.items()):
+            yield key, e.ns, e.size
+
     def close(self) -> None:
         pass
 
@@ -110,6 +127,14 @@ class Tier:
 
     def lookup(self, key: bytes) -> Entry | None:
         return self.index.get(key)
+
+    def probe(self, key: bytes) -> Entry | None:
+        """The entry a read goes through: what ``lookup`` finds (a remote tier returns one to try)."""
+        return self.lookup(key)
+
+    def exists_many(self, keys: list[bytes]) -> list[bool]:
+        """Which keys a remote tier holds (local tiers answer from their index)."""
+        return [k in self.index for k in keys]
 
     def lease(self, e: Entry) -> None:
         e.leases += 1

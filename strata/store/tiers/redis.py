@@ -1,0 +1,290 @@
+"""The redis tier: objects in a Redis server, shared by every process and host that reaches it.
+
+Redis is the index. This tier keeps none of its own, since another instance may add an
+object and Redis may evict one at any moment: a read is one GET that may find nothing, and
+a lookup of many keys is one pipelined round trip of EXISTS. A value is Strata's header
+(key, dtype, shape, payload checksum) followed by the payload, written with one SET, so a
+reader sees all of it or none. A value that fails a check (another key's, cut short,
+flipped) is a miss, counted, and deleted. No pickle: the header is a fixed struct.
+
+Capacity and eviction are Redis's own (``maxmemory``, ``maxmemory-policy``): set on the
+server when the config names them, always read back into ``stats()``.
+
+Faults never reach the caller. Every call is bounded by ``timeout_ms`` (no retries). A
+failure marks the server down for a short back-off, during which calls return at once as
+misses and dropped writes; the first call after it tries again, so a restarted server is
+picked up without restarting anything.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from typing import Callable, Iterator, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+import numpy as np
+import torch
+
+from strata.errors import StoreError
+from strata.keys import Key
+from strata.store.codec import (CorruptObject, FIXED_HEADER_SIZE, checksum_buffer, flat_bytes, header_size,
+                                header_size_for, pack_header, unpack_header)
+from strata.store.tiers.base import Entry, NotStored, Tier
+
+log = logging.getLogger("strata.redis")
+T = TypeVar("T")
+
+MAX_VALUE = 512 << 20  # Redis's default proto-max-bulk-len: a larger value is refused by the server
+BACKOFF_S = 1.0  # after a failed call, calls answer at once (as misses) for this long
+_SCAN_BATCH = 1000
+
+
+def redact(url: str) -> str:
+    """The URL with any password replaced by ``***``, for stats and logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rsplit("@", 1)[-1]
+    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
+
+
+def _namespace(key: bytes) -> str:
+    try:
+        return Key.decode(key).namespace
+    except Exception:
+        return "?"
+
+
+class RedisTier(Tier):
+    kind = "redis"
+    persistent = True
+    remote = True
+
+    def __init__(self, cfg, store_cfg):
+        super().__init__(cfg, store_cfg)
+        try:
+            import redis
+            from redis.backoff import NoBackoff
+            from redis.retry import Retry
+        except ImportError:
+            raise StoreError(f"tier {cfg.name} (redis): the redis client is not installed; "
+                             "allowed: pip install 'strata[redis]' (redis>=5)") from None
+        self._down_errors = (redis.ConnectionError, redis.TimeoutError, OSError)
+        self._errors = (redis.RedisError, OSError)
+        password = cfg.password or (os.environ.get(cfg.password_env) if cfg.password_env else None)
+        timeout = cfg.timeout_ms / 1000
+        kw = dict(socket_timeout=timeout, socket_connect_timeout=timeout, retry=Retry(NoBackoff(), 0),
+                  max_connections=cfg.max_connections, timeout=timeout)
+        if password:
+            kw["password"] = password
+        try:
+            pool = redis.BlockingConnectionPool.from_url(cfg.url, **kw)
+        except ValueError as e:
+            raise StoreError(f"tier {cfg.name} (redis).url: {e}") from None
+        self.client = redis.Redis(connection_pool=pool, retry=Retry(NoBackoff(), 0))
+        self.url = redact(cfg.url)
+        self.prefix = cfg.key_prefix.encode()
+        self._down_until = 0.0
+        self._state = threading.Lock()
+        self.dropped_writes = 0  # puts the server did not take (down, slow, full)
+        self.skipped = 0  # calls answered at once while the server was marked down
+        self.server: dict = {}
+        self._configure()
+
+    # -- talking to the server -----------------------------------------------------------------
+    def _call(self, fn: Callable[[], T], what: str) -> T:
+        """``fn()`` against the server, or OSError (marked down, refused, timed out, error reply)."""
+        if time.monotonic() < self._down_until:
+            self.skipped += 1
+            raise OSError(f"redis {what}: server unreachable, retried after a back-off")
+        try:
+            out = fn()
+        except self._down_errors as e:
+            with self._state:
+                was_up = self._down_until == 0.0
+                self._down_until = time.monotonic() + BACKOFF_S
+            if was_up:
+                log.warning("tier %s: redis at %s unreachable (%s); reads miss and writes drop until it "
+                            "answers again", self.name, self.url, e)
+            raise OSError(f"redis {what}: {e}") from None
+        except self._errors as e:  # the server answered with an error (out of memory, ...)
+            raise OSError(f"redis {what}: {e}") from None
+        if self._down_until:
+            with self._state:
+                self._down_until = 0.0
+            log.warning("tier %s: redis at %s answers again", self.name, self.url)
+        return out
+
+    def _configure(self) -> None:
+        cfg = self.cfg
+        for name, value in (("maxmemory", cfg.maxmemory), ("maxmemory-policy", cfg.maxmemory_policy)):
+            if value is None:
+                continue
+            try:
+                self._call(lambda: self.client.config_set(name, value), "CONFIG SET")
+            except OSError as e:
+                log.warning("tier %s: could not set %s on %s (%s); the server keeps its own", self.name, name,
+                            self.url, e)
+        self.refresh()
+        policy = self.server.get("maxmemory_policy")
+        if policy == "noeviction" or (policy or "").startswith("volatile"):
+            log.warning("tier %s: redis maxmemory-policy is %s, which never evicts Strata's values (they carry "
+                        "no TTL): once the server is full, writes are dropped; allowed: allkeys-lru, allkeys-lfu",
+                        self.name, policy)
+
+    def refresh(self) -> None:
+        """Read the server's memory, policy, key count and hit rate back into ``self.server``."""
+        try:
+            mem = self._call(lambda: self.client.info("memory"), "INFO")
+            st = self._call(lambda: self.client.info("stats"), "INFO")
+            keys = self._call(self.client.dbsize, "DBSIZE")
+        except OSError as e:
+            self.server = {"connected": False, "error": str(e)}
+            return
+        hits, misses = st.get("keyspace_hits", 0), st.get("keyspace_misses", 0)
+        self.server = {
+            "connected": True,
+            "used_memory": mem.get("used_memory", 0),
+            "maxmemory": mem.get("maxmemory", 0),
+            "maxmemory_policy": mem.get("maxmemory_policy"),
+            "keys": keys,
+            "hit_rate": hits / (hits + misses) if hits + misses else None,
+            "evicted_keys": st.get("evicted_keys", 0),
+        }
+
+    # -- storage hooks: the server is the index --------------------------------------------------
+    def stored_size(self, key: bytes, meta) -> int:
+        return header_size_for(key, meta) + meta.nbytes
+
+    def lookup(self, key: bytes) -> Entry | None:
+        return None  # nothing is known here: ask the server (probe, exists_many)
+
+    def probe(self, key: bytes) -> Entry:
+        """An entry to read through; the read itself finds out whether the server has it."""
+        return Entry(key, _namespace(key), None, 0, None)
+
+    def exists_many(self, keys: list[bytes]) -> list[bool]:
+        """Which keys the server holds: one round trip. All False (and an error counted) on a fault."""
+        if not keys:
+            return []
+        pipe = self.client.pipeline(transaction=False)
+        for k in keys:
+            pipe.exists(self.prefix + k)
+        try:
+            return [bool(n) for n in self._call(pipe.execute, "EXISTS")]
+        except OSError:
+            self.counters.errors += 1
+            return [False] * len(keys)
+
+    def remove(self, key: bytes) -> bool:
+        try:
+            return bool(self._call(lambda: self.client.delete(self.prefix + key), "DEL"))
+        except OSError:
+            self.counters.errors += 1
+            return False
+
+    def touch(self, e: Entry) -> None:
+        pass  # recency is the server's business (maxmemory-policy)
+
+    def _alloc(self, e: Entry) -> bool:
+        e.loc = None
+        return e.size <= MAX_VALUE
+
+    def publish(self, e: Entry, count: bool = True) -> None:
+        self._account(e, -1)  # the bytes are the server's now: only the traffic is counted here
+        self.counters.puts += count
+
+    def _free(self, e: Entry) -> None:
+        if e.loc == "written":  # a put that lost to a newer one or a delete: take it back
+            self.remove(e.key)
+
+    def retire(self, e: Entry) -> None:
+        self.remove(e.key)  # a corrupt value: never served again
+
+    def write(self, e: Entry, data: torch.Tensor) -> bool:
+        # One bytes object, header then payload, built with one copy: the client sends bytes
+        # several times faster than a memoryview.
+        body = b"".join((pack_header(e.key, e.meta), flat_bytes(data).numpy().data if e.meta.nbytes else b""))
+        try:
+            self._call(lambda: self.client.set(self.prefix + e.key, body), "SET")
+        except OSError:
+            self.dropped_writes += 1
+            self.counters.errors += 1
+            return False
+        e.loc = "written"
+        return True
+
+    def _fetch(self, e: Entry) -> np.ndarray:
+        value = self._call(lambda: self.client.get(self.prefix + e.key), "GET")
+        if value is None:
+            raise NotStored
+        if len(value) < FIXED_HEADER_SIZE:
+            raise CorruptObject("value cut short")
+        n = header_size(value)
+        key, meta = unpack_header(value[:n])
+        if key != e.key:
+            raise CorruptObject("value holds another key")
+        if len(value) != n + meta.nbytes:
+            raise CorruptObject("payload length mismatch")
+        payload = np.frombuffer(value, dtype=np.uint8, offset=n)
+        if checksum_buffer(payload) != meta.checksum:
+            raise CorruptObject("payload checksum mismatch")
+        e.meta = meta
+        return payload
+
+    def read(self, e: Entry) -> torch.Tensor:
+        payload = self._fetch(e)
+        out = torch.empty(e.meta.shape, dtype=e.meta.dtype)
+        if e.meta.nbytes:
+            flat_bytes(out).numpy()[:] = payload
+        return out
+
+    def read_into(self, e: Entry, out: torch.Tensor) -> None:
+        payload = self._fetch(e)
+        if out.numel() * out.element_size() != len(payload):
+            raise CorruptObject("stored size differs from the destination")
+        if len(payload):
+            flat_bytes(out).numpy()[:] = payload
+
+    # -- reporting -----------------------------------------------------------------------------
+    def location(self) -> str:
+        return f"{self.url}, {'connected' if self.server.get('connected') else 'unreachable'}"
+
+    def contents(self) -> Iterator[tuple[bytes, str, int]]:
+        """(key, namespace, stored bytes) of every value under this tier's prefix (SCAN: O(keys))."""
+        pattern = self.prefix.replace(b"\\", b"\\\\").replace(b"*", b"\\*").replace(b"?", b"\\?") + b"*"
+        try:
+            cursor = 0
+            while True:
+                cursor, batch = self._call(lambda: self.client.scan(cursor, match=pattern, count=_SCAN_BATCH), "SCAN")
+                if batch:
+                    pipe = self.client.pipeline(transaction=False)
+                    for k in batch:
+                        pipe.strlen(k)
+                    for k, size in zip(batch, self._call(pipe.execute, "STRLEN")):
+                        key = bytes(k)[len(self.prefix):]
+                        yield key, _namespace(key), size
+                if not cursor:
+                    return
+        except OSError as e:
+            log.warning("tier %s: listing stopped early: %s", self.name, e)
+
+    def stats(self) -> dict:
+        out = super().stats()
+        out["objects"] = self.server.get("keys", 0)
+        out["bytes"] = self.server.get("used_memory", 0)
+        if self.server.get("maxmemory"):
+            out["capacity"] = self.server["maxmemory"]
+        out.update(url=self.url, key_prefix=self.cfg.key_prefix, server=dict(self.server),
+                   dropped_writes=self.dropped_writes, skipped_while_down=self.skipped)
+        return out
+
+    def close(self) -> None:
+        try:
+            self.client.close()
+            self.client.connection_pool.disconnect()
+        except self._errors:
+            pass

@@ -1,0 +1,238 @@
+"""The redis tier against a real redis-server: values, checks, sharing, faults, config."""
+
+import logging
+import os
+import signal
+import time
+import uuid
+
+import pytest
+import torch
+
+import strata
+from strata import Key
+from strata.cli import main as cli_main
+from strata.errors import ConfigError
+
+
+def redis_tier(url, **extra):
+    return {"kind": "redis", "url": url, "key_prefix": f"t-{uuid.uuid4().hex}:", **extra}
+
+
+def cpu_redis(url, write="through", cpu="4MiB", **extra):
+    return {"tiers": [{"kind": "cpu", "capacity": cpu, "write": write}, redis_tier(url, **extra)]}
+
+
+K = Key("kv", "llama-x", "chunk-0")
+
+
+def test_values_carry_the_header_and_checksum_and_are_shared_by_a_second_store(redis_url):
+    cfg = cpu_redis(redis_url)
+    t = torch.randn(64, 32)
+    with strata.open_store(cfg) as a, strata.open_store(cfg) as b:  # two instances, one Redis
+        assert a.put(K, t)
+        raw = a.tiers[1].client.get(a.tiers[1].prefix + K.encoded)
+        assert raw[:4] == b"STRO" and len(raw) > t.numel() * 4  # Strata's header, then the payload
+        assert b.contains(K) and torch.equal(b.get(K), t)
+        s = b.stats()["tiers"]
+        assert s["redis"]["hits"] == 1 and s["cpu"]["promotions"] == 1  # promoted into b's CPU tier
+        assert torch.equal(b.get(K, mode="exact", tier="cpu"), t)
+        out = torch.empty(64 * 32 * 4, dtype=torch.uint8)  # get_into in the stored bytes
+        assert b.get_into(K, out, mode="exact", tier="redis") and torch.equal(out.view(torch.float32).view(64, 32), t)
+        assert b.delete(K) and not a.contains(K, mode="exact", tier="redis")
+
+
+@pytest.mark.parametrize("damage", ["flip", "cut", "other_key", "garbage"])
+def test_a_damaged_value_is_a_miss_counted_and_deleted(redis_url, damage):
+    cfg = {"tiers": [redis_tier(redis_url)]}
+    with strata.open_store(cfg) as store:
+        tier = store.tiers[0]
+        other = Key("kv", "llama-x", "chunk-1")
+        assert store.put(K, torch.arange(1000.0)) and store.put(other, torch.arange(1000.0))
+        name = tier.prefix + K.encoded
+        raw = tier.client.get(name)
+        if damage == "flip":
+            tier.client.setrange(name, len(raw) - 100, b"\xff")
+        elif damage == "cut":
+            tier.client.set(name, raw[:-8])
+        elif damage == "other_key":
+            tier.client.set(name, tier.client.get(tier.prefix + other.encoded))
+        else:
+            tier.client.set(name, b"not a strata value")
+        assert store.get(K) is None
+        s = store.stats()["tiers"]["redis"]
+        assert s["checksum_failures"] == 1 and s["misses"] == 1
+        assert tier.client.exists(name) == 0  # dropped: never served again
+        assert torch.equal(store.get(other), torch.arange(1000.0))
+
+
+def test_scopes_and_prefixes_never_read_each_other(redis_url):
+    prefix = f"t-{uuid.uuid4().hex}:"
+    with strata.open_store({"tiers": [redis_tier(redis_url, key_prefix=prefix)]}) as a, \
+            strata.open_store({"tiers": [redis_tier(redis_url)]}) as other_prefix:
+        assert a.put(Key("kv", "model-a", "c0"), b"a's bytes")
+        assert a.get(Key("kv", "model-b", "c0")) is None and not a.contains(Key("param", "model-a", "c0"))
+        assert other_prefix.get(Key("kv", "model-a", "c0")) is None
+        assert [k.scope for k in a.keys("kv")] == ["model-a"]
+
+
+def test_contains_many_is_one_round_trip(redis_url):
+    with strata.open_store({"tiers": [redis_tier(redis_url)]}) as store:
+        keys = [Key("kv", "s", f"c{i}") for i in range(16)]
+        for k in keys[:5]:
+            store.put(k, b"x")
+        tier = store.tiers[0]
+        calls = []
+        real = tier.client.pipeline
+
+        def counting(*a, **kw):
+            calls.append(1)
+            return real(*a, **kw)
+
+        tier.client.pipeline = counting
+        assert store.contains_many(keys) == [True] * 5 + [False] * 11
+        assert len(calls) == 1
+
+
+def _timed(fn):
+    t0 = time.monotonic()
+    out = fn()
+    return out, time.monotonic() - t0
+
+
+@pytest.mark.parametrize("fault", ["killed", "hung"])
+def test_a_dead_or_hung_server_is_misses_and_dropped_writes_within_the_timeout(redis_server, fault):
+    cfg = cpu_redis(redis_server.url, cpu="1MiB", timeout_ms=300)
+    with strata.open_store(cfg) as store:
+        assert store.put(K, torch.ones(1000))
+        if fault == "killed":
+            redis_server.stop()
+        else:
+            os.kill(redis_server.proc.pid, signal.SIGSTOP)
+        try:
+            k2 = Key("kv", "llama-x", "chunk-2")
+            ok, took = _timed(lambda: store.put(k2, torch.zeros(1000)))
+            assert ok and took < 1.0  # the CPU tier took it; Redis's copy is dropped and counted
+            got, took = _timed(lambda: store.get(Key("kv", "llama-x", "absent")))
+            assert got is None and took < 1.0
+            assert store.contains_many([K, Key("kv", "x", "y")]) == [True, False]
+            s = store.stats()["tiers"]["redis"]
+            assert s["dropped_writes"] >= 1 and s["errors"] >= 1 and s["server"]["connected"] is False
+            assert torch.equal(store.get(k2), torch.zeros(1000))  # served from the CPU tier
+        finally:
+            if fault == "hung":
+                os.kill(redis_server.proc.pid, signal.SIGCONT)
+        if fault == "killed":
+            redis_server.start()  # back, empty, on the same port
+        time.sleep(1.2)  # the back-off: the next call tries the server again
+        k3 = Key("kv", "llama-x", "chunk-3")
+        assert store.put(k3, torch.full((10,), 3.0))
+        assert torch.equal(store.get(k3, mode="exact", tier="redis"), torch.full((10,), 3.0))
+        assert store.stats()["tiers"]["redis"]["server"]["connected"] is True
+
+
+def test_a_full_server_drops_writes_and_keeps_serving(redis_server, caplog):
+    client = redis_server.client()
+    client.config_set("maxmemory", 8 << 20)  # the query buffer of a put counts too
+    client.config_set("maxmemory-policy", "noeviction")
+    with caplog.at_level(logging.WARNING, logger="strata.redis"):
+        store = strata.open_store({"tiers": [redis_tier(redis_server.url)]})
+    assert "noeviction" in caplog.text
+    with store:
+        results = [store.put(Key("kv", "s", f"c{i}"), torch.zeros(256 << 10)) for i in range(12)]  # 1 MiB each
+        assert results[0] and not all(results)
+        s = store.stats()["tiers"]["redis"]
+        assert s["dropped_writes"] == results.count(False) and s["server"]["connected"] is True
+        assert torch.equal(store.get(Key("kv", "s", "c0")), torch.zeros(256 << 10))
+
+
+def test_maxmemory_and_policy_are_set_and_read_back(redis_server):
+    cfg = {"tiers": [redis_tier(redis_server.url, maxmemory="64MiB", maxmemory_policy="allkeys-lfu")]}
+    with strata.open_store(cfg) as store:
+        s = store.stats()["tiers"]["redis"]
+        assert s["server"]["maxmemory"] == 64 << 20 and s["server"]["maxmemory_policy"] == "allkeys-lfu"
+        assert s["capacity"] == 64 << 20
+    assert redis_server.client().config_get("maxmemory-policy") == {"maxmemory-policy": "allkeys-lfu"}
+
+
+def test_a_password_from_the_environment_is_used_and_never_shown(redis_server, monkeypatch, caplog, capsys):
+    secret = "s3cret-" + uuid.uuid4().hex
+    redis_server.client().config_set("requirepass", secret)
+    monkeypatch.setenv("STRATA_TEST_REDIS_PW", secret)
+    with caplog.at_level(logging.DEBUG):
+        with strata.open_store({"tiers": [redis_tier(redis_server.url, password_env="STRATA_TEST_REDIS_PW")]}) as s:
+            assert s.put(K, b"behind a password") and s.get(K) == b"behind a password"
+            assert secret not in repr(s.stats()) and secret not in repr(s.config)
+        url = redis_server.url.replace("redis://", f"redis://:{secret}@")
+        with strata.open_store({"tiers": [redis_tier(url)]}) as s:
+            assert s.get(K) is None  # another prefix, same server: reachable with the password in the URL
+            assert secret not in repr(s.stats()) and ":***@" in s.stats()["tiers"]["redis"]["url"]
+        with strata.open_store({"tiers": [redis_tier(redis_server.url, password="wrong")]}) as s:
+            assert s.put(K, b"x") is False and s.get(K) is None  # refused: a miss and a counter, no crash
+            assert s.stats()["tiers"]["redis"]["errors"] >= 1
+    assert secret not in caplog.text
+
+
+def test_unix_socket_urls(tmp_path):
+    from redis_server import RedisServer, need_redis
+
+    need_redis()
+    server = RedisServer(tmp_path)
+    sock = tmp_path / "redis.sock"
+    server.args += ["--unixsocket", str(sock)]
+    server.start()
+    try:
+        with strata.open_store({"tiers": [redis_tier(f"unix://{sock}?db=1")]}) as store:
+            assert store.put(K, b"over a socket") and store.get(K) == b"over a socket"
+        assert server.client().dbsize() == 0  # db 0 is untouched
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("tier, message", [
+    ({"kind": "redis"}, r"tiers\[0\]\.url: got None; allowed: a URL starting with redis://, rediss://, unix://"),
+    ({"kind": "redis", "url": "http://x"}, r"tiers\[0\]\.url: got 'http://x'"),
+    ({"kind": "redis", "url": "redis://h", "capacity": "1GiB"}, r"unknown key tiers\[0\]: got 'capacity'"),
+    ({"kind": "redis", "url": "redis://h", "timeout_ms": 0}, r"tiers\[0\]\.timeout_ms: got 0; allowed: an integer >= 1"),
+    ({"kind": "redis", "url": "redis://h", "maxmemory_policy": "lru"}, r"tiers\[0\]\.maxmemory_policy: got 'lru'"),
+    ({"kind": "redis", "url": "redis://h", "password": "a", "password_env": "B"},
+     r"tiers\[0\]\.password_env: set with password"),
+    ({"kind": "redis", "url": "redis://h", "password_env": "STRATA_NO_SUCH_VARIABLE"},
+     r"tiers\[0\]\.password_env: the environment variable 'STRATA_NO_SUCH_VARIABLE' is not set"),
+])
+def test_config_errors_name_the_field(tier, message):
+    with pytest.raises(ConfigError, match=message):
+        strata.open_store({"tiers": [tier]})
+
+
+def test_quotas_on_a_redis_tier_are_refused():
+    cfg = {"tiers": [{"kind": "cpu", "capacity": "1MiB"}, {"kind": "redis", "url": "redis://127.0.0.1:1/0"}],
+           "namespaces": {"kv": {"quota": {"redis": "1GiB"}}}}
+    with pytest.raises(ConfigError, match=r"namespaces\.kv\.quota\.redis: a redis tier is bounded by the server's "
+                                          r"maxmemory; allowed: quotas on cpu"):
+        strata.open_store(cfg)
+
+
+def test_a_store_opens_while_redis_is_down_and_says_so(caplog):
+    from redis_server import free_port, need_redis
+
+    need_redis()
+    with caplog.at_level(logging.WARNING, logger="strata.redis"):
+        store = strata.open_store(cpu_redis(f"redis://127.0.0.1:{free_port()}/0", timeout_ms=100))
+    with store:
+        assert "unreachable" in caplog.text
+        assert store.put(K, b"kept in the CPU tier") and store.get(K) == b"kept in the CPU tier"
+
+
+def test_inspect_shows_the_connection_bytes_objects_and_hit_rate(redis_url, tmp_path, capsys):
+    cfg = tmp_path / "s.yaml"
+    prefix = f"t-{uuid.uuid4().hex}:"
+    cfg.write_text(f"tiers:\n  - kind: redis\n    url: {redis_url}\n    key_prefix: '{prefix}'\n")
+    with strata.open_store(str(cfg)) as store:
+        for i in range(3):
+            store.put(Key("kv", "llama-x", f"c{i}"), torch.zeros(1000))
+        store.get(Key("kv", "llama-x", "c0"))
+    assert cli_main(["inspect", str(cfg)]) == 0
+    out = capsys.readouterr().out
+    assert f"redis (redis, {redis_url}, connected): 3 objects" in out
+    assert "hit rate" in out and "keys" in out and "llama-x" in out
