@@ -1,7 +1,7 @@
 """Prefix KV reuse in real vLLM: time to first token, cold against warm through Strata, and
 against vLLM's own ``ExampleConnector`` on the same prompts, in one run.
 
-    python benchmarks/kv_vllm.py                      # 1K, 4K, 8K-token prompts (CPU: ~10 min)
+    python benchmarks/kv_vllm.py                      # 1K, 4K, 8K-token prompts, four engines (CPU: ~12 min with --repeats 1)
     python benchmarks/kv_vllm.py --lengths 512 --layers 2 --hidden 256   # a quick smoke run
 
 A Llama of 8 layers, 1024 wide (random weights) is made locally, large enough that a
@@ -9,7 +9,9 @@ prefill costs real time. Its dtype is float32 by default: CPUs without native bf
 2-core machines here: a bf16 matmul runs at ~1 GFLOP/s against ~60 in float32) would spend
 minutes on one prefill; ``--dtype bfloat16`` where the CPU has it. Each method runs in its own engine process, one after another:
 no connector, ``ExampleConnector`` (safetensors files under a temporary directory) and
-``StrataConnector`` (a CPU tier). For every prompt length, two distinct prompts are sent
+``StrataConnector`` on a CPU tier, and ``StrataConnector`` on a Redis tier alone (a
+redis-server started for the run; the row is skipped without one), so its warm chunks
+come from Redis only. For every prompt length, two distinct prompts are sent
 cold, then again warm (without a connector a repeat is just another cold request, so that
 engine sends each prompt once); before every request vLLM's own prefix cache is reset
 (``LLM.reset_prefix_cache()``), so a warm request is served by the connector or not at all.
@@ -37,7 +39,7 @@ import tempfile
 import time
 from pathlib import Path
 
-METHODS = ("none", "example", "strata")
+METHODS = ("none", "example", "strata", "strata-redis")
 
 
 def make_model(path: Path, layers: int, hidden: int, dtype: str) -> None:
@@ -70,6 +72,10 @@ def engine(args) -> None:
     elif args.engine == "strata":
         cfg = Path(args.scratch) / "store.yaml"
         cfg.write_text("tiers:\n  - kind: cpu\n    capacity: 4GiB\n")
+    elif args.engine == "strata-redis":
+        cfg = Path(args.scratch) / "store.yaml"
+        cfg.write_text(f"tiers:\n  - kind: redis\n    url: {args.redis_url}\n    timeout_ms: 5000\n")
+    if args.engine.startswith("strata"):
         kwargs["kv_transfer_config"] = {
             "kv_connector": "StrataConnector", "kv_connector_module_path": "strata.kv.vllm", "kv_role": "kv_both",
             "kv_load_failure_policy": "recompute", "kv_connector_extra_config": {"strata.config": str(cfg)}}
@@ -80,7 +86,7 @@ def engine(args) -> None:
     params = SamplingParams(temperature=0.0, max_tokens=1)
 
     def flush():
-        if args.engine == "strata":
+        if args.engine.startswith("strata"):
             from strata.kv.vllm import connectors
 
             for c in connectors():
@@ -111,7 +117,7 @@ def engine(args) -> None:
         result[n] = {"cold": statistics.median(cold), "warm": statistics.median(warm) if warm else None,
                      "cached": min(cached, default=0), "same_tokens": all(tokens)}
         print(f"{args.engine}: {n} tokens {result[n]}", file=sys.stderr, flush=True)
-    if args.engine == "strata":
+    if args.engine.startswith("strata"):
         from strata.kv.vllm import connectors
 
         result["connector"] = next((c.stats() for c in connectors() if c.paged is not None), None)
@@ -129,23 +135,37 @@ def main() -> None:
     ap.add_argument("--engine", choices=METHODS, help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
     ap.add_argument("--scratch", help=argparse.SUPPRESS)
+    ap.add_argument("--redis-url", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.engine:
         return engine(args)
 
     results = {}
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from redis_server import REDIS_SERVER, RedisServer
+
+    methods = args.methods.split(",")
+    if "strata-redis" in methods and REDIS_SERVER is None:
+        print("strata-redis: skipped (no redis-server on PATH)")
+        methods.remove("strata-redis")
     with tempfile.TemporaryDirectory(prefix="strata-kv-bench-") as tmp:
         model = Path(tmp) / "model"
         make_model(model, args.layers, args.hidden, args.dtype)
         print(f"model: Llama, {args.layers} layers, hidden {args.hidden}, {args.dtype}; prompts {args.lengths} tokens, "
               f"{args.repeats} each; CPU threads {os.cpu_count()}", flush=True)
-        for method in args.methods.split(","):
+        for method in methods:
             scratch = Path(tmp) / method
             scratch.mkdir()
+            server = RedisServer(scratch).start() if method == "strata-redis" else None
             t0 = time.perf_counter()
-            proc = subprocess.run([sys.executable, __file__, "--engine", method, "--model", str(model),
-                                   "--scratch", str(scratch), "--lengths", args.lengths, "--dtype", args.dtype,
-                                   "--repeats", str(args.repeats)], capture_output=True, text=True)
+            try:
+                proc = subprocess.run([sys.executable, __file__, "--engine", method, "--model", str(model),
+                                       "--scratch", str(scratch), "--lengths", args.lengths, "--dtype", args.dtype,
+                                       "--repeats", str(args.repeats), "--redis-url", server.url if server else ""],
+                                      capture_output=True, text=True)
+            finally:
+                if server is not None:
+                    server.stop()
             lines = [l for l in proc.stdout.splitlines() if l.startswith("KV-BENCH ")]
             if proc.returncode or not lines:
                 sys.exit(f"{method} engine failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
@@ -153,12 +173,12 @@ def main() -> None:
             print(f"  {method} engine done in {time.perf_counter() - t0:.0f} s", flush=True)
 
     lengths = args.lengths.split(",")
-    print(f"\n{'method':10} {'tokens':>7} {'cold s':>8} {'warm s':>8} {'cached':>7} {'same':>5}")
+    print(f"\n{'method':12} {'tokens':>7} {'cold s':>8} {'warm s':>8} {'cached':>7} {'same':>5}")
     for method, row in results.items():
         for n in lengths:
             r = row[n]
             warm = "-" if r["warm"] is None else f"{r['warm']:8.3f}"
-            print(f"{method:10} {n:>7} {r['cold']:8.3f} {warm:>8} {r['cached']:7d} {str(r['same_tokens']):>5}")
+            print(f"{method:12} {n:>7} {r['cold']:8.3f} {warm:>8} {r['cached']:7d} {str(r['same_tokens']):>5}")
     if "strata" in results:
         s = results["strata"]
         print("\nstrata warm / ExampleConnector warm, strata first (saving) / no-connector cold:")
@@ -171,6 +191,12 @@ def main() -> None:
                 parts.append(f"saving {s[n]['cold'] / results['none'][n]['cold']:5.2f}x")
             print("  ".join(parts))
         print("connector:", s.get("connector"))
+    if "strata-redis" in results:
+        r = results["strata-redis"]
+        print("\nstrata over Redis alone, warm / no-connector cold (target at 4K tokens: <= 0.5x):")
+        for n in lengths:
+            base = results["none"][n]["cold"] if "none" in results else r[n]["cold"]
+            print(f"{n:>6} tokens  warm {r[n]['warm']:.3f} s = {r[n]['warm'] / base:5.2f}x cold (hits {r[n]['cached']})")
 
 
 if __name__ == "__main__":

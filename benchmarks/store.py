@@ -18,10 +18,7 @@ from __future__ import annotations
 import argparse
 import mmap
 import os
-import shutil
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,6 +26,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 import strata  # noqa: E402
 from strata import Key  # noqa: E402
 
@@ -136,27 +134,6 @@ def bench_cxl(size_name, nbytes, count, repeat, root):
     os.unlink(plain_path)
 
 
-def start_redis(root):
-    """A throwaway redis-server on a free port (no persistence): (url, process), or (None, None)."""
-    exe = shutil.which("redis-server")
-    if exe is None:
-        return None, None
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                             "--maxmemory-policy", "allkeys-lru",
-                             "--dir", root], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    for _ in range(200):
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
-            return f"redis://127.0.0.1:{port}/0", proc
-        except OSError:
-            time.sleep(0.05)
-    proc.kill()
-    return None, None
-
-
 def bench_redis(size_name, nbytes, count, repeat, url):
     import redis
 
@@ -213,19 +190,21 @@ def main() -> None:
             bench_cxl(size_name, nbytes, count, repeat, root)
     if "redis" in which:
         with tempfile.TemporaryDirectory() as root:
-            url, proc = (args.redis_url, None) if args.redis_url else start_redis(root)
-            if url is None:
+            from redis_server import REDIS_SERVER, RedisServer
+
+            if not args.redis_url and REDIS_SERVER is None:
                 print("redis: skipped (no redis-server on PATH; pass --redis-url to use a running server)")
                 return
+            server = None if args.redis_url else RedisServer(root).start()
             try:
                 for size_name, nbytes in SIZES.items():
                     count = max(4, min(256, (64 << 20) // nbytes))
                     if args.quick:
                         count = max(4, count // 8)
-                    bench_redis(size_name, nbytes, count, repeat, url)
+                    bench_redis(size_name, nbytes, count, repeat, args.redis_url or server.url)
             finally:
-                if proc is not None:
-                    proc.kill()
+                if server is not None:
+                    server.stop()
 
 
 if __name__ == "__main__":

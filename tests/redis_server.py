@@ -8,12 +8,12 @@ import subprocess
 import time
 from pathlib import Path
 
-import pytest
-
 REDIS_SERVER = shutil.which("redis-server")
 
 
 def need_redis() -> None:
+    import pytest
+
     if REDIS_SERVER is None:
         pytest.skip("redis-server is not installed (Debian: apt-get install redis-server; .ci/run installs it)")
     try:
@@ -32,7 +32,7 @@ class RedisServer:
     """One redis-server process with no persistence; ``stop()`` kills it, ``start()`` brings it
     back empty on the same port."""
 
-    def __init__(self, workdir: Path, maxmemory: str = "0", policy: str = "allkeys-lru"):
+    def __init__(self, workdir: "Path | str", maxmemory: str = "0", policy: str = "allkeys-lru"):
         self.port = free_port()
         self.workdir = workdir
         self.args = [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
