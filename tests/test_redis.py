@@ -236,3 +236,44 @@ def test_inspect_shows_the_connection_bytes_objects_and_hit_rate(redis_url, tmp_
     out = capsys.readouterr().out
     assert f"redis (redis, {redis_url}, connected): 3 objects" in out
     assert "hit rate" in out and "keys" in out and "llama-x" in out
+
+
+def test_tls_with_a_ca_file_in_the_url(tmp_path):
+    """rediss:// against a TLS-only redis-server; the CA file rides in the URL's query."""
+    import subprocess
+
+    from redis_server import RedisServer, free_port, need_redis
+
+    need_redis()
+    ca, key, crt = tmp_path / "ca.crt", tmp_path / "server.key", tmp_path / "server.crt"
+
+    def ssl(*args):
+        subprocess.run(["openssl", *args], check=True, capture_output=True)
+
+    try:
+        ssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=strata-test-ca",
+            "-keyout", str(tmp_path / "ca.key"), "-out", str(ca))
+        ssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1", "-keyout", str(key),
+            "-out", str(tmp_path / "server.csr"))
+        (tmp_path / "ext").write_text("subjectAltName=IP:127.0.0.1\n")
+        ssl("x509", "-req", "-in", str(tmp_path / "server.csr"), "-CA", str(ca), "-CAkey", str(tmp_path / "ca.key"),
+            "-CAcreateserial", "-days", "1", "-extfile", str(tmp_path / "ext"), "-out", str(crt))
+    except (OSError, subprocess.CalledProcessError) as e:
+        pytest.skip(f"openssl could not make test certificates: {e}")
+    server = RedisServer(tmp_path)
+    tls_port = free_port()
+    server.args += ["--port", "0", "--tls-port", str(tls_port), "--tls-cert-file", str(crt), "--tls-key-file",
+                    str(key), "--tls-ca-cert-file", str(ca), "--tls-auth-clients", "no"]
+    server.proc = subprocess.Popen(server.args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        time.sleep(0.5)
+        if server.proc.poll() is not None:
+            pytest.skip(f"this redis-server has no TLS: {server.proc.stderr.read()[-300:]!r}")
+        url = f"rediss://127.0.0.1:{tls_port}/0?ssl_ca_certs={ca}"
+        with strata.open_store({"tiers": [redis_tier(url, timeout_ms=2000)]}) as store:
+            assert store.put(K, b"over TLS") and store.get(K) == b"over TLS"
+            assert store.stats()["tiers"]["redis"]["server"]["connected"] is True
+        with strata.open_store({"tiers": [redis_tier(f"rediss://127.0.0.1:{tls_port}/0", timeout_ms=2000)]}) as s:
+            assert s.put(K, b"x") is False  # an unknown CA: refused, a dropped write, no crash
+    finally:
+        server.stop()

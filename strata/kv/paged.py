@@ -53,7 +53,10 @@ class PagedKV:
         out = torch.empty((len(self.layers), len(idx), *self.block_shape), dtype=self.dtype,
                           pin_memory=pin and self.device.type == "cuda")
         for i, layer in enumerate(self.layers):
-            out[i].copy_(layer.index_select(0, idx), non_blocking=pin)
+            if layer.device.type == "cpu":
+                torch.index_select(layer, 0, idx, out=out[i])  # one copy, no temporary
+            else:
+                out[i].copy_(layer.index_select(0, idx), non_blocking=pin)
         if pin and self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()
         return out

@@ -242,28 +242,38 @@ class StrataConnector(KVConnectorBase_V1):
             failed = False
             for chunk in spec.chunks:
                 ids = spec.block_ids[chunk.start // bs : chunk.end // bs]
-                bundle = self.paged.staging(len(ids))
-                if failed or not self._load_into(chunk, bundle):
+                skip = max(0, spec.first_token - chunk.start) // bs
+                loaded = 0 if failed else self._load(chunk, ids, skip)
+                if not loaded:
                     failed = True  # this chunk and every one after it are recomputed by vLLM
                     first = max(chunk.start, spec.first_token) // bs
                     self._failed.update(spec.block_ids[first : chunk.end // bs])
                     self.counters["chunks_failed"] += 1
                     continue
-                skip = max(0, spec.first_token - chunk.start) // bs
-                self.paged.scatter(bundle, ids, first=skip)
                 self.counters["chunks_loaded"] += 1
                 self.counters["tokens_loaded"] += chunk.end - max(chunk.start, spec.first_token)
-                self.counters["bytes_loaded"] += bundle.numel() * bundle.element_size()
+                self.counters["bytes_loaded"] += loaded
         self.counters["load_seconds"] += time.perf_counter() - t0
 
-    def _load_into(self, chunk: Chunk, bundle: torch.Tensor) -> bool:
-        """One copy from the store into the device staging bundle; False on a miss or a bundle
-        of another size or dtype (the store's checks name which)."""
+    def _load(self, chunk: Chunk, ids: list[int], skip: int) -> int:
+        """Write a stored chunk into blocks ``ids[skip:]``; the bytes loaded, 0 on a miss or a
+        bundle of another shape or dtype (the store's checks name which). A cache in host memory
+        scatters straight from the store's leased bytes; a device cache takes one copy into its
+        staging bundle (from pinned memory on a GPU), then scatters on the device."""
         try:
-            return self.store.get_into(chunk.key, bundle)
+            if self.paged.device.type == "cpu":
+                with self.store.lease(chunk.key) as view:
+                    if view is not None:
+                        self.paged.scatter(view, ids, first=skip)
+                        return view.numel() * view.element_size()
+            bundle = self.paged.staging(len(ids))
+            if not self.store.get_into(chunk.key, bundle):
+                return 0
+            self.paged.scatter(bundle, ids, first=skip)
+            return bundle.numel() * bundle.element_size()
         except StoreError as e:
             log.warning("strata: KV chunk %s does not fit this cache (%s); recomputed", chunk.key.name[:16], e)
-            return False
+            return 0
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return  # loads are synchronous, done in start_load_kv
