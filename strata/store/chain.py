@@ -230,11 +230,12 @@ class TierChain:
             todo = [j for j, f in enumerate(found) if f is None]
             if not todo:
                 break
+            asked = [keys[j] for j in todo]
             if tier.remote:
-                have = tier.exists_many([keys[j] for j in todo])
+                have = tier.exists_many(asked)
             else:
                 with self.lock:
-                    have = [keys[j] in tier.index for j in todo]
+                    have = tier.exists_many(asked)
             for j, h in zip(todo, have):
                 if h:
                     found[j] = i

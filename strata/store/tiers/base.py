@@ -111,7 +111,7 @@ class Tier:
         return self.stats_extra().get("path") or ("pinned memory" if getattr(self, "pinned", False) else "memory")
 
     def contents(self):
-        """(key, namespace, stored bytes) of every object (called with the chain lock held for local tiers)."""
+        """(key, namespace, stored bytes) of every object: a snapshot of the index for local tiers."""
         for key, e in list(self.index.items()):
             yield key, e.ns, e.size
 
@@ -133,7 +133,8 @@ class Tier:
         return self.lookup(key)
 
     def exists_many(self, keys: list[bytes]) -> list[bool]:
-        """Which keys a remote tier holds (local tiers answer from their index)."""
+        """Which keys this tier holds: from the index here (caller holds the chain lock); a remote
+        tier asks its server."""
         return [k in self.index for k in keys]
 
     def lease(self, e: Entry) -> None:
