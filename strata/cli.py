@@ -1,4 +1,4 @@
-"""The ``strata`` command: stats and contents of a store, presets, and the demo."""
+"""The ``strata`` command: stats and contents of a store, presets, the demo, and ``serve``."""
 
 from __future__ import annotations
 
@@ -110,6 +110,28 @@ def _cmd_demo(args) -> int:
     return run_demo(args.config)
 
 
+def _cmd_serve(args) -> int:
+    from strata.serve import serve
+
+    return serve(args)
+
+
+def _serve_parser(sub) -> None:
+    p = sub.add_parser("serve", help="vLLM's OpenAI server with weights offloaded to and KV reused from one store",
+                       description="Starts `vllm serve MODEL` with --load-format strata and the StrataConnector on "
+                                   "one store. Arguments after -- go to vllm serve unchanged.")
+    p.add_argument("model", help="model directory or name, as vllm serve takes it")
+    p.add_argument("--config", default=None, help="store preset or YAML path, shared by weights and KV (default: cpu)")
+    p.add_argument("--gpu-budget", default=None, help="device memory for resident weights and the ring, like 4GiB "
+                                                      "(default: stream every decoder layer)")
+    p.add_argument("--prefetch", type=int, default=1, help="decoder layers copied ahead (default 1)")
+    p.add_argument("--chunk-size", type=int, default=256, help="tokens per stored KV chunk (default 256)")
+    p.add_argument("--no-offload", action="store_true", help="keep the weights in vLLM's hands; KV reuse only")
+    p.add_argument("--no-kv", action="store_true", help="no KV connector; weight offload only")
+    p.add_argument("--dry-run", action="store_true", help="print the vllm command line and stop")
+    p.set_defaults(func=_cmd_serve)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="strata", description="Strata: one tiered tensor store for weights and KV.")
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -125,7 +147,11 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("demo", help="run the demo on the default CPU tier")
     p.add_argument("--config", default=None, help="preset name or YAML path (default: the cpu preset)")
     p.set_defaults(func=_cmd_demo)
-    args = parser.parse_args(argv)
+    _serve_parser(sub)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    passed = argv[argv.index("--") + 1:] if "--" in argv else []  # `strata serve ... -- <vllm serve args>`
+    args = parser.parse_args(argv[: len(argv) - len(passed) - 1] if "--" in argv else argv)
+    args.vllm_args = passed
     try:
         return args.func(args)
     except Exception as e:  # clear one-line errors for the command line

@@ -63,6 +63,9 @@ class Key:
     def __setattr__(self, *_):
         raise AttributeError("Key is immutable")
 
+    def __reduce__(self):  # vLLM pickles connector metadata (holding keys) to its worker processes
+        return (Key, (self.namespace, self.scope, self.name))
+
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Key) and other.encoded == self.encoded
 

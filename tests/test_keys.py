@@ -23,6 +23,15 @@ def test_decode_inverts_encode(ns, scope, name):
     assert Key.decode(k.encoded) == k
 
 
+@given(st.sampled_from(["kv", "param"]), parts, parts)
+def test_keys_survive_pickling_as_vllm_sends_connector_metadata_to_workers(ns, scope, name):
+    import pickle
+
+    k = Key(ns, scope, name)
+    back = pickle.loads(pickle.dumps(k))
+    assert back == k and back.encoded == k.encoded and hash(back) == hash(k)
+
+
 def test_separator_characters_do_not_alias():
     assert Key("kv", "a/b", "c").encoded != Key("kv", "a", "b/c").encoded
     assert Key("kv", "a\x00", "b").encoded != Key("kv", "a", "\x00b").encoded

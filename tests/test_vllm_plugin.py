@@ -1,11 +1,19 @@
 """The vLLM plugin (``--load-format strata``) on real vLLM, CPU build: weights offloaded under a
 budget give plain vLLM's greedy tokens, and one StorageEngine serves weights and KV together.
 
-Three engines start here (about half a minute each): plain vLLM in eager mode (the reference),
-offload + connector over a CPU tier, offload + connector with the weights on a CXL tier.
+Four engines start here (about half a minute each): plain vLLM in eager mode (the reference),
+offload + connector over a CPU tier, offload + connector with the weights on a CXL tier, and
+``strata serve`` answering over HTTP.
 """
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
 from types import SimpleNamespace
 
 import pytest
@@ -19,14 +27,10 @@ from strata.errors import ConfigError, StrataError  # noqa: E402
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    import torch
-    import transformers as tf
+    from strata.tiny import write_tiny_llama
 
     root = tmp_path_factory.mktemp("plugin")
-    torch.manual_seed(0)
-    cfg = tf.LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048)
-    tf.LlamaForCausalLM(cfg).save_pretrained(root / "model")
+    write_tiny_llama(root / "model", layers=4, hidden=256)  # with a word-level tokenizer, for the server
     store = root / "store.yaml"
     store.write_text("tiers:\n  - kind: cpu\n    capacity: 256MiB\n")
     reference = run_job(root / "model", store, 2, "--no-connector", "--eager")
@@ -75,6 +79,71 @@ def test_weights_stream_from_a_cxl_tier_when_host_memory_is_short(setup):
 
     with open_store(store) as after:
         assert after.keys("param") == [] and after.keys("kv")
+
+
+def _post(url: str, body: dict) -> dict:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=120) as r:
+        return json.loads(r.read())
+
+
+def _wait_healthy(base: str, proc: subprocess.Popen, log_path, limit_s: float = 400) -> None:
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"strata serve exited with {proc.returncode}:\n{log_path.read_text()[-6000:]}"
+        try:
+            with urllib.request.urlopen(base + "/health", timeout=5) as r:
+                if r.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        time.sleep(2)
+    raise AssertionError(f"strata serve not healthy after {limit_s} s:\n{log_path.read_text()[-6000:]}")
+
+
+def test_strata_serve_answers_over_http_like_plain_vllm_and_a_repeated_prompt_hits_the_store(setup, tmp_path):
+    from redis_server import free_port
+    from vllm_job import prompts
+
+    from strata.tiny import sentence
+
+    root, store, reference = setup
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    log_path = tmp_path / "serve.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "strata.cli", "serve", str(root / "model"), "--gpu-budget", "9MiB",
+             "--config", str(store), "--", "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
+             "--max-model-len", "1024", "--seed", "0", "--no-enable-prefix-caching",
+             "--enable-prompt-tokens-details"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        _wait_healthy(base, proc, log_path)
+        model = str(root / "model")
+        # token-id prompts: plain vLLM's greedy tokens, with the layers streamed from the store
+        for prompt, want in zip(prompts(0), reference["runs"][0]):
+            got = _post(base + "/v1/completions", {"model": model, "prompt": prompt, "max_tokens": 8,
+                                                   "temperature": 0, "ignore_eos": True, "return_token_ids": True})
+            assert got["choices"][0]["token_ids"] == want
+        # a text prompt through the tokenizer, twice: the same answer, the repeat served from the store
+        text = sentence(600, seed=5)
+        body = {"model": model, "prompt": text, "max_tokens": 8, "temperature": 0, "ignore_eos": True}
+        first, again = _post(base + "/v1/completions", body), _post(base + "/v1/completions", body)
+        assert first["choices"][0]["text"].strip() and first["choices"][0]["text"] == again["choices"][0]["text"]
+        assert first["usage"]["prompt_tokens"] == 600
+        assert first["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+        assert again["usage"]["prompt_tokens_details"]["cached_tokens"] >= 512  # vLLM's own cache is off
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(90)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise AssertionError("strata serve did not stop on SIGINT within 90 s")
+    out = log_path.read_text()
+    assert "strata: weights:" in out and "strata: KV:" in out  # where bytes live, before vLLM starts
+    assert "streamed from the store" in out  # the worker's placement, logged by the loader
+    assert proc.returncode == 0, out[-4000:]
 
 
 # -- without an engine: registration and the errors a user sees first ---------------------------------

@@ -42,6 +42,12 @@ from strata.offload import OffloadError, OffloadHandle, find_blocks, offload
 from strata.store.shared import shared_store
 
 log = logging.getLogger("strata.vllm")
+if not log.handlers:  # vLLM configures its own loggers only: say where the layers went on stderr
+    _handler = logging.StreamHandler()
+    _handler.setFormatter(logging.Formatter("strata: %(message)s"))
+    log.addHandler(_handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
 
 _handles: list[OffloadHandle] = []
 
@@ -141,7 +147,7 @@ class StrataModelLoader(DefaultModelLoader):
             raise OffloadError(f"--load-format strata, model {model_config.model}: {e}") from None
         _handles.append(handle)
         atexit.register(_drop_store_copies, handle)
-        log.info("strata: %r; store %r\n%s", handle, store, handle.placement())
+        log.info("%r; store %r\n%s", handle, store, handle.placement())
         return model
 
     def _blocks(self, model: torch.nn.Module) -> list[torch.nn.Module]:

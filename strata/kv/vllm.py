@@ -20,7 +20,9 @@ partial last chunk), less what vLLM's own prefix cache has. Worker side: before 
 forward, every chunk to load is read and scattered into the blocks vLLM allocated
 (a chunk that fails is reported so vLLM recomputes it); after the forward, each
 finished prompt's new chunks are gathered and handed to a bounded background saver.
-The scheduler and the worker share one engine per process (``shared_store``).
+The scheduler and the worker share one engine per process (``shared_store``); when vLLM puts
+them in different processes the scheduler asks the rank-0 worker's engine over a Unix socket
+(``strata.kv.lookup``).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStat
 
 from strata.errors import ConfigError, StoreError
 from strata.kv.chunks import Chunk, ChunkHasher, kv_scope
+from strata.kv.lookup import LookupClient, LookupServer, local_server, socket_path
 from strata.kv.paged import PagedKV
 from strata.store.shared import shared_store
 
@@ -140,6 +143,11 @@ class StrataConnector(KVConnectorBase_V1):
         self.hasher = ChunkHasher(scope, cfg["chunk_size"], self.block_size)
         self.save_partial = cfg["save_partial"]
         self.store = shared_store(cfg["config"])
+        self.rank = parallel.rank
+        # the scheduler asks the rank-0 worker's store, which may live in another process
+        self._lookup_path = socket_path(self._kv_transfer_config.engine_id)
+        self._lookup = LookupClient(self._lookup_path) if role == KVConnectorRole.SCHEDULER else None
+        self._lookup_server: LookupServer | None = None
         if getattr(self._kv_transfer_config, "kv_load_failure_policy", "recompute") != "recompute":
             log.warning('strata: kv_load_failure_policy is %r: a chunk that fails to load (evicted, corrupt, tier '
                         'down) fails its request instead of being recomputed; set "kv_load_failure_policy": '
@@ -166,7 +174,7 @@ class StrataConnector(KVConnectorBase_V1):
         limit = (len(tokens) - 1) // self.block_size * self.block_size  # vLLM computes at least one token
         chunks = self.hasher.chunks(tokens, limit, partial=self.save_partial)
         hit, found = 0, []
-        for chunk, present in zip(chunks, self.store.contains_many([c.key for c in chunks])):
+        for chunk, present in zip(chunks, self._held([c.key for c in chunks])):
             if not present:
                 break
             found.append(chunk)
@@ -216,9 +224,17 @@ class StrataConnector(KVConnectorBase_V1):
         repeat = (len(prompt) - 1) // self.block_size * self.block_size
         chunks.update((c.key, c) for c in self.hasher.chunks(prompt, repeat, partial=self.save_partial))
         chunks = sorted(chunks.values(), key=lambda c: (c.start, c.end))
-        new = [c for c, have in zip(chunks, self.store.contains_many([c.key for c in chunks])) if not have]
+        new = [c for c, have in zip(chunks, self._held([c.key for c in chunks])) if not have]
         if new:
             meta.saves.append(SaveSpec(rid, list(self._blocks.get(rid, [])), new))
+
+    def _held(self, keys: list) -> list[bool]:
+        """Which keys the worker's store holds: asked over its socket when it runs in another process."""
+        if self._lookup is not None and local_server(self._lookup_path) is None:
+            held = self._lookup.contains_many(keys)
+            if held is not None:
+                return held
+        return self.store.contains_many(keys)
 
     def request_finished(self, request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         rid = request.request_id
@@ -231,6 +247,11 @@ class StrataConnector(KVConnectorBase_V1):
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]):
         names = [n for n in self.layer_names if n in kv_caches]
         self.paged = PagedKV([kv_caches[n] for n in names], num_blocks=self.num_blocks)
+        if self.rank == 0 and self._lookup_server is None:
+            try:
+                self._lookup_server = LookupServer(self.store, self._lookup_path)
+            except OSError as e:  # the scheduler then sees only the tiers shared between processes
+                log.warning("strata: cannot serve KV lookups at %s (%s)", self._lookup_path, e)
 
     def start_load_kv(self, forward_context, **kwargs: Any) -> None:
         meta = self._get_connector_metadata()
@@ -335,6 +356,11 @@ class StrataConnector(KVConnectorBase_V1):
         self.store.flush()
 
     def shutdown(self):
+        if self._lookup_server is not None:
+            self._lookup_server.close()
+            self._lookup_server = None
+        if self._lookup is not None:
+            self._lookup.close()
         if self._saver is not None:
             self.flush()
             self._saves.put(None)
