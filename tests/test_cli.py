@@ -51,3 +51,6 @@ def test_presets_and_demo_run_as_installed_commands():
     demo = subprocess.run([sys.executable, "-m", "strata.cli", "demo"], capture_output=True, text=True, timeout=300)
     assert demo.returncode == 0, demo.stderr[-2000:]
     assert "identical to the model without Strata" in demo.stdout
+    # the vLLM half: weights streamed and KV reused from one engine, the warm round from the store
+    assert "warm outputs: identical to the cold round | weights and KV in one StorageEngine: True" in demo.stdout
+    assert "0/2208 prompt tokens" in demo.stdout and "2048/2208 prompt tokens" in demo.stdout
