@@ -76,9 +76,9 @@ def engine(args) -> None:
         cfg = Path(args.scratch) / "store.yaml"
         cfg.write_text(f"tiers:\n  - kind: redis\n    url: {args.redis_url}\n    timeout_ms: 5000\n")
     if args.engine.startswith("strata"):
-        kwargs["kv_transfer_config"] = {
-            "kv_connector": "StrataConnector", "kv_connector_module_path": "strata.kv.vllm", "kv_role": "kv_both",
-            "kv_load_failure_policy": "recompute", "kv_connector_extra_config": {"strata.config": str(cfg)}}
+        from strata.integrations.vllm_plugin import kv_transfer_config
+
+        kwargs["kv_transfer_config"] = kv_transfer_config(str(cfg))
     lengths = [int(x) for x in args.lengths.split(",")]
     llm = LLM(model=args.model, skip_tokenizer_init=True, enable_prefix_caching=True, dtype=args.dtype,
               max_model_len=max(lengths) + 64, max_num_batched_tokens=max(lengths) + 64, max_num_seqs=1,

@@ -149,8 +149,11 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=_cmd_demo)
     _serve_parser(sub)
     argv = list(sys.argv[1:] if argv is None else argv)
-    passed = argv[argv.index("--") + 1:] if "--" in argv else []  # `strata serve ... -- <vllm serve args>`
-    args = parser.parse_args(argv[: len(argv) - len(passed) - 1] if "--" in argv else argv)
+    passed: list[str] = []  # `strata serve ... -- <vllm serve args>`
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, passed = argv[:cut], argv[cut + 1:]
+    args = parser.parse_args(argv)
     args.vllm_args = passed
     try:
         return args.func(args)

@@ -80,6 +80,7 @@ def vllm_demo(config=None) -> bool:
     from vllm import LLM, SamplingParams
 
     from strata.integrations.vllm_loader import handles
+    from strata.integrations.vllm_plugin import kv_transfer_config
     from strata.kv.vllm import connectors
     from strata.tiny import sentence, write_tiny_llama
 
@@ -90,9 +91,7 @@ def vllm_demo(config=None) -> bool:
         llm = LLM(model=str(model), dtype="float32", max_model_len=1024, enforce_eager=True, seed=0,
                   enable_prefix_caching=False,
                   load_format="strata", model_loader_extra_config={"config": store_cfg, "gpu_budget": "12MiB"},
-                  kv_transfer_config={"kv_connector": "StrataConnector", "kv_connector_module_path": "strata.kv.vllm",
-                                      "kv_role": "kv_both", "kv_load_failure_policy": "recompute",
-                                      "kv_connector_extra_config": {"strata.config": store_cfg}})
+                  kv_transfer_config=kv_transfer_config(store_cfg))
         preamble = sentence(512, seed=1)
         prompts = [f"{preamble} {sentence(40, seed=10 + i)}" for i in range(4)]
         params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)

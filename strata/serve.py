@@ -18,6 +18,7 @@ import sys
 
 from strata.config import format_size, load_config, parse_size
 from strata.errors import ConfigError
+from strata.integrations.vllm_plugin import check_vllm, kv_transfer_config
 
 
 def server_entry() -> list[str]:
@@ -47,15 +48,11 @@ def vllm_argv(model: str, *, config: str | None, gpu_budget: str | None, prefetc
         if "--enforce-eager" not in rest:
             argv.append("--enforce-eager")  # the layers stream in module hooks: no compiled graphs
     if kv and "--kv-transfer-config" not in rest:
-        connector = {"kv_connector": "StrataConnector", "kv_connector_module_path": "strata.kv.vllm",
-                     "kv_role": "kv_both", "kv_load_failure_policy": "recompute",
-                     "kv_connector_extra_config": {"strata.chunk_size": chunk_size,
-                                                   **({"strata.config": config} if config is not None else {})}}
-        argv += ["--kv-transfer-config", json.dumps(connector)]
+        argv += ["--kv-transfer-config", json.dumps(kv_transfer_config(config, chunk_size))]
     return argv + rest
 
 
-def describe(config: str | None, gpu_budget: str | None, offload: bool, kv: bool) -> str:
+def describe(config: str | None, gpu_budget: str | None, prefetch: int, offload: bool, kv: bool) -> str:
     """Where the weights and the KV will live, one line each, before vLLM starts."""
     cfg = load_config(config)
     tiers = " -> ".join(f"{t.name} ({t.kind}, {format_size(t.capacity) if t.capacity else 'server-bounded'})"
@@ -65,7 +62,7 @@ def describe(config: str | None, gpu_budget: str | None, offload: bool, kv: bool
         budget = format_size(parse_size(gpu_budget, "--gpu-budget")) if gpu_budget else "none (every layer streamed)"
         lines.append(f"strata: weights: embedding, head and the decoder layers that fit the GPU budget {budget} "
                      f"stay on the device; the other layers live in the store (namespace param, policy "
-                     f"{cfg.policy('param').evict}) and stream in one layer ahead")
+                     f"{cfg.policy('param').evict}) and stream in {prefetch} layer(s) ahead")
     if kv:
         lines.append(f"strata: KV: prompt chunks saved to and reused from the same store (namespace kv, policy "
                      f"{cfg.policy('kv').evict})")
@@ -73,8 +70,6 @@ def describe(config: str | None, gpu_budget: str | None, offload: bool, kv: bool
 
 
 def serve(args) -> int:
-    from strata.integrations.vllm_plugin import check_vllm
-
     check_vllm()
     if args.prefetch < 0:
         raise ConfigError(f"--prefetch: got {args.prefetch}; allowed: an integer >= 0 (layers copied ahead)")
@@ -82,7 +77,7 @@ def serve(args) -> int:
         raise ConfigError(f"--chunk-size: got {args.chunk_size}; allowed: a positive multiple of the block size")
     rest = list(args.vllm_args)
     offload, kv = not args.no_offload, not args.no_kv
-    print(describe(args.config, args.gpu_budget, offload, kv), flush=True)
+    print(describe(args.config, args.gpu_budget, args.prefetch, offload, kv), flush=True)
     argv = vllm_argv(args.model, config=args.config, gpu_budget=args.gpu_budget, prefetch=args.prefetch,
                      chunk_size=args.chunk_size, offload=offload, kv=kv, rest=rest)
     print("strata: python " + shlex.join(argv[1:]), flush=True)

@@ -67,10 +67,9 @@ def main():
 
     kwargs = {}
     if use_connector:
-        kwargs["kv_transfer_config"] = {
-            "kv_connector": "StrataConnector", "kv_connector_module_path": "strata.kv.vllm", "kv_role": "kv_both",
-            "kv_load_failure_policy": "recompute",
-            "kv_connector_extra_config": {"strata.config": store_cfg, "strata.chunk_size": 256}}
+        from strata.integrations.vllm_plugin import kv_transfer_config
+
+        kwargs["kv_transfer_config"] = kv_transfer_config(store_cfg, chunk_size=256)
     if "--offload" in sys.argv:
         kwargs.update(load_format="strata", model_loader_extra_config=json.loads(sys.argv[sys.argv.index("--offload") + 1]))
     if "--offload" in sys.argv or "--eager" in sys.argv:
@@ -107,6 +106,7 @@ def main():
         out["same_engine"] = len({id(c.store) for c in connectors()}) == 1
     if "--offload" in sys.argv:
         from strata.integrations.vllm_loader import handles
+        from strata.kv.vllm import connectors
 
         (handle,) = handles()
         out["offload"] = handle.stats()

@@ -37,6 +37,15 @@ def check_vllm() -> str:
     return version
 
 
+def kv_transfer_config(config=None, chunk_size: int | None = None) -> dict:
+    """vLLM's ``kv_transfer_config`` for the StrataConnector on store ``config`` (None: the cpu
+    preset), recomputing any chunk that fails to load."""
+    extra = {"strata.config": config, "strata.chunk_size": chunk_size}
+    return {"kv_connector": "StrataConnector", "kv_connector_module_path": "strata.kv.vllm", "kv_role": "kv_both",
+            "kv_load_failure_policy": "recompute",
+            "kv_connector_extra_config": {k: v for k, v in extra.items() if v is not None}}
+
+
 def register() -> None:
     """Add ``strata`` to vLLM's model-loader registry (once per process)."""
     global _registered

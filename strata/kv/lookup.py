@@ -129,13 +129,15 @@ class LookupClient:
         if self._sock is None:
             if time.monotonic() < self._retry_at:
                 return None
+            sock = None
             try:
                 sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
                 sock.settimeout(self.timeout_s)
                 sock.connect(self.path)
                 self._sock = sock
             except OSError:
-                sock.close()
+                if sock is not None:
+                    sock.close()
                 self._retry_at = time.monotonic() + 1.0
                 return None
         try:
