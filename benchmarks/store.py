@@ -9,7 +9,7 @@ bytes, get vs a plain read into a preallocated buffer. CXL tier (a mapped file u
 a mapping of the same kind, with the payload checksum (``verify``, the default) and
 without. Redis tier (a redis-server started on a free port of 127.0.0.1, or ``--redis-url``):
 put and get vs the plain ``redis`` client's ``set`` and ``get`` of the same bytes over the
-same connection settings. The working set cycles through enough distinct tensors to leave the CPU caches
+same connection settings, and ``get_many`` of 16 keys vs the same GETs in one client pipeline. The working set cycles through enough distinct tensors to leave the CPU caches
 for sizes of 1 MiB and up.
 """
 
@@ -157,6 +157,19 @@ def bench_redis(size_name, nbytes, count, repeat, url):
         row("redis", "get", size_name, nbytes, get, base_r, "client get")
         get_into = timed(lambda i: store.get_into(keys[i], dst), idx, repeat)
         row("redis", "get_into", size_name, nbytes, get_into, base_r, "client get")
+        # a batch of 16 (a 4K-token prompt's chunks), per key: vs the same GETs in one client pipeline
+        groups = [idx[lo:lo + 16] for lo in range(0, count - 15, 16)] or [idx]
+
+        def plain_many(group):
+            pipe = plain.pipeline(transaction=False)
+            for i in group:
+                pipe.get(names[i])
+            pipe.execute()
+
+        per = len(groups[0])
+        base_m = timed(plain_many, groups, repeat) / per
+        many = timed(lambda g: store.get_many([keys[i] for i in g]), groups, repeat) / per
+        row("redis", "get_many", size_name, nbytes, many, base_m, "pipelined")
     plain.flushdb()
     plain.close()
 

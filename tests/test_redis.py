@@ -94,6 +94,70 @@ def test_contains_many_is_one_round_trip(redis_url):
         assert len(calls) == 1
 
 
+def test_a_batch_of_reads_takes_a_round_trip_per_16_keys(redis_url):
+    cfg = cpu_redis(redis_url, cpu="8MiB")
+    keys = [Key("kv", "s", f"c{i}") for i in range(20)]
+    values = [torch.randn(1000 + i) for i in range(18)]  # the last two keys were never stored
+    with strata.open_store(cfg) as a, strata.open_store(cfg) as b, strata.open_store(cfg) as c:
+        for k, v in zip(keys, values):
+            assert a.put(k, v)
+        redis = b.tiers[1]
+        before = redis.round_trips
+        got = b.get_many(keys)
+        assert redis.round_trips - before == 2  # 20 keys: two pipelined round trips, not 20 GETs
+        assert all(torch.equal(g, v) for g, v in zip(got, values)) and got[18:] == [None, None]
+        s = b.stats()
+        assert s["tiers"]["redis"]["hits"] == 18 and s["tiers"]["cpu"]["promotions"] == 18
+        assert s["namespaces"]["kv"]["hits"] == 18 and s["namespaces"]["kv"]["misses"] == 2
+        before = redis.round_trips
+        assert all(torch.equal(g, v) for g, v in zip(b.get_many(keys[:18]), values))
+        assert redis.round_trips == before  # all from b's CPU tier now
+
+        redis = c.tiers[1]
+        before = redis.round_trips
+        assert c.prefetch(keys) == 18 and redis.round_trips - before == 2
+        assert c.prefetch(keys[:18]) == 0 and redis.round_trips - before == 2  # local now: not asked
+        for k, v in zip(keys, values):
+            assert torch.equal(c.get(k, mode="exact", tier="cpu"), v)
+
+
+def test_a_damaged_value_in_a_batch_is_a_miss_and_the_rest_are_served(redis_url):
+    with strata.open_store({"tiers": [redis_tier(redis_url)]}) as store:
+        tier = store.tiers[0]
+        keys = [Key("kv", "s", f"c{i}") for i in range(5)]
+        for i, k in enumerate(keys):
+            store.put(k, torch.full((100,), float(i)))
+        tier.client.setrange(tier.prefix + keys[2].encoded, 200, b"\x00\x01")
+        got = store.get_many(keys)
+        assert got[2] is None and [g[0].item() for j, g in enumerate(got) if j != 2] == [0.0, 1.0, 3.0, 4.0]
+        s = store.stats()["tiers"]["redis"]
+        assert s["checksum_failures"] == 1 and s["hits"] == 4 and s["misses"] == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.int16, torch.bool, torch.complex64])
+def test_values_read_back_exactly_for_any_dtype_and_key_length(redis_url, dtype):
+    with strata.open_store({"tiers": [redis_tier(redis_url)]}) as store:
+        for n in range(1, 18):  # header lengths of every residue: the payload offset moves
+            key = Key("kv", "s", "k" * n)
+            value = (torch.randn(3, 7) * 100).to(dtype)
+            assert store.put(key, value)
+            got = store.get(key)
+            assert got.dtype == dtype and got.shape == (3, 7) and torch.equal(got, value)
+            got.zero_()  # the caller's own tensor: the stored value is untouched
+            assert torch.equal(store.get_many([key])[0], value)
+
+
+def test_a_lease_without_a_memory_tier_is_a_private_copy_and_a_miss_counts_once(redis_url):
+    with strata.open_store({"tiers": [redis_tier(redis_url)]}) as store:
+        store.put(K, torch.arange(10.0))
+        with store.lease(K) as view:
+            assert torch.equal(view, torch.arange(10.0))
+        with store.lease(Key("kv", "llama-x", "absent")) as view:
+            assert view is None
+        ns = store.stats()["namespaces"]["kv"]
+        assert ns["hits"] == 1 and ns["misses"] == 1 and store.stats()["tiers"]["redis"]["misses"] == 1
+
+
 def _timed(fn):
     t0 = time.monotonic()
     out = fn()
@@ -115,6 +179,8 @@ def test_a_dead_or_hung_server_is_misses_and_dropped_writes_within_the_timeout(r
             assert ok and took < 1.0  # the CPU tier took it; Redis's copy is dropped and counted
             got, took = _timed(lambda: store.get(Key("kv", "llama-x", "absent")))
             assert got is None and took < 1.0
+            got, took = _timed(lambda: store.get_many([Key("kv", "llama-x", f"absent-{i}") for i in range(40)] + [K]))
+            assert got[:40] == [None] * 40 and torch.equal(got[40], torch.ones(1000)) and took < 1.0
             assert store.contains_many([K, Key("kv", "x", "y")]) == [True, False]
             s = store.stats()["tiers"]["redis"]
             assert s["dropped_writes"] >= 1 and s["errors"] >= 1 and s["server"]["connected"] is False

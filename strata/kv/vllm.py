@@ -259,6 +259,8 @@ class StrataConnector(KVConnectorBase_V1):
             return
         bs = self.block_size
         t0 = time.perf_counter()
+        # chunks only a remote tier holds come up into the memory tiers in a few round trips
+        self.store.prefetch([c.key for spec in meta.loads for c in spec.chunks])
         for spec in meta.loads:
             failed = False
             for chunk in spec.chunks:
@@ -284,9 +286,10 @@ class StrataConnector(KVConnectorBase_V1):
         try:
             if self.paged.device.type == "cpu":
                 with self.store.lease(chunk.key) as view:
-                    if view is not None:
-                        self.paged.scatter(view, ids, first=skip)
-                        return view.numel() * view.element_size()
+                    if view is None:
+                        return 0
+                    self.paged.scatter(view, ids, first=skip)
+                    return view.numel() * view.element_size()
             bundle = self.paged.staging(len(ids))
             if not self.store.get_into(chunk.key, bundle):
                 return 0

@@ -22,6 +22,13 @@ log = logging.getLogger("strata.chain")
 Guard = Callable[[], bool]
 
 
+def _value(got: "torch.Tensor | Exception") -> torch.Tensor:
+    """A batched read's outcome for one key: the payload, or its exception raised."""
+    if isinstance(got, BaseException):
+        raise got
+    return got
+
+
 class TierChain:
     def __init__(self, tiers: list[Tier], cfg: StoreConfig):
         self.tiers = tiers
@@ -146,44 +153,83 @@ class TierChain:
         tensor of the stored dtype and shape."""
         for i in order:
             tier = self.tiers[i]
-            with self.lock:
-                e = tier.probe(key)
-                if e is None:
-                    tier.counters.misses += 1
-                    continue
-                tier.lease(e)
-                tier.touch(e)
-            try:
-                data = self._read_entry(tier, e, out)
-            except NotStored:  # a remote tier had nothing under the key
-                with self.lock:
-                    tier.counters.misses += 1
-                    tier.release(e)
+            e = self._open(tier, key)
+            if e is None:
                 continue
-            except (CorruptObject, OSError) as exc:  # a miss and a counter, never an exception
-                corrupt = isinstance(exc, CorruptObject)
-                log.warning("tier %s: %s, treated as a miss (%s)", tier.name,
-                            "corrupt object dropped" if corrupt else "read failed", exc)
-                with self.lock:
-                    tier.counters.misses += 1
-                    if corrupt:
-                        tier.counters.checksum_failures += 1
-                        tier.retire(e)  # never served again
-                    else:
-                        tier.counters.errors += 1
-                    tier.release(e)
+            data = self._settle(tier, e, lambda: self._read_entry(tier, e, out))
+            if data is None:
                 continue
-            except BaseException:
-                with self.lock:
-                    tier.release(e)
-                raise
-            with self.lock:
-                tier.release(e)
-                tier.counters.hits += 1
             if promote and i > 0 and data.device.type == "cpu":
                 self._promote(i, key, e, data)
             return e.meta, data
         return None
+
+    def read_many(self, keys: list[bytes], order: list[int], promote: bool) -> list:
+        """``read`` of many keys, per key (meta, payload) or None. Each remote tier gets the keys
+        no tier before it had in one batch (pipelined round trips, not one per key)."""
+        found: list = [None] * len(keys)
+        for i in order:
+            todo = [j for j, f in enumerate(found) if f is None]
+            if not todo:
+                break
+            tier = self.tiers[i]
+            if not tier.remote:
+                for j in todo:
+                    found[j] = self.read(keys[j], [i], promote)
+                continue
+            opened = [(j, e) for j in todo if (e := self._open(tier, keys[j])) is not None]
+            fetched = tier.read_many([e for _, e in opened])
+            for (j, e), got in zip(opened, fetched):
+                data = self._settle(tier, e, lambda got=got: _value(got))
+                if data is None:
+                    continue
+                if promote and i > 0:
+                    self._promote(i, keys[j], e, data)
+                found[j] = (e.meta, data)
+        return found
+
+    def _open(self, tier: Tier, key: bytes) -> Entry | None:
+        """The leased entry a read of ``key`` in ``tier`` goes through, or None (a miss, counted)."""
+        with self.lock:
+            e = tier.probe(key)
+            if e is None:
+                tier.counters.misses += 1
+                return None
+            tier.lease(e)
+            tier.touch(e)
+        return e
+
+    def _settle(self, tier: Tier, e: Entry, fetch: Callable[[], torch.Tensor]) -> torch.Tensor | None:
+        """``fetch()`` the payload of the leased ``e``, release it, count a hit; a fault is a miss
+        and a counter (a corrupt object is retired), never an exception."""
+        try:
+            data = fetch()
+        except NotStored:  # a remote tier had nothing under the key
+            with self.lock:
+                tier.counters.misses += 1
+                tier.release(e)
+            return None
+        except (CorruptObject, OSError) as exc:
+            corrupt = isinstance(exc, CorruptObject)
+            log.warning("tier %s: %s, treated as a miss (%s)", tier.name,
+                        "corrupt object dropped" if corrupt else "read failed", exc)
+            with self.lock:
+                tier.counters.misses += 1
+                if corrupt:
+                    tier.counters.checksum_failures += 1
+                    tier.retire(e)  # never served again
+                else:
+                    tier.counters.errors += 1
+                tier.release(e)
+            return None
+        except BaseException:
+            with self.lock:
+                tier.release(e)
+            raise
+        with self.lock:
+            tier.release(e)
+            tier.counters.hits += 1
+        return data
 
     def _read_entry(self, tier: Tier, e: Entry, out: torch.Tensor | None) -> torch.Tensor:
         if out is None:
@@ -240,6 +286,17 @@ class TierChain:
                 if h:
                     found[j] = i
         return found
+
+    def prefetch(self, keys: list[bytes]) -> int:
+        """Read the keys no local tier holds from the remote tiers (batched) and promote them
+        into the tiers above; the number found."""
+        with self.lock:
+            local = [t for t in self.tiers if not t.remote]
+            missing = [k for k in keys if all(t.lookup(k) is None for t in local)]
+        remote = [i for i, t in enumerate(self.tiers) if t.remote]
+        if not missing or not remote:
+            return 0
+        return sum(f is not None for f in self.read_many(missing, remote, promote=True))
 
     def lease_view(self, key: bytes) -> tuple[Tier, Entry] | None:
         """Lease the topmost memory-tier copy of ``key`` (zero-copy view), or None."""

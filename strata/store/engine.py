@@ -137,7 +137,22 @@ class StorageEngine:
         return True
 
     def get_many(self, keys: Sequence[Key], *, mode: str = "chain", tier: str | None = None) -> list:
-        return [self.get(k, mode=mode, tier=tier) for k in keys]
+        """``get`` of many keys (None for each miss); a remote tier is asked for the whole batch
+        in pipelined round trips, not one per key."""
+        encoded = [self._check_key(k).encoded for k in keys]
+        order, promote = self._order(mode, tier)
+        out = []
+        for key, found in zip(keys, self.chain.read_many(encoded, order, promote)):
+            self._count(key.namespace, "misses" if found is None else "hits", found[0].nbytes if found else 0)
+            out.append(None if found is None else materialize(*found))
+        return out
+
+    def prefetch(self, keys: Sequence[Key]) -> int:
+        """Bring the keys that only a remote tier holds into the memory tiers above it, in
+        batched round trips, so that the reads that follow hit locally (a KV load calls this
+        for a prompt's chunks first). The number of keys brought up; 0 with ``promote: false``."""
+        encoded = [self._check_key(k).encoded for k in keys]
+        return self.chain.prefetch(encoded) if self.config.promote else 0
 
     def contains(self, key: Key, *, mode: str = "chain", tier: str | None = None) -> bool:
         return self.contains_many([key], mode=mode, tier=tier)[0]
@@ -152,15 +167,17 @@ class StorageEngine:
     def lease(self, key: Key) -> Iterator[torch.Tensor | None]:
         """A zero-copy, read-only view of the stored tensor in a memory tier, valid inside the
         ``with`` block (the bytes cannot be evicted or reused meanwhile). None on a miss.
-        A copy found only in a lower tier is promoted first."""
+        A copy found only in a lower tier is promoted first; one that no memory tier can take
+        (full of leased objects, or no memory tier at all) is yielded as a private copy."""
         key = self._check_key(key)
         held = self.chain.lease_view(key.encoded)
-        if held is None and self.chain.read(key.encoded, self._chain_order, True) is not None:
-            held = self.chain.lease_view(key.encoded)
         if held is None:
-            self._count(key.namespace, "misses", 0)
-            yield None
-            return
+            found = self.chain.read(key.encoded, self._chain_order, True)
+            held = None if found is None else self.chain.lease_view(key.encoded)
+            if held is None:  # a miss, or a copy no memory tier could take: the reader's own
+                self._count(key.namespace, "misses" if found is None else "hits", found[0].nbytes if found else 0)
+                yield None if found is None else found[1]
+                return
         tier, e = held
         self._count(key.namespace, "hits", e.meta.nbytes)
         try:

@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 
 from strata.config import StoreConfig, TierConfig
-from strata.store.codec import ObjectMeta
+from strata.store.codec import CorruptObject, ObjectMeta
 from strata.store.eviction import make_policy
 
 
@@ -98,6 +98,17 @@ class Tier:
         """The payload as a new CPU tensor of the stored dtype and shape."""
         out = torch.empty(entry.meta.shape, dtype=entry.meta.dtype)
         self.read_into(entry, out)
+        return out
+
+    def read_many(self, entries: list[Entry]) -> list:
+        """Per entry its payload (as ``read``) or the exception ``read`` raised (NotStored,
+        CorruptObject, OSError). A remote tier batches the round trips."""
+        out: list = []
+        for e in entries:
+            try:
+                out.append(self.read(e))
+            except (NotStored, CorruptObject, OSError) as exc:
+                out.append(exc)
         return out
 
     def stats_extra(self) -> dict:

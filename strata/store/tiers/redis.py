@@ -22,6 +22,7 @@ import logging
 import os
 import threading
 import time
+import warnings
 from typing import Callable, Iterator, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
@@ -40,6 +41,12 @@ T = TypeVar("T")
 MAX_VALUE = 512 << 20  # Redis's default proto-max-bulk-len: a larger value is refused by the server
 BACKOFF_S = 1.0  # after a failed call, calls answer at once (as misses) for this long
 _SCAN_BATCH = 1000
+BATCH = 16  # GETs per pipelined round trip in read_many (a 4K-token prompt's 256-token chunks: one)
+_ALIGN = 16  # the payload starts this far into a value: a tensor over the reply is aligned for any dtype
+
+
+def _payload_offset(header_len: int) -> int:
+    return -(-header_len // _ALIGN) * _ALIGN
 
 
 def redact(url: str) -> str:
@@ -49,6 +56,22 @@ def redact(url: str) -> str:
         return url
     host = parts.netloc.rsplit("@", 1)[-1]
     return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
+
+
+_quiet = False
+
+
+def _tensor_over(value: bytes, offset: int) -> torch.Tensor:
+    """A uint8 tensor over ``value[offset:]`` without a copy. Torch warns, once per process, that
+    the bytes are read-only: nothing else holds the reply, so the tensor may own them."""
+    global _quiet
+    if _quiet:
+        return torch.frombuffer(value, dtype=torch.uint8, offset=offset)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        out = torch.frombuffer(value, dtype=torch.uint8, offset=offset)
+    _quiet = True
+    return out
 
 
 def _namespace(key: bytes) -> str:
@@ -91,6 +114,7 @@ class RedisTier(Tier):
         self._state = threading.Lock()
         self.dropped_writes = 0  # puts the server did not take (down, slow, full)
         self.skipped = 0  # calls answered at once while the server was marked down
+        self.round_trips = 0  # calls sent to the server (a pipeline is one)
         self.server: dict = {}
         self._configure()
 
@@ -100,6 +124,7 @@ class RedisTier(Tier):
         if time.monotonic() < self._down_until:
             self.skipped += 1
             raise OSError(f"redis {what}: server unreachable, retried after a back-off")
+        self.round_trips += 1
         try:
             out = fn()
         except self._down_errors as e:
@@ -157,7 +182,7 @@ class RedisTier(Tier):
 
     # -- storage hooks: the server is the index --------------------------------------------------
     def stored_size(self, key: bytes, meta) -> int:
-        return header_size_for(key, meta) + meta.nbytes
+        return _payload_offset(header_size_for(key, meta)) + meta.nbytes
 
     def lookup(self, key: bytes) -> Entry | None:
         return None  # nothing is known here: ask the server (probe, exists_many)
@@ -205,9 +230,11 @@ class RedisTier(Tier):
         self.remove(e.key)  # a corrupt value: never served again
 
     def write(self, e: Entry, data: torch.Tensor) -> bool:
-        # One bytes object, header then payload, built with one copy: the client sends bytes
+        # One bytes object (header, padding, payload) built with one copy: the client sends bytes
         # several times faster than a memoryview.
-        body = b"".join((pack_header(e.key, e.meta), flat_bytes(data).numpy().data if e.meta.nbytes else b""))
+        header = pack_header(e.key, e.meta)
+        pad = bytes(_payload_offset(len(header)) - len(header))
+        body = b"".join((header, pad, flat_bytes(data).numpy().data if e.meta.nbytes else b""))
         try:
             self._call(lambda: self.client.set(self.prefix + e.key, body), "SET")
         except OSError:
@@ -217,8 +244,42 @@ class RedisTier(Tier):
         e.loc = "written"
         return True
 
-    def _fetch(self, e: Entry) -> np.ndarray:
-        value = self._call(lambda: self.client.get(self.prefix + e.key), "GET")
+    def read(self, e: Entry) -> torch.Tensor:
+        return self._decode(e, self._call(lambda: self.client.get(self.prefix + e.key), "GET"))
+
+    def read_into(self, e: Entry, out: torch.Tensor) -> None:
+        data = self.read(e)
+        if out.numel() * out.element_size() != e.meta.nbytes:
+            raise CorruptObject("stored size differs from the destination")
+        if e.meta.nbytes:
+            flat_bytes(out).copy_(flat_bytes(data))
+
+    def read_many(self, entries: list[Entry]) -> list:
+        """Pipelined GETs, ``BATCH`` keys a round trip: per entry its payload or the exception
+        a single read would have raised."""
+        out: list = []
+        for lo in range(0, len(entries), BATCH):
+            part = entries[lo : lo + BATCH]
+            pipe = self.client.pipeline(transaction=False)
+            for e in part:
+                pipe.get(self.prefix + e.key)
+            try:
+                values = self._call(lambda: pipe.execute(raise_on_error=False), "GET")
+            except OSError as exc:
+                out.extend([exc] * len(part))
+                continue
+            for e, value in zip(part, values):
+                try:
+                    if isinstance(value, Exception):  # an error reply for this key alone
+                        raise OSError(f"redis GET: {value}")
+                    out.append(self._decode(e, value))
+                except (NotStored, CorruptObject, OSError) as exc:
+                    out.append(exc)
+        return out
+
+    def _decode(self, e: Entry, value: bytes | None) -> torch.Tensor:
+        """The payload of a value read for ``e``, checked, as a tensor of the stored dtype and
+        shape that shares the reply's memory (no copy; the tensor owns the reply)."""
         if value is None:
             raise NotStored
         if len(value) < FIXED_HEADER_SIZE:
@@ -227,27 +288,18 @@ class RedisTier(Tier):
         key, meta = unpack_header(value[:n])
         if key != e.key:
             raise CorruptObject("value holds another key")
-        if len(value) != n + meta.nbytes:
+        offset = _payload_offset(n)
+        if len(value) != offset + meta.nbytes:
             raise CorruptObject("payload length mismatch")
-        payload = np.frombuffer(value, dtype=np.uint8, offset=n)
+        payload = np.frombuffer(value, dtype=np.uint8, offset=offset)
         if checksum_buffer(payload) != meta.checksum:
             raise CorruptObject("payload checksum mismatch")
         e.meta = meta
-        return payload
-
-    def read(self, e: Entry) -> torch.Tensor:
-        payload = self._fetch(e)
-        out = torch.empty(e.meta.shape, dtype=e.meta.dtype)
-        if e.meta.nbytes:
-            flat_bytes(out).numpy()[:] = payload
-        return out
-
-    def read_into(self, e: Entry, out: torch.Tensor) -> None:
-        payload = self._fetch(e)
-        if out.numel() * out.element_size() != len(payload):
-            raise CorruptObject("stored size differs from the destination")
-        if len(payload):
-            flat_bytes(out).numpy()[:] = payload
+        if not meta.nbytes:
+            return torch.empty(meta.shape, dtype=meta.dtype)
+        if payload.ctypes.data % meta.dtype.itemsize:  # not aligned for the dtype: copy
+            return torch.from_numpy(payload.copy()).view(meta.dtype).view(meta.shape)
+        return _tensor_over(value, offset).view(meta.dtype).view(meta.shape)
 
     # -- reporting -----------------------------------------------------------------------------
     def location(self) -> str:
@@ -279,7 +331,8 @@ class RedisTier(Tier):
         if self.server.get("maxmemory"):
             out["capacity"] = self.server["maxmemory"]
         out.update(url=self.url, key_prefix=self.cfg.key_prefix, server=dict(self.server),
-                   dropped_writes=self.dropped_writes, skipped_while_down=self.skipped)
+                   dropped_writes=self.dropped_writes, skipped_while_down=self.skipped,
+                   round_trips=self.round_trips)
         return out
 
     def close(self) -> None:
