@@ -76,7 +76,7 @@ class TierConfig:
     policy: str = "lru"
     write: str = "through"  # how writes to this tier reach the next one
     verify: bool = False  # verify checksums on every read (persistent tiers always do)
-    pin: str = "auto"  # cpu: pinned slab when CUDA is available ("auto"), or "always"/"never"
+    pin: str = "auto"  # cpu: pinned slab, cxl: mapping registered with CUDA, when CUDA is available ("auto"), or "always"/"never"
     path: str | None = None  # file: directory; cxl: a DAX device or a file to map
     fsync: bool = False  # file: fsync each object before it becomes visible
     size: int | None = None  # cxl: bytes of the region to map
@@ -125,7 +125,7 @@ _TIER_KEYS = {
     "cpu": {"kind", "name", "capacity", "policy", "write", "verify", "pin"},
     "file": {"kind", "name", "capacity", "policy", "write", "verify", "path", "fsync"},
     "ranges": {"kind", "name", "capacity", "policy"},  # read-only: objects registered from existing files
-    "cxl": {"kind", "name", "capacity", "policy", "write", "verify", "path", "size", "reset", "numa_node"},
+    "cxl": {"kind", "name", "capacity", "policy", "write", "verify", "path", "size", "reset", "numa_node", "pin"},
     # Redis holds its own capacity (maxmemory) and eviction (maxmemory_policy): no capacity or policy here.
     "redis": {"kind", "name", "write", "url", "password", "password_env", "timeout_ms", "max_connections",
               "key_prefix", "maxmemory", "maxmemory_policy"},
@@ -183,7 +183,7 @@ def _tier(i: int, raw: Mapping) -> TierConfig:
         kw["write"] = _choice(f"{where}.write", raw["write"], WRITE_MODES)
     if "verify" in raw:
         kw["verify"] = _bool(f"{where}.verify", raw["verify"])
-    if kind == "cpu" and "pin" in raw:
+    if kind in ("cpu", "cxl") and "pin" in raw:
         pin = {True: "always", False: "never"}.get(raw["pin"], raw["pin"])  # type: ignore[call-overload]
         kw["pin"] = _choice(f"{where}.pin", pin, ("auto", "always", "never"))
     if kind == "file":

@@ -182,3 +182,68 @@ def test_numa_node_binds_the_region_or_says_why_not(tmp_path, caplog):
         assert store.put(strata.Key("kv", "s", "x"), b"anywhere") and store.get(strata.Key("kv", "s", "x"))
     with pytest.raises(ConfigError, match=r"tiers\[0\]\.numa_node: got -1"):
         strata.open_store({"tiers": [{"kind": "cxl", "path": str(tmp_path / "c"), "size": "4MiB", "numa_node": -1}]})
+
+
+class FakeCudart:
+    """Stands in for torch.cuda.cudart() on a machine without CUDA: records what is asked."""
+
+    def __init__(self, code):
+        self.code, self.registered, self.unregistered = code, [], []
+
+    def cudaHostRegister(self, ptr, size, flags):
+        self.registered.append((ptr, size, flags))
+        return self.code
+
+    def cudaHostUnregister(self, ptr):
+        self.unregistered.append(ptr)
+        return 0
+
+
+@pytest.mark.parametrize("code", [0, 1])
+def test_the_mapping_is_registered_with_cuda_or_says_why_not(tmp_path, monkeypatch, caplog, code):
+    from strata.store import cudahost
+
+    fake = FakeCudart(code)
+    monkeypatch.setattr(cudahost, "_cudart", lambda: fake)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    store = strata.open_store({"tiers": [{"kind": "cxl", "path": str(tmp_path / "r"), "size": "4MiB"}]})
+    tier = cxl_tier(store)
+    ptr = tier.bytes.data_ptr()
+    assert fake.registered == [(ptr, 4 << 20, cudahost.REGISTER_PORTABLE)]
+    cuda = tier.stats()["cuda"]
+    assert cuda["registered"] is (code == 0) and tier.pinned is (code == 0)
+    if code:  # refused: a warning, copies stay pageable, serving goes on
+        assert "cudaError 1" in cuda["reason"] and "refused" in caplog.text
+    key = strata.Key("kv", "s", "x")
+    assert store.put(key, torch.arange(100.0)) and torch.equal(store.get(key), torch.arange(100.0))
+    store.close()
+    assert fake.unregistered == ([ptr] if code == 0 else [])
+
+
+def test_without_cuda_the_mapping_stays_pageable_and_pin_never_skips_it(tmp_path):
+    with strata.open_store({"tiers": [{"kind": "cxl", "path": str(tmp_path / "a"), "size": "4MiB"}]}) as store:
+        cuda = cxl_tier(store).stats()["cuda"]
+        if not torch.cuda.is_available():
+            assert cuda == {"registered": False, "reason": "no CUDA device: host-to-device copies are not needed"}
+    with strata.open_store({"tiers": [{"kind": "cxl", "path": str(tmp_path / "b"), "size": "4MiB",
+                                       "pin": "never"}]}) as store:
+        assert "cuda" not in cxl_tier(store).stats() and not cxl_tier(store).pinned
+    with pytest.raises(ConfigError, match=r"tiers\[0\]\.pin: got 'sometimes'"):
+        strata.open_store({"tiers": [{"kind": "cxl", "path": str(tmp_path / "c"), "size": "4MiB", "pin": "sometimes"}]})
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (runs on the GPU machine)")
+@pytest.mark.parametrize("verify", [True, False])
+def test_get_into_the_gpu_from_the_registered_mapping(tmp_path, verify):
+    cfg = {"tiers": [{"kind": "cxl", "path": str(tmp_path / "r"), "size": "64MiB", "verify": verify}]}
+    with strata.open_store(cfg) as store:
+        assert cxl_tier(store).stats()["cuda"]["registered"], cxl_tier(store).stats()["cuda"]["reason"]
+        values = [torch.randn(1 << 18) for _ in range(8)]
+        for i, v in enumerate(values):
+            assert store.put(strata.Key("kv", "gpu", f"c{i}"), v)
+        out = torch.empty(1 << 18, device="cuda")
+        for i, v in enumerate(values):
+            assert store.get_into(strata.Key("kv", "gpu", f"c{i}"), out)
+            assert torch.equal(out.cpu(), v)
+        torch.cuda.synchronize()
+        assert cxl_tier(store).stats()["checksum_failures"] == 0

@@ -243,10 +243,14 @@ class TierChain:
         if target.device.type == "cpu":
             tier.read_into(e, target)
             return target
-        if e.view is not None and not tier.cfg.verify:
-            async_copy = target.is_cuda and getattr(tier, "pinned", False)
+        if e.view is not None and (tier.pinned or not tier.cfg.verify):
+            async_copy = target.is_cuda and tier.pinned
             target.copy_(e.view, non_blocking=async_copy)
-            if async_copy:  # the bytes must outlive the copy: lease until its event fires
+            if tier.cfg.verify:  # checked once the copy has read them: bytes changed meanwhile are a miss
+                if async_copy:
+                    torch.cuda.current_stream().synchronize()
+                tier.check_view(e)
+            elif async_copy:  # the bytes must outlive the copy: lease until its event fires
                 event = torch.cuda.Event()
                 event.record()
                 with self.lock:
@@ -345,6 +349,5 @@ class TierChain:
             self.writeback.close()
         with self.lock:
             for t in self.tiers:
-                if hasattr(t, "reap"):
-                    t.reap(wait=True)
+                t.reap(wait=True)
                 t.close()

@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 
 from strata.config import StoreConfig, TierConfig
-from strata.store.codec import CorruptObject, ObjectMeta
+from strata.store.codec import CorruptObject, ObjectMeta, checksum
 from strata.store.eviction import make_policy
 
 
@@ -69,6 +69,8 @@ class Tier:
         self.counters = TierCounters()
         self._policies: dict[str, object] = {}
         self._quotas: dict[str, int | None] = {}
+        self.pinned = False  # memory tiers: views are page-locked, so copies to the GPU may be asynchronous
+        self._in_flight: list[tuple[object, Entry]] = []  # (CUDA event, leased entry)
 
     # -- subclass hooks ---------------------------------------------------------------
     def stored_size(self, key: bytes, meta: ObjectMeta) -> int:
@@ -100,6 +102,11 @@ class Tier:
         self.read_into(entry, out)
         return out
 
+    def check_view(self, e: Entry) -> None:
+        """With ``verify``, CorruptObject unless the bytes in place match the payload checksum."""
+        if self.cfg.verify and e.view is not None and checksum(e.view) != e.meta.checksum:
+            raise CorruptObject(f"payload checksum mismatch in tier {self.name}")
+
     def read_many(self, entries: list[Entry]) -> list:
         """Per entry its payload (as ``read``) or the exception ``read`` raised (NotStored,
         CorruptObject, OSError). A remote tier batches the round trips."""
@@ -119,7 +126,7 @@ class Tier:
 
     def location(self) -> str:
         """Where the bytes live, for humans."""
-        return self.stats_extra().get("path") or ("pinned memory" if getattr(self, "pinned", False) else "memory")
+        return self.stats_extra().get("path") or ("pinned memory" if self.pinned else "memory")
 
     def contents(self):
         """(key, namespace, stored bytes) of every object: a snapshot of the index for local tiers."""
@@ -199,6 +206,25 @@ class Tier:
 
     def touch(self, e: Entry) -> None:
         self.policy(e.ns).touch(e.key)
+
+    # -- asynchronous copies to the GPU (pinned memory tiers) ---------------------------
+    def hold_until(self, e: Entry, event) -> None:
+        """Keep ``e``'s lease until ``event`` (a recorded CUDA event) completes. Caller holds the lock."""
+        if self._in_flight:
+            self.reap()  # leases of copies that have finished go back now, not at the next full tier
+        self.lease(e)
+        self._in_flight.append((event, e))
+
+    def reap(self, wait: bool = False) -> None:
+        keep = []
+        for event, e in self._in_flight:
+            if wait:
+                event.synchronize()
+            if wait or event.query():
+                self.release(e)
+            else:
+                keep.append((event, e))
+        self._in_flight = keep
 
     # -- internals ----------------------------------------------------------------------
     def _account(self, e: Entry, sign: int) -> None:

@@ -13,17 +13,10 @@ import functools
 
 import torch
 
+from strata.store import cudahost
 from strata.store.allocator import ExtentAllocator
 from strata.store.codec import CorruptObject, checksum
 from strata.store.tiers.base import Entry, Tier
-
-
-def _want_pinned(pin: str) -> bool:
-    if pin == "never":
-        return False
-    if pin == "always":
-        return True
-    return torch.cuda.is_available()
 
 
 @functools.lru_cache(maxsize=4096)
@@ -40,13 +33,12 @@ class CpuTier(Tier):
 
     def __init__(self, cfg, store_cfg):
         super().__init__(cfg, store_cfg)
-        self.pinned = _want_pinned(cfg.pin)
+        self.pinned = cudahost.wanted(cfg.pin)
         self.allocator = ExtentAllocator(cfg.capacity)
         self.capacity = self.allocator.capacity
         # Pageable memory is reserved lazily by the OS; pinned memory is locked up front.
         self.slab = torch.empty(self.capacity, dtype=torch.uint8, pin_memory=self.pinned)
         self._aliases: dict[torch.dtype, torch.Tensor] = {}  # the slab seen as each dtype
-        self._in_flight: list[tuple[object, Entry]] = []  # (CUDA event, leased entry)
 
     def stored_size(self, key, meta) -> int:
         return self.allocator.rounded(meta.nbytes)
@@ -77,36 +69,13 @@ class CpuTier(Tier):
             e.meta = e.meta.with_checksum(checksum(e.view))
         return True
 
-    def _verify(self, e: Entry) -> None:
-        if self.cfg.verify and checksum(e.view) != e.meta.checksum:
-            raise CorruptObject(f"checksum mismatch in tier {self.name}")
-
     def read(self, e: Entry) -> torch.Tensor:
-        self._verify(e)
+        self.check_view(e)
         return e.view.clone()
 
     def read_into(self, e: Entry, out: torch.Tensor) -> None:
-        self._verify(e)
+        self.check_view(e)
         out.copy_(e.view)
-
-    # -- asynchronous copies to the GPU -------------------------------------------------
-    def hold_until(self, e: Entry, event) -> None:
-        """Keep ``e``'s lease until ``event`` (a recorded CUDA event) completes. Caller holds the lock."""
-        if self._in_flight:
-            self.reap()  # leases of copies that have finished go back now, not at the next full slab
-        self.lease(e)
-        self._in_flight.append((event, e))
-
-    def reap(self, wait: bool = False) -> None:
-        keep = []
-        for event, e in self._in_flight:
-            if wait:
-                event.synchronize()
-            if wait or event.query():
-                self.release(e)
-            else:
-                keep.append((event, e))
-        self._in_flight = keep
 
     def stats_extra(self) -> dict:
         return {

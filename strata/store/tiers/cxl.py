@@ -10,6 +10,10 @@ flushes again. After a crash only committed slots exist: an interrupted put is n
 readable and its bytes are free, because the allocator is rebuilt from the committed
 slots on open. The newest ``seq`` of a key wins.
 
+Where CUDA is present (``pin: auto``, the default) the mapping is registered with CUDA
+(``cudaHostRegister``), so copies to the GPU run from it at pinned speed, asynchronously;
+a refusal is a warning and a ``cuda`` entry in stats, and copies stay pageable.
+
 With ``numa_node`` the region's pages are bound to that node (``mbind`` through libnuma),
 for CXL memory that the host shows as a CPU-less NUMA node; a missing node or libnuma is a
 warning and a ``numa`` entry in stats, never a crash.
@@ -36,7 +40,7 @@ import xxhash
 
 from strata.errors import ConfigError
 from strata.keys import Key
-from strata.store import numa
+from strata.store import cudahost, numa
 from strata.store.allocator import ExtentAllocator
 from strata.store.codec import CorruptObject, checksum, header_size_for, pack_header, unpack_header
 from strata.store.tiers.base import Entry, Tier
@@ -89,6 +93,12 @@ class CxlTier(Tier):
             self.numa = {"node": cfg.numa_node, "bound": bound, "reason": why}
             if not bound:
                 log.warning("tier %s: %s; the region stays where the OS puts it", cfg.name, why)
+        self.cuda = None
+        if cfg.pin != "never":  # copies to the GPU straight from the mapping, at pinned speed
+            self.pinned, why = cudahost.register(self.bytes.data_ptr(), size)
+            self.cuda = {"registered": self.pinned, "reason": why}
+            if not self.pinned and torch.cuda.is_available():
+                log.warning("tier %s: %s", cfg.name, why)
         self._locks = 0  # puts of this process in flight while it holds the region lock
         foreign = False
         with self._region_lock():
@@ -354,12 +364,17 @@ class CxlTier(Tier):
                "fragmentation": round(1 - largest / free, 4) if free else 0.0}
         if self.numa is not None:
             out["numa"] = dict(self.numa)
+        if self.cuda is not None:
+            out["cuda"] = dict(self.cuda)
         return out
 
     def close(self) -> None:
         if self.map is None:
             return
         self.index.clear()
+        if self.pinned:
+            cudahost.unregister(self.bytes.data_ptr())
+            self.pinned = False
         self.bytes = None
         try:
             self.map.flush()
