@@ -3,6 +3,7 @@
 import logging
 import os
 import signal
+import threading
 import time
 import uuid
 
@@ -343,3 +344,29 @@ def test_tls_with_a_ca_file_in_the_url(tmp_path):
             assert s.put(K, b"x") is False  # an unknown CA: refused, a dropped write, no crash
     finally:
         server.stop()
+
+
+def test_a_delete_waits_for_a_write_back_of_the_key_in_flight(redis_url):
+    with strata.open_store(cpu_redis(redis_url, write="back")) as store:
+        tier = store.tiers[1]
+        real, entered, go = tier.write, threading.Event(), threading.Event()
+
+        def slow_write(e, data):  # the flush's SET lands only when the test says, then lingers
+            entered.set()
+            go.wait(5)
+            ok = real(e, data)
+            time.sleep(0.3)
+            return ok
+
+        tier.write = slow_write
+        assert store.put(K, torch.ones(10))
+        assert entered.wait(5)
+        deleter = threading.Thread(target=store.delete, args=(K,))
+        deleter.start()
+        deleter.join(0.3)
+        go.set()
+        deleter.join(5)
+        time.sleep(0.15)  # had the delete not waited, the flush's SET would have landed by now
+        # the delete returned only after the flush's SET and its undo: nothing of K is left anywhere
+        assert not store.contains(K) and tier.client.exists(tier.prefix + K.encoded) == 0
+        assert store.get(K) is None

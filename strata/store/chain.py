@@ -34,6 +34,8 @@ class TierChain:
         self.tiers = tiers
         self.cfg = cfg
         self.lock = threading.RLock()
+        self._writing: dict[bytes, int] = {}  # keys with a write to a remote tier in flight
+        self._writes_done = threading.Condition(self.lock)
         self.dropped_dirty = 0  # write-back objects evicted before reaching the tier below
         self.writeback = None
         if any(t.cfg.write == "back" for t in tiers[:-1]):
@@ -74,6 +76,8 @@ class TierChain:
             if e is None:
                 tier.counters.rejected += 1
                 return None
+            if tier.remote:
+                self._writing[key] = self._writing.get(key, 0) + 1
         ok = False
         try:
             ok = tier.write(e, data)
@@ -88,6 +92,11 @@ class TierChain:
                 else:
                     tier.abort(e)
                     e = None
+                if tier.remote:
+                    self._writing[key] -= 1
+                    if not self._writing[key]:
+                        del self._writing[key]
+                        self._writes_done.notify_all()
         return e
 
     def _on_evict(self, tier: Tier, e: Entry) -> bool:
@@ -326,6 +335,8 @@ class TierChain:
                 if e is not None:
                     tier.retire(e)
                     found = True
+            while key in self._writing:  # a write in flight (a write-back flush) would land after the DEL
+                self._writes_done.wait()
         for tier in self.tiers:
             if tier.remote:
                 found = tier.remove(key) or found
