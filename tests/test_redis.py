@@ -122,6 +122,32 @@ def test_a_batch_of_reads_takes_a_round_trip_per_16_keys(redis_url):
             assert torch.equal(c.get(k, mode="exact", tier="cpu"), v)
 
 
+def test_write_back_sends_what_is_queued_to_redis_in_batches(redis_url):
+    with strata.open_store(cpu_redis(redis_url, write="back", cpu="8MiB")) as store:
+        redis = store.tiers[1]
+        real, go = redis.write_many, threading.Event()
+        sizes = []
+
+        def held(pairs):  # the first flush waits, so the other puts queue up behind it
+            sizes.append(len(pairs))
+            go.wait(5)
+            return real(pairs)
+
+        redis.write_many = held
+        keys = [Key("kv", "s", f"c{i}") for i in range(20)]
+        before = redis.round_trips
+        for i, k in enumerate(keys):
+            assert store.put(k, torch.full((1000,), float(i)))
+        go.set()
+        store.flush()
+        # the first flush takes what was queued when it woke; the rest follow in batches of 16
+        assert sum(sizes) == 20 and max(sizes) <= 16 and len(sizes) <= 3
+        assert redis.round_trips - before == len(sizes)  # not 20 SETs
+        assert store.stats()["writeback"]["flushed"] == 20
+        for i, k in enumerate(keys):
+            assert torch.equal(store.get(k, mode="exact", tier="redis"), torch.full((1000,), float(i)))
+
+
 def test_a_damaged_value_in_a_batch_is_a_miss_and_the_rest_are_served(redis_url):
     with strata.open_store({"tiers": [redis_tier(redis_url)]}) as store:
         tier = store.tiers[0]
@@ -349,16 +375,16 @@ def test_tls_with_a_ca_file_in_the_url(tmp_path):
 def test_a_delete_waits_for_a_write_back_of_the_key_in_flight(redis_url):
     with strata.open_store(cpu_redis(redis_url, write="back")) as store:
         tier = store.tiers[1]
-        real, entered, go = tier.write, threading.Event(), threading.Event()
+        real, entered, go = tier.write_many, threading.Event(), threading.Event()
 
-        def slow_write(e, data):  # the flush's SET lands only when the test says, then lingers
+        def slow_write(pairs):  # the flush's SET lands only when the test says, then lingers
             entered.set()
             go.wait(5)
-            ok = real(e, data)
+            ok = real(pairs)
             time.sleep(0.3)
             return ok
 
-        tier.write = slow_write
+        tier.write_many = slow_write
         assert store.put(K, torch.ones(10))
         assert entered.wait(5)
         deleter = threading.Thread(target=store.delete, args=(K,))

@@ -40,7 +40,7 @@ class TierChain:
         self.writeback = None
         if any(t.cfg.write == "back" for t in tiers[:-1]):
             wb = cfg.writeback
-            self.writeback = WriteBack(self._flush_one, wb.max_pending, wb.max_pending_bytes)
+            self.writeback = WriteBack(self._flush_many, wb.max_pending, wb.max_pending_bytes)
 
     # -- writes ------------------------------------------------------------------------------
     def put(self, key: bytes, ns: str, meta: ObjectMeta, data: torch.Tensor) -> bool:
@@ -71,33 +71,44 @@ class TierChain:
 
     def _write_one(self, tier: Tier, key: bytes, ns: str, meta: ObjectMeta, data: torch.Tensor,
                    guard: Guard | None, dirty: bool = False) -> Entry | None:
+        return self._write_many(tier, [(key, ns, meta, data, guard)], dirty)[0]
+
+    def _write_many(self, tier: Tier, items: list, dirty: bool = False) -> list[Entry | None]:
+        """Write ``(key, ns, meta, data, guard)`` items into ``tier`` (a remote tier batches them):
+        per item the published entry, or None where it was rejected, failed or lost to a newer
+        put of its key (a guard that no longer holds)."""
+        entries: list[Entry | None] = []
         with self.lock:
-            e = tier.reserve(key, ns, meta, self._on_evict)
-            if e is None:
-                tier.counters.rejected += 1
-                return None
-            if tier.remote:
-                self._writing[key] = self._writing.get(key, 0) + 1
-        ok = False
+            for key, ns, meta, _, _ in items:
+                e = tier.reserve(key, ns, meta, self._on_evict)
+                if e is None:
+                    tier.counters.rejected += 1
+                elif tier.remote:
+                    self._writing[key] = self._writing.get(key, 0) + 1
+                entries.append(e)
+        reserved = [(e, item[3]) for e, item in zip(entries, items) if e is not None]
+        written: list[bool] = []
         try:
-            ok = tier.write(e, data)
-        except OSError:
-            tier.counters.errors += 1
+            written = tier.write_many(reserved)
         finally:
+            ok = iter(written)
             with self.lock:
-                # A newer put of the same key may have won meanwhile: never publish stale bytes.
-                if ok and (guard is None or guard()):
-                    e.dirty = dirty
-                    tier.publish(e)
-                else:
-                    tier.abort(e)
-                    e = None
-                if tier.remote:
-                    self._writing[key] -= 1
-                    if not self._writing[key]:
-                        del self._writing[key]
-                        self._writes_done.notify_all()
-        return e
+                for j, (e, item) in enumerate(zip(entries, items)):
+                    if e is None:
+                        continue
+                    # A newer put of the same key may have won meanwhile: never publish stale bytes.
+                    if next(ok, False) and (item[4] is None or item[4]()):
+                        e.dirty = dirty
+                        tier.publish(e)
+                    else:
+                        tier.abort(e)
+                        entries[j] = None
+                    if tier.remote:
+                        self._writing[e.key] -= 1
+                        if not self._writing[e.key]:
+                            del self._writing[e.key]
+                            self._writes_done.notify_all()
+        return entries
 
     def _on_evict(self, tier: Tier, e: Entry) -> bool:
         """Called under the lock before ``e`` leaves ``tier``: demote it if it must live on."""
@@ -118,6 +129,23 @@ class TierChain:
             return True
         return False
 
+    def _flush_many(self, items: list[tuple[int, Entry]]) -> list[bool]:
+        """Write dirty entries to the tiers below them. Those whose next tier is a remote last
+        tier go to it in one batch (pipelined round trips); the rest one by one."""
+        last = len(self.tiers) - 1
+        batch = [j for j, (i, _) in enumerate(items) if i + 1 == last and self.tiers[last].remote]
+        done = [False] * len(items)
+        for j, (i, e) in enumerate(items):
+            if j not in batch:
+                done[j] = self._flush_one(i, e)
+        by_tier: dict[int, list[int]] = {}
+        for j in batch:
+            by_tier.setdefault(items[j][0], []).append(j)
+        for i, js in by_tier.items():
+            for j, ok in zip(js, self._flush_to_remote(i, [items[j][1] for j in js])):
+                done[j] = ok
+        return done
+
     def _flush_one(self, i: int, e: Entry) -> bool:
         tier = self.tiers[i]
         with self.lock:
@@ -137,6 +165,32 @@ class TierChain:
         if ok:
             e.dirty = False
         return ok
+
+    def _flush_to_remote(self, i: int, entries: list[Entry]) -> list[bool]:
+        """``_flush_one`` of many entries of tier ``i`` into the remote tier below it, batched."""
+        tier, below = self.tiers[i], self.tiers[i + 1]
+        with self.lock:
+            skip = [not e.dirty or tier.index.get(e.key) is not e for e in entries]  # replaced, deleted, clean
+            todo = [e for e, s in zip(entries, skip) if not s]
+            for e in todo:
+                tier.lease(e)
+        try:
+            items, sent = [], []
+            for e in todo:
+                data = self._payload(tier, e)
+                if data is not None:
+                    guard = (lambda e=e: tier.index.get(e.key) is e)
+                    items.append((e.key, e.ns, self._with_checksum(e, data), data, guard))
+                    sent.append(e)
+            stored = {id(e) for e, w in zip(sent, self._write_many(below, items)) if w is not None}
+        finally:
+            with self.lock:
+                for e in todo:
+                    tier.release(e)
+        for e in sent:
+            if id(e) in stored:
+                e.dirty = False
+        return [s or id(e) in stored for e, s in zip(entries, skip)]
 
     def _payload(self, tier: Tier, e: Entry) -> torch.Tensor | None:
         """The entry's payload as a CPU tensor (a view in place for memory tiers)."""

@@ -1,7 +1,9 @@
 """Write-back: a bounded queue of dirty objects and one background flusher.
 
 Writers wait (back-pressure) while the queue holds ``max_pending`` objects or
-``max_pending_bytes`` bytes; the flusher itself never waits on its own queue.
+``max_pending_bytes`` bytes; the flusher itself never waits on its own queue. The flusher
+takes what is queued, up to ``BATCH`` objects at once, so a remote tier below gets them
+in few round trips.
 """
 
 from __future__ import annotations
@@ -12,11 +14,12 @@ from collections import deque
 from typing import Callable
 
 log = logging.getLogger("strata.writeback")
+BATCH = 16  # queued objects handed to one flush (a remote tier below writes them in one round trip)
 
 
 class WriteBack:
-    def __init__(self, flush_one: Callable[[int, object], bool], max_pending: int, max_pending_bytes: int):
-        self._flush_one = flush_one
+    def __init__(self, flush_many: Callable[[list], list[bool]], max_pending: int, max_pending_bytes: int):
+        self._flush_many = flush_many
         self.max_pending = max_pending
         self.max_pending_bytes = max_pending_bytes
         self._cond = threading.Condition()
@@ -53,18 +56,18 @@ class WriteBack:
                     self._cond.wait()
                 if not self._queue:
                     return
-                tier_index, entry = self._queue.popleft()
-                self._busy += 1
-            ok = False
+                batch = [self._queue.popleft() for _ in range(min(len(self._queue), BATCH))]
+                self._busy += len(batch)
+            done = [False] * len(batch)
             try:
-                ok = self._flush_one(tier_index, entry)
+                done = self._flush_many(batch)
             except Exception:  # a flush must never kill the flusher
-                log.exception("write-back of one object failed")
+                log.exception("write-back of %d objects failed", len(batch))
             with self._cond:
-                self._busy -= 1
-                self._pending_bytes -= entry.size
-                self.flushed += ok
-                self.failed += not ok
+                self._busy -= len(batch)
+                self._pending_bytes -= sum(entry.size for _, entry in batch)
+                self.flushed += sum(done)
+                self.failed += len(batch) - sum(done)
                 self._cond.notify_all()
 
     def drain(self) -> None:

@@ -107,6 +107,18 @@ class Tier:
         if self.cfg.verify and e.view is not None and checksum(e.view) != e.meta.checksum:
             raise CorruptObject(f"payload checksum mismatch in tier {self.name}")
 
+    def write_many(self, pairs: list[tuple[Entry, torch.Tensor]]) -> list[bool]:
+        """``write`` of many (entry, payload) pairs, per pair True or False (an I/O fault is
+        False and an error counted). A remote tier batches the round trips."""
+        out = []
+        for e, data in pairs:
+            try:
+                out.append(self.write(e, data))
+            except OSError:
+                self.counters.errors += 1
+                out.append(False)
+        return out
+
     def read_many(self, entries: list[Entry]) -> list:
         """Per entry its payload (as ``read``) or the exception ``read`` raised (NotStored,
         CorruptObject, OSError). A remote tier batches the round trips."""

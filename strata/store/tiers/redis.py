@@ -41,7 +41,8 @@ T = TypeVar("T")
 MAX_VALUE = 512 << 20  # Redis's default proto-max-bulk-len: a larger value is refused by the server
 BACKOFF_S = 1.0  # after a failed call, calls answer at once (as misses) for this long
 _SCAN_BATCH = 1000
-BATCH = 16  # GETs per pipelined round trip in read_many (a 4K-token prompt's 256-token chunks: one)
+BATCH = 16  # GETs or SETs per pipelined round trip (a 4K-token prompt's 256-token chunks: one)
+BATCH_BYTES = 16 << 20  # bytes of values sent in one round trip: each must go within timeout_ms
 _ALIGN = 16  # the payload starts this far into a value: a tensor over the reply is aligned for any dtype
 
 
@@ -230,19 +231,42 @@ class RedisTier(Tier):
         self.remove(e.key)  # a corrupt value: never served again
 
     def write(self, e: Entry, data: torch.Tensor) -> bool:
-        # One bytes object (header, padding, payload) built with one copy: the client sends bytes
-        # several times faster than a memoryview.
+        return self.write_many([(e, data)])[0]
+
+    def write_many(self, pairs: list[tuple[Entry, torch.Tensor]]) -> list[bool]:
+        """Pipelined SETs: up to ``BATCH`` values and ``BATCH_BYTES`` a round trip (a larger value
+        alone). A value the server did not take is False, a dropped write counted."""
+        out: list[bool] = []
+        lo = 0
+        while lo < len(pairs):
+            hi, size = lo + 1, pairs[lo][0].size
+            while hi < len(pairs) and hi - lo < BATCH and size + pairs[hi][0].size <= BATCH_BYTES:
+                size += pairs[hi][0].size
+                hi += 1
+            pipe = self.client.pipeline(transaction=False)
+            for e, data in pairs[lo:hi]:
+                pipe.set(self.prefix + e.key, self._value(e, data))
+            try:
+                replies = self._call(lambda: pipe.execute(raise_on_error=False), "SET")
+            except OSError:
+                replies = [None] * (hi - lo)
+            for (e, _), reply in zip(pairs[lo:hi], replies):
+                ok = reply is True
+                if ok:
+                    e.loc = "written"
+                else:
+                    self.dropped_writes += 1
+                    self.counters.errors += 1
+                out.append(ok)
+            lo = hi
+        return out
+
+    def _value(self, e: Entry, data: torch.Tensor) -> bytes:
+        """One bytes object (header, padding, payload) built with one copy: the client sends bytes
+        several times faster than a memoryview."""
         header = pack_header(e.key, e.meta)
         pad = bytes(_payload_offset(len(header)) - len(header))
-        body = b"".join((header, pad, flat_bytes(data).numpy().data if e.meta.nbytes else b""))
-        try:
-            self._call(lambda: self.client.set(self.prefix + e.key, body), "SET")
-        except OSError:
-            self.dropped_writes += 1
-            self.counters.errors += 1
-            return False
-        e.loc = "written"
-        return True
+        return b"".join((header, pad, flat_bytes(data).numpy().data if e.meta.nbytes else b""))
 
     def read(self, e: Entry) -> torch.Tensor:
         return self._decode(e, self._call(lambda: self.client.get(self.prefix + e.key), "GET"))
