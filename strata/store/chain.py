@@ -130,19 +130,13 @@ class TierChain:
         return False
 
     def _flush_many(self, items: list[tuple[int, Entry]]) -> list[bool]:
-        """Write dirty entries to the tiers below them. Those whose next tier is a remote last
-        tier go to it in one batch (pipelined round trips); the rest one by one."""
-        last = len(self.tiers) - 1
-        batch = [j for j, (i, _) in enumerate(items) if i + 1 == last and self.tiers[last].remote]
-        done = [False] * len(items)
-        for j, (i, e) in enumerate(items):
-            if j not in batch:
-                done[j] = self._flush_one(i, e)
-        by_tier: dict[int, list[int]] = {}
-        for j in batch:
-            by_tier.setdefault(items[j][0], []).append(j)
-        for i, js in by_tier.items():
-            for j, ok in zip(js, self._flush_to_remote(i, [items[j][1] for j in js])):
+        """Write dirty entries to the tiers below them. Those just above a remote last tier go
+        to it in one batch (pipelined round trips); the rest one by one."""
+        above_remote = len(self.tiers) - 2 if self.tiers[-1].remote else None
+        batch = [j for j, (i, _) in enumerate(items) if i == above_remote]
+        done = [False if i == above_remote else self._flush_one(i, e) for i, e in items]
+        if batch:
+            for j, ok in zip(batch, self._flush_to_remote(above_remote, [items[j][1] for j in batch])):
                 done[j] = ok
         return done
 
