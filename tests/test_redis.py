@@ -183,6 +183,8 @@ def test_a_lease_without_a_memory_tier_is_a_private_copy_and_a_miss_counts_once(
             assert view is None
         ns = store.stats()["namespaces"]["kv"]
         assert ns["hits"] == 1 and ns["misses"] == 1 and store.stats()["tiers"]["redis"]["misses"] == 1
+        before = store.tiers[0].round_trips
+        assert store.prefetch([K]) == 0 and store.tiers[0].round_trips == before  # nowhere to bring it up to
 
 
 def _timed(fn):

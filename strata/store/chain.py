@@ -349,12 +349,13 @@ class TierChain:
         return found
 
     def prefetch(self, keys: list[bytes]) -> int:
-        """Read the keys no local tier holds from the remote tiers (batched) and promote them
-        into the tiers above; the number found."""
+        """Read the keys no local tier holds from the remote tiers that have a local tier above
+        them to promote into (batched), and promote them; the number found."""
         with self.lock:
             local = [t for t in self.tiers if not t.remote]
             missing = [k for k in keys if all(t.lookup(k) is None for t in local)]
-        remote = [i for i, t in enumerate(self.tiers) if t.remote]
+        remote = [i for i, t in enumerate(self.tiers)
+                  if t.remote and any(u.writable and not u.remote for u in self.tiers[:i])]
         if not missing or not remote:
             return 0
         return sum(f is not None for f in self.read_many(missing, remote, promote=True))
