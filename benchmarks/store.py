@@ -7,7 +7,8 @@ get_into vs ``dst.copy_(src)``. File tier: put vs a plain write+rename of the sa
 bytes, get vs a plain read into a preallocated buffer. CXL tier (a mapped file under
 ``/dev/shm``, or ``$STRATA_BENCH_CXL_DIR``): put and get_into vs a plain copy into and out of
 a mapping of the same kind, with the payload checksum (``verify``, the default) and
-without. Redis tier (a redis-server started on a free port of 127.0.0.1, or ``--redis-url``):
+without; with CUDA also ``get_into`` a GPU tensor from the registered mapping (``h2d``) vs
+a copy from pinned memory. Redis tier (a redis-server started on a free port of 127.0.0.1, or ``--redis-url``):
 put and get vs the plain ``redis`` client's ``set`` and ``get`` of the same bytes over the
 same connection settings, and ``get_many`` of 16 keys vs the same GETs in one client pipeline. The working set cycles through enough distinct tensors to leave the CPU caches
 for sizes of 1 MiB and up.
@@ -129,9 +130,40 @@ def bench_cxl(size_name, nbytes, count, repeat, root):
             get_into = timed(lambda i: store.get_into(keys[i], dst), idx, repeat)
             row(name, "get_into", size_name, nbytes, get_into, base_r, "copy_ out")
         os.unlink(region)
+    if torch.cuda.is_available():
+        bench_cxl_h2d(size_name, nbytes, count, repeat, root, srcs, keys)
     del views, plain
     plain_map.close()
     os.unlink(plain_path)
+
+
+def bench_cxl_h2d(size_name, nbytes, count, repeat, root, srcs, keys):
+    """get_into a GPU tensor from the region registered with CUDA vs a copy from pinned memory."""
+    gpu = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    pinned = [s.pin_memory() for s in srcs]
+    idx = list(range(count))
+
+    def h2d(i):
+        gpu.copy_(pinned[i], non_blocking=True)
+        torch.cuda.synchronize()
+
+    base = timed(h2d, idx, repeat)
+    for verify in (True, False):
+        cfg = {"tiers": [{"kind": "cxl", "path": os.path.join(root, f"h2d-{size_name}-{verify}"),
+                          "size": 3 * nbytes * count + (64 << 20), "verify": verify}]}
+        with strata.open_store(cfg) as store:
+            tier = store.tiers[0]
+            if not tier.pinned:
+                print(f"cxl h2d: the mapping is not registered ({tier.stats()['cuda']['reason']})")
+            for k, src in zip(keys, srcs):
+                store.put(k, src)
+
+            def get(i):
+                store.get_into(keys[i], gpu)
+                torch.cuda.synchronize()
+
+            got = timed(get, idx, repeat)
+            row("cxl" if verify else "cxl-nv", "h2d", size_name, nbytes, got, base, "pinned h2d")
 
 
 def bench_redis(size_name, nbytes, count, repeat, url):
