@@ -148,6 +148,30 @@ def test_write_back_sends_what_is_queued_to_redis_in_batches(redis_url):
             assert torch.equal(store.get(k, mode="exact", tier="redis"), torch.full((1000,), float(i)))
 
 
+def test_lease_many_leases_what_is_local_and_brings_the_rest_up_in_one_batch(redis_url):
+    cfg = cpu_redis(redis_url, cpu="8MiB")
+    keys = [Key("kv", "s", f"c{i}") for i in range(12)]
+    values = [torch.randn(500 + i) for i in range(11)]  # the last key was never stored
+    with strata.open_store(cfg) as a, strata.open_store(cfg) as b:
+        for k, v in zip(keys, values):
+            assert a.put(k, v)
+        assert b.get(keys[0]) is not None  # one chunk already in b's CPU tier
+        cpu, redis = b.tiers
+        before = redis.round_trips
+        with b.lease_many(keys) as views:
+            assert redis.round_trips - before == 1  # 10 keys from Redis: one pipelined round trip
+            assert all(torch.equal(w, v) for w, v in zip(views, values)) and views[11] is None
+            assert all(cpu.index[k.encoded].leases == 1 for k in keys[:11])  # in place, held
+        assert all(cpu.index[k.encoded].leases == 0 for k in keys[:11])
+        ns = b.stats()["namespaces"]["kv"]
+        assert ns["hits"] == 1 + 11 and ns["misses"] == 1
+    with strata.open_store({"tiers": [dict(cfg["tiers"][1])]}) as alone:  # Redis alone: private copies
+        before = alone.tiers[0].round_trips
+        with alone.lease_many(keys) as views:
+            assert alone.tiers[0].round_trips - before == 1
+            assert all(torch.equal(w, v) for w, v in zip(views, values)) and views[11] is None
+
+
 def test_a_damaged_value_in_a_batch_is_a_miss_and_the_rest_are_served(redis_url):
     with strata.open_store({"tiers": [redis_tier(redis_url)]}) as store:
         tier = store.tiers[0]

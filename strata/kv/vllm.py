@@ -31,6 +31,7 @@ import logging
 import queue
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -259,37 +260,49 @@ class StrataConnector(KVConnectorBase_V1):
             return
         bs = self.block_size
         t0 = time.perf_counter()
-        # chunks only a remote tier holds come up into the memory tiers in a few round trips
-        self.store.prefetch([c.key for spec in meta.loads for c in spec.chunks])
-        for spec in meta.loads:
-            failed = False
-            for chunk in spec.chunks:
-                ids = spec.block_ids[chunk.start // bs : chunk.end // bs]
-                skip = max(0, spec.first_token - chunk.start) // bs
-                loaded = 0 if failed else self._load(chunk, ids, skip)
-                if not loaded:
-                    failed = True  # this chunk and every one after it are recomputed by vLLM
-                    first = max(chunk.start, spec.first_token) // bs
-                    self._failed.update(spec.block_ids[first : chunk.end // bs])
-                    self.counters["chunks_failed"] += 1
-                    continue
-                self.counters["chunks_loaded"] += 1
-                self.counters["tokens_loaded"] += chunk.end - max(chunk.start, spec.first_token)
-                self.counters["bytes_loaded"] += loaded
+        with self._sources([c.key for spec in meta.loads for c in spec.chunks]) as sources:
+            views = iter(sources)
+            for spec in meta.loads:
+                failed = False
+                for chunk in spec.chunks:
+                    view = next(views)
+                    ids = spec.block_ids[chunk.start // bs : chunk.end // bs]
+                    skip = max(0, spec.first_token - chunk.start) // bs
+                    loaded = 0 if failed else self._load(chunk, view, ids, skip)
+                    if not loaded:
+                        failed = True  # this chunk and every one after it are recomputed by vLLM
+                        first = max(chunk.start, spec.first_token) // bs
+                        self._failed.update(spec.block_ids[first : chunk.end // bs])
+                        self.counters["chunks_failed"] += 1
+                        continue
+                    self.counters["chunks_loaded"] += 1
+                    self.counters["tokens_loaded"] += chunk.end - max(chunk.start, spec.first_token)
+                    self.counters["bytes_loaded"] += loaded
         self.counters["load_seconds"] += time.perf_counter() - t0
 
-    def _load(self, chunk: Chunk, ids: list[int], skip: int) -> int:
+    @contextmanager
+    def _sources(self, keys: list):
+        """What a step's chunks load from, one batch for all of them (a remote tier's chunks come
+        up in a few round trips). A cache in host memory gets views of the store's bytes, leased
+        for the step; a device cache gets no views (each chunk goes through its staging bundle)."""
+        if self.paged.device.type == "cpu":
+            with self.store.lease_many(keys) as views:
+                yield views
+        else:
+            self.store.prefetch(keys)
+            yield [None] * len(keys)
+
+    def _load(self, chunk: Chunk, view: "torch.Tensor | None", ids: list[int], skip: int) -> int:
         """Write a stored chunk into blocks ``ids[skip:]``; the bytes loaded, 0 on a miss or a
         bundle of another shape or dtype (the store's checks name which). A cache in host memory
-        scatters straight from the store's leased bytes; a device cache takes one copy into its
-        staging bundle (from pinned memory on a GPU), then scatters on the device."""
+        scatters straight from the leased ``view`` (None: a miss); a device cache takes one copy
+        into its staging bundle (from pinned memory on a GPU), then scatters on the device."""
         try:
             if self.paged.device.type == "cpu":
-                with self.store.lease(chunk.key) as view:
-                    if view is None:
-                        return 0
-                    self.paged.scatter(view, ids, first=skip)
-                    return view.numel() * view.element_size()
+                if view is None:
+                    return 0
+                self.paged.scatter(view, ids, first=skip)
+                return view.numel() * view.element_size()
             bundle = self.paged.staging(len(ids))
             if not self.store.get_into(chunk.key, bundle):
                 return 0

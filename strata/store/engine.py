@@ -169,21 +169,33 @@ class StorageEngine:
         ``with`` block (the bytes cannot be evicted or reused meanwhile). None on a miss.
         A copy found only in a lower tier is promoted first; one that no memory tier can take
         (full of leased objects, or no memory tier at all) is yielded as a private copy."""
-        key = self._check_key(key)
-        held = self.chain.lease_view(key.encoded)
-        if held is None:
-            found = self.chain.read(key.encoded, self._chain_order, True)
-            held = None if found is None else self.chain.lease_view(key.encoded)
-            if held is None:  # a miss, or a copy no memory tier could take: the reader's own
-                self._count(key.namespace, "misses" if found is None else "hits", found[0].nbytes if found else 0)
-                yield None if found is None else found[1]
-                return
-        tier, e = held
-        self._count(key.namespace, "hits", e.meta.nbytes)
+        with self.lease_many([key]) as views:
+            yield views[0]
+
+    @contextmanager
+    def lease_many(self, keys: Sequence[Key]) -> Iterator[list]:
+        """``lease`` of many keys at once: a list of views (None for each miss). What no memory
+        tier holds is read from the tiers below in one batch (pipelined round trips to a remote
+        tier), promoted, and leased, or yielded as a private copy."""
+        encoded = [self._check_key(k).encoded for k in keys]
+        held = [self.chain.lease_view(k) for k in encoded]
+        views = [None if h is None else h[1].view for h in held]
+        missing = [j for j, h in enumerate(held) if h is None]
         try:
-            yield e.view
+            if missing:
+                found = self.chain.read_many([encoded[j] for j in missing], self._chain_order, True)
+                for j, f in zip(missing, found):
+                    if f is not None:  # promoted: lease it there; else the reader's own copy
+                        held[j] = self.chain.lease_view(encoded[j])
+                        views[j] = f[1] if held[j] is None else held[j][1].view
+            for key, view in zip(keys, views):
+                self._count(key.namespace, "misses" if view is None else "hits",
+                            0 if view is None else view.numel() * view.element_size())
+            yield views
         finally:
-            self.chain.release(tier, e)
+            for h in held:
+                if h is not None:
+                    self.chain.release(*h)
 
     def keys(self, namespace: str | None = None) -> list[Key]:
         """Every key held by any tier (optionally of one namespace)."""
