@@ -118,9 +118,10 @@ def engine(args) -> None:
                      "cached": min(cached, default=0), "same_tokens": all(tokens)}
         print(f"{args.engine}: {n} tokens {result[n]}", file=sys.stderr, flush=True)
     if args.engine.startswith("strata"):
-        from strata.kv.vllm import connectors
+        from strata.kv.vllm import worker_connector
 
-        result["connector"] = next((c.stats() for c in connectors() if c.paged is not None), None)
+        worker = worker_connector()
+        result["connector"] = worker.stats() if worker else None
     print("KV-BENCH " + json.dumps(result), flush=True)
 
 

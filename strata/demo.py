@@ -81,7 +81,7 @@ def vllm_demo(config=None) -> bool:
 
     from strata.integrations.vllm_loader import handles
     from strata.integrations.vllm_plugin import kv_transfer_config
-    from strata.kv.vllm import connectors
+    from strata.kv.vllm import connectors, worker_connector
     from strata.tiny import sentence, write_tiny_llama
 
     print("\n== vLLM: weights offloaded and prompt KV reused, one store ==")
@@ -114,7 +114,7 @@ def vllm_demo(config=None) -> bool:
         stats = handle.stats()
         print(f"weights: {stats['offloaded_blocks']} of {stats['blocks']} layers streamed, "
               f"{stats['bytes_streamed'] / 2**20:.0f} MiB over {stats['forwards']} forwards")
-        worker = [c for c in connectors() if c.paged is not None][0]
+        worker = worker_connector()
         kv = worker.stats()
         print(f"KV: {kv['chunks_saved']} chunks saved, {kv['chunks_loaded']} loaded "
               f"({kv['tokens_loaded']} tokens)")

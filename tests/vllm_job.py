@@ -90,19 +90,19 @@ def main():
         out["logprobs"].append([[step[t].logprob for t, step in zip(r.outputs[0].token_ids, r.outputs[0].logprobs)]
                                 for r in results])
         if use_connector:
-            from strata.kv.vllm import connectors
+            from strata.kv.vllm import connectors, worker_connector
 
             for c in connectors():
                 c.flush()
-            out.setdefault("per_run", []).append([c.stats() for c in connectors() if c.paged is not None][0])
+            out.setdefault("per_run", []).append(worker_connector().stats())
         redis_fault(run, out)
     if use_connector:
-        from strata.kv.vllm import connectors
+        from strata.kv.vllm import connectors, worker_connector
 
-        worker = [c for c in connectors() if c.paged is not None]
-        out["connector"] = worker[0].stats() if worker else None
-        out["block_size"] = worker[0].block_size if worker else None
-        out["store"] = worker[0].store.stats() if worker else None
+        worker = worker_connector()
+        out["connector"] = worker.stats() if worker else None
+        out["block_size"] = worker.block_size if worker else None
+        out["store"] = worker.store.stats() if worker else None
         out["same_engine"] = len({id(c.store) for c in connectors()}) == 1
     if "--offload" in sys.argv:
         from strata.integrations.vllm_loader import handles

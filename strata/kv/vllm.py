@@ -411,3 +411,8 @@ def _track(connector: StrataConnector) -> None:
 def connectors() -> "list[StrataConnector]":
     """The connectors of this process (for stats and for flushing saves in tests)."""
     return list(_live)
+
+
+def worker_connector() -> "StrataConnector | None":
+    """The connector of this process that holds a KV cache (the worker side), or None."""
+    return next((c for c in _live if c.paged is not None), None)
