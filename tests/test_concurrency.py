@@ -94,7 +94,7 @@ def test_write_back_applies_back_pressure_and_flush_drains(tmp_path, monkeypatch
         for i in range(12):
             store.put(Key("kv", "m", str(i)), torch.full((256,), i))
             depths.append(store.stats()["writeback"]["queue_depth"])
-        assert max(depths) <= 3  # queued plus the one being written
+        assert max(depths) <= 2  # max_pending bounds what is queued plus what is being written
         assert store.stats()["writeback"]["writer_waits"] > 0
         store.flush()
         assert store.stats()["writeback"]["queue_depth"] == 0

@@ -1,7 +1,8 @@
 """Write-back: a bounded queue of dirty objects and one background flusher.
 
-Writers wait (back-pressure) while the queue holds ``max_pending`` objects or
-``max_pending_bytes`` bytes; the flusher itself never waits on its own queue. The flusher
+Writers wait (back-pressure) while ``max_pending`` objects or ``max_pending_bytes`` bytes
+are not yet flushed (queued or being written); the flusher itself never waits on its own
+queue. The flusher
 takes what is queued, up to ``BATCH`` objects at once, so a remote tier below gets them
 in few round trips.
 """
@@ -38,8 +39,8 @@ class WriteBack:
         with self._cond:
             if block:
                 waited = False
-                while self._queue and (
-                    len(self._queue) >= self.max_pending
+                while (self._queue or self._busy) and (
+                    len(self._queue) + self._busy >= self.max_pending
                     or self._pending_bytes + entry.size > self.max_pending_bytes
                 ):
                     waited = True
