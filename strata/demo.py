@@ -89,7 +89,7 @@ def vllm_demo(config=None) -> bool:
         model = write_tiny_llama(os.path.join(tmp, "model"), layers=6, hidden=256)
         store_cfg = config or "cpu"
         llm = LLM(model=str(model), dtype="float32", max_model_len=1024, enforce_eager=True, seed=0,
-                  enable_prefix_caching=False,
+                  enable_prefix_caching=False, kv_cache_memory_bytes=1 << 30,  # not vLLM's CPU default, 90% of RAM
                   load_format="strata", model_loader_extra_config={"config": store_cfg, "gpu_budget": "12MiB"},
                   kv_transfer_config=kv_transfer_config(store_cfg))
         preamble = sentence(512, seed=1)

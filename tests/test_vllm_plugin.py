@@ -103,7 +103,7 @@ def _wait_healthy(base: str, proc: subprocess.Popen, log_path, limit_s: float = 
 
 def test_strata_serve_answers_over_http_like_plain_vllm_and_a_repeated_prompt_hits_the_store(setup, tmp_path):
     from redis_server import free_port
-    from vllm_job import prompts
+    from vllm_job import KV_CACHE_BYTES, prompts
 
     from strata.tiny import sentence
 
@@ -115,7 +115,7 @@ def test_strata_serve_answers_over_http_like_plain_vllm_and_a_repeated_prompt_hi
         proc = subprocess.Popen(
             [sys.executable, "-m", "strata.cli", "serve", str(root / "model"), "--gpu-budget", "9MiB",
              "--config", str(store), "--", "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
-             "--max-model-len", "1024", "--seed", "0", "--no-enable-prefix-caching",
+             "--max-model-len", "1024", "--seed", "0", "--kv-cache-memory-bytes", str(KV_CACHE_BYTES), "--no-enable-prefix-caching",
              "--enable-prompt-tokens-details"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         _wait_healthy(base, proc, log_path)

@@ -60,6 +60,11 @@ def redis_fault(run: int, out: dict) -> None:
         time.sleep(2.0)  # up, and past the tier's back-off
 
 
+# vLLM's CPU default reserves 90% of RAM for the KV cache and refuses to start when less is free
+# (another test's engine still exiting is enough); these models need a few MiB of it.
+KV_CACHE_BYTES = 1 << 30
+
+
 def main():
     model_dir, store_cfg, runs = sys.argv[1], sys.argv[2], int(sys.argv[3])
     use_connector = "--no-connector" not in sys.argv
@@ -77,7 +82,8 @@ def main():
     concurrent = "--concurrent" in sys.argv
     prefix_cache = "--prefix-cache" in sys.argv
     llm = LLM(model=model_dir, skip_tokenizer_init=True, enable_prefix_caching=prefix_cache, max_model_len=1024,
-              max_num_seqs=16 if concurrent else 4, dtype="float32", seed=0, **kwargs)
+              max_num_seqs=16 if concurrent else 4, dtype="float32", seed=0, kv_cache_memory_bytes=KV_CACHE_BYTES,
+              **kwargs)
     params = SamplingParams(temperature=0.0, max_tokens=8, logprobs=1)
     out = {"runs": [], "logprobs": [], "cached": [], "reset": []}
     for run in range(runs):
