@@ -81,22 +81,42 @@ class Key:
 
     @classmethod
     def decode(cls, encoded: bytes) -> "Key":
-        """Inverse of ``encoded``; raises StoreError on bytes that are no key."""
-        if not encoded.startswith(_MAGIC):
-            raise StoreError("Key.decode: bytes do not start with the key magic")
-        parts, pos = [], len(_MAGIC)
-        for _ in range(3):
-            if pos + 4 > len(encoded):
-                raise StoreError("Key.decode: truncated key")
-            (n,) = struct.unpack_from(">I", encoded, pos)
-            pos += 4
-            if pos + n > len(encoded):
-                raise StoreError("Key.decode: truncated key")
+        """Inverse of ``encoded``; raises StoreError on bytes that are no key, or on a key of a
+        namespace this process has not registered (storage code uses ``split_key`` instead)."""
+        return cls(*split_key(encoded))
+
+
+def split_key(encoded: bytes) -> tuple[str, str, str]:
+    """``(namespace, scope, name)`` of an encoded key, checked for structure only: no namespace
+    registry is consulted, so a tier recovering its objects can index those of namespaces this
+    process never registered (another process's) instead of discarding them. StoreError on
+    bytes that are no key."""
+    if not encoded.startswith(_MAGIC):
+        raise StoreError("Key.decode: bytes do not start with the key magic")
+    parts, pos = [], len(_MAGIC)
+    for _ in range(3):
+        if pos + 4 > len(encoded):
+            raise StoreError("Key.decode: truncated key")
+        (n,) = struct.unpack_from(">I", encoded, pos)
+        pos += 4
+        if pos + n > len(encoded):
+            raise StoreError("Key.decode: truncated key")
+        try:
             parts.append(encoded[pos : pos + n].decode("utf-8", "surrogatepass"))
-            pos += n
-        if pos != len(encoded):
-            raise StoreError("Key.decode: trailing bytes after key")
-        return cls(*parts)
+        except UnicodeDecodeError:
+            raise StoreError("Key.decode: a key part is not UTF-8") from None
+        pos += n
+    if pos != len(encoded):
+        raise StoreError("Key.decode: trailing bytes after key")
+    return parts[0], parts[1], parts[2]
+
+
+def key_namespace(encoded: bytes) -> str | None:
+    """The namespace an encoded key names (registered or not), or None for bytes that are no key."""
+    try:
+        return split_key(encoded)[0]
+    except StoreError:
+        return None
 
 
 def make_scope(**parts: object) -> str:
