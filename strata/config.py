@@ -280,6 +280,10 @@ def validate(raw: Mapping) -> StoreConfig:
     for i, n in enumerate(names):
         if n in names[:i]:
             raise ConfigError(f"tiers[{i}].name: {n!r} is used twice; allowed: a unique name per tier")
+    for i, t in enumerate(tiers[:-1]):
+        if t.kind == "redis":  # the server is the index: no tier below it would ever be written or read back
+            raise ConfigError(f"tiers[{i + 1}] ({tiers[i + 1].kind}): placed below the redis tier {t.name!r}; "
+                              "allowed: a redis tier only as the last tier")
     ns_raw = raw.get("namespaces") or {}
     if not isinstance(ns_raw, Mapping):
         raise ConfigError(f"namespaces: got {type(ns_raw).__name__}; allowed: a mapping of namespace -> policy")

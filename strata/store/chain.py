@@ -1,25 +1,36 @@
 """TierChain: ordered tiers, read-through with promotion, write-through or write-back links.
 
-Index and accounting changes happen under one lock; payload copies run outside it
-on reserved (invisible) or leased (unfreeable) entries. A tier that fails (an I/O
-error, a checksum mismatch) degrades to a miss and a counter.
+Index and accounting changes happen under one lock; payload copies, file writes and
+network round trips run outside it on reserved (invisible) or leased (unfreeable)
+entries. That includes demotion on eviction: a victim that must live on below is leased,
+written down after the lock is let go, and only then evicted (``_reserve``). A tier that
+fails (an I/O error, a checksum mismatch) degrades to a miss and a counter.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
-from strata.config import StoreConfig
+from strata.config import StoreConfig, format_size
 from strata.store.codec import CorruptObject, ObjectMeta, checksum, fit_out
 from strata.store.tiers.base import Entry, NotStored, Tier
 from strata.store.writeback import WriteBack
 
 log = logging.getLogger("strata.chain")
 Guard = Callable[[], bool]
+_DEMOTION_ROUNDS = 4  # reserve, demote victims outside the lock, retry: at most this many times per write
+
+
+class WriteItem(NamedTuple):
+    key: bytes
+    ns: str
+    meta: ObjectMeta
+    data: torch.Tensor
+    guard: Guard | None  # checked under the lock before publishing: False means a newer put won
 
 
 def _value(got: "torch.Tensor | Exception") -> torch.Tensor:
@@ -27,6 +38,16 @@ def _value(got: "torch.Tensor | Exception") -> torch.Tensor:
     if isinstance(got, BaseException):
         raise got
     return got
+
+
+def _warn_rejected(tier: Tier, item: "WriteItem") -> None:
+    """Say so when a tier starts refusing puts (then at every power of ten): a persistent tier full of
+    objects it may not evict (e.g. weights a killed process left: ``strata gc``) must not go unseen."""
+    n = tier.counters.rejected
+    if n == 10 ** (len(str(n)) - 1):
+        held = ", ".join(f"{ns} {format_size(b)}" for ns, b in sorted(tier.counters.ns_bytes.items()) if b)
+        log.warning("tier %s refused a put (%s, %s): %d refused so far; it holds %s of %s (%s)", tier.name, item.ns,
+                    format_size(item.meta.nbytes), n, format_size(tier.used), format_size(tier.capacity), held or "nothing")
 
 
 class TierChain:
@@ -48,7 +69,7 @@ class TierChain:
 
     def _put_from(self, i: int, key: bytes, ns: str, meta: ObjectMeta, data: torch.Tensor,
                   guard: Guard | None, block: bool) -> bool:
-        stored = False
+        kept: list[tuple[Tier, Entry]] = []
         while i < len(self.tiers):
             tier = self.tiers[i]
             if not tier.writable:
@@ -61,32 +82,27 @@ class TierChain:
             write_back = tier.cfg.write == "back" and i + 1 < len(self.tiers)
             e = self._write_one(tier, key, ns, meta, data, guard, dirty=write_back)
             if e is not None:
-                stored = True
+                kept.append((tier, e))
                 if write_back:
                     self.writeback.enqueue(i, e, block=block)
                     return True
                 guard = (lambda t=tier, k=key, ent=e: t.index.get(k) is ent)
             i += 1
-        return stored
+        # True only if some tier still holds these bytes: one that took them may have evicted them
+        # (or a newer put replaced them) before a lower tier's write, which was then not published.
+        with self.lock:
+            return any(t.remote or t.index.get(key) is e for t, e in kept)
 
     def _write_one(self, tier: Tier, key: bytes, ns: str, meta: ObjectMeta, data: torch.Tensor,
                    guard: Guard | None, dirty: bool = False) -> Entry | None:
-        return self._write_many(tier, [(key, ns, meta, data, guard)], dirty)[0]
+        return self._write_many(tier, [WriteItem(key, ns, meta, data, guard)], dirty)[0]
 
-    def _write_many(self, tier: Tier, items: list, dirty: bool = False) -> list[Entry | None]:
-        """Write ``(key, ns, meta, data, guard)`` items into ``tier`` (a remote tier batches them):
-        per item the published entry, or None where it was rejected, failed or lost to a newer
-        put of its key (a guard that no longer holds)."""
-        entries: list[Entry | None] = []
-        with self.lock:
-            for key, ns, meta, _, _ in items:
-                e = tier.reserve(key, ns, meta, self._on_evict)
-                if e is None:
-                    tier.counters.rejected += 1
-                elif tier.remote:
-                    self._writing[key] = self._writing.get(key, 0) + 1
-                entries.append(e)
-        reserved = [(e, item[3]) for e, item in zip(entries, items) if e is not None]
+    def _write_many(self, tier: Tier, items: list["WriteItem"], dirty: bool = False) -> list[Entry | None]:
+        """Write items into ``tier`` (a remote tier batches them): per item the published entry,
+        or None where it was rejected, failed or lost to a newer put of its key (a guard that no
+        longer holds)."""
+        entries = self._reserve(tier, items)
+        reserved = [(e, item.data) for e, item in zip(entries, items) if e is not None]
         written: list[bool] = []
         try:
             written = tier.write_many(reserved)
@@ -97,7 +113,7 @@ class TierChain:
                     if e is None:
                         continue
                     # A newer put of the same key may have won meanwhile: never publish stale bytes.
-                    if next(ok, False) and (item[4] is None or item[4]()):
+                    if next(ok, False) and (item.guard is None or item.guard()):
                         e.dirty = dirty
                         tier.publish(e)
                     else:
@@ -110,24 +126,80 @@ class TierChain:
                             self._writes_done.notify_all()
         return entries
 
-    def _on_evict(self, tier: Tier, e: Entry) -> bool:
-        """Called under the lock before ``e`` leaves ``tier``: demote it if it must live on."""
+    def _reserve(self, tier: Tier, items: list["WriteItem"]) -> list[Entry | None]:
+        """Room in ``tier`` for each item: per item a reserved (invisible) entry, or None (counted
+        as rejected). Eviction happens under the lock, but a victim that must live on below (dirty,
+        or ``evict: lower`` with no copy below) is not written there under it: it is leased and
+        set aside, demoted after the lock is let go (``_demote``), and then its room is retried.
+        Readers meanwhile find the victim whole where it was."""
+        entries: list[Entry | None] = [None] * len(items)
+        for _ in range(_DEMOTION_ROUNDS):
+            victims: list[Entry] = []
+            with self.lock:
+                for j, item in enumerate(items):
+                    if entries[j] is None:
+                        evict = self._evict_hook(tier, victims, tier.stored_size(item.key, item.meta))
+                        entries[j] = tier.reserve(item.key, item.ns, item.meta, evict)
+            if not victims:
+                break
+            self._demote(tier, victims)
+            if all(e is not None for e in entries):
+                break
+        with self.lock:
+            for item, e in zip(items, entries):
+                if e is None:
+                    tier.counters.rejected += 1
+                    _warn_rejected(tier, item)
+                elif tier.remote:
+                    self._writing[e.key] = self._writing.get(e.key, 0) + 1
+        return entries
+
+    def _evict_hook(self, tier: Tier, victims: list[Entry], want: int):
+        """The hook ``tier.reserve`` asks (under the lock) before evicting an entry: True to evict it
+        now; False to keep it, leasing it into ``victims`` for demotion first (up to ``want`` bytes
+        of them per reservation, so one put never demotes a whole tier)."""
         i = self.tiers.index(tier)
-        pol = self.cfg.policy(e.ns)
         below = self.tiers[i + 1 :]
-        if not (e.dirty or (pol.evict == "lower" and not any(t.lookup(e.key) for t in below))):
-            return True
-        if below:
-            data = self._payload(tier, e)
-            if data is not None:
-                meta = self._with_checksum(e, data)
-                if self._put_from(i + 1, e.key, e.ns, meta, data, None, block=False):
-                    e.dirty = False
+        deferred = [0]
+
+        def evict(t: Tier, e: Entry) -> bool:
+            pol = self.cfg.policy(e.ns)
+            if not (e.dirty or (pol.evict == "lower" and not any(b.lookup(e.key) for b in below))):
+                return True  # clean, or a copy lives below already
+            if not below:
+                if pol.evict == "drop":
+                    self.dropped_dirty += e.dirty
                     return True
-        if pol.evict == "drop":
-            self.dropped_dirty += e.dirty
-            return True
-        return False
+                return False
+            if deferred[0] < want:
+                t.lease(e)
+                victims.append(e)
+                deferred[0] += e.size
+            return False
+
+        return evict
+
+    def _demote(self, tier: Tier, victims: list[Entry]) -> None:
+        """Write leased victims of ``tier`` to the tiers below (outside the lock), then evict those
+        that made it (or may be dropped), unless a newer put replaced them meanwhile."""
+        i = self.tiers.index(tier)
+        for e in victims:
+            ok = False
+            try:
+                data = self._payload(tier, e)
+                if data is not None:
+                    meta = self._with_checksum(e, data)
+                    ok = self._put_from(i + 1, e.key, e.ns, meta, data,
+                                        lambda e=e: tier.index.get(e.key) is e, block=False)
+            finally:
+                with self.lock:
+                    if ok:
+                        e.dirty = False
+                    if tier.index.get(e.key) is e and (ok or self.cfg.policy(e.ns).evict == "drop"):
+                        self.dropped_dirty += e.dirty
+                        tier.retire(e)
+                        tier.counters.evictions += 1
+                    tier.release(e)
 
     def _flush_many(self, items: list[tuple[int, Entry]]) -> list[bool]:
         """Write dirty entries to the tiers below them. Those just above a remote last tier go
@@ -174,7 +246,7 @@ class TierChain:
                 data = self._payload(tier, e)
                 if data is not None:
                     guard = (lambda e=e: tier.index.get(e.key) is e)
-                    items.append((e.key, e.ns, self._with_checksum(e, data), data, guard))
+                    items.append(WriteItem(e.key, e.ns, self._with_checksum(e, data), data, guard))
                     sent.append(e)
             stored = {id(e) for e, w in zip(sent, self._write_many(below, items)) if w is not None}
         finally:
