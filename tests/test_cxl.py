@@ -247,3 +247,183 @@ def test_get_into_the_gpu_from_the_registered_mapping(tmp_path, verify):
             assert torch.equal(out.cpu(), v)
         torch.cuda.synchronize()
         assert cxl_tier(store).stats()["checksum_failures"] == 0
+
+
+# -- issue #16: a shared region keeps other processes' namespaces; a small tmpfs is refused, not SIGBUS ----
+
+FOREIGN = r"""
+import sys, torch, strata
+path, role = sys.argv[1], sys.argv[2]
+
+def value(i):
+    return torch.arange(i * 1000, i * 1000 + 4096 + i, dtype=torch.float32)
+
+if role in ("A", "A2", "C"):  # knows the namespace
+    strata.register_namespace("embeddings")
+store = strata.open_store({"tiers": [{"kind": "cxl", "path": path, "size": "32MiB"}]})
+tier = store.tiers[0]
+if role in ("A", "A2"):  # A2: a second batch, put while B has the region open
+    first = 0 if role == "A" else 5
+    for i in range(first, first + 5):
+        assert store.put(strata.Key("embeddings", "e", f"o{i}"), value(i))
+    print("put", flush=True)
+elif role == "B":  # never registers it: opens, then waits for the parent before its own puts and gets
+    print("opened", tier.stats().get("foreign_namespaces"), flush=True)
+    sys.stdin.readline()
+    for i in range(20):
+        assert store.put(strata.Key("kv", "b", f"k{i}"), value(100 + i))  # _sync runs on each _alloc
+    for i in range(20):
+        assert torch.equal(store.get(strata.Key("kv", "b", f"k{i}")), value(100 + i))
+    s = tier.stats()
+    print("done", s.get("foreign_namespaces"), s["namespaces"].get("embeddings", {}).get("objects"), flush=True)
+else:  # C: reads A's objects bit for bit
+    for i in range(10):
+        got = store.get(strata.Key("embeddings", "e", f"o{i}"))
+        assert got is not None, f"o{i} lost"
+        assert torch.equal(got, value(i)), f"o{i} differs"
+    print("read", tier.stats().get("foreign_namespaces"), flush=True)
+store.close()
+"""
+
+
+def run_role(path, role):
+    out = subprocess.run([sys.executable, "-c", FOREIGN, path, role], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, f"{role}: {out.stderr[-3000:]}"
+    return out.stdout.split()
+
+
+def test_a_process_that_never_registered_a_namespace_keeps_its_objects_in_a_shared_region(tmp_path):
+    path = str(tmp_path / "region")
+    assert run_role(path, "A") == ["put"]
+    b = subprocess.Popen([sys.executable, "-c", FOREIGN, path, "B"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    try:
+        opened = b.stdout.readline().split()
+        assert opened == ["opened", "5"], (opened, b.stderr.read()[-3000:] if not opened else "")
+        assert run_role(path, "A2") == ["put"]  # B sees these at its next sync, on _alloc
+        out, err = b.communicate("go\n", timeout=300)
+    finally:
+        if b.poll() is None:
+            b.kill()
+            b.wait()
+    assert b.returncode == 0, err[-3000:]
+    assert out.split() == ["done", "10", "10"]  # indexed and counted, never cleared
+    assert run_role(path, "C") == ["read", "0"]
+
+
+def test_objects_of_an_unregistered_namespace_are_evicted_by_policy_like_any_other(tmp_path):
+    path = str(tmp_path / "region")
+    fill = ("import sys, torch, strata\nstrata.register_namespace('foreign-evict')\n"
+            "s = strata.open_store({'tiers': [{'kind': 'cxl', 'path': sys.argv[1], 'size': '4MiB'}]})\n"
+            "for i in range(6):\n    assert s.put(strata.Key('foreign-evict', 's', f'o{i}'), torch.zeros(100_000))\n"
+            "s.close()\n")
+    out = subprocess.run([sys.executable, "-c", fill, path], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "foreign-evict" not in strata.keys.namespaces()
+    with strata.open_store({"tiers": [{"kind": "cxl", "path": path, "size": "4MiB"}]}) as store:
+        tier = cxl_tier(store)
+        assert tier.stats()["foreign_namespaces"] == 6 and tier.stats()["namespaces"]["foreign-evict"]["objects"] == 6
+        e = next(iter(tier.index.values()))
+        room = tier.data_size // tier.allocator.rounded(e.size)  # objects of this size the region holds
+        for i in range(room):  # as many of this process's own: every foreign object makes way
+            assert store.put(strata.Key("kv", "s", f"k{i}"), torch.ones(100_000))
+        assert tier.stats()["evictions"] == 6 and tier.stats()["foreign_namespaces"] == 0
+        for i in range(room):
+            assert torch.equal(store.get(strata.Key("kv", "s", f"k{i}")), torch.ones(100_000))
+        assert_exact_accounting(tier)
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """An 8 MiB tmpfs mounted for the test (needs root); unmounted afterwards whatever happens."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    got = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if got.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here (needs root): {got.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        if subprocess.run(["umount", str(mnt)]).returncode != 0:  # still mapped by a failed test: detach it
+            subprocess.run(["umount", "-l", str(mnt)], check=True)
+
+
+SMALL = r"""
+import sys, torch, strata
+try:
+    store = strata.open_store({"tiers": [{"kind": "cxl", "path": sys.argv[1], "size": "64MiB"}]})
+except strata.ConfigError as e:
+    print("refused:", e, flush=True)
+    sys.exit(0)
+for i in range(32):  # 32 MiB into a region the filesystem cannot back: the old code dies here with SIGBUS
+    store.put(strata.Key("kv", "s", f"k{i}"), torch.zeros(1 << 18))
+print("stored", flush=True)
+"""
+
+
+def test_a_region_larger_than_its_filesystem_is_refused_at_open_not_killed_by_sigbus(small_tmpfs):
+    import os
+
+    from strata.config import format_size
+
+    path = str(small_tmpfs / "region")
+    out = subprocess.run([sys.executable, "-c", SMALL, path], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, f"exit {out.returncode} (-{int(signal.SIGBUS)} is SIGBUS): {out.stderr[-2000:]}"
+    st = os.statvfs(small_tmpfs)
+    msg = out.stdout
+    assert msg.startswith("refused:"), msg
+    assert "tiers[cxl].size" in msg and "64.0 MiB" in msg and path in msg, msg
+    assert format_size(st.f_bavail * st.f_frsize) in msg and "8.0 MiB" in msg, msg
+    assert not os.path.exists(path)  # the open created it, so the refusal removed it
+    with strata.open_store({"tiers": [{"kind": "cxl", "path": path, "size": "4MiB"}]}) as store:  # one that fits
+        for i in range(12):
+            assert store.put(strata.Key("kv", "s", f"k{i}"), torch.full((1 << 16,), float(i)))
+        for i in range(12):
+            assert torch.equal(store.get(strata.Key("kv", "s", f"k{i}")), torch.full((1 << 16,), float(i)))
+
+
+def test_without_fallocate_the_free_space_is_checked_instead(small_tmpfs, monkeypatch):
+    import errno
+    import os
+
+    def unsupported(fd, offset, length):
+        raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))
+
+    monkeypatch.setattr(os, "posix_fallocate", unsupported)
+    path = str(small_tmpfs / "region")
+    with pytest.raises(ConfigError, match=r"tiers\[cxl\]\.size: .*64\.0 MiB") as err:
+        strata.open_store({"tiers": [{"kind": "cxl", "path": path, "size": "64MiB"}]})
+    assert path in str(err.value) and "8.0 MiB" in str(err.value)
+    assert not os.path.exists(path)
+    with strata.open_store({"tiers": [{"kind": "cxl", "path": path, "size": "4MiB"}]}) as store:
+        assert store.put(strata.Key("kv", "s", "x"), b"fits") and store.get(strata.Key("kv", "s", "x")) == b"fits"
+
+
+def test_create_false_opens_an_existing_region_and_never_creates_one(tmp_path):
+    import os
+
+    from strata.config import load_config
+    from strata.store.tiers import build_tier
+    from strata.store.tiers.cxl import CxlTier, RegionAbsent
+
+    path = tmp_path / "region"
+    cfg = load_config({"tiers": [{"kind": "cxl", "path": str(path), "size": "4MiB"}]})
+    with pytest.raises(RegionAbsent, match=str(path)) as err:
+        CxlTier(cfg.tiers[0], cfg, create=False)
+    assert isinstance(err.value, strata.errors.StoreError) and "tiers[cxl].path" in str(err.value)
+    with pytest.raises(RegionAbsent):
+        build_tier(cfg.tiers[0], cfg, create=False)
+    assert not path.exists()
+    path.write_bytes(b"")  # a file holding no region yet: still nothing to look at, and left as it was
+    with pytest.raises(RegionAbsent, match="no Strata region"):
+        CxlTier(cfg.tiers[0], cfg, create=False)
+    assert path.read_bytes() == b""
+    os.unlink(path)
+    key = strata.Key("kv", "s", "x")
+    with strata.open_store(cfg) as store:
+        assert store.put(key, b"there")
+    tier = build_tier(cfg.tiers[0], cfg, create=False)
+    try:
+        assert tier.stats()["objects"] == 1 and key.encoded in tier.index
+    finally:
+        tier.close()

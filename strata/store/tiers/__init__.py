@@ -2,7 +2,7 @@
 
 from strata.store.tiers.base import Tier
 from strata.store.tiers.cpu import CpuTier
-from strata.store.tiers.cxl import CxlTier
+from strata.store.tiers.cxl import CxlTier, RegionAbsent
 from strata.store.tiers.file import FileTier
 from strata.store.tiers.ranges import Extent, RangesTier
 from strata.store.tiers.redis import RedisTier
@@ -11,8 +11,13 @@ TIER_CLASSES: dict[str, type[Tier]] = {"cpu": CpuTier, "file": FileTier, "ranges
                                        "redis": RedisTier}
 
 
-def build_tier(cfg, store_cfg) -> Tier:
+def build_tier(cfg, store_cfg, create: bool = True) -> Tier:
+    """The tier ``cfg`` names. ``create=False`` opens only what exists: a cxl tier whose region is
+    missing raises ``RegionAbsent`` (a StoreError) instead of creating one; other kinds ignore it."""
+    if cfg.kind == "cxl":
+        return CxlTier(cfg, store_cfg, create=create)
     return TIER_CLASSES[cfg.kind](cfg, store_cfg)
 
 
-__all__ = ["Tier", "CpuTier", "CxlTier", "Extent", "FileTier", "RangesTier", "RedisTier", "TIER_CLASSES", "build_tier"]
+__all__ = ["Tier", "CpuTier", "CxlTier", "Extent", "FileTier", "RangesTier", "RedisTier", "RegionAbsent",
+           "TIER_CLASSES", "build_tier"]

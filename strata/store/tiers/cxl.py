@@ -23,23 +23,32 @@ until its put is committed or aborted, and every change bumps the generation; a 
 that sees another generation re-reads the slot table before it looks anything up or
 allocates. Reads are zero-copy views of the mapping under the chain's lease, checked
 against the payload checksum, so an object another process freed and reused meanwhile
-is a miss, never wrong bytes.
+is a miss, never wrong bytes. Objects of namespaces this process never registered (another
+process's) are indexed and evicted like any other, never cleared: only a slot whose record fails
+its header checksum or size is stale.
+
+A region file's space is reserved when it is opened (``posix_fallocate``): a sparse file on a
+filesystem that cannot back it (a small tmpfs) would otherwise kill the process with SIGBUS at the
+first write past what the filesystem holds. A region that does not fit is a ConfigError at open.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import logging
 import mmap
 import os
+import stat
 import struct
 
 import torch
 import xxhash
 
-from strata.errors import ConfigError
-from strata.keys import Key
+from strata.config import format_size
+from strata.errors import ConfigError, StoreError
+from strata.keys import key_namespace, namespaces
 from strata.store import cudahost, numa
 from strata.store.allocator import ExtentAllocator
 from strata.store.codec import CorruptObject, checksum, header_size_for, pack_header, unpack_header
@@ -58,6 +67,13 @@ _SLOTS_AT = 4096
 _ALIGN = 256  # records start here; payloads at a 64-byte boundary after the header
 _PAYLOAD_ALIGN = 64
 _BYTES_PER_SLOT = 64 << 10  # one slot per 64 KiB of region (at least 256 slots)
+_NOT_A_KEY = "?"  # the namespace of a checksummed record whose key bytes are no Strata key (kept, never cleared)
+_NO_FALLOCATE = {errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL, errno.ENOSYS}  # the filesystem cannot reserve
+
+
+class RegionAbsent(StoreError):
+    """A CxlTier opened with ``create=False`` found no region at its path: nothing was created,
+    so looking at a store (``strata stats``) never makes a region as a side effect."""
 
 
 def _commit_word(offset: int, length: int, seq: int) -> int:
@@ -72,19 +88,22 @@ class CxlTier(Tier):
     kind = "cxl"
     persistent = True
 
-    def __init__(self, cfg, store_cfg):
+    def __init__(self, cfg, store_cfg, create: bool = True):
+        """``create=False``: open an existing region only; RegionAbsent (creating, formatting and
+        resetting nothing) where the path is missing or holds no Strata region."""
         super().__init__(cfg, store_cfg)
         self.path = cfg.path
+        self.map = None
         size = cfg.size
-        exists = os.path.exists(self.path)
-        try:
-            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-        except OSError as e:
-            raise ConfigError(f"tiers[{cfg.name}].path: cannot open {self.path!r} ({e.strerror}); allowed: a DAX "
-                              "device or a file path in a writable directory") from e
-        is_file = os.path.isfile(self.path)
-        if is_file and os.fstat(self._fd).st_size < size:
-            os.ftruncate(self._fd, size)
+        self._fd, created = self._open_path(create)
+        is_file = stat.S_ISREG(os.fstat(self._fd).st_mode)
+        if is_file:
+            if not create and os.pread(self._fd, len(_MAGIC), 0) != _MAGIC:
+                os.close(self._fd)
+                raise self._absent("holds no Strata region")
+            self._reserve(size, created)
+            if os.fstat(self._fd).st_size < size:
+                os.ftruncate(self._fd, size)
         self.map = mmap.mmap(self._fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         self.bytes = torch.frombuffer(self.map, dtype=torch.uint8)
         self.numa = None
@@ -100,20 +119,94 @@ class CxlTier(Tier):
             if not self.pinned and torch.cuda.is_available():
                 log.warning("tier %s: %s", cfg.name, why)
         self._locks = 0  # puts of this process in flight while it holds the region lock
-        foreign = False
+        foreign = absent = False
         with self._region_lock():
-            if cfg.reset or self.map[:8] != _MAGIC:  # decided under the lock: another opener may have formatted it
-                foreign = exists and is_file and not cfg.reset and any(self.map[:_SLOTS_AT])
-                if not foreign:
+            # decided under the lock: another opener may have formatted it
+            if (cfg.reset and create) or self.map[:8] != _MAGIC:
+                foreign = not created and is_file and not cfg.reset and any(self.map[:_SLOTS_AT])
+                absent = not create and not foreign
+                if not foreign and not absent:
                     self._format(size)
-            if not foreign:
+            if not foreign and not absent:
                 self._open_super(size)
                 self.recovered = self._sync(force=True)
-        if foreign:
+        if foreign or absent:
             self.close()
+        if absent:
+            raise self._absent("holds no Strata region")
+        if foreign:
             raise ConfigError(f"tiers[{cfg.name}].path: {self.path!r} holds something other than a Strata region; "
                               "allowed: a new or empty file, a DAX device, or reset: true to overwrite it")
         self.capacity = min(self.capacity, self.data_size)
+
+    # -- opening: the path, and the space a region file needs --------------------------------------
+    def _open_path(self, create: bool) -> tuple[int, bool]:
+        """The region's descriptor, and whether this open created the file (so a refusal removes it)."""
+        try:
+            if create:
+                try:
+                    return os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600), True
+                except FileExistsError:
+                    pass
+            return os.open(self.path, os.O_RDWR), False
+        except FileNotFoundError as e:
+            if not create:
+                raise self._absent("does not exist") from e
+            raise self._cannot_open(e) from e
+        except OSError as e:
+            raise self._cannot_open(e) from e
+
+    def _cannot_open(self, e: OSError) -> ConfigError:
+        return ConfigError(f"tiers[{self.name}].path: cannot open {self.path!r} ({e.strerror}); allowed: a DAX "
+                           "device or a file path in a writable directory")
+
+    def _absent(self, why: str) -> RegionAbsent:
+        exc = RegionAbsent(f"tiers[{self.name}].path: {self.path!r} {why} and the tier was opened with "
+                           "create=False, so nothing was created; allowed: the path of an existing region (open "
+                           "the store normally once to create it)")
+        exc.tier, exc.path, exc.why = self.name, self.path, why
+        return exc
+
+    def _reserve(self, size: int, created: bool) -> None:
+        """Back every byte of a region file before it is mapped: a write to a page the filesystem
+        cannot back raises SIGBUS, which kills the process instead of failing a put. Already
+        allocated blocks cost nothing to reserve again. On refusal the file is as it was (removed
+        if this open created it) and the error says what fits."""
+        st = os.fstat(self._fd)
+        missing = max(0, size - st.st_blocks * 512)
+        why = None
+        try:
+            os.posix_fallocate(self._fd, 0, size)
+        except AttributeError:  # a platform without posix_fallocate: check the free space instead
+            why = self._free_space_short(missing)
+        except OSError as e:
+            why = self._free_space_short(missing) if e.errno in _NO_FALLOCATE else e.strerror
+        if why is None:
+            return
+        if not created and os.fstat(self._fd).st_size > st.st_size:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, st.st_size)  # posix_fallocate may have grown it before it failed
+        os.close(self._fd)
+        if created:
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
+        free = self._free_bytes()
+        held = 0 if created else st.st_blocks * 512
+        raise ConfigError(
+            f"tiers[{self.name}].size: got {format_size(size)} ({size} bytes) for {self.path!r}, but its filesystem "
+            f"cannot back it ({why}; {format_size(free)} free there); allowed: a size that fits in "
+            f"{format_size(free + held)}, or a path on a larger filesystem or a DAX device")
+
+    def _free_bytes(self) -> int:
+        st = os.statvfs(os.path.dirname(os.path.abspath(self.path)))
+        return st.f_bavail * st.f_frsize
+
+    def _free_space_short(self, missing: int) -> str | None:
+        """Where the filesystem cannot reserve space: why ``missing`` bytes do not fit, or None if they do."""
+        free = self._free_bytes()
+        if free >= missing:
+            return None
+        return f"{format_size(missing)} more needed"
 
     # -- region ----------------------------------------------------------------------------
     def _format(self, size: int) -> None:
@@ -192,7 +285,9 @@ class CxlTier(Tier):
 
     # -- sharing: re-read the slot table when another process changed it -----------------------
     def _sync(self, force: bool = False) -> int:
-        """Bring the index and the allocator up to the region (caller holds the chain lock)."""
+        """Bring the index and the allocator up to the region (caller holds the chain lock). Only a
+        slot whose record fails its header checksum or size (or a duplicate's older seq) is stale and
+        cleared; objects of namespaces this process never registered are kept and indexed."""
         gen = self._gen()
         if gen == self.generation and not force:
             return 0
@@ -225,11 +320,7 @@ class CxlTier(Tier):
         for key, (i, off, length, seq, meta) in sorted(found.items(), key=lambda kv: kv[1][3]):
             if key in self.index:
                 continue
-            try:
-                ns = Key.decode(key).namespace
-            except Exception:
-                stale.append(i)
-                continue
+            ns = key_namespace(key) or _NOT_A_KEY  # no registry: another process's namespaces stay
             e = Entry(key, ns, meta, length, (i, off, seq))
             e.view = self._view(off, key, meta)
             self._account(e, +1)
@@ -360,8 +451,10 @@ class CxlTier(Tier):
     def stats_extra(self) -> dict:
         free = self.allocator.free_bytes
         largest = self.allocator.largest_free()
+        known = namespaces()
         out = {"path": self.path, "region_bytes": self.data_size, "recovered": self.recovered,
-               "fragmentation": round(1 - largest / free, 4) if free else 0.0}
+               "fragmentation": round(1 - largest / free, 4) if free else 0.0,
+               "foreign_namespaces": sum(e.ns not in known for e in list(self.index.values()))}
         if self.numa is not None:
             out["numa"] = dict(self.numa)
         if self.cuda is not None:

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from strata.errors import StoreError
-from strata.keys import Key
+from strata.keys import key_namespace
 from strata.store.codec import (CorruptObject, FIXED_HEADER_SIZE, checksum_buffer, flat_bytes, header_size,
                                 header_size_for, pack_header, unpack_header)
 from strata.store.tiers.base import Entry, NotStored, Tier
@@ -76,10 +76,7 @@ def _tensor_over(value: bytes, offset: int) -> torch.Tensor:
 
 
 def _namespace(key: bytes) -> str:
-    try:
-        return Key.decode(key).namespace
-    except Exception:
-        return "?"
+    return key_namespace(key) or "?"
 
 
 class RedisTier(Tier):
