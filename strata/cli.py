@@ -1,4 +1,4 @@
-"""The ``strata`` command: stats and contents of a store, presets, the demo, and ``serve``."""
+"""The ``strata`` command: stats and contents of a store, gc of orphans, presets, the demo, and ``serve``."""
 
 from __future__ import annotations
 
@@ -45,17 +45,19 @@ def _table(rows) -> list[str]:
 def _cmd_stats(args) -> int:
     from strata.store.engine import open_store
 
-    with open_store(args.config) as store:
+    with open_store(args.config, create=False) as store:  # looking never creates a cxl region
         stats = store.stats()
     print(json.dumps(stats, indent=2) if args.json else format_stats(stats))
     return 0
 
 
 def format_contents(store) -> str:
-    """Per tier: where it lives, then objects and bytes by namespace and scope."""
+    """Per tier: where it lives, then objects and bytes by namespace and scope. Scopes owned by a
+    process (``strata.store.owners``) get an owner column: alive, or an orphan its exit left."""
     from strata.keys import Key
 
     lines = []
+    owners: dict[str, str] = {}  # scope -> owner column, judged once per scope
     for tier in store.tiers:
         tier.refresh()
         extra = tier.stats()
@@ -82,19 +84,52 @@ def format_contents(store) -> str:
                      f"{format_size(server['maxmemory']) if server['maxmemory'] else 'unset'} "
                      f"({server['maxmemory_policy']}), hit rate {'n/a' if rate is None else f'{rate:.1%}'}")
         lines.append(line)
-        rows = [("  namespace", "scope", "objects", "bytes")]
+        for _, scope in groups:
+            if scope not in owners:
+                owners[scope] = describe_owner(scope)
+        owned = any(owners[scope] for _, scope in groups)
+        rows = [("  namespace", "scope", "objects", "bytes") + (("owner",) if owned else ())]
         for (ns, scope), (n, size) in sorted(groups.items()):
-            rows.append((f"  {ns}", scope if len(scope) <= 48 else scope[:45] + "...", str(n), format_size(size)))
+            row = (f"  {ns}", scope if len(scope) <= 48 else scope[:45] + "...", str(n), format_size(size))
+            rows.append(row + ((owners[scope],) if owned else ()))
         if len(rows) > 1:
             lines += _table(rows)
     return "\n".join(lines)
 
 
+def describe_owner(scope: str) -> str:
+    """The owner column of a scope: '' (no owner), 'pid N alive', 'orphan: pid N dead', or
+    'pid N on HOST (unknown)' where this host cannot tell."""
+    from strata.store.owners import is_alive, owner_of
+
+    owner = owner_of(scope)
+    if owner is None:
+        return ""
+    alive = is_alive(owner)
+    if alive is None:
+        return f"pid {owner.pid} on {owner.host} (unknown)"
+    return f"pid {owner.pid} alive" if alive else f"orphan: pid {owner.pid} dead"
+
+
 def _cmd_inspect(args) -> int:
     from strata.store.engine import open_store
 
-    with open_store(args.config) as store:
+    with open_store(args.config, create=False) as store:
         print(format_contents(store))
+        orphans = len(store.orphans())
+    if orphans:
+        print(f"\nstrata gc {args.config} drops {orphans} orphaned objects (left by processes that exited)")
+    return 0
+
+
+def _cmd_gc(args) -> int:
+    from strata.store.engine import open_store
+
+    with open_store(args.config, create=False) as store:
+        orphans = {k.encoded for k in store.orphans()}
+        nbytes = sum(size for tier in store.tiers for raw, _, size in tier.contents() if raw in orphans)
+        dropped = store.gc()
+    print(f"dropped {dropped} orphaned objects ({format_size(nbytes)})")
     return 0
 
 
@@ -142,6 +177,10 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("inspect", help="open a store and summarise what each tier holds, by namespace and scope")
     p.add_argument("config", help="preset name or YAML path")
     p.set_defaults(func=_cmd_inspect)
+    p = sub.add_parser("gc", help="drop the objects of processes that exited without deleting them "
+                                  "(e.g. the weights of a killed vLLM worker)")
+    p.add_argument("config", help="preset name or YAML path")
+    p.set_defaults(func=_cmd_gc)
     p = sub.add_parser("presets", help="list the YAML presets shipped with Strata")
     p.set_defaults(func=_cmd_presets)
     p = sub.add_parser("demo", help="run the demo on the default CPU tier")
@@ -159,7 +198,11 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except Exception as e:  # clear one-line errors for the command line
         from strata.errors import StrataError
+        from strata.store.tiers import RegionAbsent
 
+        if isinstance(e, RegionAbsent) and args.cmd in ("stats", "inspect", "gc"):
+            print(f"strata: tier {e.tier}: {e.path!r} {e.why}: nothing is stored there yet (looking creates nothing)")
+            return 0
         if isinstance(e, StrataError):
             print(f"strata: error: {e}", file=sys.stderr)
             return 2

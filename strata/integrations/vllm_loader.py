@@ -85,12 +85,27 @@ def handles() -> list[OffloadHandle]:
 def _drop_store_copies(handle: OffloadHandle) -> None:
     """At exit: the layers' bytes are keyed by this process (one scope per load), so nobody can use
     them after it; a persistent tier (CXL, files, Redis) must not keep them. A process that is
-    killed leaves them behind: evict them with ``namespaces.param.evict: drop`` on that tier's store."""
+    killed leaves them behind, as orphans of its owned scope: the next load drops them
+    (``_drop_orphans``), or ``strata gc CONFIG`` does."""
     for key in handle.keys.values():
         try:
             handle.store.delete(key)
         except Exception:  # the store may be closed or a tier down at exit; nothing to save then
             log.debug("strata: could not delete %s at exit", key, exc_info=True)
+
+
+def _drop_orphans(store) -> None:
+    """Before offloading: drop what killed processes left (their layers' scopes name an owner that
+    has exited), so a restarted server gets back the space a killed one held. Without this the
+    orphans fill a persistent last tier, whose weights may not be evicted, and every later KV put
+    to it is refused. Objects of live processes and of other hosts are kept."""
+    try:
+        dropped = store.gc()
+    except Exception:  # a tier down: offloading may still work, the orphans wait for the next load
+        log.warning("could not look for orphaned objects in %r", store, exc_info=True)
+        return
+    if dropped:
+        log.info("dropped %d orphaned objects (left by processes that exited) from %r", dropped, store)
 
 
 def require_eager(vllm_config) -> None:
@@ -140,6 +155,7 @@ class StrataModelLoader(DefaultModelLoader):
             if staged:
                 load_cfg.device = None
         store = shared_store(self.options.config)
+        _drop_orphans(store)
         try:
             handle = offload(model, store=store, device=device, gpu_budget=self.options.gpu_budget,
                              prefetch=self.options.prefetch, blocks=self.options.blocks)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import uuid
 from typing import Iterable
 
@@ -17,8 +18,10 @@ from strata.offload.packing import ALIGN, BlockLayout, set_tensor
 from strata.offload.placement import Plan, plan
 from strata.offload.scheduler import BlockHook, PrefetchScheduler
 from strata.store.engine import StorageEngine, open_store
+from strata.store.owners import owned_scope
 
 _MARK = "_strata_offload"
+log = logging.getLogger("strata.offload")
 
 
 def check_device(device: "str | torch.device") -> torch.device:
@@ -69,6 +72,7 @@ class OffloadHandle:
         self.block_path = block_path
         self._hooks: list[tuple[torch.nn.Module, BlockHook]] = []
         self.attached = True
+        self._unregister_close = store.on_close(self._store_closing)
 
     # -- reporting -----------------------------------------------------------------------------
     def stats(self) -> dict:
@@ -104,8 +108,20 @@ class OffloadHandle:
     # -- undo ----------------------------------------------------------------------------------
     def detach(self) -> torch.nn.Module:
         """Put every parameter back where it was, bit for bit, and remove Strata's hooks."""
+        return self._detach(strict=True)
+
+    def _store_closing(self) -> None:
+        """The store is closing under an attached model: take the weights back first, so closing it
+        loses nothing (a block already deleted from the store, e.g. at exit, stays a placeholder)."""
+        log.warning("strata: the store of an offloaded %s is closing; its weights are restored into the model",
+                    type(self.model).__name__)
+        self._detach(strict=False)
+
+    def _detach(self, strict: bool) -> torch.nn.Module:
         if not self.attached:
             return self.model
+        if self._unregister_close is not None:
+            self._unregister_close()
         for module, hook in self._hooks:
             detach_hook(module, hook)
         if self.scheduler is not None:
@@ -114,7 +130,10 @@ class OffloadHandle:
             layout = self.layouts[b]
             packed = self.store.get(self.keys[b])
             if packed is None:
-                raise OffloadError(f"detach: block {self.names[b]} is missing from the store; cannot restore it")
+                if strict:
+                    raise OffloadError(f"detach: block {self.names[b]} is missing from the store; cannot restore it")
+                log.warning("strata: block %s is no longer in the store; it stays unloaded", self.names[b])
+                continue
             layout.bind([v.to(dev, copy=True) for v, dev in zip(layout.views(packed), layout.devices)])
             self.store.delete(self.keys[b])
         for (module, name, is_param), dev in self._moved.items():
@@ -212,7 +231,8 @@ def offload_from(model: torch.nn.Module, source, *, store: StorageEngine | None,
         store = (store_factory or _default_store)(offloaded_bytes)
 
     arch = make_scope(names=tuple(names), layout=tuple(l.signature for l in layouts))
-    scope = make_scope(model=type(model).__name__, arch=arch, instance=uuid.uuid4().hex)
+    # owned by this process: what a killed one leaves is an orphan that StorageEngine.gc() drops
+    scope = owned_scope(make_scope(model=type(model).__name__, arch=arch, instance=uuid.uuid4().hex))
     keys = {b: Key("param", scope, names[b]) for b in p.offloaded}
     offloaded_ids: set[int] = set()
     done: list[int] = []

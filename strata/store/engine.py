@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import threading
+import weakref
 from collections import defaultdict
 from contextlib import contextmanager
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 
@@ -14,6 +15,7 @@ from strata.errors import StoreError, allowed
 from strata.keys import Key
 from strata.store.chain import TierChain
 from strata.store.codec import describe, materialize
+from strata.store.readonly import read_only
 from strata.store.tiers import build_tier
 
 MODES = ("chain", "exact", "prefer")
@@ -22,14 +24,20 @@ MODES = ("chain", "exact", "prefer")
 class StorageEngine:
     """A tiered tensor store. Use as a context manager, or call ``close()``."""
 
-    def __init__(self, config: "StoreConfig | dict | str | None" = None):
+    def __init__(self, config: "StoreConfig | dict | str | None" = None, *, create: bool = True):
+        """``create=False`` only looks: a cxl region that does not exist yet is not made
+        (``strata.store.tiers.RegionAbsent``), as ``strata stats`` and ``strata inspect`` open stores."""
         self.config = load_config(config)
         tiers = []
         try:
             for tc in self.config.tiers:
-                tiers.append(build_tier(tc, self.config))
-        except OSError as e:
-            raise StoreError(f"tiers[{len(tiers)}] ({self.config.tiers[len(tiers)].kind}): cannot open: {e}") from e
+                tiers.append(build_tier(tc, self.config, create=create))
+        except BaseException as e:
+            for t in tiers:  # what opened before the failing tier is let go (mappings, locks, sockets)
+                t.close()
+            if isinstance(e, OSError):
+                raise StoreError(f"tiers[{len(tiers)}] ({self.config.tiers[len(tiers)].kind}): cannot open: {e}") from e
+            raise
         self.chain = TierChain(tiers, self.config)
         self._tier_index = {t.name: i for i, t in enumerate(tiers)}
         self._max_capacity = max(t.capacity for t in tiers)
@@ -37,15 +45,19 @@ class StorageEngine:
         self._ns = defaultdict(lambda: defaultdict(int))
         self._ns_lock = threading.Lock()
         self._closed = False
+        self._closing: list[weakref.WeakMethod] = []  # on_close callbacks
 
     # -- helpers ----------------------------------------------------------------------------
     @property
     def tiers(self):
         return self.chain.tiers
 
-    def _check_key(self, key: object) -> Key:
+    def _check_open(self) -> None:
         if self._closed:
-            raise StoreError("store: this StorageEngine is closed")
+            raise StoreError("store: this StorageEngine is closed; allowed: open a new one (strata.open_store)")
+
+    def _check_key(self, key: object) -> Key:
+        self._check_open()
         if not isinstance(key, Key):
             raise StoreError(f"key: got {type(key).__name__}; allowed: strata.Key(namespace, scope, name)")
         return key
@@ -79,6 +91,9 @@ class StorageEngine:
         """Store ``value`` under ``key``. False (and a ``rejected`` counter) if no tier could take it
         now, e.g. every tier is full of pinned or in-use objects."""
         key = self._check_key(key)
+        if isinstance(value, torch.Tensor) and value.device.type == "meta":
+            raise StoreError("value: a meta tensor has no data to store; allowed: a tensor on cpu or cuda "
+                             "(materialize it first, e.g. load its weights)")
         meta, data = describe(value)
         if meta.nbytes > self._max_capacity:
             caps = ", ".join(f"{t.name}={format_size(t.capacity)}" for t in self.tiers)
@@ -167,6 +182,7 @@ class StorageEngine:
     def lease(self, key: Key) -> Iterator[torch.Tensor | None]:
         """A zero-copy, read-only view of the stored tensor in a memory tier, valid inside the
         ``with`` block (the bytes cannot be evicted or reused meanwhile). None on a miss.
+        The view refuses in-place changes (``strata.store.readonly``): ``.clone()`` to change a copy.
         A copy found only in a lower tier is promoted first; one that no memory tier can take
         (full of leased objects, or no memory tier at all) is yielded as a private copy."""
         with self.lease_many([key]) as views:
@@ -191,7 +207,7 @@ class StorageEngine:
             for key, view in zip(keys, views):
                 self._count(key.namespace, "misses" if view is None else "hits",
                             0 if view is None else view.numel() * view.element_size())
-            yield views
+            yield [None if v is None else read_only(v) for v in views]
         finally:
             for h in held:
                 if h is not None:
@@ -199,6 +215,7 @@ class StorageEngine:
 
     def keys(self, namespace: str | None = None) -> list[Key]:
         """Every key held by any tier (optionally of one namespace)."""
+        self._check_open()
         out = []
         for raw in self.chain.keys():
             try:
@@ -209,16 +226,62 @@ class StorageEngine:
                 out.append(key)
         return out
 
+    def orphans(self) -> list[Key]:
+        """Keys whose scope names an owner process that has exited (``strata.store.owners``):
+        what a killed process left, which nobody can use and which would hold its tier's space
+        forever. An owner this process cannot judge (another host) is never an orphan; keys of
+        namespaces not registered here are left out (they cannot be named by a Key)."""
+        from strata.keys import split_key
+        from strata.store.owners import is_alive, owner_of
+
+        self._check_open()
+        verdicts: dict[str, bool] = {}  # scope -> dead; one /proc read per scope, not per key
+        out = []
+        for raw in self.chain.keys():
+            try:
+                _, scope, _ = split_key(raw)
+            except StoreError:  # a foreign value under a remote tier's prefix
+                continue
+            if scope not in verdicts:
+                owner = owner_of(scope)
+                verdicts[scope] = owner is not None and is_alive(owner) is False
+            if verdicts[scope]:
+                try:
+                    out.append(Key.decode(raw))
+                except StoreError:
+                    continue
+        return out
+
+    def gc(self) -> int:
+        """Delete every orphan (see ``orphans``) from every tier; how many keys were dropped."""
+        return sum(self.delete(key) for key in self.orphans())
+
     # -- lifecycle and stats -----------------------------------------------------------------
     def flush(self) -> None:
         """Wait until every write-back object has reached the tier below."""
+        self._check_open()
         self.chain.flush()
 
+    def on_close(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call ``callback`` (a bound method, held weakly) when this store starts closing, while it
+        still serves reads: a client whose only copy of some data lives here takes it back then
+        (an offloaded model restores its weights). Returns a function that unregisters it."""
+        ref = weakref.WeakMethod(callback)
+        self._closing.append(ref)
+        return lambda: self._closing.remove(ref) if ref in self._closing else None
+
     def close(self) -> None:
-        """Drain background work and release the tiers. Safe to call twice."""
-        if not self._closed:
-            self._closed = True
-            self.chain.close()
+        """Let clients take back what only lives here (``on_close``), drain background work and
+        release the tiers. Safe to call twice."""
+        if self._closed:
+            return
+        for ref in list(self._closing):
+            callback = ref()
+            if callback is not None:
+                callback()
+        self._closing.clear()
+        self._closed = True
+        self.chain.close()
 
     def __enter__(self) -> "StorageEngine":
         return self
@@ -247,6 +310,7 @@ class StorageEngine:
         return f"StorageEngine({tiers})"
 
 
-def open_store(config: "StoreConfig | dict | str | None" = None) -> StorageEngine:
-    """Open a store from None (the ``cpu`` preset), a preset name, a YAML path or a dict."""
-    return StorageEngine(config)
+def open_store(config: "StoreConfig | dict | str | None" = None, *, create: bool = True) -> StorageEngine:
+    """Open a store from None (the ``cpu`` preset), a preset name, a YAML path or a dict
+    (``create=False``: see ``StorageEngine``)."""
+    return StorageEngine(config, create=create)

@@ -10,13 +10,25 @@ persistent one, or on every put and get with ``verify: true``.
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
+
+from strata.config import format_size
+from strata.errors import ConfigError
 
 from strata.store import cudahost
 from strata.store.allocator import ExtentAllocator
 from strata.store.codec import CorruptObject, checksum
 from strata.store.tiers.base import Entry, Tier
+
+
+def host_memory() -> int | None:
+    """Bytes of physical memory on this host, or None where the OS does not say."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 @functools.lru_cache(maxsize=4096)
@@ -36,8 +48,17 @@ class CpuTier(Tier):
         self.pinned = cudahost.wanted(cfg.pin)
         self.allocator = ExtentAllocator(cfg.capacity)
         self.capacity = self.allocator.capacity
+        ram = host_memory()
+        if ram and self.capacity > ram:
+            raise ConfigError(f"tiers[{cfg.name}].capacity: got {format_size(self.capacity)}; allowed: at most this "
+                              f"host's RAM ({format_size(ram)}), and less to leave room for the process")
         # Pageable memory is reserved lazily by the OS; pinned memory is locked up front.
-        self.slab = torch.empty(self.capacity, dtype=torch.uint8, pin_memory=self.pinned)
+        try:
+            self.slab = torch.empty(self.capacity, dtype=torch.uint8, pin_memory=self.pinned)
+        except RuntimeError as e:
+            raise ConfigError(f"tiers[{cfg.name}].capacity: could not allocate {format_size(self.capacity)} of "
+                              f"{'pinned ' if self.pinned else ''}host memory ({str(e).splitlines()[0][:200]}); "
+                              "allowed: a capacity the host can give (pin: never for pageable memory)") from None
         self._aliases: dict[torch.dtype, torch.Tensor] = {}  # the slab seen as each dtype
 
     def stored_size(self, key, meta) -> int:
