@@ -1,11 +1,24 @@
-"""The file tier: one file per object in a directory on local storage.
+"""The file tier: one file per object in a directory on local storage, shared by the
+processes of the host.
 
 A put writes header and payload to a temporary file and renames it into place, so
 a reader or a restart sees the whole object or none of it. Each file name carries
 a version suffix, so replacing an object never unlinks the new file. On open the
 directory is scanned: a file with a bad header, a short payload, or a stale
-version is removed. Every read checks the header's key and the payload checksum;
-a mismatch is a miss, counted, and the file is dropped.
+version is removed; an object of a namespace this process never registered is kept
+(another process's) and counted in ``foreign_namespaces``. Every read checks the
+header's key and the payload checksum; a mismatch is a miss, counted, and the file is
+dropped.
+
+Sharing with live processes: the index holds what this process wrote or found. A lookup
+that misses it probes the directory (one listing of the key's shard) and adopts the newest
+version there, so a live store sees what another saved after it opened. An indexed file
+another process removed (evicted, deleted, replaced) is a plain miss, not an I/O error:
+the entry is retired and the directory probed again for a newer version. Temporary files
+carry their writer's pid; opening removes only those of writers no longer alive.
+
+Capacity across processes is approximate: each process counts the objects it has indexed
+(its own and those it adopted), not what others hold, and evicts only those.
 """
 
 from __future__ import annotations
@@ -15,15 +28,61 @@ import hashlib
 import os
 import time
 import uuid
+from collections import defaultdict
 from pathlib import Path
 
 import torch
 
-from strata.keys import Key
+from strata.keys import key_namespace, namespaces
 from strata.store.codec import CorruptObject, FIXED_HEADER_SIZE, checksum, flat_bytes, header_size, header_size_for, pack_header, unpack_header
-from strata.store.tiers.base import Entry, Tier
+from strata.store.tiers.base import Entry, NotStored, Tier
 
 _SUFFIX = ".obj"
+_TMP_SUFFIX = ".tmp"
+_LEGACY_TMP_AGE_S = 60  # a temporary file named without a pid (older versions): older is an interrupted put
+
+
+class Vanished(FileNotFoundError, NotStored):
+    """An indexed object's file is gone (another process removed it): a plain miss to a read,
+    and still an OSError to code that only knows I/O faults."""
+
+
+def _read_header(path: Path) -> tuple[bytes, object, int]:
+    """(key bytes, meta, file size) of an object file; CorruptObject on a bad header or a
+    payload of the wrong length, OSError (FileNotFoundError: removed meanwhile) on I/O."""
+    with open(path, "rb") as f:
+        head = f.read(FIXED_HEADER_SIZE)
+        head += f.read(header_size(head) - len(head))
+        key, meta = unpack_header(head)
+        size = os.fstat(f.fileno()).st_size
+    if size != len(head) + meta.nbytes:
+        raise CorruptObject("payload truncated")
+    return key, meta, size
+
+
+def _put_in_flight(path: Path, now: float) -> bool:
+    """Whether a temporary file may still become an object: its name is ``<pid>-<uuid>.tmp`` and
+    that process is alive, or it is a legacy ``<uuid>.tmp`` (no pid) younger than a minute. Any
+    other name is no writer's: an interrupted put's leftover, or junk."""
+    stem = path.name[: -len(_TMP_SUFFIX)] if path.name.endswith(_TMP_SUFFIX) else ""
+    pid, sep, _ = stem.partition("-")
+    if sep and pid.isdigit() and int(pid) > 0:
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:  # alive, another user's
+            return True
+        except OSError:
+            pass  # cannot tell: judged by age below
+        else:
+            return True
+    elif not (len(stem) == 32 and all(c in "0123456789abcdef" for c in stem)):
+        return False
+    try:
+        return now - path.stat().st_mtime < _LEGACY_TMP_AGE_S
+    except OSError:
+        return False
 
 
 class FileTier(Tier):
@@ -39,22 +98,25 @@ class FileTier(Tier):
         self.tmp.mkdir(parents=True, exist_ok=True)
         self.recovered = 0
         self.discarded = 0
+        self.foreign = 0  # objects recovered of namespaces this process had not registered
+        self.adopted = 0  # objects found in the directory after open (another process saved them)
+        self.vanished = 0  # indexed objects whose file another process removed
+        # File names of this process that the index does not show: puts in flight, and retired
+        # objects a reader still leases. A directory probe must not adopt them.
+        self._unlisted: set[str] = set()
+        # File names a read found gone (set outside the chain lock, acted on under it in release).
+        self._gone: set[str] = set()
         self._scan()
 
     # -- recovery ------------------------------------------------------------------------
     def _scan(self) -> None:
-        for stale in self.tmp.iterdir():  # interrupted puts: never visible, space reclaimed
-            stale.unlink(missing_ok=True)
+        self._remove_interrupted_puts()
         found: list[tuple[str, Path, bytes, object, int]] = []
         for path in self.objects.glob(f"*/*{_SUFFIX}"):
             try:
-                with open(path, "rb") as f:
-                    head = f.read(FIXED_HEADER_SIZE)
-                    head += f.read(header_size(head) - len(head))
-                    key, meta = unpack_header(head)
-                    size = os.fstat(f.fileno()).st_size
-                if size != len(head) + meta.nbytes:
-                    raise CorruptObject("payload truncated")
+                key, meta, size = _read_header(path)
+            except FileNotFoundError:
+                continue  # another process removed it meanwhile
             except (OSError, CorruptObject):
                 self.discarded += 1
                 path.unlink(missing_ok=True)
@@ -62,10 +124,10 @@ class FileTier(Tier):
             found.append((path.name, path, key, meta, size))
         # Oldest first so LRU order survives a restart; the newest version of a key wins.
         found.sort(key=lambda item: item[0].rsplit("-", 1)[-1])
+        known = namespaces()
         for _, path, key, meta, size in found:
-            try:
-                ns = Key.decode(key).namespace
-            except Exception:
+            ns = key_namespace(key)  # no registry: other processes' namespaces are kept
+            if ns is None:
                 self.discarded += 1
                 path.unlink(missing_ok=True)
                 continue
@@ -73,9 +135,126 @@ class FileTier(Tier):
             self._account(e, +1)
             self.publish(e, count=False)
             self.recovered += 1
+        self.foreign = sum(n for ns, n in self.counters.ns_objects.items() if ns not in known)
         evicted = 0
         while self.used > self.capacity and self._evict_one(self._eviction_order(), lambda t, e: True, set()):
             evicted += 1  # capacity shrank since last run
+
+    def _remove_interrupted_puts(self) -> None:
+        """Reclaim temporary files of puts that can no longer finish: their writer is dead (or,
+        for names without a pid, they are old). Another live process's put in flight stays."""
+        now = time.time()
+        for path in self.tmp.iterdir():
+            if not _put_in_flight(path, now):
+                with contextlib.suppress(OSError):
+                    path.unlink(missing_ok=True)
+
+    # -- other processes' objects (caller holds the chain lock) -----------------------------
+    def lookup(self, key: bytes) -> Entry | None:
+        e = self._indexed(key)
+        return e if e is not None else self._discover([key])[0]
+
+    def exists_many(self, keys: list[bytes]) -> list[bool]:
+        missing = [k for k in dict.fromkeys(keys) if self._indexed(k) is None]
+        self._discover(missing)
+        return [k in self.index for k in keys]
+
+    def _indexed(self, key: bytes) -> Entry | None:
+        """The index's entry for ``key`` if its file is still there; one another process removed
+        is retired (a stat per hit: cheap next to the read that follows)."""
+        e = self.index.get(key)
+        if e is None:
+            return None
+        try:
+            os.stat(e.loc)
+        except FileNotFoundError:
+            self._forget(e)
+            return None
+        except OSError:
+            pass  # not ours to judge here: the read reports it
+        return e
+
+    def _forget(self, e: Entry) -> None:
+        self.vanished += 1
+        self.retire(e)
+
+    def _discover(self, keys: list[bytes]) -> list[Entry | None]:
+        """Adopt the newest valid file of each key from the directory (keys not in the index).
+        One listing per shard the keys fall in."""
+        found: list[Entry | None] = [None] * len(keys)
+        wanted: dict[str, list[tuple[int, bytes, str]]] = defaultdict(list)
+        for i, key in enumerate(keys):
+            digest = hashlib.sha256(key).hexdigest()
+            wanted[digest[:2]].append((i, key, digest))
+        for shard, items in wanted.items():
+            versions = self._list_shard(self.objects / shard)
+            for i, key, digest in items:
+                names = versions.get(digest)
+                if names:
+                    found[i] = self._adopt(key, self.objects / shard, sorted(names, reverse=True))
+        return found
+
+    def _list_shard(self, shard: Path) -> dict[str, list[str]]:
+        """Object file names in a shard directory by key digest."""
+        out: dict[str, list[str]] = defaultdict(list)
+        try:
+            names = os.listdir(shard)
+        except FileNotFoundError:
+            return out
+        except OSError:
+            self.counters.errors += 1
+            return out
+        for name in names:
+            if name.endswith(_SUFFIX):
+                out[name.partition("-")[0]].append(name)
+        return out
+
+    def _adopt(self, key: bytes, shard: Path, names: list[str]) -> Entry | None:
+        """Index the first (newest) of ``names`` that holds ``key`` whole; a corrupt one is dropped."""
+        if key in self.index:  # a key asked twice in one batch
+            return self.index[key]
+        ns = key_namespace(key)
+        if ns is None:
+            return None
+        for name in names:
+            if name in self._unlisted:
+                continue  # this process's own put in flight, or an object it retired
+            path = shard / name
+            try:
+                got, meta, size = _read_header(path)
+            except FileNotFoundError:
+                continue  # removed meanwhile
+            except OSError:
+                self.counters.errors += 1
+                continue
+            except CorruptObject:  # renamed into place whole, so never a put in flight: dropped
+                self.discarded += 1
+                with contextlib.suppress(OSError):
+                    path.unlink(missing_ok=True)
+                continue
+            if got != key:
+                continue  # not this key's file (a digest prefix clash or a renamed file): left alone
+            e = Entry(key, ns, meta, size, path)
+            self._account(e, +1)
+            self.publish(e, count=False)
+            self.adopted += 1
+            return e
+        return None
+
+    # -- index hooks (caller holds the chain lock) -------------------------------------------
+    def publish(self, e: Entry, count: bool = True) -> None:
+        self._unlisted.discard(e.loc.name)
+        super().publish(e, count)
+
+    def retire(self, e: Entry) -> None:
+        super().retire(e)
+        if e.dead and e.leases:  # bytes still read here, freed on the last release
+            self._unlisted.add(e.loc.name)
+
+    def release(self, e: Entry) -> None:
+        super().release(e)
+        if e.loc.name in self._gone and not e.dead:
+            self._forget(e)  # a read found the file gone: the next lookup probes the directory
 
     # -- storage hooks ---------------------------------------------------------------------
     def stored_size(self, key: bytes, meta) -> int:
@@ -87,9 +266,12 @@ class FileTier(Tier):
         digest = hashlib.sha256(e.key).hexdigest()
         version = f"{time.time_ns():020d}{uuid.uuid4().hex[:8]}"
         e.loc = self.objects / digest[:2] / f"{digest}-{version}{_SUFFIX}"
+        self._unlisted.add(e.loc.name)
         return True
 
     def _free(self, e: Entry) -> None:
+        self._unlisted.discard(e.loc.name)
+        self._gone.discard(e.loc.name)
         try:
             e.loc.unlink(missing_ok=True)
         except OSError:
@@ -99,7 +281,7 @@ class FileTier(Tier):
         if e.meta.checksum is None:
             raise ValueError("file tier needs the payload checksum")  # the chain computes it
         head = pack_header(e.key, e.meta)
-        tmp = self.tmp / f"{uuid.uuid4().hex}.tmp"
+        tmp = self.tmp / f"{os.getpid()}-{uuid.uuid4().hex}{_TMP_SUFFIX}"  # the pid keeps it from other openers
         try:
             with open(tmp, "wb") as f:
                 f.write(head)
@@ -118,7 +300,12 @@ class FileTier(Tier):
         return True
 
     def read_into(self, e: Entry, out: torch.Tensor) -> None:
-        with open(e.loc, "rb") as f:
+        try:
+            f = open(e.loc, "rb")
+        except FileNotFoundError as exc:
+            self._gone.add(e.loc.name)  # retired under the lock when the read releases the entry
+            raise Vanished(exc.errno, "removed by another process", str(e.loc)) from None
+        with f:
             head = f.read(FIXED_HEADER_SIZE)
             head += f.read(header_size(head) - len(head))
             key, meta = unpack_header(head)
@@ -132,4 +319,5 @@ class FileTier(Tier):
             raise CorruptObject("payload checksum mismatch")
 
     def stats_extra(self) -> dict:
-        return {"path": str(self.root), "recovered": self.recovered, "discarded": self.discarded}
+        return {"path": str(self.root), "recovered": self.recovered, "discarded": self.discarded,
+                "foreign_namespaces": self.foreign, "adopted": self.adopted, "vanished": self.vanished}
