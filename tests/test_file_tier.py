@@ -202,6 +202,7 @@ def test_a_delete_here_is_not_undone_by_finding_the_file_a_reader_still_holds(tm
             e = tier.lookup(k.encoded)
             tier.lease(e)  # a read in progress
         assert store.delete(k)
+        assert tier.discover([k.encoded]) == [None]
         assert not store.contains(k) and store.get(k) is None
         store.chain.release(tier, e)
         assert object_files(tmp_path) == [] and tier.used == 0
@@ -215,8 +216,8 @@ def test_a_put_in_flight_here_is_not_adopted_from_the_directory(tmp_path):
         with store.chain.lock:
             e = tier.reserve(k.encoded, "kv", meta, lambda t, victim: True)
         assert tier.write(e, data)  # the file is in place, the entry not yet published
+        assert tier.discover([k.encoded]) == [None] and not store.contains(k)
         with store.chain.lock:
-            assert tier.lookup(k.encoded) is None
             tier.publish(e)
         assert torch.equal(store.get(k), data) and tier.used == e.size and len(object_files(tmp_path)) == 1
 

@@ -195,3 +195,23 @@ def test_looking_at_a_store_never_creates_its_cxl_region(tmp_path, capsys):
         assert main(argv) == 0
         assert "nothing is stored there yet" in capsys.readouterr().out
         assert not region.exists()
+
+
+def test_a_file_tier_looks_for_other_processes_objects_outside_the_chain_lock(tmp_path, monkeypatch):
+    cfg = {"tiers": [{"kind": "file", "path": str(tmp_path), "capacity": "8MiB"}]}
+    with open_store(cfg) as a, open_store(cfg) as b:
+        calls = []
+        for name in ("discover", "vanished_among", "remove"):
+            real = getattr(FileTier, name)
+
+            def checked(self, *args, _real=real, _name=name):
+                calls.append((_name, b.chain.lock._is_owned() or a.chain.lock._is_owned()))
+                return _real(self, *args)
+
+            monkeypatch.setattr(FileTier, name, checked)
+        assert a.put(k("x"), torch.ones(8))
+        assert b.contains(k("x")) and torch.equal(b.get(k("x")), torch.ones(8))
+        assert b.get(k("missing")) is None
+        assert a.delete(k("x")) and not b.contains(k("x"))
+        assert {name for name, _ in calls} == {"discover", "vanished_among", "remove"}
+        assert not any(held for _, held in calls), calls

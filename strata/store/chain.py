@@ -282,15 +282,17 @@ class TierChain:
         tensor of the stored dtype and shape."""
         for i in order:
             tier = self.tiers[i]
-            e = self._open(tier, key)
-            if e is None:
-                continue
-            data = self._settle(tier, e, lambda: self._read_entry(tier, e, out))
-            if data is None:
-                continue
-            if promote and i > 0 and data.device.type == "cpu":
-                self._promote(i, key, e, data)
-            return e.meta, data
+            for _ in range(2 if tier.shared else 1):  # once more where another process replaced the file
+                e = self._open(tier, key)
+                if e is None:
+                    break
+                data = self._settle(tier, e, lambda: self._read_entry(tier, e, out))
+                if data is not None:
+                    if promote and i > 0 and data.device.type == "cpu":
+                        self._promote(i, key, e, data)
+                    return e.meta, data
+                if not e.dead:
+                    break
         return None
 
     def read_many(self, keys: list[bytes], order: list[int], promote: bool) -> list:
@@ -318,24 +320,35 @@ class TierChain:
         return found
 
     def _open(self, tier: Tier, key: bytes) -> Entry | None:
-        """The leased entry a read of ``key`` in ``tier`` goes through, or None (a miss, counted)."""
+        """The leased entry a read of ``key`` in ``tier`` goes through, or None (a miss, counted).
+        A shared tier whose index misses is asked, outside the lock, what another process stored."""
         with self.lock:
             e = tier.probe(key)
-            if e is None:
-                tier.counters.misses += 1
-                return None
-            tier.lease(e)
-            tier.touch(e)
+            if e is not None or not tier.shared:
+                return self._lease_hit(tier, e)
+        found = tier.discover([key])[0]
+        with self.lock:
+            return self._lease_hit(tier, None if found is None else tier.adopt(found))
+
+    @staticmethod
+    def _lease_hit(tier: Tier, e: Entry | None) -> Entry | None:
+        if e is None:
+            tier.counters.misses += 1
+            return None
+        tier.lease(e)
+        tier.touch(e)
         return e
 
     def _settle(self, tier: Tier, e: Entry, fetch: Callable[[], torch.Tensor]) -> torch.Tensor | None:
         """``fetch()`` the payload of the leased ``e``, release it, count a hit; a fault is a miss
-        and a counter (a corrupt object is retired), never an exception."""
+        and a counter (a corrupt object is retired), never an exception. Where a shared tier's
+        object is gone or corrupt, ``read`` looks in it once more and that look counts the miss."""
         try:
             data = fetch()
-        except NotStored:  # a remote tier had nothing under the key
+        except NotStored:  # a remote tier had nothing under the key; a shared tier's file is gone
             with self.lock:
-                tier.counters.misses += 1
+                if not tier.shared:
+                    tier.counters.misses += 1
                 tier.release(e)
             return None
         except (CorruptObject, OSError) as exc:
@@ -343,7 +356,8 @@ class TierChain:
             log.warning("tier %s: %s, treated as a miss (%s)", tier.name,
                         "corrupt object dropped" if corrupt else "read failed", exc)
             with self.lock:
-                tier.counters.misses += 1
+                if not (corrupt and tier.shared):
+                    tier.counters.misses += 1
                 if corrupt:
                     tier.counters.checksum_failures += 1
                     tier.retire(e)  # never served again
@@ -414,11 +428,32 @@ class TierChain:
                 have = tier.exists_many(asked)
             else:
                 with self.lock:
-                    have = tier.exists_many(asked)
+                    have = tier.exists_many(asked) if not tier.shared else None
+                if have is None:
+                    have = self._shared_exists(tier, asked)
             for j, h in zip(todo, have):
                 if h:
                     found[j] = i
         return found
+
+    def _shared_exists(self, tier: Tier, keys: list[bytes]) -> list[bool]:
+        """Which keys a shared tier holds, as other processes left it: what the index holds is
+        checked to be still there, what it misses is looked for (I/O outside the lock)."""
+        with self.lock:
+            indexed = [tier.index.get(k) for k in keys]
+        gone = tier.vanished_among([e for e in indexed if e is not None])
+        gone_ids = {id(e) for e in gone}
+        with self.lock:
+            for e in gone:
+                if tier.index.get(e.key) is e:
+                    tier.forget(e)
+        todo = [j for j, e in enumerate(indexed) if e is None or id(e) in gone_ids]
+        found = tier.discover([keys[j] for j in todo])
+        have = [e is not None and id(e) not in gone_ids for e in indexed]
+        with self.lock:
+            for j, f in zip(todo, found):
+                have[j] = f is not None and tier.adopt(f) is not None
+        return have
 
     def prefetch(self, keys: list[bytes]) -> int:
         """Read the keys no local tier holds from the remote tiers that have a local tier above
@@ -459,7 +494,7 @@ class TierChain:
             while key in self._writing:  # a write in flight (a write-back flush) would land after the DEL
                 self._writes_done.wait()
         for tier in self.tiers:
-            if tier.remote:
+            if tier.remote or tier.shared:  # the server's copy; other processes' versions of the file
                 found = tier.remove(key) or found
         return found
 

@@ -58,6 +58,7 @@ class Tier:
     persistent = False  # bytes survive the process: checksums are always verified on read
     writable = True  # False: objects are registered, never written through the chain
     remote = False  # True: the server is the index; reads go through probe(), lookups through exists_many()
+    shared = False  # True: other processes add and remove objects; the chain asks discover() on index misses
 
     def __init__(self, cfg: TierConfig, store_cfg: StoreConfig):
         self.cfg = cfg
@@ -129,6 +130,23 @@ class Tier:
             except (NotStored, CorruptObject, OSError) as exc:
                 out.append(exc)
         return out
+
+    def discover(self, keys: list[bytes]) -> list:
+        """A ``shared`` tier: per key that its index missed, what another process stored under it
+        (a token for ``adopt``) or None. May do I/O: the chain calls it without its lock."""
+        return [None] * len(keys)
+
+    def adopt(self, found) -> Entry | None:
+        """Index what ``discover`` found (caller holds the chain lock); the entry, or None."""
+        return None
+
+    def vanished_among(self, entries: list[Entry]) -> list[Entry]:
+        """A ``shared`` tier: those of ``entries`` another process removed (I/O, without the lock)."""
+        return []
+
+    def forget(self, e: Entry) -> None:
+        """Drop an entry whose object another process removed (caller holds the chain lock)."""
+        self.retire(e)
 
     def stats_extra(self) -> dict:
         return {}

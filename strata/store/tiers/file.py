@@ -10,11 +10,13 @@ version is removed; an object of a namespace this process never registered is ke
 header's key and the payload checksum; a mismatch is a miss, counted, and the file is
 dropped.
 
-Sharing with live processes: the index holds what this process wrote or found. A lookup
-that misses it probes the directory (one listing of the key's shard) and adopts the newest
-version there, so a live store sees what another saved after it opened. An indexed file
-another process removed (evicted, deleted, replaced) is a plain miss, not an I/O error:
-the entry is retired and the directory probed again for a newer version. Temporary files
+Sharing with live processes: the index holds what this process wrote or found. A read or
+lookup that misses it has the chain ``discover`` the key in the directory (one listing of
+the key's shard, outside the chain's lock) and ``adopt`` the newest version there, so a
+live store sees what another saved after it opened. An indexed file another process
+removed (evicted, deleted, replaced) is a plain miss, not an I/O error: the entry is
+retired and the read looks in the directory once more for a newer version. A delete
+removes every version of the key in the directory. Temporary files
 carry their writer's pid; opening removes only those of writers no longer alive.
 
 Capacity across processes is approximate: each process counts the objects it has indexed
@@ -88,6 +90,7 @@ def _put_in_flight(path: Path, now: float) -> bool:
 class FileTier(Tier):
     kind = "file"
     persistent = True
+    shared = True
 
     def __init__(self, cfg, store_cfg):
         super().__init__(cfg, store_cfg)
@@ -149,39 +152,12 @@ class FileTier(Tier):
                 with contextlib.suppress(OSError):
                     path.unlink(missing_ok=True)
 
-    # -- other processes' objects (caller holds the chain lock) -----------------------------
-    def lookup(self, key: bytes) -> Entry | None:
-        e = self._indexed(key)
-        return e if e is not None else self._discover([key])[0]
-
-    def exists_many(self, keys: list[bytes]) -> list[bool]:
-        missing = [k for k in dict.fromkeys(keys) if self._indexed(k) is None]
-        self._discover(missing)
-        return [k in self.index for k in keys]
-
-    def _indexed(self, key: bytes) -> Entry | None:
-        """The index's entry for ``key`` if its file is still there; one another process removed
-        is retired (a stat per hit: cheap next to the read that follows)."""
-        e = self.index.get(key)
-        if e is None:
-            return None
-        try:
-            os.stat(e.loc)
-        except FileNotFoundError:
-            self._forget(e)
-            return None
-        except OSError:
-            pass  # not ours to judge here: the read reports it
-        return e
-
-    def _forget(self, e: Entry) -> None:
-        self.vanished += 1
-        self.retire(e)
-
-    def _discover(self, keys: list[bytes]) -> list[Entry | None]:
-        """Adopt the newest valid file of each key from the directory (keys not in the index).
-        One listing per shard the keys fall in."""
-        found: list[Entry | None] = [None] * len(keys)
+    # -- other processes' objects -----------------------------------------------------------
+    def discover(self, keys: list[bytes]) -> list[tuple | None]:
+        """Per key, the newest valid file of it in the directory, as ``(key, ns, meta, size, path)``
+        for ``adopt``, or None. File I/O, so the chain calls it WITHOUT its lock, for keys its index
+        missed; one listing per shard the keys fall in. Corrupt files found are removed."""
+        found: list[tuple | None] = [None] * len(keys)
         wanted: dict[str, list[tuple[int, bytes, str]]] = defaultdict(list)
         for i, key in enumerate(keys):
             digest = hashlib.sha256(key).hexdigest()
@@ -191,8 +167,35 @@ class FileTier(Tier):
             for i, key, digest in items:
                 names = versions.get(digest)
                 if names:
-                    found[i] = self._adopt(key, self.objects / shard, sorted(names, reverse=True))
+                    found[i] = self._newest(key, self.objects / shard, sorted(names, reverse=True))
         return found
+
+    def adopt(self, found: tuple) -> Entry | None:
+        """Index what ``discover`` found (caller holds the chain lock): the entry now indexed for
+        its key, or None where the file is this process's own put in flight or a retired object."""
+        key, ns, meta, size, path = found
+        if key in self.index:  # this process put or adopted it meanwhile
+            return self.index[key]
+        if path.name in self._unlisted:
+            return None
+        e = Entry(key, ns, meta, size, path)
+        self._account(e, +1)
+        self.publish(e, count=False)
+        self.adopted += 1
+        return e
+
+    def remove(self, key: bytes) -> bool:
+        """Unlink every version of ``key`` in the directory (other processes' too), outside the chain
+        lock, so a delete is not undone by the next lookup finding another process's copy. A put of
+        this process still in flight is left to land (it is newer than the delete)."""
+        digest = hashlib.sha256(key).hexdigest()
+        removed = False
+        for name in self._list_shard(self.objects / digest[:2]).get(digest, []):
+            if name not in self._unlisted:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.objects / digest[:2] / name)
+                    removed = True
+        return removed
 
     def _list_shard(self, shard: Path) -> dict[str, list[str]]:
         """Object file names in a shard directory by key digest."""
@@ -209,10 +212,8 @@ class FileTier(Tier):
                 out[name.partition("-")[0]].append(name)
         return out
 
-    def _adopt(self, key: bytes, shard: Path, names: list[str]) -> Entry | None:
-        """Index the first (newest) of ``names`` that holds ``key`` whole; a corrupt one is dropped."""
-        if key in self.index:  # a key asked twice in one batch
-            return self.index[key]
+    def _newest(self, key: bytes, shard: Path, names: list[str]) -> tuple | None:
+        """The first (newest) of ``names`` that holds ``key`` whole; a corrupt one is removed."""
         ns = key_namespace(key)
         if ns is None:
             return None
@@ -232,14 +233,16 @@ class FileTier(Tier):
                 with contextlib.suppress(OSError):
                     path.unlink(missing_ok=True)
                 continue
-            if got != key:
-                continue  # not this key's file (a digest prefix clash or a renamed file): left alone
-            e = Entry(key, ns, meta, size, path)
-            self._account(e, +1)
-            self.publish(e, count=False)
-            self.adopted += 1
-            return e
+            if got == key:  # else a digest prefix clash or a renamed file: left alone
+                return key, ns, meta, size, path
         return None
+
+    def vanished_among(self, entries: list[Entry]) -> list[Entry]:
+        return [e for e in entries if not os.path.exists(e.loc)]
+
+    def forget(self, e: Entry) -> None:
+        self.vanished += 1
+        self.retire(e)
 
     # -- index hooks (caller holds the chain lock) -------------------------------------------
     def publish(self, e: Entry, count: bool = True) -> None:
@@ -254,7 +257,7 @@ class FileTier(Tier):
     def release(self, e: Entry) -> None:
         super().release(e)
         if e.loc.name in self._gone and not e.dead:
-            self._forget(e)  # a read found the file gone: the next lookup probes the directory
+            self.forget(e)  # a read found the file gone: the next lookup probes the directory
 
     # -- storage hooks ---------------------------------------------------------------------
     def stored_size(self, key: bytes, meta) -> int:
