@@ -1,4 +1,7 @@
 import os
+import threading
+import time
+import traceback
 
 import pytest
 import torch
@@ -9,6 +12,37 @@ settings.register_profile(
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "strata"))
 torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def thread_exceptions_fail_the_test():
+    """An exception no thread caught fails the test that was running (pytest only warns).
+
+    Threads that end normally, daemon or not (the write-back flusher on close), never trip it:
+    only ``threading.excepthook`` calls, i.e. uncaught exceptions, are recorded. Non-daemon
+    threads the test started and left running get a bounded join first, so an exception they
+    raise while finishing is not lost."""
+    before = set(threading.enumerate())
+    caught: list[str] = []
+    previous = threading.excepthook
+
+    def record(args):
+        name = args.thread.name if args.thread is not None else "<unknown>"
+        caught.append(f"thread {name}: " + "".join(
+            traceback.format_exception(args.exc_type, args.exc_value, args.exc_traceback)))
+        previous(args)
+
+    threading.excepthook = record
+    try:
+        yield
+        deadline = time.monotonic() + 5
+        for t in set(threading.enumerate()) - before:
+            if not t.daemon and t is not threading.current_thread():
+                t.join(max(0.0, deadline - time.monotonic()))
+    finally:
+        threading.excepthook = previous
+    if caught:
+        pytest.fail(f"{len(caught)} uncaught exception(s) in threads:\n" + "\n".join(caught), pytrace=False)
 
 
 @pytest.fixture

@@ -1,14 +1,41 @@
 """Threads reading and writing at once never see another key's bytes; leases hold bytes still."""
 
+import os
 import random
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
 import strata
 from strata import Key
+
+
+def run_threads(targets: list, limit_s: float = 120) -> list[str]:
+    """Start a thread per target, join each within ``limit_s`` in all, and return what went wrong:
+    an exception a thread raised, or a thread still running at the deadline."""
+    failures: list[str] = []
+
+    def guarded(fn):
+        def run():
+            try:
+                fn()
+            except BaseException as e:  # noqa: BLE001 - reported to the test, not lost in a warning
+                failures.append(f"{threading.current_thread().name}: {e!r}")
+        return run
+
+    threads = [threading.Thread(target=guarded(fn), name=f"t{i}") for i, fn in enumerate(targets)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + limit_s  # a safety bound against a hang, not a timing assumption
+    for t in threads:
+        t.join(max(0.0, deadline - time.monotonic()))
+    failures += [f"{t.name} still running after {limit_s} s" for t in threads if t.is_alive()]
+    return failures
 
 
 @pytest.mark.parametrize("write", ["through", "back"])
@@ -18,47 +45,50 @@ def test_concurrent_readers_and_writers_never_see_another_keys_bytes(tmp_path, w
            "writeback": {"max_pending": 4}}
     keys = [Key("kv", "m", str(i)) for i in range(16)]
     errors: list[str] = []
-    stop = time.monotonic() + 3.0
+    writers_done, writers_left, count = threading.Event(), [3], threading.Lock()
+    hits = {"get": 0, "lease": 0}
 
     def writer(seed):
         rng = random.Random(seed)
-        version = 0
-        while time.monotonic() < stop:
-            i = rng.randrange(len(keys))
-            version += 1
-            store.put(keys[i], torch.full((rng.randrange(256, 4096),), i * 1_000_000 + version, dtype=torch.int64))
+        try:
+            for version in range(1, 301):  # a fixed amount of work, not a wall-clock duration
+                i = rng.randrange(len(keys))
+                store.put(keys[i], torch.full((rng.randrange(256, 4096),), i * 1_000_000 + version, dtype=torch.int64))
+        finally:
+            with count:  # the last writer to stop, even by an exception, ends the readers
+                writers_left[0] -= 1
+                if not writers_left[0]:
+                    writers_done.set()
 
     def reader(seed):
         rng = random.Random(seed)
-        reads = 0
-        while time.monotonic() < stop:
+        out = torch.empty(4096, dtype=torch.int64)
+        while not writers_done.is_set():
             i = rng.randrange(len(keys))
             v = store.get(keys[i])
-            reads += 1
             if v is not None:
+                hits["get"] += 1
                 first = int(v[0])
                 if first // 1_000_000 != i or not bool((v == first).all()):
                     errors.append(f"key {i} returned bytes of {first // 1_000_000} or mixed versions")
-            out = torch.empty(4096, dtype=torch.int64)
             with store.lease(keys[i]) as view:
                 if view is not None:
+                    hits["lease"] += 1
                     n = view.numel()
                     out[:n].copy_(view)
                     if int(out[0]) // 1_000_000 != i or not bool((out[:n] == out[0]).all()):
                         errors.append(f"lease of key {i} saw foreign or torn bytes")
 
     with strata.open_store(cfg) as store:
-        threads = [threading.Thread(target=writer, args=(s,)) for s in range(3)]
-        threads += [threading.Thread(target=reader, args=(100 + s,)) for s in range(3)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        workers = [lambda s=s: writer(s) for s in range(3)] + [lambda s=s: reader(100 + s) for s in range(3)]
+        failures = run_threads(workers)
+        assert not failures, failures
         store.flush()
         for t in store.tiers:
             assert t.used <= t.capacity
         stats = store.stats()
     assert not errors, errors[:5]
+    assert hits["get"] > 0 and hits["lease"] > 0  # the readers really read bytes, not only misses
     assert stats["tiers"]["cpu"]["evictions"] > 0  # the slab was really reused under the readers
 
 
@@ -79,24 +109,74 @@ def test_a_leased_view_is_never_reused_by_eviction_or_overwrite():
 def test_write_back_applies_back_pressure_and_flush_drains(tmp_path, monkeypatch):
     from strata.store.tiers.file import FileTier
 
-    slow_write = FileTier.write
+    real_write = FileTier.write
+    writing, release = threading.Event(), threading.Event()
 
-    def slow(self, e, data):
-        time.sleep(0.02)
-        return slow_write(self, e, data)
+    def held(self, e, data):  # the flusher's writes land only once the test says so
+        writing.set()
+        assert release.wait(30), "the test never released the held write"
+        return real_write(self, e, data)
 
-    monkeypatch.setattr(FileTier, "write", slow)
+    monkeypatch.setattr(FileTier, "write", held)
     cfg = {"tiers": [{"kind": "cpu", "capacity": "1MiB", "write": "back"},
                      {"kind": "file", "path": str(tmp_path), "capacity": "4MiB"}],
            "writeback": {"max_pending": 2}}
     with strata.open_store(cfg) as store:
-        depths = []
-        for i in range(12):
-            store.put(Key("kv", "m", str(i)), torch.full((256,), i))
-            depths.append(store.stats()["writeback"]["queue_depth"])
+        wb = store.chain.writeback
+        real_wait, blocked, settled = wb._cond.wait, threading.Event(), threading.Event()
+        depths: list[int] = []
+
+        def putter():
+            try:
+                for i in range(12):
+                    assert store.put(Key("kv", "m", str(i)), torch.full((256,), i))
+                    depths.append(store.stats()["writeback"]["queue_depth"])
+            finally:
+                settled.set()  # wakes the test at once should the puts never wait
+
+        thread = threading.Thread(target=putter)
+
+        def wait(timeout=None):  # a writer waiting for room: back-pressure, seen as it happens
+            if threading.current_thread() is thread:
+                blocked.set()
+                settled.set()
+            return real_wait(timeout)
+
+        wb._cond.wait = wait
+        thread.start()
+        try:
+            assert writing.wait(10) and settled.wait(10)
+            assert blocked.is_set(), "every put went in while the flush was held: no back-pressure"
+            assert thread.is_alive() and len(depths) <= 2  # with the flush held, the third put cannot go in
+        finally:
+            release.set()
+            thread.join(30)
+        assert not thread.is_alive() and len(depths) == 12
         assert max(depths) <= 2  # max_pending bounds what is queued plus what is being written
         assert store.stats()["writeback"]["writer_waits"] > 0
         store.flush()
         assert store.stats()["writeback"]["queue_depth"] == 0
         for i in range(12):
             assert store.get(Key("kv", "m", str(i)), mode="exact", tier="file")[0] == i
+
+
+def test_an_uncaught_exception_in_a_thread_fails_the_test(tmp_path):
+    """conftest's autouse fixture turns pytest's warning about a thread's exception into a failure."""
+    (tmp_path / "test_thread.py").write_text(
+        "import threading\n"
+        "def test_raises():\n"
+        "    t = threading.Thread(target=lambda: 1 / 0)\n"
+        "    t.start()\n"
+        "    t.join()\n"
+        "def test_ends_quietly():\n"
+        "    t = threading.Thread(target=lambda: None, daemon=True)\n"
+        "    t.start()\n"
+        "    t.join()\n"
+    )
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "conftest",
+                          "test_thread.py"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1, out.stdout[-3000:]
+    # test_raises errors at teardown (its call itself passed); test_ends_quietly passes clean
+    assert "ERROR test_thread.py::test_raises" in out.stdout and "ZeroDivisionError" in out.stdout, out.stdout[-3000:]
+    assert "test_ends_quietly" not in out.stdout and "1 error" in out.stdout, out.stdout[-3000:]

@@ -39,6 +39,7 @@ def test_another_process_sees_what_the_worker_store_holds_and_survives_its_death
     finally:
         stop.set()
         worker.join(30)
+    assert not worker.is_alive() and worker.exitcode == 0  # it stopped when told, cleanly
     assert not os.path.exists(path)
     assert client.contains_many(keys) is None and client.errors == 1  # dead server: a miss, not a crash
 

@@ -211,6 +211,19 @@ def test_a_lease_without_a_memory_tier_is_a_private_copy_and_a_miss_counts_once(
         assert store.prefetch([K]) == 0 and store.tiers[0].round_trips == before  # nowhere to bring it up to
 
 
+class TierClock:
+    """The redis tier's ``time`` module with ``monotonic()`` standing still until a test moves it."""
+
+    def __init__(self):
+        self.now = time.monotonic()
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def __getattr__(self, name):
+        return getattr(time, name)
+
+
 def _timed(fn):
     t0 = time.monotonic()
     out = fn()
@@ -218,7 +231,11 @@ def _timed(fn):
 
 
 @pytest.mark.parametrize("fault", ["killed", "hung"])
-def test_a_dead_or_hung_server_is_misses_and_dropped_writes_within_the_timeout(redis_server, fault):
+def test_a_dead_or_hung_server_is_misses_and_dropped_writes_within_the_timeout(redis_server, fault, monkeypatch):
+    from strata.store.tiers import redis as redis_tier_module
+
+    clock = TierClock()  # the back-off runs on this clock: moved past it, never slept through
+    monkeypatch.setattr(redis_tier_module, "time", clock)
     cfg = cpu_redis(redis_server.url, cpu="1MiB", timeout_ms=300)
     with strata.open_store(cfg) as store:
         assert store.put(K, torch.ones(1000))
@@ -243,7 +260,10 @@ def test_a_dead_or_hung_server_is_misses_and_dropped_writes_within_the_timeout(r
                 os.kill(redis_server.proc.pid, signal.SIGCONT)
         if fault == "killed":
             redis_server.start()  # back, empty, on the same port
-        time.sleep(1.2)  # the back-off: the next call tries the server again
+        skipped = store.tiers[1].skipped
+        assert store.get(Key("kv", "llama-x", "absent")) is None  # within the back-off: not even asked
+        assert store.tiers[1].skipped == skipped + 1
+        clock.now += redis_tier_module.BACKOFF_S + 0.001  # the back-off is over: the next call tries again
         k3 = Key("kv", "llama-x", "chunk-3")
         assert store.put(k3, torch.full((10,), 3.0))
         assert torch.equal(store.get(k3, mode="exact", tier="redis"), torch.full((10,), 3.0))
@@ -357,6 +377,21 @@ def test_inspect_shows_the_connection_bytes_objects_and_hit_rate(redis_url, tmp_
     assert "hit rate" in out and "keys" in out and "llama-x" in out
 
 
+def _listening(port: int, proc, limit_s: float = 10) -> bool:
+    """True once 127.0.0.1:``port`` accepts a connection; False if ``proc`` exits first or at the
+    deadline (a safety bound: the wait ends as soon as either happens)."""
+    import socket
+
+    deadline = time.monotonic() + limit_s
+    while proc.poll() is None and time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return True
+        except OSError:
+            time.sleep(0.02)
+    return False
+
+
 def test_tls_with_a_ca_file_in_the_url(tmp_path):
     """rediss:// against a TLS-only redis-server; the CA file rides in the URL's query."""
     import subprocess
@@ -385,9 +420,10 @@ def test_tls_with_a_ca_file_in_the_url(tmp_path):
                     str(key), "--tls-ca-cert-file", str(ca), "--tls-auth-clients", "no"]
     server.proc = subprocess.Popen(server.args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        time.sleep(0.5)
-        if server.proc.poll() is not None:
-            pytest.skip(f"this redis-server has no TLS: {server.proc.stderr.read()[-300:]!r}")
+        if not _listening(tls_port, server.proc):
+            if server.proc.poll() is not None:
+                pytest.skip(f"this redis-server has no TLS: {server.proc.stderr.read()[-300:]!r}")
+            pytest.fail(f"redis-server did not listen on its TLS port {tls_port} within 10 s")
         url = f"rediss://127.0.0.1:{tls_port}/0?ssl_ca_certs={ca}"
         with strata.open_store({"tiers": [redis_tier(url, timeout_ms=2000)]}) as store:
             assert store.put(K, b"over TLS") and store.get(K) == b"over TLS"
@@ -401,24 +437,48 @@ def test_tls_with_a_ca_file_in_the_url(tmp_path):
 def test_a_delete_waits_for_a_write_back_of_the_key_in_flight(redis_url):
     with strata.open_store(cpu_redis(redis_url, write="back")) as store:
         tier = store.tiers[1]
-        real, entered, go = tier.write_many, threading.Event(), threading.Event()
+        real, entered, go, landed = tier.write_many, threading.Event(), threading.Event(), threading.Event()
 
-        def slow_write(pairs):  # the flush's SET lands only when the test says, then lingers
+        def held_write(pairs):  # the flush's SET lands only when the test says
             entered.set()
-            go.wait(5)
+            assert go.wait(30), "the test never released the held write"
             ok = real(pairs)
-            time.sleep(0.3)
+            landed.set()
             return ok
 
-        tier.write_many = slow_write
+        tier.write_many = held_write
         assert store.put(K, torch.ones(10))
-        assert entered.wait(5)
-        deleter = threading.Thread(target=store.delete, args=(K,))
+        assert entered.wait(10)
+        seen: dict = {}
+        waiting, settled = threading.Event(), threading.Event()
+
+        def delete():
+            try:
+                seen["found"] = store.delete(K)
+                seen["landed_before_return"] = landed.is_set()
+            finally:
+                settled.set()
+
+        deleter = threading.Thread(target=delete)
+        # the delete's wait for the key's write in flight, seen as it happens (not guessed from a sleep)
+        real_wait = store.chain._writes_done.wait
+
+        def wait(timeout=None):
+            if threading.current_thread() is deleter:
+                waiting.set()
+                settled.set()
+            return real_wait(timeout)
+
+        store.chain._writes_done.wait = wait
         deleter.start()
-        deleter.join(0.3)
-        go.set()
-        deleter.join(5)
-        time.sleep(0.15)  # had the delete not waited, the flush's SET would have landed by now
-        # the delete returned only after the flush's SET and its undo: nothing of K is left anywhere
+        try:
+            assert settled.wait(10)
+            assert waiting.is_set() and deleter.is_alive(), "the delete returned while the key's SET was in flight"
+        finally:
+            go.set()
+            deleter.join(30)
+        assert not deleter.is_alive() and seen == {"found": True, "landed_before_return": True}
+        store.flush()  # the flusher is done with K: its SET landed and was taken back, or never counted
+        # the delete returned only after the flush's SET: nothing of K is left anywhere
         assert not store.contains(K) and tier.client.exists(tier.prefix + K.encoded) == 0
         assert store.get(K) is None
