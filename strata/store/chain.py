@@ -264,6 +264,8 @@ class TierChain:
             return e.view
         try:
             return tier.read(e)
+        except NotStored:  # another process removed it: nothing to move, and no fault
+            return None
         except (OSError, CorruptObject):
             tier.counters.errors += 1
             return None

@@ -7,6 +7,7 @@ detected before any field of it is trusted.
 
 from __future__ import annotations
 
+import math
 import struct
 from typing import NamedTuple
 
@@ -158,4 +159,8 @@ def unpack_header(buf: bytes) -> tuple[bytes, ObjectMeta]:
     key = body[_FIXED.size + 8 * ndim :]
     if dcode not in _CODE_DTYPES or kind not in (KIND_TENSOR, KIND_BYTES) or len(key) != keylen:
         raise CorruptObject("bad header fields")
-    return bytes(key), ObjectMeta(kind, _CODE_DTYPES[dcode], tuple(shape), nbytes, csum)
+    dtype = _CODE_DTYPES[dcode]
+    # The sizes must agree: a tensor is later made of these bytes in this shape.
+    if nbytes != math.prod(shape) * dtype.itemsize or (kind == KIND_BYTES and (dtype != torch.uint8 or ndim != 1)):
+        raise CorruptObject("header sizes disagree (shape, dtype, byte count)")
+    return bytes(key), ObjectMeta(kind, dtype, tuple(shape), nbytes, csum)

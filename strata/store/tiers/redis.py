@@ -10,14 +10,18 @@ flipped) is a miss, counted, and deleted. No pickle: the header is a fixed struc
 Capacity and eviction are Redis's own (``maxmemory``, ``maxmemory-policy``): set on the
 server when the config names them, always read back into ``stats()``.
 
-Faults never reach the caller. Every call is bounded by ``timeout_ms`` (no retries). A
-failure marks the server down for a short back-off, during which calls return at once as
+Faults never reach the caller. Every socket read is bounded by ``timeout_ms`` and every
+whole call by ``CALL_BOUND`` times it (a watchdog shuts the connection of a call a server
+keeps alive by dripping its reply); no retries. A failure, or a reply the client cannot
+parse, marks the server down for a short back-off, during which calls return at once as
 misses and dropped writes; the first call after it tries again, so a restarted server is
 picked up without restarting anything.
 """
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import logging
 import os
 import threading
@@ -40,10 +44,66 @@ T = TypeVar("T")
 
 MAX_VALUE = 512 << 20  # Redis's default proto-max-bulk-len: a larger value is refused by the server
 BACKOFF_S = 1.0  # after a failed call, calls answer at once (as misses) for this long
+CALL_BOUND = 4  # a whole call (a pipelined batch included) ends within this many timeout_ms
 _SCAN_BATCH = 1000
 BATCH = 16  # GETs or SETs per pipelined round trip (a 4K-token prompt's 256-token chunks: one)
 BATCH_BYTES = 16 << 20  # bytes of values sent in one round trip: each must go within timeout_ms
 _ALIGN = 16  # the payload starts this far into a value: a tensor over the reply is aligned for any dtype
+
+
+class Watchdog:
+    """Bounds whole calls, not single socket reads: a server that drips a reply a byte at a time
+    keeps every read inside ``socket_timeout``. One thread per tier; past a call's deadline it
+    runs ``on_expire`` (shut the pool's connections in use, so the blocked read fails)."""
+
+    def __init__(self, on_expire: Callable[[], None]):
+        self._on_expire = on_expire
+        self._cond = threading.Condition()
+        self._deadlines: dict[int, float] = {}
+        self._tokens = itertools.count()
+        self._thread: threading.Thread | None = None
+        self._stop = False
+
+    def arm(self, seconds: float) -> int:
+        with self._cond:
+            token = next(self._tokens)
+            idle = not self._deadlines
+            self._deadlines[token] = time.monotonic() + seconds
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="strata-redis-watchdog", daemon=True)
+                self._thread.start()
+            elif idle:  # it sleeps without a deadline: give it this one (later calls' deadlines are later)
+                self._cond.notify()
+            return token
+
+    def disarm(self, token: int) -> None:
+        with self._cond:
+            self._deadlines.pop(token, None)
+
+    def _run(self) -> None:
+        with self._cond:
+            while not self._stop:
+                now = time.monotonic()
+                due = min(self._deadlines.values(), default=None)
+                if due is None or due > now:
+                    self._cond.wait(None if due is None else due - now)
+                    continue
+                for token in [t for t, d in self._deadlines.items() if d <= now]:
+                    del self._deadlines[token]
+                self._cond.release()
+                try:
+                    self._on_expire()
+                except Exception:  # noqa: BLE001 - a watchdog must outlive what it watches
+                    log.debug("redis watchdog: closing connections failed", exc_info=True)
+                finally:
+                    self._cond.acquire()
+
+    def close(self) -> None:
+        with self._cond:
+            self._stop = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join()
 
 
 def _payload_offset(header_len: int) -> int:
@@ -114,6 +174,7 @@ class RedisTier(Tier):
         self.skipped = 0  # calls answered at once while the server was marked down
         self.round_trips = 0  # calls sent to the server (a pipeline is one)
         self.server: dict = {}
+        self._watchdog = Watchdog(lambda: self.client.connection_pool.disconnect(inuse_connections=True))
         self._configure()
 
     # -- talking to the server -----------------------------------------------------------------
@@ -123,23 +184,34 @@ class RedisTier(Tier):
             self.skipped += 1
             raise OSError(f"redis {what}: server unreachable, retried after a back-off")
         self.round_trips += 1
+        token = self._watchdog.arm(CALL_BOUND * self.cfg.timeout_ms / 1000)
         try:
             out = fn()
         except self._down_errors as e:
-            with self._state:
-                was_up = self._down_until == 0.0
-                self._down_until = time.monotonic() + BACKOFF_S
-            if was_up:
-                log.warning("tier %s: redis at %s unreachable (%s); reads miss and writes drop until it "
-                            "answers again", self.name, self.url, e)
+            self._mark_down(e)
             raise OSError(f"redis {what}: {e}") from None
         except self._errors as e:  # the server answered with an error (out of memory, ...)
             raise OSError(f"redis {what}: {e}") from None
+        except Exception as e:  # replies the client cannot parse: whatever answers is no sane server
+            self._mark_down(e)
+            with contextlib.suppress(Exception):  # the stream may be out of step with the replies
+                self.client.connection_pool.disconnect()
+            raise OSError(f"redis {what}: unreadable reply ({type(e).__name__}: {e})") from None
+        finally:
+            self._watchdog.disarm(token)
         if self._down_until:
             with self._state:
                 self._down_until = 0.0
             log.warning("tier %s: redis at %s answers again", self.name, self.url)
         return out
+
+    def _mark_down(self, why: Exception) -> None:
+        with self._state:
+            was_up = self._down_until == 0.0
+            self._down_until = time.monotonic() + BACKOFF_S
+        if was_up:
+            log.warning("tier %s: redis at %s unreachable (%s); reads miss and writes drop until it "
+                        "answers again", self.name, self.url, why)
 
     def _configure(self) -> None:
         cfg = self.cfg
@@ -303,6 +375,8 @@ class RedisTier(Tier):
         shape that shares the reply's memory (no copy; the tensor owns the reply)."""
         if value is None:
             raise NotStored
+        if not isinstance(value, bytes):
+            raise CorruptObject(f"reply is a {type(value).__name__}, not a value")
         if len(value) < FIXED_HEADER_SIZE:
             raise CorruptObject("value cut short")
         n = header_size(value)
@@ -338,7 +412,9 @@ class RedisTier(Tier):
                     for k in batch:
                         pipe.strlen(k)
                     for k, size in zip(batch, self._call(pipe.execute, "STRLEN")):
-                        key = bytes(k)[len(self.prefix):]
+                        if not isinstance(k, bytes) or not k.startswith(self.prefix):
+                            continue  # not a key SCAN can have matched: a garbled reply
+                        key = k[len(self.prefix):]
                         yield key, _namespace(key), size
                 if not cursor:
                     return
@@ -357,6 +433,7 @@ class RedisTier(Tier):
         return out
 
     def close(self) -> None:
+        self._watchdog.close()
         try:
             self.client.close()
             self.client.connection_pool.disconnect()
