@@ -81,6 +81,8 @@ class TierChain:
                 meta = meta.with_checksum(checksum(data.cpu()))
             write_back = tier.cfg.write == "back" and i + 1 < len(self.tiers)
             e = self._write_one(tier, key, ns, meta, data, guard, dirty=write_back)
+            if e is None and i > 0:
+                self._drop_older(tier, key, guard)
             if e is not None:
                 kept.append((tier, e))
                 if write_back:
@@ -92,6 +94,15 @@ class TierChain:
         # (or a newer put replaced them) before a lower tier's write, which was then not published.
         with self.lock:
             return any(t.remote or t.index.get(key) is e for t, e in kept)
+
+    def _drop_older(self, tier: Tier, key: bytes, guard: Guard | None) -> None:
+        """A lower tier could not take a new version of ``key``: its older version must not outlive
+        it there (after the tiers above evict the new one, or a restart, it would be served).
+        Only while this put is still the newest above (``guard``): else the copy there is newer."""
+        with self.lock:
+            old = tier.lookup(key)
+            if old is not None and (guard is None or guard()):
+                tier.retire(old)
 
     def _write_one(self, tier: Tier, key: bytes, ns: str, meta: ObjectMeta, data: torch.Tensor,
                    guard: Guard | None, dirty: bool = False) -> Entry | None:

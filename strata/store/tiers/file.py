@@ -62,6 +62,27 @@ def _read_header(path: Path) -> tuple[bytes, object, int]:
     return key, meta, size
 
 
+def _write_all(f, buf) -> None:
+    """Write all of ``buf`` or raise OSError: a short write never leaves a truncated object."""
+    view, done = memoryview(buf), 0
+    while done < len(view):
+        n = f.write(view[done:])
+        if not n:
+            raise OSError(f"short write: {done} of {len(view)} bytes")
+        done += n
+
+
+def _read_all(f, buf: memoryview) -> int:
+    """Fill ``buf`` from ``f`` across short reads; the bytes read (fewer only at end of file)."""
+    done = 0
+    while done < len(buf):
+        n = f.readinto(buf[done:])
+        if not n:
+            break
+        done += n
+    return done
+
+
 def _put_in_flight(path: Path, now: float) -> bool:
     """Whether a temporary file may still become an object: its name is ``<pid>-<uuid>.tmp`` and
     that process is alive, or it is a legacy ``<uuid>.tmp`` (no pid) younger than a minute. Any
@@ -120,9 +141,13 @@ class FileTier(Tier):
                 key, meta, size = _read_header(path)
             except FileNotFoundError:
                 continue  # another process removed it meanwhile
-            except (OSError, CorruptObject):
+            except OSError:  # cannot read it now (EIO, permissions): left alone, never deleted for that
+                self.counters.errors += 1
+                continue
+            except CorruptObject:
                 self.discarded += 1
-                path.unlink(missing_ok=True)
+                with contextlib.suppress(OSError):
+                    path.unlink(missing_ok=True)
                 continue
             found.append((path.name, path, key, meta, size))
         # Oldest first so LRU order survives a restart; the newest version of a key wins.
@@ -132,7 +157,8 @@ class FileTier(Tier):
             ns = key_namespace(key)  # no registry: other processes' namespaces are kept
             if ns is None:
                 self.discarded += 1
-                path.unlink(missing_ok=True)
+                with contextlib.suppress(OSError):
+                    path.unlink(missing_ok=True)
                 continue
             e = Entry(key, ns, meta, size, path)
             self._account(e, +1)
@@ -192,9 +218,13 @@ class FileTier(Tier):
         removed = False
         for name in self._list_shard(self.objects / digest[:2]).get(digest, []):
             if name not in self._unlisted:
-                with contextlib.suppress(FileNotFoundError):
+                try:
                     os.unlink(self.objects / digest[:2] / name)
                     removed = True
+                except FileNotFoundError:
+                    pass
+                except OSError:  # a read-only or failing directory: the delete degrades, never raises
+                    self.counters.errors += 1
         return removed
 
     def _list_shard(self, shard: Path) -> dict[str, list[str]]:
@@ -287,9 +317,9 @@ class FileTier(Tier):
         tmp = self.tmp / f"{os.getpid()}-{uuid.uuid4().hex}{_TMP_SUFFIX}"  # the pid keeps it from other openers
         try:
             with open(tmp, "wb") as f:
-                f.write(head)
+                _write_all(f, head)
                 if e.meta.nbytes:
-                    f.write(memoryview(flat_bytes(data).cpu().numpy()))
+                    _write_all(f, memoryview(flat_bytes(data).cpu().numpy()).cast("B"))
                 if self.cfg.fsync:
                     f.flush()
                     os.fsync(f.fileno())
@@ -316,7 +346,7 @@ class FileTier(Tier):
                 raise CorruptObject("file holds another object")
             if meta.nbytes:
                 buf = memoryview(flat_bytes(out).numpy())
-                if f.readinto(buf) != meta.nbytes or f.read(1):
+                if _read_all(f, buf) != meta.nbytes or f.read(1):
                     raise CorruptObject("payload length mismatch")
         if checksum(out) != meta.checksum:
             raise CorruptObject("payload checksum mismatch")

@@ -1,0 +1,252 @@
+"""Soak: threads and processes hammering one ``cpu -> cxl -> file`` store, with SIGKILLs.
+
+    python benchmarks/soak.py [--seconds 120] [--procs 2] [--threads 2] [--kill-every 2.0] [--dir DIR]
+
+Worker processes (``--procs``, each with ``--threads`` threads) put, get, lease and delete random
+keys of one store in a temporary directory: a small cpu tier (write-back, so evictions demote),
+a cxl region file and a file tier, all small, so eviction and demotion happen all the time. Every
+``--kill-every`` seconds (on average) one worker is SIGKILLed and a new one takes its place.
+
+Every value is self-describing (``reliability.value_of``), so each read is checked on the spot:
+since the processes share the persistent tiers, a read may return any version of that key that
+any writer ever put, or None; never other bytes. Afterwards each read's version is checked
+against every writer's log (written before each put starts). Prints ops/s and divergences, and
+exits 1 on a divergence or a worker that died without being killed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import reliability  # noqa: E402
+from reliability import AppendLog, identify, key, raw_bytes, read_log, value_of  # noqa: E402
+
+_PROGRESS_EVERY = 100  # a thread logs its op count this often (what a killed worker did is counted from it)
+
+
+def store_config(root: Path) -> dict:
+    return {"tiers": [
+        {"kind": "cpu", "capacity": "512KiB", "write": "back"},
+        {"kind": "cxl", "path": str(root / "region"), "size": "4MiB"},
+        {"kind": "file", "path": str(root / "files"), "capacity": "2MiB"},
+    ]}
+
+
+def identify_raw(name: str, raw: bytes) -> str | None:
+    """Like ``identify`` for a lease view, which shows the stored bytes whatever the value's type."""
+    try:
+        parts = raw.split(b"|", 4)
+        if len(parts) < 5 or parts[0] != b"RV1" or parts[1].decode() != name:
+            return None
+        version, length = parts[2].decode(), int(parts[3])
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return version if raw_bytes(value_of(name, version, length)) == raw else None
+
+
+def _thread(store, wid: int, tid: int, names: list[str], seed: int, stop: str, log: AppendLog,
+            reads_path: Path) -> None:
+    rng = random.Random(seed)
+    seq = n = hits = 0
+    with open(reads_path, "a", buffering=1) as reads:  # line-buffered: a kill loses no checked read
+        while n % 16 or not os.path.exists(stop):
+            name = rng.choice(names)
+            r = rng.random()
+            n += 1
+            if r < 0.40:
+                ver = f"{wid}.{tid}.{seq}"
+                seq += 1
+                log.line("s", name, ver)  # before the put starts: a reader elsewhere may see it at once
+                store.put(key(name), value_of(name, ver, rng.randint(256, 48 << 10)))
+            elif r < 0.48:
+                store.delete(key(name))
+            elif r < 0.60:
+                with store.lease(key(name)) as view:
+                    seen = None if view is None else identify_raw(name, raw_bytes(view))
+                    hits += _record(log, reads, name, view, seen, "lease")
+            else:
+                got = store.get(key(name))
+                hits += _record(log, reads, name, got, None if got is None else identify(name, got), "get")
+            if n % _PROGRESS_EVERY == 0:
+                log.line("n", tid, n, hits)
+    log.line("n", tid, n, hits)
+
+
+def _record(log: AppendLog, reads, name: str, got, seen: str | None, how: str) -> int:
+    """Check one read (a divergence is logged at once); 1 for a hit, 0 for a miss."""
+    if got is None:
+        return 0
+    if seen is None:
+        shape = "bytes" if isinstance(got, bytes) else f"{got.dtype}{tuple(got.shape)}"
+        log.line("X", name, how, shape, len(raw_bytes(got)), raw_bytes(got)[:40].hex())
+    else:
+        reads.write(f"r {name} {seen}\n")
+    return 1
+
+
+def _worker(cfg: dict, wid: int, threads: int, names: list[str], seed: int, stop: str, logdir: str) -> None:
+    """One worker process: ``threads`` threads over one store until ``stop`` exists (a file, not an
+    Event: a worker SIGKILLed while holding an Event's lock would stop the others forever)."""
+    reliability.use_namespace()
+    import strata
+
+    log = AppendLog(os.path.join(logdir, f"w{wid}.log"))
+    errors: list[str] = []
+    with strata.open_store(cfg) as store:
+        def run(tid: int) -> None:
+            try:
+                _thread(store, wid, tid, names, seed * 1000 + tid, stop, log,
+                        Path(logdir) / f"w{wid}-t{tid}.reads")
+            except BaseException as e:  # a thread that raises fails the worker (exit 1)
+                errors.append(f"thread {tid}: {type(e).__name__}: {e}")
+                log.line("E", tid, f"{type(e).__name__}: {e}".replace("\n", " "))
+
+        ts = [threading.Thread(target=run, args=(tid,)) for tid in range(threads)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+        s = store.stats()
+    faults = sum(reliability.fault_counters(t) for t in s["tiers"].values())
+    evictions = ",".join(f"{name}={t['evictions']}" for name, t in s["tiers"].items())
+    log.line("F", faults, s["writeback"]["dropped_dirty"], evictions)
+    if errors:
+        sys.exit(1)
+
+
+def soak(seconds: float, procs: int, threads: int, kill_every: float, keys: int, root: Path, seed: int) -> dict:
+    rng = random.Random(seed)
+    cfg = store_config(root)
+    logdir = root / "logs"
+    logdir.mkdir(parents=True)
+    stop = str(root / "stop")
+    names = [f"k{i}" for i in range(keys)]
+    ctx = reliability.context()
+    wid = 0
+    live: dict[int, object] = {}  # wid -> process
+    ended: dict[int, object] = {}  # wid -> exit code (or "hung") of workers that ended unkilled
+    killed = 0
+
+    def spawn() -> None:
+        nonlocal wid
+        p = ctx.Process(target=_spawn_target, args=(cfg, wid, threads, names, rng.randrange(1 << 30), stop,
+                                                    str(logdir)), daemon=True)
+        p.start()
+        live[wid] = p
+        wid += 1
+
+    t0 = time.monotonic()
+    for _ in range(procs):
+        spawn()
+    deadline = t0 + seconds
+    while True:
+        now = time.monotonic()
+        if now >= deadline:
+            break
+        time.sleep(min(deadline - now, rng.expovariate(1 / kill_every)))  # the random moment of the next kill
+        for w, p in list(live.items()):  # a worker that ended by itself is a crash
+            if not p.is_alive():
+                ended[w] = p.exitcode
+                del live[w]
+                spawn()
+        if time.monotonic() >= deadline:
+            break
+        victim = rng.choice(list(live))
+        live[victim].kill()
+        live[victim].join()
+        del live[victim]
+        killed += 1
+        spawn()
+    Path(stop).touch()
+    for w, p in live.items():
+        p.join(120)
+        if p.is_alive():
+            p.kill()
+            p.join()
+            ended[w] = "hung"
+        else:
+            ended[w] = p.exitcode
+    elapsed = time.monotonic() - t0
+    return _report(logdir, ended, killed, elapsed, procs, threads, keys)
+
+
+def _spawn_target(cfg, wid, threads, names, seed, stop, logdir) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    _worker(cfg, wid, threads, names, seed, stop, logdir)
+
+
+def _report(logdir: Path, ended: dict, killed: int, elapsed: float, procs: int, threads: int, keys: int) -> dict:
+    started: dict[str, set[str]] = {}
+    divergences: list[str] = []
+    ops = hits = faults = 0
+    evictions: dict[str, int] = {}  # by the workers that ran to the end
+    for log in sorted(logdir.glob("w*.log")):
+        progress: dict[str, tuple[int, int]] = {}
+        for ln in read_log(log):
+            if ln[0] == "s":
+                started.setdefault(ln[1], set()).add(ln[2])
+            elif ln[0] == "n":
+                progress[ln[1]] = max(progress.get(ln[1], (0, 0)), (int(ln[2]), int(ln[3])))
+            elif ln[0] == "X":
+                divergences.append(f"{log.stem}: {' '.join(ln[1:])}")
+            elif ln[0] == "E":
+                divergences.append(f"{log.stem}: thread {ln[1]} raised {' '.join(ln[2:])}")
+            elif ln[0] == "F":
+                faults += int(ln[1])
+                for item in ln[3].split(","):
+                    tier, n = item.split("=")
+                    evictions[tier] = evictions.get(tier, 0) + int(n)
+        ops += sum(n for n, _ in progress.values())
+        hits += sum(h for _, h in progress.values())
+    checked = 0
+    for reads in sorted(logdir.glob("w*-t*.reads")):
+        for ln in read_log(reads):
+            checked += 1
+            if ln[2] not in started.get(ln[1], ()):
+                divergences.append(f"{reads.stem}: {ln[1]} read v{ln[2]}, which no writer put")
+    crashes = {w: c for w, c in ended.items() if c != 0}
+    return {"seconds": round(elapsed, 1), "procs": procs, "threads": threads, "keys": keys, "ops": ops,
+            "ops_per_s": round(ops / elapsed), "read_hits": hits, "reads_checked_against_logs": checked,
+            "kills": killed, "divergences": len(divergences), "crashes": len(crashes), "faults_counted": faults,
+            "evictions": evictions, "first_divergences": divergences[:20], "crashed_workers": crashes}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seconds", type=float, default=120)
+    ap.add_argument("--procs", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--kill-every", type=float, default=2.0, help="mean seconds between SIGKILLs of a worker")
+    ap.add_argument("--keys", type=int, default=200)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dir", help="parent of the store's temporary directory")
+    args = ap.parse_args(argv)
+    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+        r = soak(args.seconds, args.procs, args.threads, args.kill_every, args.keys, Path(tmp), args.seed)
+    print(f"soak: {r['seconds']} s, {r['procs']} processes x {r['threads']} threads, {r['keys']} keys, "
+          f"cpu 512 KiB (write-back) -> cxl 4 MiB region -> file 2 MiB")
+    print(f"ops: {r['ops']} ({r['ops_per_s']} ops/s; 40% put, 8% delete, 12% lease, 40% get), reads that hit "
+          f"(each checked on the spot): {r['read_hits']}, worker SIGKILLs: {r['kills']}")
+    print(f"reads checked afterwards against the writers' logs: {r['reads_checked_against_logs']}, "
+          f"in the workers that ran to the end, faults counted: {r['faults_counted']}, evictions: "
+          + ", ".join(f"{t} {n}" for t, n in r["evictions"].items()))
+    print(f"divergences: {r['divergences']}, crashed workers: {r['crashes']}")
+    for d in r["first_divergences"]:
+        print(f"  {d}")
+    for w, c in r["crashed_workers"].items():
+        print(f"  worker {w}: exit {c}")
+    return 1 if r["divergences"] or r["crashes"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
