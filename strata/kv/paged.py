@@ -7,10 +7,12 @@ block. A bundle is every layer's blocks of one chunk, stacked: ``[layers, blocks
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
 
+from strata import streams
 from strata.errors import StoreError
 
 
@@ -50,15 +52,17 @@ class PagedKV:
     def gather(self, block_ids: Sequence[int], pin: bool = False) -> torch.Tensor:
         """A new CPU bundle ``[layers, len(block_ids), *block_shape]`` of those blocks."""
         idx = torch.as_tensor(list(block_ids), dtype=torch.long, device=self.device)
-        out = torch.empty((len(self.layers), len(idx), *self.block_shape), dtype=self.dtype,
-                          pin_memory=pin and self.device.type == "cuda")
+        dev = streams.active()
+        pinned = pin and dev.is_async_device(self.device)
+        shape = (len(self.layers), len(idx), *self.block_shape)
+        out = dev.host_empty(math.prod(shape) * self.dtype.itemsize, pinned).view(self.dtype).view(shape)
         for i, layer in enumerate(self.layers):
             if layer.device.type == "cpu":
                 torch.index_select(layer, 0, idx, out=out[i])  # one copy, no temporary
             else:
-                out[i].copy_(layer.index_select(0, idx), non_blocking=pin)
-        if pin and self.device.type == "cuda":
-            torch.cuda.current_stream(self.device).synchronize()
+                dev.copy(out[i], layer.index_select(0, idx), non_blocking=pinned)
+        if pinned:  # the blocks may be reused once this step ends: the bundle must hold them by then
+            dev.current_stream(self.device).synchronize()
         return out
 
     def scatter(self, bundle: torch.Tensor, block_ids: Sequence[int], first: int = 0) -> None:

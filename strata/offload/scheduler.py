@@ -7,8 +7,10 @@ the least recently filled ring slot that holds none of them, on a side CUDA stre
 stream waits on block *i*'s copy event and the block's parameters are pointed at
 views into its slot (built once per block layout and slot). After it runs, the
 slot's compute event is recorded and the parameters go back to placeholders. No
-allocation and no host synchronisation per block. Without CUDA the same steps run
-synchronously.
+allocation and no host synchronisation per block. Every stream, event and copy goes
+through the device seam (``strata.streams``): on CUDA they are CUDA's; without it the
+same steps run synchronously; under the test device (``strata.testing.sim``) copies run
+as late or as early as the recorded waits allow, so a missing wait is caught on a CPU.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from collections import deque
 
 import torch
 
+from strata import streams
 from strata.hooks import ModuleHook
 from strata.keys import Key
 from strata.offload.blocks import OffloadError
@@ -47,7 +50,8 @@ class PrefetchScheduler:
         self.n = len(offloaded)
         self.slots = slots
         self.lookahead = min(prefetch, max(self.n - 1, 0))
-        self.cuda = device.type == "cuda"
+        self.dev = streams.active()  # the device seam: CUDA, the host, or a test device
+        self.asynchronous = self.dev.is_async_device(device)
         self.keys = [keys[b] for b in offloaded]
         # next offloaded position at or after each block index (cyclic: the last block prefetches
         # the first ones of the next forward)
@@ -58,7 +62,7 @@ class PrefetchScheduler:
             if i in self.pos_of:
                 nxt = self.pos_of[i]
             self.next_pos[i] = nxt
-        self.ring = [torch.empty(slot_bytes, dtype=torch.uint8, device=device) for _ in range(slots)]
+        self.ring = [self.dev.device_empty(slot_bytes, device) for _ in range(slots)]
         self._views: dict[tuple, list[torch.Tensor]] = {}  # (layout signature, slot) -> typed views
         self._dest: dict[tuple, torch.Tensor] = {}  # (nbytes, slot) -> the slot's first nbytes
         for b in offloaded:
@@ -70,10 +74,10 @@ class PrefetchScheduler:
         self.slot_of: dict[int, int] = {}  # position -> slot
         self._bound: dict[int, int] = {}  # block index -> slot, while the block runs
         self._fill_order = deque(range(slots))  # least recently filled slot first
-        if self.cuda:
-            self.copy_stream = torch.cuda.Stream(device=device)
-            self.copy_done = [torch.cuda.Event() for _ in range(slots)]
-            self.compute_done = [torch.cuda.Event() for _ in range(slots)]
+        if self.asynchronous:
+            self.copy_stream = self.dev.new_stream(device)
+            self.copy_done = [self.dev.event() for _ in range(slots)]
+            self.compute_done = [self.dev.event() for _ in range(slots)]
         self.timing = timing
         self._samples: deque = deque()  # [block, copy start, copy end, compute arrival] CUDA events
         self._last_copy: dict[int, list] = {}  # position -> its latest copy's sample
@@ -103,13 +107,13 @@ class PrefetchScheduler:
         if q is None:
             return
         slot = self.slot_of[q]
-        if self.cuda:
-            stream = torch.cuda.current_stream(self.device)
+        if self.asynchronous:
+            stream = self.dev.current_stream(self.device)
             sample = self._last_copy.pop(q, None)
             if sample is not None:  # when did compute arrive here, against when the copy ended
-                sample[3] = torch.cuda.Event(enable_timing=True)
+                sample[3] = self.dev.event(timing=True)
                 sample[3].record(stream)
-            stream.wait_event(self.copy_done[slot])
+            self._await_copy(stream, slot)
         self.layouts[i].bind(self._views[(self.layouts[i].signature, slot)])
         self._bound[i] = slot
 
@@ -117,8 +121,8 @@ class PrefetchScheduler:
         slot = self._bound.pop(i, None)
         if slot is None:
             return
-        if self.cuda:
-            self.compute_done[slot].record(torch.cuda.current_stream(self.device))
+        if self.asynchronous:
+            self.compute_done[slot].record(self.dev.current_stream(self.device))
             if self.timing and len(self._samples) > 256:
                 self._harvest(block=False)
         self.layouts[i].bind(self.placeholders[i])
@@ -128,23 +132,19 @@ class PrefetchScheduler:
         a position of ``window`` (the running block and the ones prefetched for it)."""
         if q in self.slot_of:
             return
-        for slot in self._fill_order:
-            if self.slot_pos[slot] not in window:
-                break
-        else:  # cannot happen: the window is never larger than the ring
-            raise RuntimeError("strata: prefetch window larger than the ring")
+        slot = self._victim(window)
         self._fill_order.remove(slot)
         self._fill_order.append(slot)
         self.slot_of.pop(self.slot_pos[slot], None)
         self.slot_pos[slot] = -1
         b = self.offloaded[q]
         dest = self._dest[(self.layouts[b].nbytes, slot)]
-        if self.cuda:
-            with torch.cuda.stream(self.copy_stream):
-                self.copy_stream.wait_event(self.compute_done[slot])
+        if self.asynchronous:
+            with self.dev.stream(self.copy_stream):
+                self._after_previous_user(slot)
                 start = end = None
                 if self.timing:
-                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    start, end = self.dev.event(timing=True), self.dev.event(timing=True)
                     start.record(self.copy_stream)
                 ok = self.store.get_into(self.keys[q], dest)
                 if end is not None:
@@ -170,6 +170,21 @@ class PrefetchScheduler:
         self.copies_by_block[b] += 1
         self.bytes_streamed += self.layouts[b].nbytes
 
+    def _await_copy(self, stream, slot: int) -> None:
+        """The compute ``stream`` waits (on the device) for the copy into ``slot``."""
+        stream.wait_event(self.copy_done[slot])
+
+    def _after_previous_user(self, slot: int) -> None:
+        """The copy stream waits (on the device) until the block that last ran from ``slot`` is done."""
+        self.copy_stream.wait_event(self.compute_done[slot])
+
+    def _victim(self, window: list[int]) -> int:
+        """The least recently filled slot that holds no position of ``window``."""
+        for slot in self._fill_order:
+            if self.slot_pos[slot] not in window:
+                return slot
+        raise RuntimeError("strata: prefetch window larger than the ring")  # the plan never allows it
+
     # -- accounting ------------------------------------------------------------------------
     def _harvest(self, block: bool) -> None:
         """Turn finished CUDA timing events into copy and exposed-wait seconds. A copy whose
@@ -188,8 +203,8 @@ class PrefetchScheduler:
                 self.wait_by_block[b] += exposed
 
     def stats(self) -> dict:
-        if self.cuda and self.timing:
-            torch.cuda.synchronize(self.device)
+        if self.asynchronous and self.timing:
+            self.dev.synchronize(self.device)
             self._harvest(block=True)
         return {
             "forwards": self.forwards,
@@ -204,8 +219,8 @@ class PrefetchScheduler:
         }
 
     def close(self) -> None:
-        if self.cuda:
-            torch.cuda.synchronize(self.device)
+        if self.asynchronous:
+            self.dev.synchronize(self.device)
         self.ring = []
         self._dest.clear()
         self._views.clear()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, TypeVar
 
 import torch
 
@@ -22,6 +22,7 @@ from strata.store.writeback import WriteBack
 
 log = logging.getLogger("strata.chain")
 Guard = Callable[[], bool]
+T = TypeVar("T")
 _DEMOTION_ROUNDS = 4  # reserve, demote victims outside the lock, retry: at most this many times per write
 
 
@@ -299,10 +300,11 @@ class TierChain:
                 e = self._open(tier, key)
                 if e is None:
                     break
-                data = self._settle(tier, e, lambda: self._read_entry(tier, e, out))
-                if data is not None:
-                    if promote and i > 0 and data.device.type == "cpu":
-                        self._promote(i, key, e, data)
+                got = self._settle(tier, e, lambda: self._read_entry(tier, e, out))
+                if got is not None:
+                    data, host_copy = got
+                    if promote and i > 0 and host_copy is not None:
+                        self._promote(i, key, e, host_copy)
                     return e.meta, data
                 if not e.dead:
                     break
@@ -352,7 +354,7 @@ class TierChain:
         tier.touch(e)
         return e
 
-    def _settle(self, tier: Tier, e: Entry, fetch: Callable[[], torch.Tensor]) -> torch.Tensor | None:
+    def _settle(self, tier: Tier, e: Entry, fetch: Callable[[], T]) -> T | None:
         """``fetch()`` the payload of the leased ``e``, release it, count a hit; a fault is a miss
         and a counter (a corrupt object is retired), never an exception. Where a shared tier's
         object is gone or corrupt, ``read`` looks in it once more and that look counts the miss."""
@@ -387,34 +389,39 @@ class TierChain:
             tier.counters.hits += 1
         return data
 
-    def _read_entry(self, tier: Tier, e: Entry, out: torch.Tensor | None) -> torch.Tensor:
+    def _read_entry(self, tier: Tier, e: Entry, out: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Read the leased ``e``: (the payload where the caller wants it, a host copy of it to promote
+        from, or None where the bytes went straight to device memory). Device copies go through the
+        tier's device seam (``strata.streams``): from pinned bytes they are asynchronous, and the
+        entry stays leased until the copy's event has fired."""
         if out is None:
-            return tier.read(e)
+            data = tier.read(e)
+            return data, data
+        dev = tier._streams
         if tier.remote:  # the stored dtype and shape are known once the value has arrived
             data = tier.read(e)
             target = fit_out(e.meta, out)
-            target.copy_(data)
-            return target if target.device.type == "cpu" else data
+            dev.copy(target, data)
+            return target, data
         target = fit_out(e.meta, out)
-        if target.device.type == "cpu":
+        if not dev.is_device_memory(target):
             tier.read_into(e, target)
-            return target
+            return target, target
         if e.view is not None and (tier.pinned or not tier.cfg.verify):
-            async_copy = target.is_cuda and tier.pinned
-            target.copy_(e.view, non_blocking=async_copy)
+            dev.copy(target, e.view, non_blocking=tier.pinned)
             if tier.cfg.verify:  # checked once the copy has read them: bytes changed meanwhile are a miss
-                if async_copy:
-                    torch.cuda.current_stream().synchronize()
+                if tier.pinned:
+                    dev.current_stream(target.device).synchronize()
                 tier.check_view(e)
-            elif async_copy:  # the bytes must outlive the copy: lease until its event fires
-                event = torch.cuda.Event()
+            elif tier.pinned:  # the bytes must outlive the copy: lease until its event fires
+                event = dev.event()
                 event.record()
                 with self.lock:
                     tier.hold_until(e, event)
-            return target
+            return target, None
         buf = tier.read(e)
-        target.copy_(buf)
-        return buf
+        dev.copy(target, buf)
+        return target, buf
 
     def _promote(self, i: int, key: bytes, e: Entry, data: torch.Tensor) -> None:
         for j in range(i):

@@ -13,13 +13,6 @@ import torch
 REGISTER_PORTABLE = 1  # cudaHostRegisterPortable: pinned for every CUDA context of the process
 
 
-def wanted(pin: str) -> bool:
-    """Whether a tier's ``pin`` setting asks for page-locked memory: "auto" where CUDA is present."""
-    if pin == "never":
-        return False
-    return pin == "always" or torch.cuda.is_available()
-
-
 def _cudart():
     return torch.cuda.cudart()
 

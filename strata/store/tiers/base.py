@@ -13,6 +13,7 @@ from typing import Callable
 
 import torch
 
+from strata import streams
 from strata.config import StoreConfig, TierConfig
 from strata.store.codec import CorruptObject, ObjectMeta, checksum
 from strata.store.eviction import make_policy
@@ -71,6 +72,7 @@ class Tier:
         self._policies: dict[str, object] = {}
         self._quotas: dict[str, int | None] = {}
         self.pinned = False  # memory tiers: views are page-locked, so copies to the GPU may be asynchronous
+        self._streams = streams.active()  # the device seam copies out of this tier go through
         self._in_flight: list[tuple[object, Entry]] = []  # (CUDA event, leased entry)
 
     # -- subclass hooks ---------------------------------------------------------------
@@ -190,8 +192,11 @@ class Tier:
 
     def release(self, e: Entry) -> None:
         e.leases -= 1
-        if e.dead and e.leases == 0:
-            self._release_space(e)
+        if e.leases == 0:
+            if e.view is not None:
+                self._streams.releasing(e.view)  # a checker's hook: no copy may still read these bytes
+            if e.dead:
+                self._release_space(e)
 
     def reserve(self, key: bytes, ns: str, meta: ObjectMeta, evict: EvictHook) -> Entry | None:
         """A not-yet-visible entry with room for ``meta``'s payload, evicting as policy allows."""
@@ -264,6 +269,8 @@ class Tier:
 
     def _release_space(self, e: Entry) -> None:
         e.dead = True
+        if e.view is not None and not e.leases:
+            self._streams.releasing(e.view)
         e.view = None
         self._free(e)
         self._account(e, -1)

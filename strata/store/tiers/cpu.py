@@ -17,7 +17,6 @@ import torch
 from strata.config import format_size
 from strata.errors import ConfigError
 
-from strata.store import cudahost
 from strata.store.allocator import ExtentAllocator
 from strata.store.codec import CorruptObject, checksum
 from strata.store.tiers.base import Entry, Tier
@@ -45,7 +44,7 @@ class CpuTier(Tier):
 
     def __init__(self, cfg, store_cfg):
         super().__init__(cfg, store_cfg)
-        self.pinned = cudahost.wanted(cfg.pin)
+        self.pinned = cfg.pin == "always" or (cfg.pin == "auto" and self._streams.can_pin())
         self.allocator = ExtentAllocator(cfg.capacity)
         self.capacity = self.allocator.capacity
         ram = host_memory()
@@ -54,7 +53,7 @@ class CpuTier(Tier):
                               f"host's RAM ({format_size(ram)}), and less to leave room for the process")
         # Pageable memory is reserved lazily by the OS; pinned memory is locked up front.
         try:
-            self.slab = torch.empty(self.capacity, dtype=torch.uint8, pin_memory=self.pinned)
+            self.slab = self._streams.host_empty(self.capacity, pinned=self.pinned)
         except RuntimeError as e:
             raise ConfigError(f"tiers[{cfg.name}].capacity: could not allocate {format_size(self.capacity)} of "
                               f"{'pinned ' if self.pinned else ''}host memory ({str(e).splitlines()[0][:200]}); "

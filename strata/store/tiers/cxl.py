@@ -49,7 +49,7 @@ import xxhash
 from strata.config import format_size
 from strata.errors import ConfigError, StoreError
 from strata.keys import key_namespace, namespaces
-from strata.store import cudahost, numa
+from strata.store import numa
 from strata.store.allocator import ExtentAllocator
 from strata.store.codec import CorruptObject, checksum, header_size_for, pack_header, unpack_header
 from strata.store.tiers.base import Entry, Tier
@@ -114,7 +114,7 @@ class CxlTier(Tier):
                 log.warning("tier %s: %s; the region stays where the OS puts it", cfg.name, why)
         self.cuda = None
         if cfg.pin != "never":  # copies to the GPU straight from the mapping, at pinned speed
-            self.pinned, why = cudahost.register(self.bytes.data_ptr(), size)
+            self.pinned, why = self._streams.register_host(self.bytes.data_ptr(), size)
             self.cuda = {"registered": self.pinned, "reason": why}
             if not self.pinned and torch.cuda.is_available():
                 log.warning("tier %s: %s", cfg.name, why)
@@ -466,7 +466,7 @@ class CxlTier(Tier):
             return
         self.index.clear()
         if self.pinned:
-            cudahost.unregister(self.bytes.data_ptr())
+            self._streams.unregister_host(self.bytes.data_ptr())
             self.pinned = False
         self.bytes = None
         try:
