@@ -16,6 +16,8 @@ Scenarios (each a function returning one row, see ``row``):
   after cycle; after each kill a fresh process opens the tier and reads every key.
 - ``concurrent_file_N`` / ``concurrent_cxl_N``: N processes putting and reading one tier at
   once, each its own key range plus a shared one.
+- ``redis_garbage``: a cpu + redis store over a fake Redis server (``benchmarks/fake_redis.py``)
+  answering garbage, then well-formed RESP that holds no Strata value.
 
 Every value is self-describing (``value_of``): its first bytes name its key, version and length,
 and the rest is derived from them, so a read is checked exactly (``identify``) without knowing
@@ -33,6 +35,7 @@ import contextlib
 import errno
 import hashlib
 import json
+import logging
 import multiprocessing as mp
 import os
 import random
@@ -916,6 +919,72 @@ def concurrent(work: Path, kind: str = "file", procs: int = 2, ops: int = 400, o
     return t.result(cross_process_reads=cross)
 
 
+# -- (f) a Redis server that answers garbage ----------------------------------------------------------
+
+
+def redis_garbage(work: Path, steps: int = 200, seed: int = 7) -> dict:
+    """A cpu (32 KiB) + redis store over a fake server (``benchmarks/fake_redis.py``) that answers
+    garbage (junk, RESP of the wrong shape, cut replies, closed connections, silence), then over
+    one that answers well-formed RESP whose GETs hold no Strata value of the key asked for;
+    ``steps`` random calls each (puts, gets, contains, get_many, lease_many, deletes), the redis
+    tier's back-off off so every call reaches the server. Nothing the server says is durable, so
+    "acknowledged lost" here counts what "wrong bytes" counts: reads that served bytes other than
+    the last value put under that key (or an answer of the wrong shape). Crashes: an exception out
+    of a store call, a call past ``fake_redis.CALL_BOUND_S``, a hang. ``work`` is unused (no files)."""
+    try:
+        import redis  # noqa: F401 - the redis tier's client; without it there is no redis tier
+    except ImportError as e:
+        raise Unavailable(f"the redis client package is not installed ({e})") from e
+    import fake_redis
+
+    t = Tally("redis_garbage")
+    findings = fake_redis.Findings(record=t.problem)
+    extra = {"redis_hits": 0, "slowest_call_s": 0.0}
+    with fake_redis.every_call_asks_the_server(), _quiet("strata.chain", "strata.redis"):
+        for answer in (fake_redis.garbage, fake_redis.wellformed):
+            server = fake_redis.FakeRedis(answer, seed)
+            try:
+                seen, stats = fake_redis.exercise(server, seed, steps, findings)
+            finally:
+                server.stop()
+            _redis_garbage_counts(t, answer.__name__, server, seen, stats, extra)
+    t.counts["acknowledged_lost"] = t.counts["wrong_bytes"]
+    return t.result(**extra)
+
+
+@contextlib.contextmanager
+def _quiet(*loggers: str):
+    """``loggers`` at ERROR for the block: the store warns once per fault of the redis tier,
+    thousands of lines here, and the row already counts them (errors counted)."""
+    logs = [logging.getLogger(name) for name in loggers]
+    before = [log.level for log in logs]
+    for log in logs:
+        log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for log, level in zip(logs, before):
+            log.setLevel(level)
+
+
+def _redis_garbage_counts(t: Tally, answerer: str, server, seen: dict | None, stats: dict | None,
+                          extra: dict) -> None:
+    """One server's run into the row: calls made, faults the redis tier counted, and a problem where
+    the run proved nothing (the server never answered) or a fault went uncounted."""
+    if seen is None or stats is None:
+        return  # the run crashed before it finished: already a crash in the row
+    t.ops += seen["calls"]
+    t.errors += fault_counters(stats)
+    extra["redis_hits"] += stats.get("hits", 0)
+    extra["slowest_call_s"] = max(extra["slowest_call_s"], round(seen["slowest_s"], 2))
+    if not server.replies:
+        t.problem("crashes", f"the {answerer} server never answered: this run tested nothing")
+    counted = stats.get("errors", 0) if answerer == "garbage" else stats.get("checksum_failures", 0)
+    if not counted:
+        what = "errors" if answerer == "garbage" else "checksum failures"
+        t.problem("errors", f"the redis tier counted no {what} against the {answerer} server")
+
+
 # -- all of them --------------------------------------------------------------------------------------
 
 
@@ -933,6 +1002,7 @@ def scenarios(quick: bool) -> list[tuple[str, object]]:
     for kind in ("file", "cxl"):
         for n in (2, 4):
             out.append((f"concurrent_{kind}_{n}", lambda w, k=kind, n=n: concurrent(w, k, n, ops=400 * s)))
+    out.append(("redis_garbage", lambda w: redis_garbage(w, steps=200 * s)))
     return out
 
 
