@@ -28,3 +28,26 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+# The GPU acceptance run (benchmarks/gpu_check.py): on a GPU machine with its own python3 and no
+# network, `make gpu-check` (no venv: strata is imported from the tree); results in $OUT/gpu_check.md
+# or ./gpu_check.md. `make gpu-wheels` (here, with a registry) fills .gpu-wheels/ with the wheels such
+# an image may lack, for Python 3.12 on x86-64; gpu_check installs only those it lacks, into .gpu-site/.
+GPU_WHEELS := .gpu-wheels
+GPU_WHEELS_BINARY := xxhash==4.1.0 PyYAML==6.0.4
+GPU_WHEELS_PURE := tqdm==4.70.1 diffusers==0.42.1 importlib_metadata==8.7.1
+
+.PHONY: gpu-check gpu-check-dry gpu-wheels
+gpu-check:
+	PYTHONPATH=.$${PYTHONPATH:+:$$PYTHONPATH} $(PY) benchmarks/gpu_check.py
+
+gpu-check-dry: $(STAMP)
+	$(BIN)/python benchmarks/gpu_check.py --dry
+
+gpu-wheels:
+	rm -rf $(GPU_WHEELS)
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+		-d $(GPU_WHEELS) $(GPU_WHEELS_BINARY)
+	$(PY) -m pip download -q --no-deps --only-binary=:all: -d $(GPU_WHEELS) $(GPU_WHEELS_PURE)
+	ls $(GPU_WHEELS)

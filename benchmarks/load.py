@@ -3,6 +3,7 @@
     python benchmarks/load.py                     # CPU: a generated ~2 GB checkpoint
     python benchmarks/load.py --device cuda       # GPU: an 8B-shaped checkpoint (~16 GB, bf16)
     python benchmarks/load.py --path DIR          # an existing checkpoint directory
+    python benchmarks/load.py --layers 4          # the same shapes, fewer decoder layers (a shorter run)
 
 Each method runs in a fresh process on the same checkpoint; the time runs from the
 call that loads the model to the first generated token, and peak RSS is the
@@ -35,19 +36,20 @@ def status(field: str) -> int:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
 
 
-def make_checkpoint(path: str, gpu: bool) -> None:
+def make_checkpoint(path: str, gpu: bool, layers: int | None = None) -> None:
     import torch
     import transformers as tf
     from accelerate import init_empty_weights
     from safetensors.torch import save_file
 
     if gpu:  # Llama-3-8B shapes, bf16
-        cfg = tf.LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                             num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0)
+        cfg = tf.LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                             num_hidden_layers=layers or 32, num_attention_heads=32, num_key_value_heads=8,
+                             rope_theta=500000.0)
         dtype = torch.bfloat16
     else:  # ~2.1 GB in float32
-        cfg = tf.LlamaConfig(vocab_size=8000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=11,
-                             num_attention_heads=16, num_key_value_heads=4)
+        cfg = tf.LlamaConfig(vocab_size=8000, hidden_size=2048, intermediate_size=5632,
+                             num_hidden_layers=layers or 11, num_attention_heads=16, num_key_value_heads=4)
         dtype = torch.float32
     with init_empty_weights():
         model = tf.LlamaForCausalLM(cfg)
@@ -114,6 +116,8 @@ def main() -> None:
     ap.add_argument("--path", help="an existing checkpoint directory (default: generate one)")
     ap.add_argument("--budget", help="CPU: the CPU tier / max_memory; GPU: the GPU budget (default: a quarter "
                                      "of the checkpoint on CPU, half on GPU)")
+    ap.add_argument("--layers", type=int, help="decoder layers of the generated checkpoint (default: 32 on GPU, "
+                                               "11 on CPU); fewer keep each layer's shape and shorten the run")
     ap.add_argument("--child", choices=["strata", "accelerate"], help=argparse.SUPPRESS)
     ap.add_argument("--offload-dir", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -127,7 +131,7 @@ def main() -> None:
         if path is None:
             path = os.path.join(tmp, "ckpt")
             t0 = time.perf_counter()
-            make_checkpoint(path, gpu=args.device != "cpu")
+            make_checkpoint(path, gpu=args.device != "cpu", layers=args.layers)
             print(f"generated checkpoint in {time.perf_counter() - t0:.0f} s", flush=True)
         size = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path) if f.endswith(".safetensors"))
         budget = parse_size(args.budget) if args.budget else size // (4 if args.device == "cpu" else 2)

@@ -2,6 +2,7 @@
 
     python benchmarks/offload.py            # GPU: a Llama-3-8B-shaped model, bf16, random weights
     python benchmarks/offload.py --small    # any machine: a small model (smoke run; CPU when no GPU)
+    python benchmarks/offload.py --layers 8 # the same block shapes, fewer blocks (a shorter run)
 
 Workloads: decode (batch 1, 512-token context), decode (batch 32), prefill (4K tokens;
 1K with --small). Methods, in one run on one model: every weight on the device;
@@ -30,16 +31,17 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import strata  # noqa: E402
 
 
-def llama(small: bool, device: torch.device, dtype: torch.dtype):
+def llama(small: bool, device: torch.device, dtype: torch.dtype, layers: int | None = None):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     if small:
-        cfg = LlamaConfig(vocab_size=1024, hidden_size=256, intermediate_size=704, num_hidden_layers=8,
-                          num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=4096)
+        cfg = LlamaConfig(vocab_size=1024, hidden_size=256, intermediate_size=704,
+                          num_hidden_layers=layers or 8, num_attention_heads=8, num_key_value_heads=2,
+                          max_position_embeddings=4096)
     else:  # Llama-3-8B shapes
-        cfg = LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                          num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
-                          rope_theta=500000.0)
+        cfg = LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                          num_hidden_layers=layers or 32, num_attention_heads=32, num_key_value_heads=8,
+                          max_position_embeddings=8192, rope_theta=500000.0)
     with torch.device(device):  # initialise where it is fast, then copy out
         model = LlamaForCausalLM(cfg).to(dtype)
     return model.eval().cpu()
@@ -108,6 +110,8 @@ def main() -> None:
     ap.add_argument("--small", action="store_true", help="small model and context (smoke run)")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--layers", type=int, help="decoder blocks (default: 32, or 8 with --small); fewer keep each "
+                                               "block's shape and shorten the run")
     args = ap.parse_args()
     device = torch.device(args.device)
     dtype = torch.bfloat16
@@ -115,7 +119,7 @@ def main() -> None:
           + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""), flush=True)
     bw = h2d_bandwidth(device)
     print(f"pinned host-to-device: {bw:.1f} GB/s", flush=True)
-    model = llama(args.small, device, dtype)
+    model = llama(args.small, device, dtype, args.layers)
     vocab = model.config.vocab_size
     streamed_all = block_bytes(model)
     total = sum(p.numel() * p.element_size() for p in model.parameters())
