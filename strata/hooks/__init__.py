@@ -5,6 +5,12 @@ A hook is four methods (``init_hook``, ``pre_forward``, ``post_forward``,
 ``register_forward_pre_hook`` / ``register_forward_hook``, so ``forward`` is never
 replaced: hooks already on the module (Accelerate's, which wrap ``forward``, and
 users' torch hooks) keep running, and detaching removes exactly what was added.
+
+The hooks run eagerly under ``torch.compile``: dynamo never traces them (each one is a
+graph break), so the module's own forward compiles between them while what they do to
+the module (``strata.offload`` points parameters at streamed bytes) happens outside any
+graph, as it does without compiling. Tracing them instead bakes one moment's tensors
+(the between-forward placeholders) into the graph.
 """
 
 from __future__ import annotations
@@ -14,6 +20,16 @@ from typing import Any
 import torch
 
 _ATTR = "_strata_hook"
+_EAGER_REASON = ("strata hooks (strata.offload) move weights in and out of the module and run outside the "
+                 "compiled graph; compile without fullgraph=True so each block's forward compiles between them")
+
+
+def _eager(fn):
+    """``fn`` as a graph break: dynamo calls it as Python instead of tracing into it."""
+    try:
+        return torch.compiler.disable(fn, reason=_EAGER_REASON)
+    except TypeError:  # torch before ``reason=``
+        return torch.compiler.disable(fn)
 
 
 class ModuleHook:
@@ -70,9 +86,11 @@ def attach_hook(module: torch.nn.Module, hook: ModuleHook) -> ModuleHook:
     if attached is None:
         seq = SequentialHook()
 
+        @_eager
         def pre(mod, args, kwargs):
             return seq.pre_forward(mod, args, kwargs)
 
+        @_eager
         def post(mod, args, kwargs, output):
             return seq.post_forward(mod, output)
 

@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 from strata.config import format_size, parse_size
 from strata.errors import ConfigError
-from strata.hooks import attach_hook, detach_hook
+from strata.hooks import ModuleHook, attach_hook, detach_hook
 from strata.keys import Key, make_scope
 from strata.offload.blocks import OffloadError, block_names, find_blocks
 from strata.offload.packing import ALIGN, BlockLayout, set_tensor
@@ -157,6 +157,56 @@ class OffloadHandle:
                 f"{len(p.resident)} resident, ring {p.ring_slots} x {format_size(p.slot_bytes)} on {self.device})")
 
 
+class InferenceOnly(ModuleHook):
+    """A streamed block is inference only: its weights are views into a ring slot while it
+    runs and placeholders after, so autograd would differentiate through whatever the slot
+    holds by then (NaN gradients, silently). Its parameters stop requiring grad while
+    offloaded (given back at detach), so a forward with grad mode on works as inference;
+    a backward that reaches the block's output raises instead of producing wrong numbers."""
+
+    def __init__(self, name: str, layout: BlockLayout):
+        self.name, self.layout = name, layout
+        self._frozen: list[torch.nn.Parameter] = []
+
+    def init_hook(self, module):
+        for s in self.layout.slots:
+            p = s.module._parameters[s.name] if s.is_param else None
+            if p is not None and p.requires_grad:
+                p.requires_grad_(False)
+                self._frozen.append(p)
+
+    def detach_hook(self, module):
+        for p in self._frozen:
+            p.requires_grad_(True)
+        self._frozen = []
+
+    def post_forward(self, module, output):
+        if torch.is_grad_enabled():
+            for t in _tensors(output):
+                if t.requires_grad:
+                    t.register_hook(self._refuse)
+        return output
+
+    def _refuse(self, grad):
+        raise OffloadError(
+            f"backward through {self.name}: strata.offload is inference only (the block's weights are streamed "
+            "in for its forward and gone after it, so their gradients would be wrong); run the model under "
+            "torch.no_grad() / torch.inference_mode(), or call handle.detach() to train it")
+
+
+def _tensors(output, depth: int = 3):
+    """The tensors in a forward's output: a tensor, or one inside tuples, lists and dicts
+    (transformers' ModelOutput is a dict)."""
+    if isinstance(output, torch.Tensor):
+        yield output
+    elif depth and isinstance(output, (tuple, list)):
+        for o in output:
+            yield from _tensors(o, depth - 1)
+    elif depth and isinstance(output, dict):
+        for o in output.values():
+            yield from _tensors(o, depth - 1)
+
+
 def named_tensors(module: torch.nn.Module):
     """(owner module, attribute, is_param, dotted name, tensor) for every parameter and buffer
     reference, tied ones once per reference."""
@@ -281,6 +331,8 @@ def offload_from(model: torch.nn.Module, source, *, store: StorageEngine | None,
         for i, m in enumerate(mods):
             hook = attach_hook(m, BlockHook(scheduler, i))
             handle._hooks.append((m, hook))
+        for b in p.offloaded:  # detach() removes it like the block hooks, giving requires_grad back
+            handle._hooks.append((mods[b], attach_hook(mods[b], InferenceOnly(names[b], layouts[b]))))
     object.__setattr__(model, _MARK, handle)
     if dev.type == "cuda":
         torch.cuda.empty_cache()
