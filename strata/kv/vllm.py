@@ -44,6 +44,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
 
+from strata import streams
 from strata.errors import ConfigError, StoreError
 from strata.kv.chunks import Chunk, ChunkHasher, kv_scope
 from strata.kv.lookup import LookupClient, LookupServer, local_server, socket_path
@@ -162,6 +163,7 @@ class StrataConnector(KVConnectorBase_V1):
         self._saved: set[str] = set()
         # worker side
         self.paged: PagedKV | None = None
+        self._kv_caches: dict[str, torch.Tensor] | None = None  # kept across sleep (vLLM 0.33)
         self._failed: set[int] = set()
         self.counters = dict.fromkeys(COUNTERS, 0)
         self._reported = dict(self.counters)  # what vLLM's stats have already been told
@@ -246,13 +248,44 @@ class StrataConnector(KVConnectorBase_V1):
 
     # ============================== worker side
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]):
-        names = [n for n in self.layer_names if n in kv_caches]
-        self.paged = PagedKV([kv_caches[n] for n in names], num_blocks=self.num_blocks)
+        self._kv_caches = kv_caches
+        self.paged = self._paged_kv(kv_caches)
         if self.rank == 0 and self._lookup_server is None:
             try:
                 self._lookup_server = LookupServer(self.store, self._lookup_path)
             except OSError as e:  # the scheduler then sees only the tiers shared between processes
                 log.warning("strata: cannot serve KV lookups at %s (%s)", self._lookup_path, e)
+
+    def _paged_kv(self, kv_caches: dict[str, torch.Tensor]) -> PagedKV:
+        names = [n for n in self.layer_names if n in kv_caches]
+        return PagedKV([kv_caches[n] for n in names], num_blocks=self.num_blocks)
+
+    # ------------------------------ sleep mode (vLLM 0.33 calls these; 0.32 never does)
+    @classmethod
+    def supports_sleep_mode(cls, kv_transfer_config) -> bool:
+        """Strata can follow sleep's remap of the KV cache: it registers no memory with a driver or
+        a NIC, it only holds the cache tensors, which it lets go before sleep and takes back after."""
+        return True
+
+    def unregister_kv_caches(self) -> None:
+        """Before sleep frees the KV cache: let go of the cache tensors and the staging bundle, so no
+        load or save writes into or reads from memory that is no longer mapped (every worker step
+        returns early without ``paged``), and forget load errors of requests that sleep aborted.
+        Saves already queued are host copies: they still reach the store. Idempotent."""
+        if self.paged is None:
+            return
+        dev = streams.active()
+        if dev.is_async_device(self.paged.device):  # no copy of ours may still run into the staging bundle
+            dev.synchronize(self.paged.device)
+        self.paged = None
+        self._failed.clear()
+
+    def restore_kv_caches(self) -> None:
+        """After wake-up: the same cache tensors again (sleep keeps their addresses, not their bytes,
+        and vLLM has reset its prefix cache, so Strata loads only what the store holds) with a new,
+        empty staging bundle. Idempotent; nothing to do before the first ``register_kv_caches``."""
+        if self.paged is None and self._kv_caches is not None:
+            self.paged = self._paged_kv(self._kv_caches)
 
     def start_load_kv(self, forward_context, **kwargs: Any) -> None:
         meta = self._get_connector_metadata()
@@ -414,5 +447,5 @@ def connectors() -> "list[StrataConnector]":
 
 
 def worker_connector() -> "StrataConnector | None":
-    """The connector of this process that holds a KV cache (the worker side), or None."""
-    return next((c for c in _live if c.paged is not None), None)
+    """The connector of this process that holds a KV cache (the worker side, asleep or not), or None."""
+    return next((c for c in _live if c._kv_caches is not None), None)
