@@ -153,17 +153,24 @@ def _cmd_serve(args) -> int:
 
 def _serve_parser(sub) -> None:
     p = sub.add_parser("serve", help="vLLM's OpenAI server with weights offloaded to and KV reused from one store",
-                       description="Starts `vllm serve MODEL` with --load-format strata and the StrataConnector on "
-                                   "one store. Arguments after -- go to vllm serve unchanged.")
-    p.add_argument("model", help="model directory or name, as vllm serve takes it")
+                       description="Starts vLLM's OpenAI server (`vllm serve MODEL`) with --load-format strata, the "
+                                   "StrataConnector on one store and --enable-prompt-tokens-details. Arguments after "
+                                   "-- go to vLLM unchanged and win over Strata's defaults. Every argument is checked "
+                                   "before vLLM starts.")
+    p.add_argument("model", help="model directory (with config.json) or Hugging Face id, as vllm serve takes it")
     p.add_argument("--config", default=None, help="store preset or YAML path, shared by weights and KV (default: cpu)")
     p.add_argument("--gpu-budget", default=None, help="device memory for resident weights and the ring, like 4GiB "
                                                       "(default: stream every decoder layer)")
     p.add_argument("--prefetch", type=int, default=1, help="decoder layers copied ahead (default 1)")
-    p.add_argument("--chunk-size", type=int, default=256, help="tokens per stored KV chunk (default 256)")
+    p.add_argument("--chunk-size", type=int, default=256,
+                   help="tokens per stored KV chunk, a multiple of vLLM's block size (default 256)")
+    p.add_argument("--kv-cache-memory", default=None,
+                   help="memory for vLLM's own KV cache, like 2GiB, passed as --kv-cache-memory-bytes (default: "
+                        "2GiB or a quarter of the RAM on vLLM's CPU build, whose own default reserves 92%% of the "
+                        "RAM; vLLM's default on a GPU)")
     p.add_argument("--no-offload", action="store_true", help="keep the weights in vLLM's hands; KV reuse only")
     p.add_argument("--no-kv", action="store_true", help="no KV connector; weight offload only")
-    p.add_argument("--dry-run", action="store_true", help="print the vllm command line and stop")
+    p.add_argument("--dry-run", action="store_true", help="check the arguments, print vLLM's command line and stop")
     p.set_defaults(func=_cmd_serve)
 
 

