@@ -215,3 +215,39 @@ def test_a_file_tier_looks_for_other_processes_objects_outside_the_chain_lock(tm
         assert a.delete(k("x")) and not b.contains(k("x"))
         assert {name for name, _ in calls} == {"discover", "vanished_among", "remove"}
         assert not any(held for _, held in calls), calls
+
+
+def test_a_delete_waits_for_a_write_back_flush_already_decided(redis_server, monkeypatch):
+    """The flusher has taken a dirty object to write it to Redis, but not reserved the write yet;
+    a delete of that key then must wait for it, or the flush's SET lands after the DEL and the
+    deleted key is served again until the flush notices."""
+    from strata.store.chain import TierChain
+
+    cfg = {"tiers": [{"kind": "cpu", "capacity": "1MiB", "write": "back"},
+                     {"kind": "redis", "url": redis_server.url, "timeout_ms": 2000}]}
+    store = open_store(cfg)
+    key = k("x")
+    taken, go = threading.Event(), threading.Event()
+    real_payload = TierChain._payload
+
+    def held_payload(self, tier, e):
+        if e.key == key.encoded and not go.is_set():
+            taken.set()
+            assert go.wait(10)
+        return real_payload(self, tier, e)
+
+    monkeypatch.setattr(TierChain, "_payload", held_payload)
+    assert store.put(key, torch.ones(64))
+    assert taken.wait(10), "the flusher never took the object"
+    done = threading.Event()
+    deleter = threading.Thread(target=lambda: (store.delete(key), done.set()))
+    deleter.start()
+    deleter.join(0.5)
+    assert deleter.is_alive() and not done.is_set(), "the delete did not wait for the flush in flight"
+    go.set()
+    deleter.join(10)
+    assert not deleter.is_alive() and done.is_set()
+    assert not store.contains(key) and store.get(key) is None
+    store.flush()
+    assert not redis_server.client().exists(b"strata:" + key.encoded)
+    store.close()

@@ -56,7 +56,7 @@ class TierChain:
         self.tiers = tiers
         self.cfg = cfg
         self.lock = threading.RLock()
-        self._writing: dict[bytes, int] = {}  # keys with a write to a remote tier in flight
+        self._writing: dict[bytes, int] = {}  # keys with a write down the chain (flush, demotion, remote) in flight
         self._writes_done = threading.Condition(self.lock)
         self.dropped_dirty = 0  # write-back objects evicted before reaching the tier below
         self.writeback = None
@@ -132,11 +132,28 @@ class TierChain:
                         tier.abort(e)
                         entries[j] = None
                     if tier.remote:
-                        self._writing[e.key] -= 1
-                        if not self._writing[e.key]:
-                            del self._writing[e.key]
-                            self._writes_done.notify_all()
+                        self._unmark_writing(e.key)
         return entries
+
+    def _mark_writing(self, key: bytes) -> None:
+        """A write of ``key`` down the chain is under way (lock held): a delete waits for it, so the
+        write cannot land after the delete (``delete``)."""
+        self._writing[key] = self._writing.get(key, 0) + 1
+
+    def _unmark_writing(self, key: bytes) -> None:
+        self._writing[key] -= 1
+        if not self._writing[key]:
+            del self._writing[key]
+            self._writes_done.notify_all()
+
+    def _hold_down(self, tier: Tier, e: Entry) -> None:
+        """Lease ``e`` to write it to the tiers below (lock held), a write a delete waits for."""
+        tier.lease(e)
+        self._mark_writing(e.key)
+
+    def _let_go(self, tier: Tier, e: Entry) -> None:
+        tier.release(e)
+        self._unmark_writing(e.key)
 
     def _reserve(self, tier: Tier, items: list["WriteItem"]) -> list[Entry | None]:
         """Room in ``tier`` for each item: per item a reserved (invisible) entry, or None (counted
@@ -152,6 +169,8 @@ class TierChain:
                     if entries[j] is None:
                         evict = self._evict_hook(tier, victims, tier.stored_size(item.key, item.meta))
                         entries[j] = tier.reserve(item.key, item.ns, item.meta, evict)
+                        if entries[j] is not None and tier.remote:
+                            self._mark_writing(item.key)
             if not victims:
                 break
             self._demote(tier, victims)
@@ -162,8 +181,6 @@ class TierChain:
                 if e is None:
                     tier.counters.rejected += 1
                     _warn_rejected(tier, item)
-                elif tier.remote:
-                    self._writing[e.key] = self._writing.get(e.key, 0) + 1
         return entries
 
     def _evict_hook(self, tier: Tier, victims: list[Entry], want: int):
@@ -184,7 +201,7 @@ class TierChain:
                     return True
                 return False
             if deferred[0] < want:
-                t.lease(e)
+                self._hold_down(t, e)
                 victims.append(e)
                 deferred[0] += e.size
             return False
@@ -211,7 +228,7 @@ class TierChain:
                         self.dropped_dirty += e.dirty
                         tier.retire(e)
                         tier.counters.evictions += 1
-                    tier.release(e)
+                    self._let_go(tier, e)
 
     def _flush_many(self, items: list[tuple[int, Entry]]) -> list[bool]:
         """Write dirty entries to the tiers below them. Those just above a remote last tier go
@@ -229,7 +246,7 @@ class TierChain:
         with self.lock:
             if not e.dirty or tier.index.get(e.key) is not e:
                 return True  # replaced, deleted or already demoted
-            tier.lease(e)
+            self._hold_down(tier, e)
         try:
             data = self._payload(tier, e)
             if data is None:
@@ -239,7 +256,7 @@ class TierChain:
                                 lambda: tier.index.get(e.key) is e, block=False)
         finally:
             with self.lock:
-                tier.release(e)
+                self._let_go(tier, e)
         if ok:
             e.dirty = False
         return ok
@@ -251,7 +268,7 @@ class TierChain:
             skip = [not e.dirty or tier.index.get(e.key) is not e for e in entries]  # replaced, deleted, clean
             todo = [e for e, s in zip(entries, skip) if not s]
             for e in todo:
-                tier.lease(e)
+                self._hold_down(tier, e)
         try:
             items, sent = [], []
             for e in todo:
@@ -264,7 +281,7 @@ class TierChain:
         finally:
             with self.lock:
                 for e in todo:
-                    tier.release(e)
+                    self._let_go(tier, e)
         for e in sent:
             if id(e) in stored:
                 e.dirty = False
