@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import uuid
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import torch
 from tqdm.auto import tqdm
 
+from strata import timeline as _timeline
 from strata.config import format_size, parse_size
 from strata.errors import ConfigError
 from strata.hooks import ModuleHook, attach_hook, detach_hook
@@ -73,6 +76,7 @@ class OffloadHandle:
         self._hooks: list[tuple[torch.nn.Module, BlockHook]] = []
         self.attached = True
         self._unregister_close = store.on_close(self._store_closing)
+        self._recorded: tuple | None = None  # (spans, time zero) of the last recording()
 
     # -- reporting -----------------------------------------------------------------------------
     def stats(self) -> dict:
@@ -104,6 +108,42 @@ class OffloadHandle:
             where = "resident on device" if i in p.resident else "streamed from the store"
             lines.append(f"  {name}: {format_size(self.layouts[i].nbytes)}, {where}")
         return "\n".join(lines)
+
+    # -- timeline ------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def recording(self) -> Iterator["OffloadHandle"]:
+        """Record every streamed block's copy and compute inside the ``with`` block, for ``timeline``:
+        any number of forwards (a ``model.generate`` call records one per token). Outside it the
+        ring records nothing (one attribute test per block). A new recording replaces the last."""
+        s = self.scheduler
+        if s is None:
+            raise OffloadError("recording: every block is resident on the device, so nothing is streamed and there "
+                               "is no copy to record; offload with a smaller gpu_budget")
+        if s.trace is not None:
+            raise OffloadError("recording: already recording; handle.recording() blocks do not nest")
+        s.start_trace()
+        try:
+            yield self
+        finally:
+            self._recorded = s.stop_trace()
+
+    def timeline(self, path: "str | os.PathLike | None" = None, forwards: int | None = None) -> dict:
+        """The last ``recording()`` as a Chrome trace / Perfetto JSON dict (``{"traceEvents": [...]}``:
+        one copy and one compute event per streamed block per forward, rows ``copy`` and ``compute``),
+        written to ``path`` if given; ``forwards`` keeps the first N forwards. Draw it with
+        ``strata plot TRACE -o timeline.png``; open it in ui.perfetto.dev or chrome://tracing."""
+        if self._recorded is None:
+            raise OffloadError("timeline: nothing recorded yet; run the model inside `with handle.recording():` first")
+        if forwards is not None and (isinstance(forwards, bool) or not isinstance(forwards, int) or forwards < 1):
+            raise OffloadError(f"forwards: got {forwards!r}; allowed: an integer >= 1, or None for every forward")
+        s = self.scheduler
+        if s.asynchronous:  # the timing events are read now, not while recording
+            s.dev.synchronize(s.device)
+        spans, base = self._recorded
+        trace = _timeline.build(spans, base, s.asynchronous, self.names, forwards, device=str(self.device))
+        if path is not None:
+            _timeline.write(trace, path)
+        return trace
 
     # -- undo ----------------------------------------------------------------------------------
     def detach(self) -> torch.nn.Module:

@@ -11,6 +11,13 @@ allocation and no host synchronisation per block. Every stream, event and copy g
 through the device seam (``strata.streams``): on CUDA they are CUDA's; without it the
 same steps run synchronously; under the test device (``strata.testing.sim``) copies run
 as late or as early as the recorded waits allow, so a missing wait is caught on a CPU.
+
+Observability costs nothing unless asked for: while ``trace`` is a list (``handle.recording()``)
+each copy and each streamed block's compute is recorded as a ``strata.timeline.Span`` (clock
+reads here, timing events on an asynchronous device); the copy issue and the compute stream's
+wait are ``strata.copy <block>`` / ``strata.wait <block>`` ranges for ``torch.profiler`` only
+while a profiler is on (``record_function`` costs microseconds even with none), and NVTX
+ranges on CUDA (for Nsight Systems).
 """
 
 from __future__ import annotations
@@ -25,6 +32,11 @@ from strata.hooks import ModuleHook
 from strata.keys import Key
 from strata.offload.blocks import OffloadError
 from strata.offload.packing import BlockLayout
+from strata.timeline import Span
+
+# whether a torch profiler is recording: a C call of ~0.1 us, where record_function costs several
+_profiling = getattr(getattr(torch._C, "_autograd", None), "_profiler_enabled", None) or (
+    lambda: torch.autograd.profiler._is_profiler_enabled)
 
 
 class BlockHook(ModuleHook):
@@ -89,9 +101,20 @@ class PrefetchScheduler:
         self.exposed_seconds = 0.0
         self.wait_by_block = [0.0] * n_blocks
         self.copies_by_block = [0] * n_blocks
+        # observability: a timeline only while recording, ranges only while someone listens
+        self.trace: list[Span] | None = None
+        self._trace_base = None  # the recording's time zero: perf_counter seconds or a timing event
+        self._trace_copy: dict[int, Span] = {}  # position -> the recorded copy that filled its slot
+        self._trace_open: dict[int, Span] = {}  # block index -> its compute span, while it runs
+        self._copy_wall: dict[int, tuple] = {}  # synchronous device: position -> (block, start, end) of its copy
+        self._nvtx = self.asynchronous and isinstance(self.dev, streams.CudaStreams)
+        self._ranges = False
 
     # -- the hot path ------------------------------------------------------------------------
     def before(self, i: int) -> None:
+        tr = self.trace
+        arrived = time.perf_counter() if tr is not None and not self.asynchronous else None
+        self._ranges = self._nvtx or _profiling()
         if i == 0:
             self.forwards += 1
         if self._bound:  # a forward that raised left blocks bound: close them as if they had run
@@ -107,24 +130,48 @@ class PrefetchScheduler:
         if q is None:
             return
         slot = self.slot_of[q]
+        span = None
+        if tr is not None:
+            span = self._trace_compute(i, q, arrived, tr)
+        elif not self.asynchronous:
+            self._copy_wall.pop(q, None)
         if self.asynchronous:
             stream = self.dev.current_stream(self.device)
             sample = self._last_copy.pop(q, None)
             if sample is not None:  # when did compute arrive here, against when the copy ended
                 sample[3] = self.dev.event(timing=True)
                 sample[3].record(stream)
+            if span is not None:
+                span.arrive = self.dev.event(timing=True)
+                span.arrive.record(stream)
+            rng = self._range_open("wait", i) if self._ranges else None
             self._await_copy(stream, slot)
+            if rng is not None:
+                self._range_close(rng)
+            if span is not None:
+                span.start = self.dev.event(timing=True)
+                span.start.record(stream)
         self.layouts[i].bind(self._views[(self.layouts[i].signature, slot)])
         self._bound[i] = slot
+        if span is not None:
+            if not self.asynchronous:
+                span.start = time.perf_counter()
+            self._trace_open[i] = span
 
     def after(self, i: int) -> None:
         slot = self._bound.pop(i, None)
         if slot is None:
             return
+        span = self._trace_open.pop(i, None) if self._trace_open else None
         if self.asynchronous:
             self.compute_done[slot].record(self.dev.current_stream(self.device))
+            if span is not None:
+                span.end = self.dev.event(timing=True)
+                span.end.record(self.dev.current_stream(self.device))
             if self.timing and len(self._samples) > 256:
                 self._harvest(block=False)
+        elif span is not None:
+            span.end = time.perf_counter()
         self.layouts[i].bind(self.placeholders[i])
 
     def _ensure(self, q: int, window: list[int]) -> None:
@@ -139,27 +186,12 @@ class PrefetchScheduler:
         self.slot_pos[slot] = -1
         b = self.offloaded[q]
         dest = self._dest[(self.layouts[b].nbytes, slot)]
-        if self.asynchronous:
-            with self.dev.stream(self.copy_stream):
-                self._after_previous_user(slot)
-                start = end = None
-                if self.timing:
-                    start, end = self.dev.event(timing=True), self.dev.event(timing=True)
-                    start.record(self.copy_stream)
-                ok = self.store.get_into(self.keys[q], dest)
-                if end is not None:
-                    end.record(self.copy_stream)
-                    sample = [b, start, end, None]  # the arrival event is filled in by before()
-                    self._samples.append(sample)
-                    self._last_copy[q] = sample
-                self.copy_done[slot].record(self.copy_stream)
-        else:
-            t0 = time.perf_counter()
-            ok = self.store.get_into(self.keys[q], dest)
-            dt = time.perf_counter() - t0
-            self.copy_seconds += dt
-            self.exposed_seconds += dt  # synchronous: nothing hides it
-            self.wait_by_block[b] += dt
+        rng = self._range_open("copy", b) if self._ranges else None
+        try:
+            ok = self._issue_copy(q, b, slot, dest)
+        finally:
+            if rng is not None:
+                self._range_close(rng)
         if not ok:
             raise OffloadError(
                 f"block {self.names[b]}: its weights are not in the store any more (evicted with no lower "
@@ -169,6 +201,93 @@ class PrefetchScheduler:
         self.copies += 1
         self.copies_by_block[b] += 1
         self.bytes_streamed += self.layouts[b].nbytes
+
+    def _issue_copy(self, q: int, b: int, slot: int, dest: torch.Tensor) -> bool:
+        """Copy position ``q`` (block ``b``) from the store into ``slot``: on the copy stream after
+        the slot's previous user where the device is asynchronous, at once otherwise."""
+        tr = self.trace
+        if self.asynchronous:
+            with self.dev.stream(self.copy_stream):
+                self._after_previous_user(slot)
+                start = end = None
+                if self.timing or tr is not None:
+                    start, end = self.dev.event(timing=True), self.dev.event(timing=True)
+                    start.record(self.copy_stream)
+                ok = self.store.get_into(self.keys[q], dest)
+                if end is not None:
+                    end.record(self.copy_stream)
+                    if self.timing:
+                        sample = [b, start, end, None]  # the arrival event is filled in by before()
+                        self._samples.append(sample)
+                        self._last_copy[q] = sample
+                self.copy_done[slot].record(self.copy_stream)
+        else:
+            start = time.perf_counter()
+            ok = self.store.get_into(self.keys[q], dest)
+            end = time.perf_counter()
+            self._copy_wall[q] = (b, start, end)  # for a recording that begins before block b runs
+            dt = end - start
+            self.copy_seconds += dt
+            self.exposed_seconds += dt  # synchronous: nothing hides it
+            self.wait_by_block[b] += dt
+        if tr is not None:
+            span = Span("copy", b, self.forwards, len(tr), self.layouts[b].nbytes, start=start)
+            span.end = end
+            tr.append(span)
+            self._trace_copy[q] = span
+        return ok
+
+    def _trace_compute(self, i: int, q: int, arrived: float | None, tr: list[Span]) -> Span:
+        """Block ``i``'s compute span, linked to the copy that filled its slot: one recorded, or one
+        issued before the recording began (prefetched by the forward before), from the times kept
+        for it anyway (the wall clock here, the copy's timing sample on an asynchronous device)."""
+        copy = self._trace_copy.pop(q, None)
+        earlier = self._last_copy.get(q) if self.asynchronous else self._copy_wall.pop(q, None)
+        if copy is None and earlier is not None:
+            b = self.offloaded[q]
+            copy = Span("copy", b, self.forwards, len(tr), self.layouts[b].nbytes, start=earlier[1])
+            copy.end = earlier[2]
+            tr.append(copy)
+        span = Span("compute", i, self.forwards, len(tr), start=arrived)
+        span.copy = copy
+        tr.append(span)
+        return span
+
+    def _range_open(self, what: str, b: int) -> tuple:
+        """Open the ``strata.<what> <block>`` range: NVTX on CUDA, torch.profiler while one records."""
+        name = f"strata.{what} {self.names[b]}"
+        if self._nvtx:
+            torch.cuda.nvtx.range_push(name)
+        rf = None
+        if _profiling():
+            rf = torch.profiler.record_function(name)
+            rf.__enter__()
+        return (rf,)
+
+    def _range_close(self, rng: tuple) -> None:
+        if rng[0] is not None:
+            rng[0].__exit__(None, None, None)
+        if self._nvtx:
+            torch.cuda.nvtx.range_pop()
+
+    # -- timeline (strata.timeline) ----------------------------------------------------------
+    def start_trace(self) -> None:
+        """Record a Span per copy and per streamed block's compute from now on; time zero now."""
+        if self.asynchronous:
+            self._trace_base = self.dev.event(timing=True)
+            self._trace_base.record(self.dev.current_stream(self.device))
+        else:
+            self._trace_base = time.perf_counter()
+        self._trace_copy.clear()
+        self._trace_open.clear()
+        self.trace = []
+
+    def stop_trace(self) -> tuple[list[Span], object]:
+        """Stop recording: (the spans, time zero), for ``strata.timeline.build``."""
+        spans, self.trace = self.trace or [], None
+        self._trace_copy.clear()
+        self._trace_open.clear()
+        return spans, self._trace_base
 
     def _await_copy(self, stream, slot: int) -> None:
         """The compute ``stream`` waits (on the device) for the copy into ``slot``."""
