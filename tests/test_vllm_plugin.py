@@ -442,3 +442,70 @@ def test_the_readme_snippet_passes_the_checks(capsys, tmp_path, monkeypatch):
     assert main(argv[1:cut] + ["--dry-run"] + argv[cut:]) == 0
     out = capsys.readouterr().out
     assert re.search(r"strata: command: .*--enable-prompt-tokens-details", out)
+
+
+# -- Strata's series on vLLM's /metrics ---------------------------------------------------------------------
+
+def _strata_samples(base: str) -> dict:
+    """{(name, sorted labels): value} of the strata_* samples on the server's /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(base + "/metrics", timeout=30) as r:
+        text = r.read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value for fam in text_string_to_metric_families(text)
+            for s in fam.samples if s.name.startswith("strata_")}
+
+
+def test_vllms_metrics_endpoint_shows_the_connectors_series_after_a_warm_request(tmp_path):
+    """`strata serve` (KV reuse only) answers one 600-token prompt twice; vLLM's own /metrics then
+    carries the worker's KV counters and the store's gauges, with vLLM's model_name and engine labels:
+    the cold request saved the two whole chunks of 256 tokens, the warm one loaded them."""
+    from redis_server import free_port
+    from vllm_job import KV_CACHE_BYTES
+
+    from strata.tiny import sentence, write_tiny_llama
+
+    write_tiny_llama(tmp_path / "model", layers=4, hidden=256)
+    store = tmp_path / "store.yaml"
+    store.write_text("tiers:\n  - kind: cpu\n    capacity: 256MiB\n")
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    log_path = tmp_path / "serve.log"
+    model = str(tmp_path / "model")
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "strata.cli", "serve", model, "--no-offload", "--config", str(store),
+             "--kv-cache-memory", str(KV_CACHE_BYTES), "--", "--host", "127.0.0.1", "--port", str(port),
+             "--dtype", "float32", "--max-model-len", "1024", "--seed", "0", "--no-enable-prefix-caching"],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        _wait_healthy(base, proc, log_path)
+        body = {"model": model, "prompt": sentence(600, seed=5), "max_tokens": 4, "temperature": 0, "ignore_eos": True}
+        _post(base + "/v1/completions", body)
+        warm = _post(base + "/v1/completions", body)
+        assert warm["usage"]["prompt_tokens_details"]["cached_tokens"] >= 512
+        labels = (("engine", "0"), ("model_name", model))
+        # the front end records a step's stats after it hands out the step's tokens: poll, bounded
+        deadline = time.monotonic() + 60
+        while True:
+            got = _strata_samples(base)
+            if got.get(("strata_kv_chunks_loaded_total", labels), 0) >= 2 or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(90)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+    kv = {name[len("strata_kv_"):]: v for (name, lab), v in got.items() if name.startswith("strata_kv_") and lab == labels}
+    assert kv.get("chunks_loaded_total") == 2, log_path.read_text()[-4000:]
+    assert kv["tokens_loaded_total"] == kv["tokens_saved_total"] == 512
+    assert kv["chunks_saved_total"] == 2
+    assert kv["bytes_loaded_total"] == kv["bytes_saved_total"] > 0
+    assert kv["chunks_failed_total"] == kv["saves_dropped_total"] == kv["saves_rejected_total"] == 0
+    assert kv["load_seconds_count"] >= 1 and kv["save_seconds_count"] == 2
+    tier = labels[:1] + (("kind", "cpu"),) + labels[1:] + (("namespace", "kv"), ("tier", "cpu"))
+    assert got[("strata_tier_objects", tier)] == 2  # the store's own figures, from the worker's process
+    assert got[("strata_tier_bytes", tier)] >= kv["bytes_saved_total"]  # the chunks, and their headers
+    assert got[("strata_namespace_hits_total", labels + (("namespace", "kv"),))] >= 2

@@ -29,22 +29,24 @@ from __future__ import annotations
 
 import logging
 import queue
+from collections import deque
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch.profiler import record_function
 
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
     KVConnectorMetadata,
     KVConnectorRole,
 )
-from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
+from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorPromMetrics, KVConnectorStats
 
-from strata import streams
+from strata import metrics, streams
 from strata.errors import ConfigError, StoreError
 from strata.kv.chunks import Chunk, ChunkHasher, kv_scope
 from strata.kv.lookup import LookupClient, LookupServer, local_server, socket_path
@@ -57,17 +59,37 @@ _CONNECTOR_KEYS = {"config", "chunk_size", "save_partial", "max_pending_saves"}
 COUNTERS = ("chunks_loaded", "chunks_failed", "tokens_loaded", "bytes_loaded", "load_seconds",
             "chunks_saved", "tokens_saved", "bytes_saved", "save_seconds",
             "saves_dropped", "saves_rejected", "chunks_skipped")
+# Timings observed one by one (Prometheus histograms): stats key -> the connector's counter it details.
+TIMINGS = {"load_times": "load_seconds", "save_times": "save_seconds"}
+MAX_TIMINGS = 1024  # observations kept between two reports; older ones are dropped, never memory grown
+STORE_STATS_EVERY_S = 5.0  # the worker also sends the store's stats this often without KV traffic
+# whether a torch profiler records: a C call of ~0.1 us, where an idle record_function costs microseconds
+_profiling = getattr(getattr(torch._C, "_autograd", None), "_profiler_enabled", None) or (
+    lambda: torch.autograd.profiler._is_profiler_enabled)
+
+
+def _range(name: str):
+    """A ``torch.profiler`` range around a step's KV work, only while a profiler records."""
+    return record_function(name) if _profiling() else nullcontext()
 
 
 class StrataKVStats(KVConnectorStats):
-    """Counter deltas of one interval; aggregating sums them (across steps and workers)."""
+    """What one interval brought: counter deltas (summed when aggregated across steps and workers),
+    timings (concatenated) and, under ``store``, the latest ``StorageEngine.stats()`` of each worker
+    rank (the newest replaces the older). Plain dicts, lists and numbers: vLLM ships them across
+    processes."""
 
     def reset(self):
         self.data = dict.fromkeys(COUNTERS, 0)
 
     def aggregate(self, other: KVConnectorStats) -> "StrataKVStats":
         for k, v in (other.data or {}).items():
-            self.data[k] = self.data.get(k, 0) + v
+            if k in TIMINGS:  # new lists: vLLM may still hold the ones it was given
+                self.data[k] = (list(self.data.get(k) or []) + list(v))[-MAX_TIMINGS:]
+            elif k == "store":
+                self.data[k] = {**(self.data.get(k) or {}), **v}
+            else:
+                self.data[k] = self.data.get(k, 0) + v
         return self
 
     def reduce(self) -> dict[str, int | float]:
@@ -78,7 +100,100 @@ class StrataKVStats(KVConnectorStats):
         return out
 
     def is_empty(self) -> bool:
-        return not any(self.data.get(k) for k in COUNTERS)
+        return not any(self.data.get(k) for k in (*COUNTERS, *TIMINGS, "store"))
+
+
+class StrataPromMetrics(KVConnectorPromMetrics):
+    """The connector's series on vLLM's /metrics (``strata.metrics``: KV_SERIES, STORE_SERIES), with
+    vLLM's labels (model_name, engine) first. vLLM's front end calls ``observe`` with the stats of
+    each step, aggregated over the workers: KV counters grow by their deltas, timings fill the
+    histograms, and the store's own stats (totals, sent by the worker) set the gauges and move the
+    store counters by what they grew since the last report."""
+
+    _built: "list[Any]" = []  # the metrics of the last build, unregistered when vLLM builds again
+
+    def __init__(self, vllm_config, metric_types, labelnames: list[str], per_engine_labelvalues: dict[int, list]):
+        super().__init__(vllm_config, metric_types, labelnames, per_engine_labelvalues)
+        self._forget_previous_build()
+        self._kv: dict[tuple[int, str], Any] = {}
+        self._families: dict[str, Any] = {}
+        for key in COUNTERS:
+            if key in metrics.KV_COUNTERS:
+                family = self._make(f"strata_kv_{key}", metrics.COUNTER, metrics.KV_COUNTERS[key], ())
+                for idx, values in per_engine_labelvalues.items():
+                    self._kv[(idx, key)] = family.labels(*values)
+        for timing, key in TIMINGS.items():
+            family = self._make(f"strata_kv_{key}", metrics.HISTOGRAM, metrics.KV_HISTOGRAMS[key], ())
+            for idx, values in per_engine_labelvalues.items():
+                self._kv[(idx, timing)] = family.labels(*values)
+        for name, (kind, doc, extra) in metrics.STORE_SERIES.items():
+            self._families[name] = self._make(name, kind, doc, extra)
+        self._bound: dict[tuple, Any] = {}
+        self._last: dict[tuple, float] = {}  # (engine, series, labels) -> store counter value last seen
+        self._ranks: dict[int, dict[str, list[metrics.Sample]]] = {}
+
+    def _make(self, name: str, kind: str, doc: str, extra: tuple[str, ...]):
+        labels = list(self._labelnames) + list(extra)
+        if kind == metrics.COUNTER:
+            m = self._counter_cls(name=name, documentation=doc, labelnames=labels)
+        elif kind == metrics.HISTOGRAM:
+            m = self._histogram_cls(name=name, documentation=doc, labelnames=labels, buckets=metrics.TIME_BUCKETS)
+        else:
+            m = self._gauge_cls(name=name, documentation=doc, labelnames=labels, multiprocess_mode="mostrecent")
+        StrataPromMetrics._built.append(m)
+        return m
+
+    @staticmethod
+    def _forget_previous_build() -> None:
+        """vLLM unregisters only its own ``vllm:`` metrics before it builds them again (a second
+        engine in one process): do the same for the ``strata_*`` ones this class registered."""
+        from prometheus_client import REGISTRY
+
+        for m in StrataPromMetrics._built:
+            try:
+                REGISTRY.unregister(m)
+            except (KeyError, ValueError):  # not in the default registry (another one, or Ray's)
+                pass
+        StrataPromMetrics._built = []
+
+    def observe(self, transfer_stats_data: dict[str, Any], engine_idx: int = 0):
+        data = transfer_stats_data or {}
+        for key in COUNTERS:
+            if (engine_idx, key) in self._kv and data.get(key):
+                self._kv[(engine_idx, key)].inc(data[key])
+        for timing in TIMINGS:
+            for secs in data.get(timing) or ():
+                self._kv[(engine_idx, timing)].observe(secs)
+        if data.get("store"):
+            ranks = self._ranks.setdefault(engine_idx, {})
+            ranks.update({rank: metrics.samples(stats) for rank, stats in data["store"].items()})
+            self._observe_store(engine_idx, ranks)
+
+    def _observe_store(self, engine_idx: int, ranks: dict[str, list]) -> None:
+        totals: dict[tuple[str, tuple], float] = {}
+        for rank_samples in ranks.values():  # each rank's store holds its own shard of the KV
+            for s in rank_samples:
+                if s.name in metrics.STORE_SERIES and s.name != "strata_namespace_hit_ratio":
+                    totals[(s.name, s.labels)] = totals.get((s.name, s.labels), 0.0) + s.value
+        for (name, labels), value in totals.items():
+            bound = self._bind(engine_idx, name, labels)
+            if metrics.STORE_SERIES[name][0] == metrics.COUNTER:
+                seen = self._last.get((engine_idx, name, labels), 0.0)
+                if value > seen:
+                    bound.inc(value - seen)
+                self._last[(engine_idx, name, labels)] = value
+            else:
+                bound.set(value)
+        for (name, labels), hits in totals.items():
+            if name == "strata_namespace_hits":
+                asked = hits + totals.get(("strata_namespace_misses", labels), 0.0)
+                self._bind(engine_idx, "strata_namespace_hit_ratio", labels).set(hits / asked if asked else 0.0)
+
+    def _bind(self, engine_idx: int, name: str, labels: tuple):
+        key = (engine_idx, name, labels)
+        if key not in self._bound:
+            self._bound[key] = self._families[name].labels(*self.per_engine_labelvalues[engine_idx], *labels)
+        return self._bound[key]
 
 
 @dataclass
@@ -167,6 +282,8 @@ class StrataConnector(KVConnectorBase_V1):
         self._failed: set[int] = set()
         self.counters = dict.fromkeys(COUNTERS, 0)
         self._reported = dict(self.counters)  # what vLLM's stats have already been told
+        self._timings = {k: deque(maxlen=MAX_TIMINGS) for k in TIMINGS}  # appended by two threads: deques
+        self._store_stats_at = float("-inf")
         self._saves: queue.Queue = queue.Queue(maxsize=cfg["max_pending_saves"])
         self._saver: threading.Thread | None = None
         _track(self)
@@ -291,6 +408,10 @@ class StrataConnector(KVConnectorBase_V1):
         meta = self._get_connector_metadata()
         if not isinstance(meta, StrataConnectorMetadata) or not meta.loads or self.paged is None:
             return
+        with _range("strata.kv.load"):
+            self._load_step(meta)
+
+    def _load_step(self, meta: StrataConnectorMetadata) -> None:
         bs = self.block_size
         t0 = time.perf_counter()
         with self._sources([c.key for spec in meta.loads for c in spec.chunks]) as sources:
@@ -311,7 +432,9 @@ class StrataConnector(KVConnectorBase_V1):
                     self.counters["chunks_loaded"] += 1
                     self.counters["tokens_loaded"] += chunk.end - max(chunk.start, spec.first_token)
                     self.counters["bytes_loaded"] += loaded
-        self.counters["load_seconds"] += time.perf_counter() - t0
+        elapsed = time.perf_counter() - t0
+        self.counters["load_seconds"] += elapsed
+        self._timings["load_times"].append(elapsed)
 
     @contextmanager
     def _sources(self, keys: list):
@@ -355,6 +478,10 @@ class StrataConnector(KVConnectorBase_V1):
         meta = self._get_connector_metadata()
         if not isinstance(meta, StrataConnectorMetadata) or not meta.saves or self.paged is None:
             return
+        with _range("strata.kv.save"):
+            self._queue_saves(meta)
+
+    def _queue_saves(self, meta: StrataConnectorMetadata) -> None:
         bs = self.block_size
         for spec in meta.saves:
             for chunk in spec.chunks:
@@ -383,7 +510,9 @@ class StrataConnector(KVConnectorBase_V1):
                     self.counters["chunks_saved"] += 1
                     self.counters["tokens_saved"] += chunk.end - chunk.start
                     self.counters["bytes_saved"] += bundle.numel() * bundle.element_size()
-                    self.counters["save_seconds"] += time.perf_counter() - t0
+                    elapsed = time.perf_counter() - t0
+                    self.counters["save_seconds"] += elapsed
+                    self._timings["save_times"].append(elapsed)
                 else:  # the store is full of what it may not evict: a future miss
                     self.counters["saves_rejected"] += 1
             except StoreError as e:  # e.g. a chunk larger than every tier
@@ -424,14 +553,40 @@ class StrataConnector(KVConnectorBase_V1):
     def get_kv_connector_stats(self) -> "StrataKVStats | None":
         """What changed since the last call (vLLM asks after every step on the worker)."""
         now = dict(self.counters)
-        delta = {k: now[k] - self._reported[k] for k in COUNTERS}
+        data: dict[str, Any] = {k: now[k] - self._reported[k] for k in COUNTERS}
         self._reported = now
-        stats = StrataKVStats(data=delta)
+        for key, seen in self._timings.items():
+            data[key] = [seen.popleft() for _ in range(len(seen))]
+        store = self._store_stats(moved=any(data[k] for k in COUNTERS))
+        if store is not None:
+            data["store"] = {str(self.rank): store}
+        stats = StrataKVStats(data=data)
         return None if stats.is_empty() else stats
+
+    def _store_stats(self, moved: bool) -> dict | None:
+        """The store's stats, from a worker, when KV moved in this step (a step that moved chunks
+        can afford one ``stats()``) or every STORE_STATS_EVERY_S; else None. Never raises."""
+        if self._kv_caches is None:  # the scheduler side: the worker reports the store it writes to
+            return None
+        now = time.monotonic()
+        if not moved and now - self._store_stats_at < STORE_STATS_EVERY_S:
+            return None
+        self._store_stats_at = now
+        try:
+            return self.store.stats()
+        except Exception as e:  # a metric must never fail a step
+            log.warning("strata: the store's stats could not be read for vLLM's metrics (%s)", e)
+            return None
 
     @classmethod
     def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> "StrataKVStats":
         return StrataKVStats(data=dict(data) if data else dict.fromkeys(COUNTERS, 0))
+
+    @classmethod
+    def build_prom_metrics(cls, vllm_config, metric_types, labelnames: list[str],
+                           per_engine_labelvalues: dict[int, list[object]]) -> StrataPromMetrics:
+        """Strata's series on vLLM's /metrics; vLLM's front end builds them once per stat logger."""
+        return StrataPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
 
 _live: "list[StrataConnector]" = []
