@@ -1,12 +1,24 @@
-"""The ``strata`` command: stats and contents of a store, gc of orphans, presets, the demo, and ``serve``."""
+"""The ``strata`` command: stats and contents of a store, gc of orphans, presets, the demo, ``serve``,
+and two commands of optional modules: ``stats --prometheus`` (strata.metrics) and ``plot``
+(strata.timeline), imported only when asked for."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
+import os
 import sys
+from importlib import resources
+from pathlib import Path
 
 from strata.config import format_size, presets
+from strata.errors import ConfigError, StrataError, allowed
+
+# The name of the object that holds a scope's facts as JSON (e.g. {"model": ..., "dtype": ...}): a
+# scope is a one-way hash of them, so a writer that stores Key(ns, scope, SCOPE_LABEL) once lets
+# `strata inspect` name the scope by what it holds.
+SCOPE_LABEL = "__scope__"
 
 
 def format_stats(stats: dict) -> str:
@@ -15,9 +27,13 @@ def format_stats(stats: dict) -> str:
     heads = ("tier", "kind", "used", "capacity", "objects", "hits", "misses", "evicted", "rejected", "bad-sum", "errors")
     rows = [heads]
     for name, t in stats["tiers"].items():
-        rows.append((name, t["kind"], format_size(t["bytes"]), format_size(t["capacity"]),
-                     *(str(t[c]) for c in cols[2:])))
+        rows.append((name, t["kind"], _size_or_na(t.get("bytes")), format_size(t["capacity"]),
+                     *("n/a" if t.get(c) is None else str(t[c]) for c in cols[2:])))
     lines = _table(rows)
+    for name, t in stats["tiers"].items():
+        if t.get("server_memory") is not None:  # a server shared with others: its totals are not Strata's
+            lines.append(f"{name}: the server uses {format_size(t['server_memory'])} for {t.get('server_keys')} keys "
+                         "in all (Strata's and any others'); `strata inspect` counts Strata's own")
     ns_rows = [("namespace", "tier", "used", "objects")]
     for name, t in stats["tiers"].items():
         for ns, held in t["namespaces"].items():
@@ -37,6 +53,11 @@ def format_stats(stats: dict) -> str:
     return "\n".join(lines)
 
 
+def _size_or_na(n) -> str:
+    """A size, or 'n/a' where a tier cannot tell cheaply (Strata's bytes in a shared Redis: absent)."""
+    return "n/a" if n is None else format_size(n)
+
+
 def _table(rows) -> list[str]:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
@@ -45,16 +66,34 @@ def _table(rows) -> list[str]:
 def _cmd_stats(args) -> int:
     from strata.store.engine import open_store
 
-    with open_store(args.config, create=False) as store:  # looking never creates a cxl region
+    with open_store(args.config, create=False) as store:  # looking never creates a region or directory
         stats = store.stats()
-    print(json.dumps(stats, indent=2) if args.json else format_stats(stats))
+    if args.prometheus:
+        text = _optional("strata.metrics", "metrics", "stats --prometheus").exposition(stats)
+        print(text, end="" if text.endswith("\n") else "\n")
+    else:
+        print(json.dumps(stats, indent=2) if args.json else format_stats(stats))
     return 0
 
 
+def _optional(module: str, extra: str, command: str):
+    """``module``, imported only now: a command of an optional part fails as one line naming
+    what to install, and the other commands never pay for (or break on) its imports."""
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        missing = e.name or module
+        if missing == module:
+            raise StrataError(f"{command}: {module} is not part of this install of Strata") from None
+        raise StrataError(f"{command}: needs {missing}; install it with pip install 'strata[{extra}]'") from None
+
+
 def format_contents(store) -> str:
-    """Per tier: where it lives, then objects and bytes by namespace and scope. Scopes owned by a
-    process (``strata.store.owners``) get an owner column: alive, or an orphan its exit left."""
-    from strata.keys import Key
+    """Per tier: where it lives, then objects and bytes by namespace and scope. A scope with a
+    label (``SCOPE_LABEL``) is named by its facts, the label not counted as one of its objects;
+    others by their hash. Scopes owned by a process (``strata.store.owners``) get an owner
+    column: alive, or an orphan its exit left."""
+    from strata.keys import split_key
 
     lines = []
     owners: dict[str, str] = {}  # scope -> owner column, judged once per scope
@@ -62,15 +101,18 @@ def format_contents(store) -> str:
         tier.refresh()
         extra = tier.stats()
         groups: dict[tuple[str, str], list[int]] = {}
+        labelled: set[tuple[str, str]] = set()
         objects = stored = 0
         for raw, ns, size in tier.contents():
             try:
-                key = Key.decode(raw)
-                group = (key.namespace, key.scope)
-            except Exception:
-                group = (ns, "?")
-            held = groups.setdefault(group, [0, 0])
-            held[0] += 1
+                ns, scope, name = split_key(raw)  # no registry: other processes' namespaces too
+            except StrataError:
+                scope, name = "?", ""
+            held = groups.setdefault((ns, scope), [0, 0])
+            if name == SCOPE_LABEL:
+                labelled.add((ns, scope))
+            else:
+                held[0] += 1
             held[1] += size
             objects, stored = objects + 1, stored + size
         line = (f"{tier.name} ({tier.kind}, {tier.location()}): {objects} objects, "
@@ -90,11 +132,31 @@ def format_contents(store) -> str:
         owned = any(owners[scope] for _, scope in groups)
         rows = [("  namespace", "scope", "objects", "bytes") + (("owner",) if owned else ())]
         for (ns, scope), (n, size) in sorted(groups.items()):
-            row = (f"  {ns}", scope if len(scope) <= 48 else scope[:45] + "...", str(n), format_size(size))
+            named = scope_facts(store, tier.name, ns, scope) if (ns, scope) in labelled else None
+            if named is None:
+                named = scope if len(scope) <= 48 else scope[:45] + "..."
+            row = (f"  {ns}", named, str(n), format_size(size))
             rows.append(row + ((owners[scope],) if owned else ()))
         if len(rows) > 1:
             lines += _table(rows)
     return "\n".join(lines)
+
+
+def scope_facts(store, tier: str, ns: str, scope: str) -> str | None:
+    """'model=... dtype=... (hash prefix)' from a scope's label object in ``tier``, or None where
+    the label cannot be read or is no JSON mapping (the caller shows the hash)."""
+    from strata.keys import Key
+
+    try:
+        raw = store.get(Key(ns, scope, SCOPE_LABEL), mode="exact", tier=tier)
+        facts = json.loads(bytes(raw).decode() if raw is not None else "null")
+    except (StrataError, ValueError, TypeError):
+        return None
+    if not isinstance(facts, dict) or not facts:
+        return None
+    text = " ".join(f"{k}={v}" for k, v in facts.items())
+    text = text if len(text) <= 72 else text[:69] + "..."
+    return f"{text} ({scope[:8]})"
 
 
 def describe_owner(scope: str) -> str:
@@ -134,8 +196,23 @@ def _cmd_gc(args) -> int:
 
 
 def _cmd_presets(args) -> int:
+    if args.show is not None:
+        if args.show not in presets():
+            raise ConfigError(allowed("presets --show", args.show, presets()))
+        print(resources.files("strata.configs").joinpath(f"{args.show}.yaml").read_text(), end="")
+        return 0
     for p in presets():
         print(p)
+    return 0
+
+
+def _cmd_plot(args) -> int:
+    trace = Path(args.trace)
+    if not trace.is_file():
+        raise StrataError(f"plot: trace: got {args.trace!r}; allowed: a trace file that exists")
+    out = args.output or str(trace.with_suffix(".png"))
+    _optional("strata.timeline", "plot", "plot").plot(str(trace), out)
+    print(f"wrote {out}")
     return 0
 
 
@@ -174,12 +251,19 @@ def _serve_parser(sub) -> None:
     p.set_defaults(func=_cmd_serve)
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
+    from strata import __version__
+
     parser = argparse.ArgumentParser(prog="strata", description="Strata: one tiered tensor store for weights and KV.")
-    sub = parser.add_subparsers(dest="cmd", required=True)
+    parser.add_argument("--version", action="version", version=f"strata {__version__}")
+    sub = parser.add_subparsers(dest="cmd")
     p = sub.add_parser("stats", help="open a store and print its tiers, namespaces and counters")
     p.add_argument("--config", default=None, help="preset name or YAML path (default: the cpu preset)")
-    p.add_argument("--json", action="store_true", help="print the raw stats() dict as JSON")
+    shown = p.add_mutually_exclusive_group()
+    shown.add_argument("--json", action="store_true", help="print the raw stats() dict as JSON")
+    shown.add_argument("--prometheus", action="store_true",
+                       help="print the stats in Prometheus's text format (strata.metrics; pip install "
+                            "'strata[metrics]')")
     p.set_defaults(func=_cmd_stats)
     p = sub.add_parser("inspect", help="open a store and summarise what each tier holds, by namespace and scope")
     p.add_argument("config", help="preset name or YAML path")
@@ -188,23 +272,61 @@ def main(argv: list[str] | None = None) -> int:
                                   "(e.g. the weights of a killed vLLM worker)")
     p.add_argument("config", help="preset name or YAML path")
     p.set_defaults(func=_cmd_gc)
-    p = sub.add_parser("presets", help="list the YAML presets shipped with Strata")
+    p = sub.add_parser("presets", help="list the YAML presets shipped with Strata, or print one to copy")
+    p.add_argument("--show", metavar="NAME", default=None, help="print preset NAME's YAML, comments included")
     p.set_defaults(func=_cmd_presets)
     p = sub.add_parser("demo", help="run the demo on the default CPU tier")
     p.add_argument("--config", default=None, help="preset name or YAML path (default: the cpu preset)")
     p.set_defaults(func=_cmd_demo)
+    p = sub.add_parser("plot", help="draw a trace as a timeline picture (strata.timeline; pip install "
+                                    "'strata[plot]')")
+    p.add_argument("trace", help="the trace file to draw")
+    p.add_argument("-o", "--output", default=None, help="the PNG to write (default: TRACE with .png)")
+    p.set_defaults(func=_cmd_plot)
     _serve_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one command; its exit status. A reader that goes away (``strata stats | head``) ends
+    the command quietly with status 1, as Python's docs advise, not with a traceback."""
+    try:
+        code = _main(argv)
+        sys.stdout.flush()  # inside the try: a closed pipe shows up here for short outputs
+        return code
+    except BrokenPipeError:
+        _stdout_to_devnull()
+        return 1
+
+
+def _stdout_to_devnull() -> None:
+    """Point stdout at /dev/null, so the interpreter's final flush of what is still buffered
+    does not raise BrokenPipeError again at exit."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # no file descriptor behind stdout (captured): nothing to flush
+        pass
+
+
+def _main(argv: list[str] | None) -> int:
+    parser = _parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     passed: list[str] = []  # `strata serve ... -- <vllm serve args>`
     if "--" in argv:
         cut = argv.index("--")
         argv, passed = argv[:cut], argv[cut + 1:]
     args = parser.parse_args(argv)
+    if args.cmd is None:  # bare `strata`: what it can do, not an error
+        parser.print_help()
+        return 0
     args.vllm_args = passed
     try:
         return args.func(args)
+    except BrokenPipeError:
+        raise
     except Exception as e:  # clear one-line errors for the command line
-        from strata.errors import StrataError
         from strata.store.tiers import RegionAbsent
 
         if isinstance(e, RegionAbsent) and args.cmd in ("stats", "inspect", "gc"):

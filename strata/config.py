@@ -49,6 +49,10 @@ def parse_size(value: object, field: str = "size") -> int:
 
 
 def format_size(n: float) -> str:
+    """``n`` bytes for humans; 'unbounded' for UNBOUNDED (or more), the capacity of a tier that
+    sets none, which as a number would read as 4194304.0 TiB."""
+    if n >= UNBOUNDED:
+        return "unbounded"
     for unit in ("B", "KiB", "MiB", "GiB"):
         if abs(n) < 1024:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"

@@ -3,7 +3,7 @@
 from strata.store.tiers.base import Tier
 from strata.store.tiers.cpu import CpuTier
 from strata.store.tiers.cxl import CxlTier, RegionAbsent
-from strata.store.tiers.file import FileTier
+from strata.store.tiers.file import DirectoryAbsent, FileTier
 from strata.store.tiers.ranges import Extent, RangesTier
 from strata.store.tiers.redis import RedisTier
 
@@ -13,11 +13,12 @@ TIER_CLASSES: dict[str, type[Tier]] = {"cpu": CpuTier, "file": FileTier, "ranges
 
 def build_tier(cfg, store_cfg, create: bool = True) -> Tier:
     """The tier ``cfg`` names. ``create=False`` opens only what exists: a cxl tier whose region is
-    missing raises ``RegionAbsent`` (a StoreError) instead of creating one; other kinds ignore it."""
-    if cfg.kind == "cxl":
-        return CxlTier(cfg, store_cfg, create=create)
+    missing, or a file tier whose directory is, raises ``RegionAbsent`` (a StoreError) instead of
+    creating one; other kinds ignore it."""
+    if cfg.kind in ("cxl", "file"):
+        return TIER_CLASSES[cfg.kind](cfg, store_cfg, create=create)
     return TIER_CLASSES[cfg.kind](cfg, store_cfg)
 
 
-__all__ = ["Tier", "CpuTier", "CxlTier", "Extent", "FileTier", "RangesTier", "RedisTier", "RegionAbsent",
-           "TIER_CLASSES", "build_tier"]
+__all__ = ["Tier", "CpuTier", "CxlTier", "DirectoryAbsent", "Extent", "FileTier", "RangesTier", "RedisTier",
+           "RegionAbsent", "TIER_CLASSES", "build_tier"]

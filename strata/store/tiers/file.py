@@ -38,10 +38,16 @@ import torch
 from strata.keys import key_namespace, namespaces
 from strata.store.codec import CorruptObject, FIXED_HEADER_SIZE, checksum, flat_bytes, header_size, header_size_for, pack_header, unpack_header
 from strata.store.tiers.base import Entry, NotStored, Tier
+from strata.store.tiers.cxl import RegionAbsent
 
 _SUFFIX = ".obj"
 _TMP_SUFFIX = ".tmp"
 _LEGACY_TMP_AGE_S = 60  # a temporary file named without a pid (older versions): older is an interrupted put
+
+
+class DirectoryAbsent(RegionAbsent):
+    """A FileTier opened with ``create=False`` found no tier directory: nothing was created. A
+    RegionAbsent, so callers that look at stores (the ``strata`` command) treat both alike."""
 
 
 class Vanished(FileNotFoundError, NotStored):
@@ -113,13 +119,18 @@ class FileTier(Tier):
     persistent = True
     shared = True
 
-    def __init__(self, cfg, store_cfg):
+    def __init__(self, cfg, store_cfg, create: bool = True):
+        """``create=False``: open an existing directory only; DirectoryAbsent (creating nothing)
+        where it is missing, so looking at a store (``strata stats``) never makes one."""
         super().__init__(cfg, store_cfg)
         self.root = Path(cfg.path)
         self.objects = self.root / "objects"
         self.tmp = self.root / "tmp"
-        self.objects.mkdir(parents=True, exist_ok=True)
-        self.tmp.mkdir(parents=True, exist_ok=True)
+        if create:
+            self.objects.mkdir(parents=True, exist_ok=True)
+            self.tmp.mkdir(parents=True, exist_ok=True)
+        elif not self.objects.is_dir():
+            raise self._absent("does not exist" if not self.root.exists() else "holds no Strata file tier")
         self.recovered = 0
         self.discarded = 0
         self.foreign = 0  # objects recovered of namespaces this process had not registered
@@ -169,10 +180,19 @@ class FileTier(Tier):
         while self.used > self.capacity and self._evict_one(self._eviction_order(), lambda t, e: True, set()):
             evicted += 1  # capacity shrank since last run
 
+    def _absent(self, why: str) -> "DirectoryAbsent":
+        exc = DirectoryAbsent(f"tiers[{self.name}].path: {str(self.root)!r} {why} and the tier was opened with "
+                              "create=False, so nothing was created; allowed: the directory of an existing file "
+                              "tier (open the store normally once to create it)")
+        exc.tier, exc.path, exc.why = self.name, str(self.root), why
+        return exc
+
     def _remove_interrupted_puts(self) -> None:
         """Reclaim temporary files of puts that can no longer finish: their writer is dead (or,
         for names without a pid, they are old). Another live process's put in flight stays."""
         now = time.time()
+        if not self.tmp.is_dir():  # opened with create=False: none made, so none to reclaim
+            return
         for path in self.tmp.iterdir():
             if not _put_in_flight(path, now):
                 with contextlib.suppress(OSError):

@@ -422,9 +422,15 @@ class RedisTier(Tier):
             log.warning("tier %s: listing stopped early: %s", self.name, e)
 
     def stats(self) -> dict:
+        """The base counters, and the server's. No ``bytes`` or ``objects``: Strata's own share of
+        a server others may use is known only by a SCAN of every key (``contents``, as ``strata
+        inspect`` runs it), too dear for a stats call, and the server's totals are not Strata's (a
+        reader that wants them finds ``server_memory`` and ``server_keys``: INFO used_memory and
+        DBSIZE, the whole server's)."""
         out = super().stats()
-        out["objects"] = self.server.get("keys", 0)
-        out["bytes"] = self.server.get("used_memory", 0)
+        del out["objects"], out["bytes"]
+        out["server_memory"] = self.server.get("used_memory")
+        out["server_keys"] = self.server.get("keys")
         if self.server.get("maxmemory"):
             out["capacity"] = self.server["maxmemory"]
         out.update(url=self.url, key_prefix=self.cfg.key_prefix, server=dict(self.server),
