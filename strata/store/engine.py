@@ -25,8 +25,9 @@ class StorageEngine:
     """A tiered tensor store. Use as a context manager, or call ``close()``."""
 
     def __init__(self, config: "StoreConfig | dict | str | None" = None, *, create: bool = True):
-        """``create=False`` only looks: a cxl region that does not exist yet is not made
-        (``strata.store.tiers.RegionAbsent``), as ``strata stats`` and ``strata inspect`` open stores."""
+        """``create=False`` only looks: a cxl region or a file tier's directory that does not exist
+        yet is not made (``strata.store.tiers.RegionAbsent``), as ``strata stats``, ``inspect`` and
+        ``gc`` open stores."""
         self.config = load_config(config)
         tiers = []
         try:
