@@ -165,12 +165,17 @@ class TierChain:
         for _ in range(_DEMOTION_ROUNDS):
             victims: list[Entry] = []
             with self.lock:
-                for j, item in enumerate(items):
-                    if entries[j] is None:
-                        evict = self._evict_hook(tier, victims, tier.stored_size(item.key, item.meta))
-                        entries[j] = tier.reserve(item.key, item.ns, item.meta, evict)
-                        if entries[j] is not None and tier.remote:
-                            self._mark_writing(item.key)
+                try:
+                    for j, item in enumerate(items):
+                        if entries[j] is None:
+                            evict = self._evict_hook(tier, victims, tier.stored_size(item.key, item.meta))
+                            entries[j] = tier.reserve(item.key, item.ns, item.meta, evict)
+                            if entries[j] is not None and tier.remote:
+                                self._mark_writing(item.key)
+                except BaseException:  # victims set aside must not stay held (a delete would wait forever)
+                    for e in victims:
+                        self._let_go(tier, e)
+                    raise
             if not victims:
                 break
             self._demote(tier, victims)
