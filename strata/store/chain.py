@@ -220,11 +220,7 @@ class TierChain:
         for e in victims:
             ok = False
             try:
-                data = self._payload(tier, e)
-                if data is not None:
-                    meta = self._with_checksum(e, data)
-                    ok = self._put_from(i + 1, e.key, e.ns, meta, data,
-                                        lambda e=e: tier.index.get(e.key) is e, block=False)
+                ok = self._write_down(i, e)
             finally:
                 with self.lock:
                     if ok:
@@ -253,18 +249,23 @@ class TierChain:
                 return True  # replaced, deleted or already demoted
             self._hold_down(tier, e)
         try:
-            data = self._payload(tier, e)
-            if data is None:
-                return False
-            meta = self._with_checksum(e, data)
-            ok = self._put_from(i + 1, e.key, e.ns, meta, data,
-                                lambda: tier.index.get(e.key) is e, block=False)
+            ok = self._write_down(i, e)
         finally:
             with self.lock:
                 self._let_go(tier, e)
         if ok:
             e.dirty = False
         return ok
+
+    def _write_down(self, i: int, e: Entry) -> bool:
+        """Write ``e``, leased in tier ``i``, to the tiers below it (outside the lock); published there
+        only while ``e`` is still the current version in tier ``i`` (a newer put writes its own)."""
+        tier = self.tiers[i]
+        data = self._payload(tier, e)
+        if data is None:
+            return False
+        return self._put_from(i + 1, e.key, e.ns, self._with_checksum(e, data), data,
+                              lambda: tier.index.get(e.key) is e, block=False)
 
     def _flush_to_remote(self, i: int, entries: list[Entry]) -> list[bool]:
         """``_flush_one`` of many entries of tier ``i`` into the remote tier below it, batched."""
@@ -419,7 +420,7 @@ class TierChain:
         if out is None:
             data = tier.read(e)
             return data, data
-        dev = tier._streams
+        dev = tier.seam
         if tier.remote:  # the stored dtype and shape are known once the value has arrived
             data = tier.read(e)
             target = fit_out(e.meta, out)
@@ -468,11 +469,11 @@ class TierChain:
             asked = [keys[j] for j in todo]
             if tier.remote:
                 have = tier.exists_many(asked)
+            elif tier.shared:
+                have = self._shared_exists(tier, asked)
             else:
                 with self.lock:
-                    have = tier.exists_many(asked) if not tier.shared else None
-                if have is None:
-                    have = self._shared_exists(tier, asked)
+                    have = tier.exists_many(asked)
             for j, h in zip(todo, have):
                 if h:
                     found[j] = i

@@ -72,7 +72,7 @@ class Tier:
         self._policies: dict[str, object] = {}
         self._quotas: dict[str, int | None] = {}
         self.pinned = False  # memory tiers: views are page-locked, so copies to the GPU may be asynchronous
-        self._streams = streams.active()  # the device seam copies out of this tier go through
+        self.seam = streams.active()  # the device seam (strata.streams) copies out of this tier go through
         self._in_flight: list[tuple[object, Entry]] = []  # (CUDA event, leased entry)
 
     # -- subclass hooks ---------------------------------------------------------------
@@ -193,10 +193,10 @@ class Tier:
     def release(self, e: Entry) -> None:
         e.leases -= 1
         if e.leases == 0:
-            if e.view is not None:
-                self._streams.releasing(e.view)  # a checker's hook: no copy may still read these bytes
             if e.dead:
                 self._release_space(e)
+            elif e.view is not None:
+                self.seam.releasing(e.view)  # a checker's hook: no copy may still read these bytes
 
     def reserve(self, key: bytes, ns: str, meta: ObjectMeta, evict: EvictHook) -> Entry | None:
         """A not-yet-visible entry with room for ``meta``'s payload, evicting as policy allows."""
@@ -269,8 +269,8 @@ class Tier:
 
     def _release_space(self, e: Entry) -> None:
         e.dead = True
-        if e.view is not None and not e.leases:
-            self._streams.releasing(e.view)
+        if e.view is not None:
+            self.seam.releasing(e.view)
         e.view = None
         self._free(e)
         self._account(e, -1)

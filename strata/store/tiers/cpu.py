@@ -44,7 +44,7 @@ class CpuTier(Tier):
 
     def __init__(self, cfg, store_cfg):
         super().__init__(cfg, store_cfg)
-        self.pinned = cfg.pin == "always" or (cfg.pin == "auto" and self._streams.can_pin())
+        self.pinned = cfg.pin == "always" or (cfg.pin == "auto" and self.seam.can_pin())
         self.allocator = ExtentAllocator(cfg.capacity)
         self.capacity = self.allocator.capacity
         ram = host_memory()
@@ -53,7 +53,7 @@ class CpuTier(Tier):
                               f"host's RAM ({format_size(ram)}), and less to leave room for the process")
         # Pageable memory is reserved lazily by the OS; pinned memory is locked up front.
         try:
-            self.slab = self._streams.host_empty(self.capacity, pinned=self.pinned)
+            self.slab = self.seam.host_empty(self.capacity, pinned=self.pinned)
         except RuntimeError as e:
             raise ConfigError(f"tiers[{cfg.name}].capacity: could not allocate {format_size(self.capacity)} of "
                               f"{'pinned ' if self.pinned else ''}host memory ({str(e).splitlines()[0][:200]}); "

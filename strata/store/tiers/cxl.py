@@ -114,7 +114,7 @@ class CxlTier(Tier):
                 log.warning("tier %s: %s; the region stays where the OS puts it", cfg.name, why)
         self.cuda = None
         if cfg.pin != "never":  # copies to the GPU straight from the mapping, at pinned speed
-            self.pinned, why = self._streams.register_host(self.bytes.data_ptr(), size)
+            self.pinned, why = self.seam.register_host(self.bytes.data_ptr(), size)
             self.cuda = {"registered": self.pinned, "reason": why}
             if not self.pinned and torch.cuda.is_available():
                 log.warning("tier %s: %s", cfg.name, why)
@@ -466,7 +466,7 @@ class CxlTier(Tier):
             return
         self.index.clear()
         if self.pinned:
-            self._streams.unregister_host(self.bytes.data_ptr())
+            self.seam.unregister_host(self.bytes.data_ptr())
             self.pinned = False
         self.bytes = None
         try:
