@@ -167,14 +167,11 @@ class OffloadHandle:
         if self.scheduler is not None:
             self.scheduler.close()
         for b in self.plan.offloaded:
-            layout = self.layouts[b]
-            packed = self.store.get(self.keys[b])
-            if packed is None:
+            if not _restore_block(self.store, self.keys[b], self.layouts[b]):
                 if strict:
                     raise OffloadError(f"detach: block {self.names[b]} is missing from the store; cannot restore it")
                 log.warning("strata: block %s is no longer in the store; it stays unloaded", self.names[b])
                 continue
-            layout.bind([v.to(dev, copy=True) for v, dev in zip(layout.views(packed), layout.devices)])
             self.store.delete(self.keys[b])
         for (module, name, is_param), dev in self._moved.items():
             t = module._parameters[name] if is_param else module._buffers[name]
@@ -195,6 +192,16 @@ class OffloadHandle:
         p = self.plan
         return (f"OffloadHandle({len(p.offloaded)}/{len(self.layouts)} blocks streamed from the store, "
                 f"{len(p.resident)} resident, ring {p.ring_slots} x {format_size(p.slot_bytes)} on {self.device})")
+
+
+def _restore_block(store: StorageEngine, key: Key, layout: BlockLayout) -> bool:
+    """Point a block's tensors back at copies of its stored bytes, on the devices they came from;
+    False if the store no longer holds them."""
+    packed = store.get(key)
+    if packed is None:
+        return False
+    layout.bind([v.to(dev, copy=True) for v, dev in zip(layout.views(packed), layout.devices)])
+    return True
 
 
 class InferenceOnly(ModuleHook):
@@ -355,9 +362,7 @@ def offload_from(model: torch.nn.Module, source, *, store: StorageEngine | None,
             set_tensor(mod, name, is_param, new)
     except BaseException:
         for b in done:  # put back what was already moved, then forget it
-            packed = store.get(keys[b])
-            if packed is not None:
-                layouts[b].bind([v.to(d, copy=True) for v, d in zip(layouts[b].views(packed), layouts[b].devices)])
+            _restore_block(store, keys[b], layouts[b])
             store.delete(keys[b])
         if owns_store:
             store.close()
