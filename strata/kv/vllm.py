@@ -52,6 +52,7 @@ from strata.kv.chunks import Chunk, ChunkHasher, kv_scope
 from strata.kv.lookup import LookupClient, LookupServer, local_server, socket_path
 from strata.kv.paged import PagedKV
 from strata.store.shared import shared_store
+from strata.timeline import profiling as _profiling
 
 log = logging.getLogger("strata.kv")
 
@@ -63,9 +64,6 @@ COUNTERS = ("chunks_loaded", "chunks_failed", "tokens_loaded", "bytes_loaded", "
 TIMINGS = {"load_times": "load_seconds", "save_times": "save_seconds"}
 MAX_TIMINGS = 1024  # observations kept between two reports; older ones are dropped, never memory grown
 STORE_STATS_EVERY_S = 5.0  # the worker also sends the store's stats this often without KV traffic
-# whether a torch profiler records: a C call of ~0.1 us, where an idle record_function costs microseconds
-_profiling = getattr(getattr(torch._C, "_autograd", None), "_profiler_enabled", None) or (
-    lambda: torch.autograd.profiler._is_profiler_enabled)
 
 
 def _range(name: str):

@@ -32,11 +32,7 @@ from strata.hooks import ModuleHook
 from strata.keys import Key
 from strata.offload.blocks import OffloadError
 from strata.offload.packing import BlockLayout
-from strata.timeline import Span
-
-# whether a torch profiler is recording: a C call of ~0.1 us, where record_function costs several
-_profiling = getattr(getattr(torch._C, "_autograd", None), "_profiler_enabled", None) or (
-    lambda: torch.autograd.profiler._is_profiler_enabled)
+from strata.timeline import Span, profiling as _profiling
 
 
 class BlockHook(ModuleHook):
