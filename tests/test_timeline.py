@@ -106,14 +106,20 @@ def test_the_sim_device_lays_the_spans_out_in_issue_order():
     check_per_block(trace, [handle.names[b] for b in handle.plan.offloaded], 1)
 
 
-def test_plot_writes_a_png(tmp_path):
-    pytest.importorskip("matplotlib")
+def recorded_trace(tmp_path):
+    """A trace.json of one recorded forward of a 3-layer model."""
     model, handle = offloaded(layers=3)
     with torch.no_grad(), handle.recording():
         model(torch.randint(0, VOCAB, (1, 6)))
     trace = tmp_path / "trace.json"
     handle.timeline(trace)
     handle.detach()
+    return trace
+
+
+def test_plot_writes_a_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    trace = recorded_trace(tmp_path)
     png = timeline.plot(trace, tmp_path / "out" / "timeline.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(timeline.TimelineError, match="does not exist"):
@@ -127,17 +133,7 @@ def test_strata_plot_command_writes_a_png(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     from strata import cli
 
-    try:
-        cli.main(["plot", "--help"])
-    except SystemExit as e:
-        if e.code != 0:
-            pytest.skip("the `strata plot` subcommand is not wired yet")
-    model, handle = offloaded(layers=3)
-    with torch.no_grad(), handle.recording():
-        model(torch.randint(0, VOCAB, (1, 6)))
-    trace = tmp_path / "trace.json"
-    handle.timeline(trace)
-    handle.detach()
+    trace = recorded_trace(tmp_path)
     png = tmp_path / "timeline.png"
     assert cli.main(["plot", str(trace), "-o", str(png)]) in (0, None)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
