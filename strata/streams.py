@@ -112,6 +112,10 @@ class HostStreams:
     def synchronize(self, device: torch.device | None = None) -> None:
         pass
 
+    def capturing(self) -> bool:
+        """Whether the current stream is being captured into a CUDA graph."""
+        return False
+
 
 class CudaStreams(HostStreams):
     """torch.cuda: real streams and events; copies from pinned memory are asynchronous."""
@@ -154,6 +158,9 @@ class CudaStreams(HostStreams):
 
     def synchronize(self, device: torch.device | None = None) -> None:
         torch.cuda.synchronize(device)
+
+    def capturing(self) -> bool:
+        return torch.cuda.is_current_stream_capturing()
 
 
 _active: HostStreams | None = None

@@ -19,7 +19,9 @@ from strata.keys import Key, make_scope
 from strata.offload.blocks import OffloadError, block_names, find_blocks
 from strata.offload.packing import ALIGN, BlockLayout, set_tensor
 from strata.offload.placement import Plan, plan
+from strata.offload import ops
 from strata.offload.scheduler import BlockHook, PrefetchScheduler
+from strata.offload.static import StaticRing
 from strata.store.engine import StorageEngine, open_store
 from strata.store.owners import owned_scope
 
@@ -70,7 +72,11 @@ class OffloadHandle:
         self.layouts = layouts
         self.keys = keys
         self.plan: Plan = plan_
-        self.scheduler: PrefetchScheduler | None = scheduler
+        self.scheduler: PrefetchScheduler | StaticRing | None = scheduler
+        self.static = isinstance(scheduler, StaticRing)
+        self._ring_id: int | None = None  # the static ring's number in strata::enter calls
+        self._frozen: list[InferenceOnly] = []  # static mode: the blocks whose parameters stopped requiring grad
+        self._wrapped: list[torch.nn.Module] = []  # static mode: the blocks whose forward calls strata::enter
         self._moved: dict[tuple, torch.device] = moved  # resident tensors moved to the device: where from
         self.block_path = block_path
         self._hooks: list[tuple[torch.nn.Module, BlockHook]] = []
@@ -119,6 +125,9 @@ class OffloadHandle:
         if s is None:
             raise OffloadError("recording: every block is resident on the device, so nothing is streamed and there "
                                "is no copy to record; offload with a smaller gpu_budget")
+        if self.static:
+            raise OffloadError("recording: not available with static=True (the copies run inside compiled graphs); "
+                               "offload with static=False to record a timeline")
         if s.trace is not None:
             raise OffloadError("recording: already recording; handle.recording() blocks do not nest")
         s.start_trace()
@@ -164,6 +173,12 @@ class OffloadHandle:
             self._unregister_close()
         for module, hook in self._hooks:
             detach_hook(module, hook)
+        if self._ring_id is not None:
+            for module in self._wrapped:
+                ops.unwrap_forward(module)
+            ops.unregister(self._ring_id)
+        for frozen in self._frozen:
+            frozen.detach_hook(None)
         if self.scheduler is not None:
             self.scheduler.close()
         for b in self.plan.offloaded:
@@ -281,15 +296,17 @@ class LiveSource:
 def offload(model: torch.nn.Module, *, store: StorageEngine | None = None, device: "str | torch.device" = "cuda",
             gpu_budget: "int | str | dict | None" = None, prefetch: int = 1,
             blocks: "str | Iterable[torch.nn.Module] | None" = None, timing: bool = True,
-            progress: bool = True) -> OffloadHandle:
+            progress: bool = True, static: bool = False) -> OffloadHandle:
     """Keep ``model``'s repeated blocks in the store and stream each onto ``device`` just before
-    it runs, ``prefetch`` blocks ahead; see the README for every argument."""
+    it runs, ``prefetch`` blocks ahead; see the README for every argument. ``static=True`` gives
+    every streamed block fixed device buffers and runs the streaming as a custom op, so
+    ``torch.compile(fullgraph=True)`` and CUDA graphs take the model whole (``strata.offload.static``)."""
     return offload_from(model, LiveSource(), store=store, device=device, gpu_budget=gpu_budget, prefetch=prefetch,
-                        blocks=blocks, timing=timing, progress=progress)
+                        blocks=blocks, timing=timing, progress=progress, static=static)
 
 
 def offload_from(model: torch.nn.Module, source, *, store: StorageEngine | None, device, gpu_budget, prefetch: int,
-                 blocks, timing: bool, progress: bool, store_factory=None) -> OffloadHandle:
+                 blocks, timing: bool, progress: bool, store_factory=None, static: bool = False) -> OffloadHandle:
     """``offload`` with the weights coming from ``source`` (the live model, or a checkpoint)."""
     if not isinstance(model, torch.nn.Module):
         raise OffloadError(f"model: got {type(model).__name__}; allowed: a torch.nn.Module")
@@ -297,6 +314,9 @@ def offload_from(model: torch.nn.Module, source, *, store: StorageEngine | None,
         raise OffloadError("model: already offloaded by strata.offload; call handle.detach() first")
     if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 0:
         raise OffloadError(f"prefetch: got {prefetch!r}; allowed: an integer >= 0 (blocks copied ahead)")
+    if not isinstance(static, bool):
+        raise OffloadError(f"static: got {static!r}; allowed: True (fixed buffers, for torch.compile and CUDA graphs) "
+                           "or False (module hooks)")
     if store is not None and not isinstance(store, StorageEngine):
         raise OffloadError(f"store: got {type(store).__name__}; allowed: a StorageEngine (strata.open_store) or None")
     dev = check_device(device)
@@ -320,7 +340,7 @@ def offload_from(model: torch.nn.Module, source, *, store: StorageEngine | None,
         raise OffloadError(f"blocks: the blocks found at {block_path!r} hold no tensors of their own to offload")
     other = {id(t): t for *_, t in named_tensors(model) if id(t) in outside}
     other_bytes = sum((t.numel() * t.element_size() + ALIGN - 1) // ALIGN * ALIGN for t in other.values())
-    p = plan([l.nbytes for l in layouts], other_bytes, budget, prefetch)
+    p = plan([l.nbytes for l in layouts], other_bytes, budget, prefetch, static)
 
     offloaded_bytes = sum(layouts[b].nbytes for b in p.offloaded)
     owns_store = store is None
@@ -361,18 +381,29 @@ def offload_from(model: torch.nn.Module, source, *, store: StorageEngine | None,
                     moved[(mod, name, is_param)] = t.device
             set_tensor(mod, name, is_param, new)
     except BaseException:
-        for b in done:  # put back what was already moved, then forget it
-            _restore_block(store, keys[b], layouts[b])
-            store.delete(keys[b])
-        if owns_store:
-            store.close()
+        _undo(store, owns_store, keys, layouts, done)
         raise
     scheduler = None
     if p.offloaded:
-        scheduler = PrefetchScheduler(store, dev, names, layouts, keys, p.offloaded, p.ring_slots, p.slot_bytes,
-                                      prefetch, timing=timing)
+        try:
+            if static:
+                scheduler = StaticRing(store, dev, names, layouts, keys, p.offloaded, p.slot_bytes, prefetch)
+            else:
+                scheduler = PrefetchScheduler(store, dev, names, layouts, keys, p.offloaded, p.ring_slots,
+                                              p.slot_bytes, prefetch, timing=timing)
+        except BaseException:
+            _undo(store, owns_store, keys, layouts, done)
+            raise
     handle = OffloadHandle(model, store, owns_store, dev, names, layouts, keys, p, scheduler, moved, block_path)
-    if scheduler is not None:
+    if static and scheduler is not None:
+        handle._ring_id = ops.register(scheduler)
+        for q, b in enumerate(p.offloaded):
+            ops.wrap_forward(mods[b], handle._ring_id, q, names[b])
+            handle._wrapped.append(mods[b])
+            frozen = InferenceOnly(names[b], layouts[b])
+            frozen.init_hook(mods[b])
+            handle._frozen.append(frozen)
+    elif scheduler is not None:
         for i, m in enumerate(mods):
             hook = attach_hook(m, BlockHook(scheduler, i))
             handle._hooks.append((m, hook))
@@ -384,6 +415,15 @@ def offload_from(model: torch.nn.Module, source, *, store: StorageEngine | None,
     return handle
 
 
+def _undo(store: StorageEngine, owns_store: bool, keys: dict, layouts: list[BlockLayout], done: list[int]) -> None:
+    """A failed offload: put back the blocks already moved into the store, then forget them."""
+    for b in done:
+        _restore_block(store, keys[b], layouts[b])
+        store.delete(keys[b])
+    if owns_store:
+        store.close()
+
+
 def _default_store(offloaded_bytes: int) -> StorageEngine:
     """A CPU tier sized to the offloaded weights (pinned when CUDA is present), weights pinned in it."""
     return open_store({"tiers": [{"kind": "cpu", "capacity": max(offloaded_bytes, 1) + (1 << 20)}],
@@ -393,3 +433,4 @@ def _default_store(offloaded_bytes: int) -> StorageEngine:
 def handle_of(model: torch.nn.Module) -> OffloadHandle | None:
     """The ``OffloadHandle`` of a model offloaded or loaded by Strata, or None."""
     return getattr(model, _MARK, None)
+

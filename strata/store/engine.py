@@ -190,10 +190,11 @@ class StorageEngine:
             yield views[0]
 
     @contextmanager
-    def lease_many(self, keys: Sequence[Key]) -> Iterator[list]:
+    def lease_many(self, keys: Sequence[Key], *, copies: bool = True) -> Iterator[list]:
         """``lease`` of many keys at once: a list of views (None for each miss). What no memory
         tier holds is read from the tiers below in one batch (pipelined round trips to a remote
-        tier), promoted, and leased, or yielded as a private copy."""
+        tier), promoted, and leased, or yielded as a private copy; with ``copies=False`` such a key
+        is None instead (a caller that needs stored bytes at a fixed address: the static ring)."""
         encoded = [self._check_key(k).encoded for k in keys]
         held = [self.chain.lease_view(k) for k in encoded]
         views = [None if h is None else h[1].view for h in held]
@@ -204,7 +205,7 @@ class StorageEngine:
                 for j, f in zip(missing, found):
                     if f is not None:  # promoted: lease it there; else the reader's own copy
                         held[j] = self.chain.lease_view(encoded[j])
-                        views[j] = f[1] if held[j] is None else held[j][1].view
+                        views[j] = (f[1] if copies else None) if held[j] is None else held[j][1].view
             for key, view in zip(keys, views):
                 self._count(key.namespace, "misses" if view is None else "hits",
                             0 if view is None else view.numel() * view.element_size())

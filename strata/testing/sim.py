@@ -370,15 +370,17 @@ class SimStreams(HostStreams):
         return out
 
 
-def attach_checker(model: torch.nn.Module, blocks, sim: SimStreams) -> list:
+def attach_checker(model: torch.nn.Module, blocks, sim: SimStreams, inside: bool = False) -> list:
     """Forward hooks on ``blocks`` that tell ``sim`` what each block reads, inside Strata's own
     hooks (the pre-hook runs after Strata bound the block, the post-hook before it unbinds it).
-    Returns the hook handles."""
+    ``inside=True`` (the static ring, whose wait runs inside the block's forward): the hooks go on
+    each block's children, each reporting every tensor of its block. Returns the hook handles."""
     handles = []
     for block in blocks:
         def tensors(m=block):
             return [*m.parameters(), *m.buffers()]
 
-        handles.append(block.register_forward_pre_hook(lambda m, a, t=tensors: sim.reads(t())))
-        handles.append(block.register_forward_hook(lambda m, a, o, t=tensors: sim.read_done(t()), prepend=True))
+        for mod in (block.children() if inside else (block,)):
+            handles.append(mod.register_forward_pre_hook(lambda m, a, t=tensors: sim.reads(t())))
+            handles.append(mod.register_forward_hook(lambda m, a, o, t=tensors: sim.read_done(t()), prepend=True))
     return handles
