@@ -15,9 +15,9 @@ from pathlib import Path
 from strata.config import format_size, presets
 from strata.errors import ConfigError, StrataError, allowed
 
-# The name of the object that holds a scope's facts as JSON (e.g. {"model": ..., "dtype": ...}): a
-# scope is a one-way hash of them, so a writer that stores Key(ns, scope, SCOPE_LABEL) once lets
-# `strata inspect` name the scope by what it holds.
+# A scope is a one-way hash of its facts; `strata inspect` names it by them from its label
+# (StorageEngine.label_scope, kept beside the objects) or, as older writers did, from an object
+# Key(ns, scope, SCOPE_LABEL) holding them as JSON.
 SCOPE_LABEL = "__scope__"
 
 
@@ -90,11 +90,12 @@ def _optional(module: str, extra: str, command: str):
 
 def format_contents(store) -> str:
     """Per tier: where it lives, then objects and bytes by namespace and scope. A scope with a
-    label (``SCOPE_LABEL``) is named by its facts, the label not counted as one of its objects;
-    others by their hash. Scopes owned by a process (``strata.store.owners``) get an owner
-    column: alive, or an orphan its exit left."""
+    label (``StorageEngine.scope_labels``, or an older ``SCOPE_LABEL`` object, not counted as one
+    of its objects) is named by its facts; others by their hash. Scopes owned by a process
+    (``strata.store.owners``) get an owner column: alive, or an orphan its exit left."""
     from strata.keys import split_key
 
+    labels = store.scope_labels()  # read once; never creates a sidecar
     lines = []
     owners: dict[str, str] = {}  # scope -> owner column, judged once per scope
     for tier in store.tiers:
@@ -132,7 +133,9 @@ def format_contents(store) -> str:
         owned = any(owners[scope] for _, scope in groups)
         rows = [("  namespace", "scope", "objects", "bytes") + (("owner",) if owned else ())]
         for (ns, scope), (n, size) in sorted(groups.items()):
-            named = scope_facts(store, tier.name, ns, scope) if (ns, scope) in labelled else None
+            named = describe_facts(labels[ns, scope], scope) if (ns, scope) in labels else None
+            if named is None and (ns, scope) in labelled:
+                named = scope_facts(store, tier.name, ns, scope)
             if named is None:
                 named = scope if len(scope) <= 48 else scope[:45] + "..."
             row = (f"  {ns}", named, str(n), format_size(size))
@@ -154,9 +157,18 @@ def scope_facts(store, tier: str, ns: str, scope: str) -> str | None:
         return None
     if not isinstance(facts, dict) or not facts:
         return None
+    return describe_facts(facts, scope)
+
+
+def describe_facts(facts: dict, scope: str) -> str:
+    """'model=... dtype=... (hash prefix)': a scope named by its facts, with enough of its hash
+    (an owned scope's fingerprint, not its 'pid:host' prefix) to tell two alike apart."""
+    from strata.store.owners import owner_of
+
     text = " ".join(f"{k}={v}" for k, v in facts.items())
-    text = text if len(text) <= 72 else text[:69] + "..."
-    return f"{text} ({scope[:8]})"
+    text = text if len(text) <= 96 else text[:93] + "..."
+    owner = owner_of(scope)
+    return f"{text} ({(owner.fingerprint if owner else scope)[:8]})"
 
 
 def describe_owner(scope: str) -> str:

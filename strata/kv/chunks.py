@@ -38,6 +38,34 @@ def kv_scope(*, model: str, dtype: str, layout: object, block_size: int, chunk_s
                       chunk_size=chunk_size, tp_size=tp_size, tp_rank=tp_rank, version=version)
 
 
+def kv_facts(*, model: str, dtype: str, layout: object, block_size: int, chunk_size: int,
+             tp_size: int = 1, tp_rank: int = 0, version: str = "") -> dict[str, str]:
+    """What ``kv_scope`` hashes (the same arguments), as the scope's label for
+    ``StorageEngine.label_scope("kv", scope, facts)``, so `strata inspect` names it. The layout
+    vLLM's connector hashes, ``(layer names, ((spec, kv heads, head size, dtype), ...), cache
+    dtype)``, is summed up as layers, spec and cache dtype; any other layout as its text, clipped."""
+    from strata.store.labels import clip
+
+    facts = {"model": clip(model, tail=True), "dtype": clip(dtype)}
+    if isinstance(layout, tuple) and len(layout) == 3 and isinstance(layout[0], tuple) \
+            and isinstance(layout[1], tuple) and all(isinstance(s, tuple) for s in layout[1]):
+        names, specs, cache_dtype = layout
+        kinds = dict.fromkeys(_spec_text(spec) for spec in specs)  # in order, once each
+        facts.update(layers=str(len(names)), layout=clip("; ".join(kinds)), cache_dtype=clip(cache_dtype))
+    else:
+        facts["layout"] = clip(layout)
+    facts.update(block_size=str(block_size), chunk_size=str(chunk_size), tp=f"{tp_rank}/{tp_size}")
+    if version:
+        facts["vllm"] = clip(version)
+    return facts
+
+
+def _spec_text(spec: tuple) -> str:
+    if len(spec) == 4:  # (spec class, kv heads, head size, dtype), as the connector hashes it
+        return f"{spec[0]} heads={spec[1]} head_size={spec[2]} {spec[3]}"
+    return " ".join(str(part) for part in spec)
+
+
 class ChunkHasher:
     def __init__(self, scope: str, chunk_size: int = 256, block_size: int = 16):
         if chunk_size <= 0 or block_size <= 0 or chunk_size % block_size:

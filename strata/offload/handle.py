@@ -394,6 +394,8 @@ def offload_from(model: torch.nn.Module, source, *, store: StorageEngine | None,
         except BaseException:
             _undo(store, owns_store, keys, layouts, done)
             raise
+    if p.offloaded:  # `strata inspect` names the scope by these facts, not by its hash alone
+        store.label_scope("param", scope, _scope_facts(model, layouts, p.offloaded, block_path))
     handle = OffloadHandle(model, store, owns_store, dev, names, layouts, keys, p, scheduler, moved, block_path)
     if static and scheduler is not None:
         handle._ring_id = ops.register(scheduler)
@@ -434,3 +436,12 @@ def handle_of(model: torch.nn.Module) -> OffloadHandle | None:
     """The ``OffloadHandle`` of a model offloaded or loaded by Strata, or None."""
     return getattr(model, _MARK, None)
 
+
+def _scope_facts(model: torch.nn.Module, layouts: list[BlockLayout], offloaded: list[int], block_path: str) -> dict:
+    """What an offload's scope stands for, as its label (``StorageEngine.label_scope``): the
+    model class, the dtypes of the streamed tensors, where the blocks are, how many, whose."""
+    from strata.store.labels import clip
+
+    dtypes = sorted({str(s.dtype).removeprefix("torch.") for b in offloaded for s in layouts[b].slots})
+    return {"model": clip(type(model).__name__), "dtype": clip(",".join(dtypes)), "block_path": clip(block_path),
+            "blocks": str(len(layouts)), "pid": str(os.getpid())}

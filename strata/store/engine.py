@@ -15,6 +15,7 @@ from strata.errors import StoreError, allowed
 from strata.keys import Key
 from strata.store.chain import TierChain
 from strata.store.codec import describe, materialize
+from strata.store.labels import ScopeLabels
 from strata.store.readonly import read_only
 from strata.store.tiers import build_tier
 
@@ -47,6 +48,7 @@ class StorageEngine:
         self._ns_lock = threading.Lock()
         self._closed = False
         self._closing: list[weakref.WeakMethod] = []  # on_close callbacks
+        self._labels = ScopeLabels(tiers)  # what scopes fingerprint, beside the objects (no I/O here)
 
     # -- helpers ----------------------------------------------------------------------------
     @property
@@ -257,6 +259,22 @@ class StorageEngine:
     def gc(self) -> int:
         """Delete every orphan (see ``orphans``) from every tier; how many keys were dropped."""
         return sum(self.delete(key) for key in self.orphans())
+
+    # -- scope labels --------------------------------------------------------------------------
+    def label_scope(self, namespace: str, scope: str, facts: dict[str, str]) -> bool:
+        """Record what ``scope`` fingerprints (``{"model": ..., "dtype": ...}``, str to str), so that
+        ``strata inspect`` names the scope by its facts, not by a hash alone. Kept where the store
+        persists (``strata.store.labels``): a label is no object, never counted, charged or evicted.
+        StoreError (naming the field) on bad facts; False, never an exception, where a tier could
+        not keep it (this process still knows it)."""
+        self._check_open()
+        return self._labels.put(namespace, scope, facts)
+
+    def scope_labels(self) -> dict[tuple[str, str], dict[str, str]]:
+        """Every scope label this store holds, by ``(namespace, scope)``: this process's and those
+        its tiers kept (other processes' too). Reading creates nothing; unreadable labels are left out."""
+        self._check_open()
+        return self._labels.all()
 
     # -- lifecycle and stats -----------------------------------------------------------------
     def flush(self) -> None:

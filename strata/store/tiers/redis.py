@@ -49,6 +49,7 @@ _SCAN_BATCH = 1000
 BATCH = 16  # GETs or SETs per pipelined round trip (a 4K-token prompt's 256-token chunks: one)
 BATCH_BYTES = 16 << 20  # bytes of values sent in one round trip: each must go within timeout_ms
 _ALIGN = 16  # the payload starts this far into a value: a tensor over the reply is aligned for any dtype
+LABELS_KEY = b"__scope_labels__"  # after the prefix: the hash of scope labels (strata.store.labels), no object
 
 
 class Watchdog:
@@ -407,6 +408,7 @@ class RedisTier(Tier):
             cursor = 0
             while True:
                 cursor, batch = self._call(lambda: self.client.scan(cursor, match=pattern, count=_SCAN_BATCH), "SCAN")
+                batch = [k for k in batch if k != self.prefix + LABELS_KEY]  # a hash: STRLEN would fail
                 if batch:
                     pipe = self.client.pipeline(transaction=False)
                     for k in batch:
