@@ -4,7 +4,7 @@ connector configured on one store.
     strata serve ./my-model --gpu-budget 4GiB --config store.yaml -- --port 8000 --max-model-len 4096
 
 It checks its arguments (and the ones after ``--`` that it reads), builds vLLM's server command line
-(``--load-format strata``, ``--kv-transfer-config`` for the StrataConnector, ``--enforce-eager``,
+(``--load-format strata``, ``--kv-transfer-config`` for the StrataConnector,
 ``--enable-prompt-tokens-details``, and on vLLM's CPU build a bounded ``--kv-cache-memory-bytes``),
 prints where the weights and the KV will live and the command, and replaces itself with that
 command: signals and the exit status are vLLM's own. Everything after ``--`` goes to vLLM unchanged,
@@ -270,14 +270,16 @@ def plan(args) -> Plan:
         if load_format not in (None, "strata"):
             raise ConfigError(f"--load-format {load_format} after --: strata serve loads with --load-format strata; "
                               "allowed: drop it, or pass --no-offload to keep vLLM's loader")
-        if given(rest, "--no-enforce-eager"):
-            raise ConfigError("--no-enforce-eager after --: streamed layers need eager mode; allowed: drop it, or "
-                              "pass --no-offload")
         if load_format is None:
             argv += ["--load-format", "strata"]
         argv += [EXTRA, json.dumps(loader_extra(args, user_extra))]
-        if not given(rest, "--enforce-eager"):
-            argv.append("--enforce-eager")  # the layers stream in module hooks: no compiled graphs
+        eager = eager_only(args.config)
+        if eager and given(rest, "--no-enforce-eager"):
+            raise ConfigError(f"--no-enforce-eager after --: {eager}; allowed: drop it, add a cpu or cxl tier to "
+                              "the store, or pass --no-offload")
+        if eager and not given(rest, "--enforce-eager"):
+            argv.append("--enforce-eager")
+            notes.append(f"strata: {eager}: vLLM runs eagerly (--enforce-eager)")
     elif user_extra:
         argv += [EXTRA, json.dumps(user_extra)]  # vLLM's loader: vLLM checks its keys
     if kv:
@@ -292,6 +294,17 @@ def plan(args) -> Plan:
         notes.append(f"strata: vLLM's KV cache: {format_size(kv_bytes)} (--kv-cache-memory)"
                      + ("; vLLM's own default on a CPU would reserve 92% of the RAM" if cpu else ""))
     return Plan(argv + rest, notes)
+
+
+def eager_only(config) -> str | None:
+    """Why the streamed layers cannot run in vLLM's compiled mode with this store, or None: compiled
+    graphs copy from fixed host addresses, which only a memory tier (cpu, cxl) can lease."""
+    cfg = load_config(config)
+    if any(t.kind in ("cpu", "cxl") for t in cfg.tiers):
+        return None
+    kinds = ", ".join(t.kind for t in cfg.tiers)
+    return (f"the store's tiers ({kinds}) include no cpu or cxl tier, and compiled graphs copy the layers from fixed "
+            "host addresses that only those can lease")
 
 
 def describe(config: str | None, gpu_budget: str | None, prefetch: int, offload: bool, kv: bool) -> str:

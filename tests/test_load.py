@@ -37,12 +37,13 @@ def reference(path):
 
 
 @pytest.mark.parametrize("name", ["llama", "qwen2", "gpt2", "sharded"])
-@pytest.mark.parametrize("mode", ["stream", "budget", "file_backed"])
+@pytest.mark.parametrize("mode", ["stream", "budget", "file_backed", "static", "static_file_backed"])
 def test_greedy_tokens_equal_from_pretrained_in_every_placement_mode(checkpoints, name, mode):
     path = checkpoints[name]
     size = sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
     kwargs = {"stream": {}, "budget": {"gpu_budget": int(0.85 * size)},
-              "file_backed": {"file_backed": True, "cpu_cache": "200KiB"}}[mode]
+              "file_backed": {"file_backed": True, "cpu_cache": "200KiB"}, "static": {"static": True},
+              "static_file_backed": {"static": True, "file_backed": True, "cpu_cache": "4MiB"}}[mode]
     model = strata.load(path, device="cpu", progress=False, **kwargs)
     handle = strata.handle_of(model)
     assert greedy(model, IDS) == reference(path)
@@ -50,6 +51,7 @@ def test_greedy_tokens_equal_from_pretrained_in_every_placement_mode(checkpoints
     assert stats["offloaded_blocks"] > 0 and stats["copies"] > 0
     if mode == "budget":
         assert 0 < stats["resident_blocks"] < 4
+    assert stats.get("static", False) == mode.startswith("static")
     if mode == "file_backed":
         tiers = handle.store.stats()["tiers"]
         assert tiers["ranges"]["hits"] > 0 and tiers["cpu"]["bytes"] <= 200 << 10

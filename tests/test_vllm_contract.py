@@ -239,6 +239,17 @@ def test_the_connector_and_loader_contract_holds_in_the_vllm_source(root):
         cls = _source_defines(vllm / "config/compilation.py", ast.ClassDef, enum)
         assert cls is not None and any(isinstance(s, ast.Assign) and s.targets[0].id == "NONE" for s in cls.body), enum
     assert "CompilationMode" in (vllm / "config/__init__.py").read_text()  # importable from vllm.config
+    # compiled mode: Strata's static rings ride vLLM's offloader hooks around CUDA-graph capture
+    offloader = vllm / "model_executor/offloader/base.py"
+    for fn in ("get_offloader", "set_offloader"):
+        assert _source_defines(offloader, ast.FunctionDef, fn), fn
+    base_offloader = _source_defines(offloader, ast.ClassDef, "BaseOffloader")
+    methods = {n.name: [a.arg for a in n.args.args] for n in base_offloader.body if isinstance(n, ast.FunctionDef)}
+    assert methods["wrap_modules"][:2] == ["self", "modules_generator"]
+    assert methods["sync_prev_onload"] == methods["join_after_forward"] == ["self"]
+    assert _source_defines(offloader, ast.ClassDef, "NoopOffloader")
+    capture = (vllm / "compilation/cuda_graph.py").read_text()
+    assert "get_offloader().sync_prev_onload()" in capture and "get_offloader().join_after_forward()" in capture
     kvt = _source_defines(vllm / "config/kv_transfer.py", ast.ClassDef, "KVTransferConfig")
     names = {s.target.id for s in kvt.body if isinstance(s, ast.AnnAssign)}
     assert {"kv_connector", "kv_connector_module_path", "kv_role", "kv_load_failure_policy",

@@ -265,15 +265,72 @@ def test_bad_extra_config_names_the_key_and_what_is_allowed(extra, words):
         assert w in str(e.value)
 
 
-def test_compiled_mode_is_refused_with_the_flag_to_pass():
+def test_compiled_mode_is_told_apart_from_eager():
     from vllm.config import CompilationConfig, CompilationMode
 
-    from strata.integrations.vllm_loader import require_eager
+    from strata.integrations.vllm_loader import compiled
 
-    with pytest.raises(ConfigError, match="--enforce-eager"):
-        require_eager(SimpleNamespace(compilation_config=CompilationConfig(mode=CompilationMode.VLLM_COMPILE)))
-    require_eager(SimpleNamespace(compilation_config=CompilationConfig(mode=CompilationMode.NONE,
-                                                                       cudagraph_mode="NONE")))
+    assert compiled(SimpleNamespace(compilation_config=CompilationConfig(mode=CompilationMode.VLLM_COMPILE)))
+    assert compiled(SimpleNamespace(compilation_config=CompilationConfig(mode=CompilationMode.NONE,
+                                                                         cudagraph_mode="FULL")))
+    assert not compiled(SimpleNamespace(compilation_config=CompilationConfig(mode=CompilationMode.NONE,
+                                                                             cudagraph_mode="NONE")))
+
+
+class _Ring:
+    def __init__(self):
+        self.calls = []
+
+    def sync(self):
+        self.calls.append("sync")
+
+    def join(self):
+        self.calls.append("join")
+
+
+def test_vllms_capture_drains_and_joins_every_static_ring_and_its_own_offloader_is_refused_beside_it():
+    from vllm.model_executor.offloader.base import get_offloader, set_offloader
+    from vllm.model_executor.offloader.uva import UVAOffloader
+
+    from strata.integrations.vllm_offloader import install
+
+    try:
+        first, second = _Ring(), _Ring()
+        install(first)
+        install(second)  # a second model in the process: one offloader, both rings
+        get_offloader().sync_prev_onload()
+        get_offloader().join_after_forward()
+        assert first.calls == second.calls == ["sync", "join"]
+        assert get_offloader().wrap_modules(iter([1, 2])) == [1, 2]  # vLLM's layer wrapping is left alone
+        set_offloader(UVAOffloader(cpu_offload_max_bytes=1 << 20, cpu_offload_params=set()))
+        with pytest.raises(ConfigError, match="vLLM's own weight offload.*one of the two"):
+            install(_Ring())
+    finally:
+        set_offloader(None)
+
+
+def test_compiled_mode_streams_the_layers_through_the_static_ring_with_plain_compiled_vllms_tokens(setup):
+    root, store, _ = setup
+    reference = run_job(root / "model", store, 1, "--no-connector", "--compiled")
+    out = run_job(root / "model", store, 1, "--no-connector", "--compiled",
+                  "--offload", json.dumps({**BUDGET, "config": str(store)}))
+    assert out["runs"] == reference["runs"]
+    assert same_logprobs(out["logprobs"], reference["logprobs"])
+    off = out["offload"]
+    # fixed slots: 3 streamed layers would need 3 of them (any two adjacent, across the forward's end), so
+    # under the same budget all 4 stream through 2
+    assert off["static"] and (off["offloaded_blocks"], off["resident_blocks"], off["ring_slots"]) == (4, 0, 2)
+    assert off["forwards"] > 1 and off["copies"] >= off["forwards"] * 4  # strata::enter ran inside every graph
+
+
+def test_compiled_mode_refuses_a_store_without_a_memory_tier_naming_enforce_eager(setup):
+    root, _, _ = setup
+    files = root / "files-only.yaml"
+    files.write_text(f"tiers:\n  - kind: file\n    path: {root / 'files'}\n    capacity: 256MiB\n")
+    with pytest.raises(AssertionError, match=r"--enforce-eager \(LLM\(enforce_eager=True\)\), which streams from any "
+                                             "tier, or a store with a cpu or cxl tier"):
+        run_job(root / "model", files, 1, "--no-connector", "--compiled",
+                "--offload", json.dumps({**BUDGET, "config": str(files)}))
 
 
 def test_an_unsupported_vllm_version_is_named(monkeypatch):
@@ -324,9 +381,26 @@ def test_dry_run_prints_a_command_that_vllms_own_parser_takes_with_strata_defaul
         assert parsed.model == str(model_dir) and parsed.port == 8001
         assert parsed.enable_prompt_tokens_details is True  # usage shows cached prompt tokens
         assert parsed.kv_cache_memory_bytes == min(2 << 30, host_memory() // 4)  # not 92% of the RAM
-        assert parsed.load_format == "strata" and parsed.enforce_eager is True
+        assert parsed.load_format == "strata" and not parsed.enforce_eager  # vLLM's compiled mode
         assert parsed.model_loader_extra_config == {"prefetch": 1, "gpu_budget": "9MiB"}
         assert parsed.kv_transfer_config.kv_connector_extra_config == {"strata.chunk_size": 256}
+
+
+def test_a_store_without_a_memory_tier_runs_eagerly_and_says_so(capsys, model_dir, tmp_path, monkeypatch):
+    files = tmp_path / "files.yaml"
+    files.write_text(f"tiers:\n  - kind: file\n    path: {tmp_path / 'f'}\n    capacity: 1GiB\n")
+    from strata.cli import main
+
+    rc = main(["serve", str(model_dir), "--config", str(files), "--dry-run"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "--enforce-eager" in out.splitlines()[-1]  # the command
+    assert "no cpu or cxl tier" in out and "vLLM runs eagerly (--enforce-eager)" in out
+    rc, argv, _ = _dry_run(capsys, model_dir, "--config", str(files), "--no-offload")
+    assert rc == 0 and "--enforce-eager" not in argv  # no streamed layers: nothing to say
+
+    monkeypatch.setattr(os, "execv", lambda *a: pytest.fail("vLLM was started"))
+    rc = main(["serve", str(model_dir), "--config", str(files), "--", "--no-enforce-eager"])
+    assert rc == 2 and "--no-enforce-eager after --" in capsys.readouterr().err
 
 
 def test_flags_after_the_separator_win_over_strata_defaults(capsys, model_dir):
@@ -375,7 +449,6 @@ def test_the_users_loader_config_is_merged_into_one_flag(capsys, model_dir):
     ([], ["--model-loader-extra-config", '{"gpu_budget": "1GiB"}'], ["'gpu_budget'", "strata serve --gpu-budget"]),
     ([], ["--model-loader-extra-config", "{num_threads: 2}"], ["--model-loader-extra-config: got", "JSON object"]),
     ([], ["--load-format", "safetensors"], ["--load-format safetensors", "--no-offload"]),
-    ([], ["--no-enforce-eager"], ["--no-enforce-eager", "eager"]),
     (["--config", "cpu_fil"], [], ["cpu_file"]),
 ])
 def test_bad_arguments_fail_before_vllm_starts_naming_the_flag(capsys, model_dir, monkeypatch, strata_args, vllm,

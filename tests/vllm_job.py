@@ -1,14 +1,15 @@
 """One vLLM engine (CPU build) with the Strata connector: runs prompts several times, prints JSON.
 
     python tests/vllm_job.py MODEL_DIR STORE_YAML RUNS [--no-connector] [--concurrent] [--prefix-cache]
-                             [--same-prompts] [--redis-fault JSON] [--eager] [--offload JSON]
+                             [--same-prompts] [--redis-fault JSON] [--eager] [--offload JSON] [--compiled]
 
 With --prefix-cache vLLM's own prefix cache is on and reset (``LLM.reset_prefix_cache()``)
 before every run, so a repeat is served by the connector, not by vLLM's GPU-side cache.
 With --same-prompts every run sends run 0's prompts. With --redis-fault '{"pid": P, "argv": [...]}'
 the Redis server P is killed after run 0 and started again from ``argv`` after run 1.
 With --offload '{"gpu_budget": ...}' the weights load with ``--load-format strata`` and that
-extra config (eager mode, as it requires); --eager runs eagerly without it.
+extra config, eagerly unless --compiled is given (vLLM's compiled mode: the static ring); --eager
+runs eagerly without it.
 """
 
 import json
@@ -77,7 +78,7 @@ def main():
         kwargs["kv_transfer_config"] = kv_transfer_config(store_cfg, chunk_size=256)
     if "--offload" in sys.argv:
         kwargs.update(load_format="strata", model_loader_extra_config=json.loads(sys.argv[sys.argv.index("--offload") + 1]))
-    if "--offload" in sys.argv or "--eager" in sys.argv:
+    if ("--offload" in sys.argv or "--eager" in sys.argv) and "--compiled" not in sys.argv:
         kwargs["enforce_eager"] = True
     concurrent = "--concurrent" in sys.argv
     prefix_cache = "--prefix-cache" in sys.argv

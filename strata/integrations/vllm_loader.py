@@ -1,6 +1,6 @@
 """``--load-format strata``: vLLM's default loader, then the decoder layers handed to the store.
 
-    vllm serve MODEL --enforce-eager --load-format strata \\
+    vllm serve MODEL --load-format strata \\
         --model-loader-extra-config '{"gpu_budget": "4GiB", "prefetch": 2, "config": "store.yaml"}'
 
 The weights are read exactly as vLLM's default loader reads them (same files, same weight
@@ -14,9 +14,15 @@ KV connector's ``strata.config``, both use one ``StorageEngine`` in the worker: 
 copied ahead, default 1), ``blocks`` (dotted path of the layer list, when the guess is wrong).
 vLLM's own keys of the default loader pass through.
 
-Eager mode only: the streaming runs in module hooks, which neither CUDA graphs nor torch.compile
-replay (vLLM's own prefetch offloader gets around that by issuing its waits and copies as custom ops
-inside the graph; Strata does not do that yet). On a CUDA device the weights are loaded into host
+Both of vLLM's modes. Eagerly (``--enforce-eager``) the layers stream through module hooks, from
+any tier. Compiled (vLLM's default: torch.compile, CUDA graphs on a GPU) they stream through the
+static ring (``strata.offload(static=True)``): each streamed layer keeps fixed device buffers, the
+copies read the layers' bytes leased in a memory tier (cpu or cxl) for the engine's life, and
+the per-layer step is the custom op ``strata::enter`` inside the graph, ordered by a declared
+write of the layer's activations, as vLLM's own prefetch offloader does; vLLM's CUDA-graph capture
+drains and joins the copies through ``strata.integrations.vllm_offloader``. A store whose layers
+cannot sit in a memory tier (a file or redis tier alone) is refused in compiled mode, naming
+``--enforce-eager``; ``strata serve`` adds that flag itself then, and says so. On a CUDA device the weights are loaded into host
 memory first (``LoadConfig.device``), so a model larger than the GPU can load; only the resident part
 and the streaming ring are ever on the GPU. On vLLM's CPU platform the linear layers of the blocks
 keep ``torch.nn.functional.linear`` (vLLM's ``_cpu_skip_gemm_dispatch``) instead of being prepacked
@@ -108,14 +114,11 @@ def _drop_orphans(store) -> None:
         log.info("dropped %d orphaned objects (left by processes that exited) from %r", dropped, store)
 
 
-def require_eager(vllm_config) -> None:
+def compiled(vllm_config) -> bool:
+    """Whether vLLM will run the model compiled (torch.compile, or CUDA graphs): then the layers
+    stream through the static ring, whose per-layer step is a custom op inside the graph."""
     comp = vllm_config.compilation_config
-    cudagraphs = comp.cudagraph_mode
-    if comp.mode != CompilationMode.NONE or cudagraphs not in (None, CUDAGraphMode.NONE):
-        raise ConfigError(
-            "--load-format strata: the model must run eagerly (compilation mode "
-            f"{comp.mode.name}, CUDA graphs {getattr(cudagraphs, 'name', None)}): Strata streams layers in module "
-            "hooks, which compiled graphs do not run; allowed: --enforce-eager (LLM(enforce_eager=True))")
+    return comp.mode != CompilationMode.NONE or comp.cudagraph_mode not in (None, CUDAGraphMode.NONE)
 
 
 class StrataModelLoader(DefaultModelLoader):
@@ -143,7 +146,7 @@ class StrataModelLoader(DefaultModelLoader):
                     mod._cpu_skip_gemm_dispatch = True
 
     def load_model(self, vllm_config, model_config, prefix: str = "") -> torch.nn.Module:
-        require_eager(vllm_config)
+        static = compiled(vllm_config)
         device = torch.device(vllm_config.device_config.device)
         load_cfg = vllm_config.load_config
         staged = device.type == "cuda" and load_cfg.device is None
@@ -158,9 +161,22 @@ class StrataModelLoader(DefaultModelLoader):
         _drop_orphans(store)
         try:
             handle = offload(model, store=store, device=device, gpu_budget=self.options.gpu_budget,
-                             prefetch=self.options.prefetch, blocks=self.options.blocks)
+                             prefetch=self.options.prefetch, blocks=self.options.blocks, static=static,
+                             progress=False)
         except OffloadError as e:
+            if static and "memory tier" in str(e):
+                raise ConfigError(f"--load-format strata, model {model_config.model}, compiled mode: {e}; in vLLM: "
+                                  "allowed: --enforce-eager (LLM(enforce_eager=True)), which streams from any tier, "
+                                  "or a store with a cpu or cxl tier") from None
             raise OffloadError(f"--load-format strata, model {model_config.model}: {e}") from None
+        if handle.static:
+            from strata.integrations.vllm_offloader import install
+
+            try:
+                install(handle.scheduler)
+            except ConfigError:
+                handle.detach()
+                raise
         _handles.append(handle)
         atexit.register(_drop_store_copies, handle)
         log.info("%r; store %r\n%s", handle, store, handle.placement())

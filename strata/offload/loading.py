@@ -144,13 +144,16 @@ def _dematerialize(model: torch.nn.Module, dev: torch.device) -> None:
 def load(path: "str | os.PathLike", *, store: StorageEngine | None = None, device: "str | torch.device" = "cuda",
          gpu_budget: "int | str | dict | None" = None, dtype: "torch.dtype | str | None" = None, prefetch: int = 1,
          model_cls=None, file_backed: bool = False, cpu_cache: "int | str" = "2GiB",
-         blocks: "str | Iterable[torch.nn.Module] | None" = None, progress: bool = True) -> torch.nn.Module:
+         blocks: "str | Iterable[torch.nn.Module] | None" = None, progress: bool = True,
+         static: bool = False) -> torch.nn.Module:
     """Load a safetensors checkpoint directory ready to run, weights streamed from the store.
 
     ``file_backed=True`` keeps the checkpoint's own files as the lowest tier (read on
     demand) under a CPU tier of ``cpu_cache`` bytes, so host memory stays bounded for a
-    checkpoint larger than it. ``strata.handle_of(model)`` gives the offload handle
-    (``placement()``, ``stats()``, ``detach()``).
+    checkpoint larger than it. ``static=True`` streams through fixed buffers for torch.compile
+    and CUDA graphs, as in ``strata.offload`` (the streamed blocks are leased in the CPU tier for
+    the model's life, so with ``file_backed`` they must fit ``cpu_cache``).
+    ``strata.handle_of(model)`` gives the offload handle (``placement()``, ``stats()``, ``detach()``).
     """
     ckpt = Checkpoint(path)
     dev = check_device(device)
@@ -175,7 +178,7 @@ def load(path: "str | os.PathLike", *, store: StorageEngine | None = None, devic
 
     handle = offload_from(model, source, store=store, device=dev, gpu_budget=gpu_budget, prefetch=prefetch,
                           blocks=blocks, timing=True, progress=progress,
-                          store_factory=file_backed_store if file_backed else None)
+                          store_factory=file_backed_store if file_backed else None, static=static)
     handle.checkpoint_bytes = ckpt.nbytes
     if progress:
         s = handle.stats()
