@@ -109,10 +109,13 @@ def test_every_simulated_schedule_gives_the_tokens_and_breaks_no_rule(mode, seed
     sim = SimStreams(mode, seed)
     with streams.use(sim):
         store, handle, got = run(model, prefetch=prefetch, sim=sim)
+        stats = handle.stats()  # harvests the copies' timing events
         handle.detach()
         store.close()
     assert got == want
     assert sim.violations == []
+    assert stats["copies"] > 0 and stats["copy_seconds"] >= stats["hidden_copy_seconds"] >= 0
+    assert set(stats["wait_seconds_by_block"]) == {f"model.layers.{i}" for i in range(layers)}
     if mode == "late":
         assert sim.copies_deferred >= handle.scheduler.copies - handle.scheduler.slots
 

@@ -387,7 +387,8 @@ def offload_from(model: torch.nn.Module, source, *, store: StorageEngine | None,
     if p.offloaded:
         try:
             if static:
-                scheduler = StaticRing(store, dev, names, layouts, keys, p.offloaded, p.slot_bytes, prefetch)
+                scheduler = StaticRing(store, dev, names, layouts, keys, p.offloaded, p.slot_bytes, prefetch,
+                                       timing=timing)
             else:
                 scheduler = PrefetchScheduler(store, dev, names, layouts, keys, p.offloaded, p.ring_slots,
                                               p.slot_bytes, prefetch, timing=timing)

@@ -35,6 +35,25 @@ from strata.offload.packing import BlockLayout
 from strata.timeline import Span, profiling as _profiling
 
 
+def harvest(samples: deque, block: bool):
+    """(block, copy seconds, exposed seconds or None) of each finished timing sample
+    ``[block, copy start, copy end, compute arrival]`` (CUDA events), oldest first, popped from
+    ``samples``. Exposed is how long compute arrived before the copy ended. A sample whose copy or
+    arrival is still pending stops a non-blocking harvest; a blocking one waits for it (a copy whose
+    block has not run yet counts as hidden)."""
+    while samples:
+        b, start, end, arrive = samples[0]
+        if not block and (arrive is None or not end.query() or not arrive.query()):
+            return
+        end.synchronize()
+        samples.popleft()
+        exposed = None
+        if arrive is not None:
+            arrive.synchronize()
+            exposed = max(0.0, arrive.elapsed_time(end) / 1e3)
+        yield b, start.elapsed_time(end) / 1e3, exposed
+
+
 class BlockHook(ModuleHook):
     def __init__(self, scheduler: "PrefetchScheduler", index: int):
         self.scheduler, self.index = scheduler, index
@@ -302,18 +321,9 @@ class PrefetchScheduler:
 
     # -- accounting ------------------------------------------------------------------------
     def _harvest(self, block: bool) -> None:
-        """Turn finished CUDA timing events into copy and exposed-wait seconds. A copy whose
-        block has not run yet stops a non-blocking harvest; a blocking one counts it as hidden."""
-        while self._samples:
-            b, start, end, arrive = self._samples[0]
-            if not block and (arrive is None or not end.query() or not arrive.query()):
-                return
-            end.synchronize()
-            self._samples.popleft()
-            self.copy_seconds += start.elapsed_time(end) / 1e3
-            if arrive is not None:
-                arrive.synchronize()
-                exposed = max(0.0, arrive.elapsed_time(end) / 1e3)
+        for b, copy_s, exposed in harvest(self._samples, block):
+            self.copy_seconds += copy_s
+            if exposed is not None:
                 self.exposed_seconds += exposed
                 self.wait_by_block[b] += exposed
 

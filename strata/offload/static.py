@@ -25,13 +25,15 @@ Under CUDA-graph capture (vLLM's compiled mode) the copies and waits are capture
 rest: a wait for a copy issued before the capture began is skipped (the caller drains the
 copy stream first: ``sync``), copies issued inside a capture are joined back into the
 capturing stream at its end (``join``). Replays run the same copies and waits with no
-Python, so the counters here count what was issued from Python only.
+Python, so the counters here count what was issued from Python only, and copy times (CUDA
+timing events, as the hook ring takes them) come from copies issued outside a capture.
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
+from collections import deque
 
 import torch
 
@@ -39,6 +41,7 @@ from strata import streams
 from strata.keys import Key
 from strata.offload.blocks import OffloadError
 from strata.offload.packing import BlockLayout
+from strata.offload.scheduler import harvest
 
 
 def round_lengths(n: int, lookahead: int) -> list[int]:
@@ -68,7 +71,8 @@ class StaticRing:
     static = True
 
     def __init__(self, store, device: torch.device, names: list[str], layouts: list[BlockLayout],
-                 keys: dict[int, Key], offloaded: tuple[int, ...], slot_bytes: int, prefetch: int):
+                 keys: dict[int, Key], offloaded: tuple[int, ...], slot_bytes: int, prefetch: int,
+                 timing: bool = True):
         self.store, self.device, self.names, self.layouts = store, device, names, layouts
         self.offloaded = offloaded
         self.n = len(offloaded)
@@ -96,8 +100,12 @@ class StaticRing:
         self.copies = 0
         self.bytes_streamed = 0
         self.forwards = 0
-        self.copy_seconds = 0.0  # the host device only: there every copy is exposed
+        self.copy_seconds = 0.0
+        self.exposed_seconds = 0.0  # on the host device every copy is exposed
         self.wait_by_block = [0.0] * len(layouts)
+        self.timing = timing and self.asynchronous
+        self._samples: deque = deque()  # [block, copy start, copy end, compute arrival] timing events
+        self._last_copy: dict[int, list] = {}  # position -> its latest timed copy's sample
         self.closed = False
         for q in range(min(self.lookahead, self.n)):  # the first forward's window, as every later one finds it
             self._ensure(q, self.dev.current_stream(device), False)
@@ -128,7 +136,13 @@ class StaticRing:
         for k in range(self.lookahead + 1):
             self._ensure((q + k) % self.n, stream, capturing)
         if self.asynchronous:
+            sample = self._last_copy.pop(q, None) if not capturing else None
+            if sample is not None:  # when compute arrived here, against when the copy ended
+                sample[3] = self.dev.event(timing=True)
+                sample[3].record(stream)
             self._await_copy(self.slot_of[q], stream, capturing)
+            if len(self._samples) > 256:
+                self._harvest(block=False)
 
     def _ensure(self, q: int, stream, capturing: bool) -> None:
         """Position ``q``'s bytes are in its slot or on their way, issued after every block the
@@ -139,9 +153,17 @@ class StaticRing:
         b = self.offloaded[q]
         if self.asynchronous:
             self.free[slot].record(stream)
+            timed = self.timing and not capturing
             with self.dev.stream(self.copy_stream):
                 self.copy_stream.wait_event(self.free[slot])
+                if timed:
+                    start, end = self.dev.event(timing=True), self.dev.event(timing=True)
+                    start.record(self.copy_stream)
                 self.dev.copy(self.dest[q], self.sources[q], non_blocking=True)
+                if timed:
+                    end.record(self.copy_stream)
+                    self._last_copy[q] = sample = [b, start, end, None]
+                    self._samples.append(sample)
                 self.copy_done[slot].record(self.copy_stream)
             self.captured[slot] = capturing
             self.eager_event[slot] = not capturing
@@ -150,6 +172,7 @@ class StaticRing:
             self.dev.copy(self.dest[q], self.sources[q])
             dt = time.perf_counter() - start
             self.copy_seconds += dt
+            self.exposed_seconds += dt
             self.wait_by_block[b] += dt
         self.slot_pos[slot] = q
         self.copies += 1
@@ -191,20 +214,29 @@ class StaticRing:
                 self.captured[slot] = False
 
     # -- reporting and undo ------------------------------------------------------------------
+    def _harvest(self, block: bool) -> None:
+        for b, copy_s, exposed in harvest(self._samples, block):
+            self.copy_seconds += copy_s
+            if exposed is not None:
+                self.exposed_seconds += exposed
+                self.wait_by_block[b] += exposed
+
     def stats(self) -> dict:
-        out = {
+        if self.timing and not self.closed:
+            self.dev.synchronize(self.device)
+            self._harvest(block=True)
+        return {
             "static": True,
             "forwards": self.forwards,
             "copies": self.copies,
             "bytes_streamed": self.bytes_streamed,
+            "copy_seconds": self.copy_seconds,
+            "exposed_wait_seconds": self.exposed_seconds,
+            "hidden_copy_seconds": max(0.0, self.copy_seconds - self.exposed_seconds),
+            "wait_seconds_by_block": {self.names[b]: self.wait_by_block[b] for b in self.offloaded},
             "ring_slots": self.slots,
             "ring_bytes": sum(r.numel() for r in self.ring),
         }
-        if not self.asynchronous:  # synchronous copies: all of their time is exposed
-            out.update(copy_seconds=self.copy_seconds, exposed_wait_seconds=self.copy_seconds,
-                       hidden_copy_seconds=0.0,
-                       wait_seconds_by_block={self.names[b]: self.wait_by_block[b] for b in self.offloaded})
-        return out
 
     def close(self) -> None:
         """Let the leases go once no copy can still read them; the slots go with the ring."""
