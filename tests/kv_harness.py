@@ -1,0 +1,290 @@
+"""Drive the StrataConnector through vLLM's own v1 Scheduler and a fake worker, in one process.
+
+Starting a vLLM engine costs minutes here; most connector behaviour does not need one. As vLLM's
+connector unit tests do (tests/v1/kv_connector/unit/utils.py: create_scheduler,
+create_model_runner_output), this builds the real ``Scheduler`` with a ``kv_transfer_config`` that
+loads ``strata.kv.vllm``, so vLLM itself calls the scheduler half (lookups, allocation, metadata,
+request_finished, load-error rollback). The worker is a ``StrataConnector`` in the WORKER role over
+a small real paged KV cache, driven step by step the way vLLM's model runner does (bind, load,
+forward, save, load errors, stats, clear). Both halves share one in-process store.
+
+The fake forward writes, for each token it computes, a value that depends on the whole prefix up
+to it (as real KV does), so a block holding another prefix's KV, a stale block or a block never
+loaded is told apart from the right one. Blocks vLLM hands out fresh are poisoned (NaN) first, and
+after every step the harness checks the invariant the connector exists for: every token vLLM
+counts as computed holds exactly the KV the forward would have written, except in blocks the
+worker reported as failed to load (vLLM recomputes those). ``wrong`` lists the violations.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from vllm import SamplingParams
+from vllm.config import CacheConfig, DeviceConfig, KVTransferConfig, ModelConfig, SchedulerConfig, VllmConfig
+from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
+from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
+from vllm.v1.core.sched.output import SchedulerOutput
+from vllm.v1.core.sched.scheduler import Scheduler
+from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
+from vllm.v1.outputs import KVConnectorOutput, ModelRunnerOutput
+from vllm.v1.request import Request, RequestStatus
+from vllm.v1.structured_output import StructuredOutputManager
+
+LAYERS = ("layers.0.attn", "layers.1.attn")
+HEADS, HEAD_SIZE = 2, 4
+SAMPLED = 7  # the token every decode step "samples" (never EOS: requests end by max_tokens)
+MODULUS = 1_000_003  # prefix values stay below 2**24: exact in float32
+
+
+def write_model_config(path: Path) -> Path:
+    """A config.json vLLM's ModelConfig accepts (no weights, no tokenizer: nothing runs a model)."""
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 512, "hidden_size": 64,
+        "intermediate_size": 128, "num_hidden_layers": len(LAYERS), "num_attention_heads": 4,
+        "num_key_value_heads": HEADS, "max_position_embeddings": 4096, "torch_dtype": "float32"}))
+    return path
+
+
+def prefix_values(tokens: list[int]) -> list[float]:
+    """The fake KV of each position: a rolling hash of every token up to and including it."""
+    out, v = [], 0
+    for t in tokens:
+        v = (v * 31 + t + 1) % MODULUS
+        out.append(float(v))
+    return out
+
+
+def tokens(n: int, seed: int) -> list[int]:
+    """``n`` prompt token ids, deterministic in ``seed`` (distinct seeds: distinct prompts)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(10, 500, (n,), generator=g).tolist()
+
+
+@dataclass
+class Step:
+    """What one step did: vLLM's scheduler output, the connector metadata the worker was bound to,
+    the block ids it reported as failed to load, and the worker's stats for the step."""
+
+    output: SchedulerOutput
+    meta: object
+    invalid: set[int]
+    stats: dict = field(default_factory=dict)
+
+
+class Harness:
+    """vLLM's Scheduler with the StrataConnector, and a fake worker over a real paged KV cache."""
+
+    def __init__(self, tmp_path: Path, *, num_blocks: int = 16, block_size: int = 16, chunk_size: int = 32,
+                 max_batched_tokens: int = 512, save_partial: bool = True, store: str = "cpu",
+                 prefix_caching: bool = False):
+        self.block_size, self.num_blocks = block_size, num_blocks
+        model = write_model_config(Path(tmp_path) / f"model-{uuid.uuid4().hex[:8]}")  # own keys per harness
+        self.config = self._vllm_config(model, block_size, max_batched_tokens, prefix_caching, {
+            "strata.config": store, "strata.chunk_size": chunk_size, "strata.save_partial": save_partial})
+        spec = FullAttentionSpec(block_size=block_size, num_kv_heads=HEADS, head_size=HEAD_SIZE, dtype=torch.float32)
+        self.kv_cache_config = KVCacheConfig(num_blocks=num_blocks, kv_cache_tensors=[],
+                                             kv_cache_groups=[KVCacheGroupSpec(list(LAYERS), spec)])
+        self.config.cache_config.num_gpu_blocks = num_blocks
+        self.scheduler = Scheduler(vllm_config=self.config, kv_cache_config=self.kv_cache_config, log_stats=True,
+                                   structured_output_manager=StructuredOutputManager(self.config),
+                                   block_size=block_size)
+        self._external: dict[str, int] = {}  # what vLLM last counted as loaded, per request
+        self._spy_on_allocation()
+        self.worker = KVConnectorFactory.create_connector(self.config, KVConnectorRole.WORKER, self.kv_cache_config)
+        shape = (num_blocks, block_size, 2, HEADS, HEAD_SIZE)
+        self.kv = {name: torch.full(shape, float("nan")) for name in LAYERS}
+        self.worker.register_kv_caches(self.kv)
+        self.steps: list[Step] = []
+        self.wrong: list[str] = []  # violations of "computed tokens hold the right KV"
+        self.generated: dict[str, list[int]] = {}  # the tokens vLLM kept, per request
+
+    @staticmethod
+    def _vllm_config(model: Path, block_size: int, max_batched_tokens: int, prefix_caching: bool,
+                     extra: dict) -> VllmConfig:
+        model_config = ModelConfig(model=str(model), skip_tokenizer_init=True, dtype="float32", seed=0)
+        return VllmConfig(
+            model_config=model_config,
+            scheduler_config=SchedulerConfig(max_num_seqs=16, max_num_batched_tokens=max_batched_tokens,
+                                             max_model_len=2048, enable_chunked_prefill=True,
+                                             is_encoder_decoder=False),
+            # vLLM's prefix cache off by default: every reused token comes from the store (as in the demo)
+            cache_config=CacheConfig(block_size=block_size, cache_dtype="auto", enable_prefix_caching=prefix_caching),
+            kv_transfer_config=KVTransferConfig(
+                kv_connector="StrataConnector", kv_connector_module_path="strata.kv.vllm", kv_role="kv_both",
+                kv_load_failure_policy="recompute", kv_connector_extra_config=extra),
+            device_config=DeviceConfig("cpu"))
+
+    def _spy_on_allocation(self) -> None:
+        """Record the external tokens vLLM itself counts on for each request (its own number, not
+        the connector's), so the harness knows which blocks vLLM's prefix cache filled."""
+        conn = self.scheduler.connector
+        allocated = conn.update_state_after_alloc
+
+        def spy(request, blocks, num_external_tokens):
+            self._external[request.request_id] = num_external_tokens
+            return allocated(request, blocks, num_external_tokens)
+
+        conn.update_state_after_alloc = spy
+
+    # ------------------------------------------------------------------ the two connectors
+    @property
+    def scheduler_connector(self):
+        return self.scheduler.connector
+
+    @property
+    def store(self):
+        return self.worker.store
+
+    # ------------------------------------------------------------------ requests
+    def add(self, prompt: list[int], max_tokens: int = 2, rid: str | None = None) -> str:
+        rid = rid or f"req-{uuid.uuid4().hex[:8]}"
+        params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+        self.scheduler.add_request(Request(request_id=rid, prompt_token_ids=list(prompt), sampling_params=params,
+                                           pooling_params=None, block_hasher=self._block_hasher()))
+        return rid
+
+    def abort(self, rid: str) -> None:
+        self.scheduler.finish_requests(rid, RequestStatus.FINISHED_ABORTED)
+
+    def abort_all(self) -> None:
+        self.scheduler.finish_requests(None, RequestStatus.FINISHED_ABORTED)
+
+    def request(self, rid: str) -> Request:
+        return self.scheduler.requests[rid]
+
+    def block_ids(self, rid: str) -> list[int]:
+        return list(self.scheduler.kv_cache_manager.get_block_ids(rid)[0])
+
+    # ------------------------------------------------------------------ steps
+    def step(self, before_load: Callable[[Step], None] | None = None) -> Step:
+        """One engine step: schedule, then the worker as vLLM's model runner drives it."""
+        out = self.scheduler.schedule()
+        step = Step(out, out.kv_connector_metadata, set())
+        self._poison_fresh_blocks(out)
+        w = self.worker
+        # the worker gets its own copy, as from vLLM's multiprocess executor (which pickles the
+        # scheduler output to its workers): nothing may ride on sharing the scheduler's objects
+        w.bind_connector_metadata(pickle.loads(pickle.dumps(out.kv_connector_metadata)))
+        if before_load is not None:
+            before_load(step)
+        w.start_load_kv(None)
+        self._forward(out)
+        w.wait_for_save()
+        step.invalid = set(w.get_block_ids_with_load_errors())
+        stats = w.get_kv_connector_stats()
+        step.stats = dict(stats.data) if stats is not None else {}
+        w.clear_connector_metadata()
+        self._check(out, step.invalid)
+        self._record(self.scheduler.update_from_output(out, self._runner_output(out, step, stats)))
+        self.steps.append(step)
+        return step
+
+    def run(self, max_steps: int = 50, before_load: Callable[[Step], None] | None = None) -> list[Step]:
+        """Steps until every request has finished; then every queued save has reached the store."""
+        steps = []
+        while self.scheduler.has_unfinished_requests():
+            assert len(steps) < max_steps, "requests did not finish"
+            steps.append(self.step(before_load))
+        self.worker.flush()
+        return steps
+
+    def _scheduled(self, out: SchedulerOutput):
+        """(request, first computed position, tokens computed this step) for every scheduled request."""
+        for rid, n in out.num_scheduled_tokens.items():
+            req = self.scheduler.requests[rid]
+            yield req, req.num_computed_tokens - n, n  # the scheduler has already advanced the count
+
+    def _block_hasher(self):
+        """vLLM's prefix-cache block hashes (only needed, and only set up, with its prefix cache on)."""
+        if not self.config.cache_config.enable_prefix_caching:
+            return None
+        from vllm.utils.hashing import sha256
+        from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
+
+        init_none_hash(sha256)
+        return get_request_block_hasher(self.block_size, sha256)
+
+    def _poison_fresh_blocks(self, out: SchedulerOutput) -> None:
+        """Blocks vLLM hands out (new and resumed requests, growth of running ones) hold someone
+        else's KV or nothing: NaN, so a load that never happened shows. Those its prefix cache
+        hit (the tokens it counts as computed less the external ones) keep their KV."""
+        fresh = []
+        for r in out.scheduled_new_reqs:
+            fresh += r.block_ids[0][self._local_blocks(r.req_id, r.num_computed_tokens):]
+        cached = out.scheduled_cached_reqs
+        for i, rid in enumerate(cached.req_ids):
+            ids = cached.new_block_ids[i][0] if cached.new_block_ids[i] else []
+            skip = self._local_blocks(rid, cached.num_computed_tokens[i]) if rid in cached.resumed_req_ids else 0
+            fresh += ids[skip:]
+        for layer in self.kv.values():
+            layer[fresh] = float("nan")
+
+    def _local_blocks(self, rid: str, num_computed_tokens: int) -> int:
+        local = num_computed_tokens - self._external.pop(rid, 0)
+        return -(-local // self.block_size)
+
+    def _forward(self, out: SchedulerOutput) -> None:
+        """Write the fake KV of every token computed this step into the request's blocks."""
+        bs = self.block_size
+        for req, start, n in self._scheduled(out):
+            values = prefix_values(req.all_token_ids[: start + n])
+            ids = self.block_ids(req.request_id)
+            for pos in range(start, start + n):
+                for i, layer in enumerate(self.kv.values()):
+                    layer[ids[pos // bs], pos % bs] = values[pos] + 0.5 * i
+
+    def expected_blocks(self, prompt: list[int], start: int, end: int) -> torch.Tensor:
+        """The bundle ``[layers, blocks, *block]`` the forward writes for tokens ``start..end``."""
+        values = torch.tensor(prefix_values(prompt[:end])[start:end]).view(-1, self.block_size)
+        shape = (len(self.kv), values.shape[0], self.block_size, 2, HEADS, HEAD_SIZE)
+        out = torch.empty(shape)
+        for i in range(len(self.kv)):
+            out[i] = (values + 0.5 * i).view(values.shape[0], self.block_size, 1, 1, 1).expand(shape[1:])
+        return out
+
+    def _check(self, out: SchedulerOutput, invalid: set[int]) -> None:
+        """Every token vLLM counts as computed after this step holds its own KV, unless its block is
+        one the worker reported failed (vLLM rolls the request back and recomputes it)."""
+        bs = self.block_size
+        for req, start, n in self._scheduled(out):
+            ids = self.block_ids(req.request_id)
+            values = prefix_values(req.all_token_ids[: start + n])
+            for pos in range(start + n):
+                if ids[pos // bs] in invalid:
+                    continue
+                for i, layer in enumerate(self.kv.values()):
+                    got = layer[ids[pos // bs], pos % bs]
+                    if not bool((got == values[pos] + 0.5 * i).all()):
+                        self.wrong.append(f"{req.request_id}: token {pos} (block {ids[pos // bs]}, layer {i})")
+                        break
+
+    def _runner_output(self, out: SchedulerOutput, step: Step, stats) -> ModelRunnerOutput:
+        """What the model runner returns: a token for each request whose prompt is done, none for a
+        partial prefill; the worker's load errors and stats."""
+        rids = list(out.num_scheduled_tokens)
+        sampled = []
+        for req, start, n in self._scheduled(out):
+            sampled.append([SAMPLED] if start + n >= req.num_tokens else [])
+        return ModelRunnerOutput(
+            req_ids=rids, req_id_to_index={r: i for i, r in enumerate(rids)}, sampled_token_ids=sampled,
+            logprobs=None, prompt_logprobs_dict={}, pooler_output=None,
+            kv_connector_output=KVConnectorOutput(invalid_block_ids=step.invalid, kv_connector_stats=stats))
+
+    def _record(self, outputs: dict) -> None:
+        """The tokens vLLM delivered (a step vLLM rolled back for a failed load delivers none)."""
+        for engine_outputs in outputs.values():
+            for o in engine_outputs.outputs:
+                self.generated.setdefault(o.request_id, []).extend(o.new_token_ids)
+
+    # ------------------------------------------------------------------ the end
+    def close(self) -> None:
+        for conn in (self.worker, self.scheduler_connector):
+            conn.shutdown()
