@@ -245,6 +245,25 @@ def test_a_request_aborted_between_its_lookup_and_its_first_step_leaves_nothing_
     assert _tracked(h) == {} and not h.scheduler.has_unfinished_requests()
 
 
+def test_a_preempted_request_resumes_with_its_saved_prompt_loaded_into_its_new_blocks(h):
+    # 15 usable blocks: both prompts fit (7 blocks each), their decodes do not; vLLM preempts the
+    # second, which by then has saved its prompt, and resumes it once the first is done
+    first = h.add(tokens(104, seed=23), max_tokens=30)
+    second = h.add(tokens(112, seed=24), max_tokens=30)
+    steps = h.run(max_steps=80)
+    preempted = next(i for i, s in enumerate(steps) if second in s.output.preempted_req_ids)
+    resumed = next(i for i, s in enumerate(steps) if second in s.output.scheduled_cached_reqs.resumed_req_ids)
+    assert preempted < resumed
+    step = steps[resumed]
+    assert step.output.num_scheduled_tokens[second] == 112 + 9 - 96  # its prompt's 96 held tokens are not recomputed
+    (load,) = step.meta.loads
+    assert load.req_id == second and _spans(load.chunks) == [(0, 32, True), (32, 64, True), (64, 96, True)]
+    assert step.stats["chunks_loaded"] == 3 and step.invalid == set()
+    assert [s.req_id for s in _saves(steps)] == [first, second]  # saved once: on resume the store holds it
+    assert h.wrong == []  # the resumed request never computed on KV it did not have
+    assert len(h.generated[first]) == len(h.generated[second]) == 30 and _tracked(h) == {}
+
+
 def test_sleep_forgets_nothing_that_matters_and_after_wake_up_loads_what_the_store_holds(h):
     prompt = tokens(90, seed=25)
     _run_one(h, prompt)

@@ -121,6 +121,7 @@ class SchedulerHalf:
         if resumed:
             state.block_ids = list(new_ids[0]) if new_ids else []
             state.saved = False
+            self._take_load(meta, rid, state)
         elif new_ids:
             state.block_ids.extend(new_ids[0])
 
