@@ -94,7 +94,7 @@ def engine(args) -> None:
         (handle,) = handles()
         s = handle.stats()
         out.update(offloaded=s["offloaded_blocks"], resident=s["resident_blocks"], static=s.get("static", False),
-                   copies=s["copies"])
+                   copies=s.get("copies", 0))
     print("DECODE-JSON " + json.dumps(out), flush=True)
 
 

@@ -309,3 +309,27 @@ def test_every_dashboard_query_names_series_strata_exports():
         names = promql_metric_names(re.sub(r"label_values\((\w+).*\)", r"\1", expr))
         assert names, f"{title}: {expr!r} names no series"
         assert names <= exported, f"{title}: {sorted(names - exported)} are not series Strata exports"
+
+
+def test_engine_stats_sums_what_vllms_front_end_was_told_and_names_the_flag_it_needs(monkeypatch):
+    pytest.importorskip("vllm", reason="vLLM is not installed")
+    from types import SimpleNamespace
+
+    from strata.errors import StrataError
+    from strata.kv import vllm_metrics
+    from strata.kv.vllm import engine_stats
+
+    monkeypatch.setattr(vllm_metrics, "_observed", {})
+    with pytest.raises(StrataError, match="no Strata stats of engine 0"):
+        engine_stats()
+    quiet = SimpleNamespace(llm_engine=SimpleNamespace(log_stats=False))
+    with pytest.raises(StrataError, match=r"disable_log_stats=False"):
+        engine_stats(quiet)
+    vllm_metrics.record({"chunks_saved": 2, "bytes_saved": 100, "store": {"0": {"objects": 2}}}, 0)
+    vllm_metrics.record({"chunks_saved": 1, "chunks_loaded": 3, "load_times": [0.1]}, 0)
+    vllm_metrics.record({"chunks_saved": 5}, 1)  # another engine of the same front end
+    got = engine_stats(SimpleNamespace(llm_engine=SimpleNamespace(log_stats=True)))
+    assert (got["connector"]["chunks_saved"], got["connector"]["chunks_loaded"], got["reports"]) == (3, 3, 2)
+    assert got["store"] == {"0": {"objects": 2}}
+    got["connector"]["chunks_saved"] = 99  # a copy: the caller cannot change what was seen
+    assert engine_stats()["connector"]["chunks_saved"] == 3 and engine_stats(engine=1)["connector"]["chunks_saved"] == 5

@@ -51,7 +51,7 @@ def same_logprobs(a, b):
 def test_repeated_prompt_hits_the_store_and_matches_a_run_without_the_connector(setup):
     root, store, reference = setup
     # vLLM's own prefix cache on, reset before each run: the repeat is the connector's to serve
-    out = run_job(root / "model", store, 3, "--prefix-cache", hash_seed="1")
+    out = run_job(root / "model", store, 3, "--prefix-cache", "--engine-stats", hash_seed="1")
     assert out["reset"] == [True, True, True]
     assert out["runs"] == reference["runs"]  # cold (saving) and warm (loading) runs
     assert same_logprobs(out["logprobs"], reference["logprobs"])
@@ -71,6 +71,12 @@ def test_repeated_prompt_hits_the_store_and_matches_a_run_without_the_connector(
     assert out["same_engine"]  # scheduler and worker connectors share one StorageEngine
     assert out["store"]["tiers"]["cpu"]["hits"] == c["chunks_loaded"]
     assert out["store"]["namespaces"]["kv"]["hits"] == c["chunks_loaded"]
+    # the same numbers, as the driving process got them through vLLM's stats (strata.kv.vllm.engine_stats)
+    seen = out["engine_stats"]
+    assert seen["connector"]["chunks_loaded"] == c["chunks_loaded"]
+    assert seen["connector"]["tokens_loaded"] == c["tokens_loaded"]
+    assert 0 < seen["connector"]["chunks_saved"] <= c["chunks_saved"]  # a save queued after the last step lags
+    assert seen["store"]["0"]["namespaces"]["kv"]["puts"] > 0
 
 
 def test_a_second_engine_reuses_the_file_tier_and_a_corrupt_chunk_is_recomputed(setup):

@@ -2,11 +2,14 @@
 
     python tests/vllm_job.py MODEL_DIR STORE_YAML RUNS [--no-connector] [--concurrent] [--prefix-cache]
                              [--same-prompts] [--redis-fault JSON] [--eager] [--offload JSON] [--compiled]
+                             [--engine-stats]
 
 With --prefix-cache vLLM's own prefix cache is on and reset (``LLM.reset_prefix_cache()``)
 before every run, so a repeat is served by the connector, not by vLLM's GPU-side cache.
 With --same-prompts every run sends run 0's prompts. With --redis-fault '{"pid": P, "argv": [...]}'
 the Redis server P is killed after run 0 and started again from ``argv`` after run 1.
+With --engine-stats the LLM logs stats (``disable_log_stats=False``) and the output carries
+``strata.kv.vllm.engine_stats(llm)`` as this process received it through vLLM's stats plumbing.
 With --offload '{"gpu_budget": ...}' the weights load with ``--load-format strata`` and that
 extra config, eagerly unless --compiled is given (vLLM's compiled mode: the static ring); --eager
 runs eagerly without it.
@@ -82,6 +85,8 @@ def main():
         kwargs["enforce_eager"] = True
     concurrent = "--concurrent" in sys.argv
     prefix_cache = "--prefix-cache" in sys.argv
+    if "--engine-stats" in sys.argv:
+        kwargs["disable_log_stats"] = False
     llm = LLM(model=model_dir, skip_tokenizer_init=True, enable_prefix_caching=prefix_cache, max_model_len=1024,
               max_num_seqs=16 if concurrent else 4, dtype="float32", seed=0, kv_cache_memory_bytes=KV_CACHE_BYTES,
               **kwargs)
@@ -103,6 +108,10 @@ def main():
                 c.flush()
             out.setdefault("per_run", []).append(worker_connector().stats())
         redis_fault(run, out)
+    if "--engine-stats" in sys.argv:
+        from strata.kv.vllm import engine_stats
+
+        out["engine_stats"] = engine_stats(llm)
     if use_connector:
         from strata.kv.vllm import connectors, worker_connector
 

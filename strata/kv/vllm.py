@@ -45,7 +45,7 @@ from strata.kv.vllm_worker import STORE_STATS_EVERY_S, WorkerHalf
 
 __all__ = ["COUNTERS", "MAX_TIMINGS", "STORE_STATS_EVERY_S", "TIMINGS", "BlockSpan", "LoadSpec", "SaveSpec",
            "StrataConnector", "StrataConnectorMetadata", "StrataKVStats", "StrataPromMetrics", "connectors",
-           "worker_connector"]
+           "worker_connector", "engine_stats"]
 
 
 class StrataConnector(KVConnectorBase_V1):
@@ -165,3 +165,24 @@ def connectors() -> "list[StrataConnector]":
 def worker_connector() -> "StrataConnector | None":
     """The connector of this process that holds a KV cache (the worker side, asleep or not), or None."""
     return next((c for c in _live if c.worker_half is not None and c.worker_half.kv_caches is not None), None)
+
+
+def engine_stats(llm=None, engine: int = 0) -> dict:
+    """The Strata KV numbers of a vLLM engine, from the process that drives it (an offline ``LLM``,
+    whose engine runs in another process): ``{"connector": counters summed since start (chunks,
+    tokens and bytes loaded and saved, failures, drops), "store": {rank: StorageEngine.stats()},
+    "reports": n}``. They arrive through vLLM's own stats plumbing, with each step, so an ``LLM``
+    must be made with ``disable_log_stats=False`` (its default is True); a save still queued after
+    the last step shows up with the next one, and the store's stats are sent every few seconds."""
+    from strata.errors import StrataError
+    from strata.kv import vllm_metrics
+
+    engine_obj = getattr(llm, "llm_engine", llm)
+    if engine_obj is not None and getattr(engine_obj, "log_stats", True) is False:
+        raise StrataError("engine_stats: this LLM was made with disable_log_stats=True (LLM's default), so vLLM "
+                          "sends no connector stats to this process; allowed: LLM(..., disable_log_stats=False)")
+    got = vllm_metrics.observed(engine)
+    if got is None:
+        raise StrataError(f"engine_stats: no Strata stats of engine {engine} have reached this process yet (none "
+                          "before the first step that loads or saves; is the StrataConnector configured?)")
+    return got

@@ -19,6 +19,30 @@ TIMINGS = {"load_times": "load_seconds", "save_times": "save_seconds"}
 MAX_TIMINGS = 1024  # observations kept between two reports; older ones are dropped, never memory grown
 
 
+# What vLLM's front end has been told, per engine index, for strata.kv.vllm.engine_stats: the
+# connector counters summed over every report and the newest store stats of each worker rank.
+_observed: dict[int, dict] = {}
+
+
+def record(data: dict, engine_idx: int) -> None:
+    """Add one report (a step's ``StrataKVStats.data``, aggregated over the workers) to what this
+    process has seen of engine ``engine_idx``."""
+    seen = _observed.setdefault(engine_idx, {"connector": dict.fromkeys(COUNTERS, 0), "store": {}, "reports": 0})
+    for key in COUNTERS:
+        seen["connector"][key] += data.get(key) or 0
+    if data.get("store"):
+        seen["store"].update(data["store"])
+    seen["reports"] += 1
+
+
+def observed(engine_idx: int) -> dict | None:
+    """A copy of what this process has seen of engine ``engine_idx`` (None: nothing yet)."""
+    seen = _observed.get(engine_idx)
+    if seen is None:
+        return None
+    return {"connector": dict(seen["connector"]), "store": dict(seen["store"]), "reports": seen["reports"]}
+
+
 class StrataKVStats(KVConnectorStats):
     """What one interval brought: counter deltas (summed when aggregated across steps and workers),
     timings (concatenated) and, under ``store``, the latest ``StorageEngine.stats()`` of each worker
@@ -104,6 +128,7 @@ class StrataPromMetrics(KVConnectorPromMetrics):
 
     def observe(self, transfer_stats_data: dict[str, Any], engine_idx: int = 0):
         data = transfer_stats_data or {}
+        record(data, engine_idx)
         for key in COUNTERS:
             if (engine_idx, key) in self._kv and data.get(key):
                 self._kv[(engine_idx, key)].inc(data[key])
