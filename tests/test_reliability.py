@@ -251,3 +251,41 @@ def test_a_delete_waits_for_a_write_back_flush_already_decided(redis_server, mon
     store.flush()
     assert not redis_server.client().exists(b"strata:" + key.encoded)
     store.close()
+
+
+@pytest.mark.parametrize("write", ["through", "back"])
+def test_a_put_every_tier_refuses_leaves_the_last_acknowledged_version_in_each(tmp_path, write, monkeypatch):
+    """Too big for the cpu tier, and the file tier below fails to write it: the put is refused
+    (False), and the version acknowledged before it must still be readable once the cpu tier lets
+    its copy go. (The file tier's older copy used to be dropped as if a newer one lived above.)"""
+    cfg = {"tiers": [{"kind": "cpu", "capacity": "8KiB", "write": write, "pin": "never"},
+                     {"kind": "file", "path": str(tmp_path / "f"), "capacity": "1MiB"}]}
+    k = Key("kv", "refuse", "k")
+    v1 = torch.arange(256, dtype=torch.float32)  # 1 KiB
+    with open_store(cfg) as store:
+        assert store.put(k, v1)
+        store.flush()
+        with monkeypatch.context() as m:
+            m.setattr(FileTier, "write_many", lambda self, pairs: [False] * len(pairs))
+            assert not store.put(k, torch.zeros(4096))  # 16 KiB: too big above, a failed write below
+        for j in range(8):  # push v1 out of the cpu tier
+            assert store.put(Key("kv", "refuse", f"other{j}"), torch.full((256,), float(j)))
+        store.flush()
+        got = store.get(k)
+        assert got is not None and torch.equal(got, v1)
+
+
+@pytest.mark.parametrize("write", ["through", "back"])
+def test_a_put_only_the_tier_below_takes_retires_the_older_version_above(tmp_path, write):
+    """Too big for the cpu tier, taken by the file tier: the cpu tier's older version must go, or
+    it is what every read gets."""
+    cfg = {"tiers": [{"kind": "cpu", "capacity": "8KiB", "write": write, "pin": "never"},
+                     {"kind": "file", "path": str(tmp_path / "f"), "capacity": "1MiB"}]}
+    k = Key("kv", "refuse", "k")
+    big = torch.arange(4096, dtype=torch.float32)  # 16 KiB
+    with open_store(cfg) as store:
+        assert store.put(k, torch.zeros(4))
+        assert store.put(k, big)
+        store.flush()
+        got = store.get(k)
+        assert got is not None and torch.equal(got, big)

@@ -193,23 +193,7 @@ KNOWN = {
     ("file", "damage/foreign-key/closed"): "file: an object file holding another key's object is recovered at open "
                                            "under the key its header names (the name's digest is not checked) and "
                                            "then dropped as an older version, with no counter",
-    ("redis", "faults/timeout/through"): "redis unreachable (hung): a delete the cpu tier answers True leaves the "
-                                         "server's copy, served again after; a new version the server missed "
-                                         "leaves the old one there, served after a restart",
-    ("redis", "faults/timeout/back"): "as faults/timeout/through, with write-back above redis",
-    **{(t, f"model/{m}/oversize"): "chain: a put the cpu tier above refuses (larger than it) goes to the tier "
-                                   "below, but the cpu tier keeps the key's older version and serves it"
-       for t in ("cpu", "cxl", "file", "redis") for m in ("through", "back")},
 }
-# Failures that show only on some runs (a race): left out of the runs above, reproduced
-# deterministically by their own test below.
-RACY = {
-    ("redis", "model/back"): "write-back above redis: a value demoted by a writer while the flusher writes it "
-                             "too is deleted from redis by the flusher's aborted write (see "
-                             "test_known_failure_redis_write_back_demotion_racing_a_flush_loses_the_value)",
-}
-
-
 def kit_of(tier, request):
     return redis_kit(request.getfixturevalue("own_redis")) if tier == "redis" else KITS[tier]()
 
@@ -217,7 +201,7 @@ def kit_of(tier, request):
 @pytest.mark.parametrize("check", CHECKS)
 @pytest.mark.parametrize("tier", ["cpu", "cxl", "file", "redis"])
 def test_builtin_tier_conforms(tier, check, request, tmp_path):
-    known = {c: why for (t, c), why in {**KNOWN, **RACY}.items() if t == tier and c.startswith(check)}
+    known = {c: why for (t, c), why in KNOWN.items() if t == tier and c.startswith(check)}
     report = check_tier(**kit_of(tier, request), name=tier, checks=[check], exclude=known, workdir=tmp_path)
     assert report.passed or check in report.skipped, str(report)  # cpu: nothing to damage, no I/O to fail
     print(report)
@@ -230,50 +214,58 @@ def test_known_failure(tier, check, request, tmp_path):
     check_tier(**kit_of(tier, request), name=tier, checks=[check], workdir=tmp_path)
 
 
-@pytest.mark.xfail(strict=True, reason=RACY[("redis", "model/back")])
-def test_known_failure_redis_write_back_demotion_racing_a_flush_loses_the_value(own_redis, monkeypatch):
+def test_write_back_above_redis_a_demotion_and_the_flusher_never_both_write_one_value(own_redis, monkeypatch):
     """cpu (4 KiB, write: back) over redis. The flusher is held writing ``pre`` (so ``pre`` stays
-    leased); ``k2``'s put evicts ``k0``, which this thread demotes to redis, held until the flusher
-    has taken ``k0`` as well; then the demotion publishes ``k0`` in redis and evicts it from the cpu
-    tier, and the flusher's write of ``k0``, no longer the cpu tier's current entry, is aborted,
-    which DELs the key from redis: the value acknowledged by ``put(k0)`` is gone."""
+    leased); ``k2``'s put evicts ``k0``, which this thread starts demoting to redis, held until the
+    flusher has taken ``k0`` in its next batch. Before the fix the flusher wrote ``k0`` too, and its
+    write, landing after the demotion had published ``k0`` in redis and evicted it from the cpu tier,
+    was aborted, which DELs the key: the value ``put(k0)`` acknowledged was gone. Now the flusher
+    waits for the demotion and leaves ``k0`` to it."""
     import threading
 
     import torch
 
     import strata
     from strata import Key
+    from strata.store import chain as chain_module
     from strata.store.tiers import redis as redis_module
 
-    first_held, second_taken, second_go = threading.Event(), threading.Event(), threading.Event()
+    pre_taken, first_held, k0_taken, demoted = (threading.Event() for _ in range(4))
     flusher_batches, timeouts = [], []
-    real = redis_module.RedisTier.write_many
+    real_write, real_flush = redis_module.RedisTier.write_many, chain_module.TierChain._flush_to_remote
+    keys = [Key("kv", "race", n) for n in ("pre", "k0", "k1", "k2")]
 
-    def held(self, pairs):
+    def flush(self, i, entries):
+        flusher_batches.append(len(entries))
+        pre_taken.set()
+        if any(e.key == keys[1].encoded for e in entries):
+            k0_taken.set()
+        return real_flush(self, i, entries)
+
+    def write(self, pairs):
         if threading.current_thread().name == "strata-writeback":
-            flusher_batches.append(len(pairs))
             if len(flusher_batches) == 1 and not first_held.wait(10):
                 timeouts.append("the writer's demotion never started")
-            elif len(flusher_batches) == 2:
-                second_taken.set()
-                if not second_go.wait(10):
-                    timeouts.append("the test never let the flusher go")
+            if any(e.key == keys[1].encoded for e, _ in pairs) and not demoted.wait(10):
+                timeouts.append("the flusher wrote k0 while the demotion held it")
         else:  # this thread's demotion of k0
             first_held.set()
-            if not second_taken.wait(10):
+            if not k0_taken.wait(10):
                 timeouts.append("the flusher never took k0")
-        return real(self, pairs)
+        return real_write(self, pairs)
 
-    monkeypatch.setattr(redis_module.RedisTier, "write_many", held)
+    monkeypatch.setattr(redis_module.RedisTier, "write_many", write)
+    monkeypatch.setattr(chain_module.TierChain, "_flush_to_remote", flush)
     cfg = {"tiers": [{"kind": "cpu", "capacity": "4KiB", "write": "back", "pin": "never"},
                      {"kind": "redis", "url": own_redis.url, "key_prefix": f"race-{uuid.uuid4().hex}:"}],
            "writeback": {"max_pending": 64}}
-    keys = [Key("kv", "race", n) for n in ("pre", "k0", "k1", "k2")]
     values = [torch.full((320,), float(i)) for i in range(4)]  # 1280 bytes: three fill the cpu tier
     with strata.open_store(cfg) as store:
-        for k, v in zip(keys, values):
+        assert store.put(keys[0], values[0])
+        assert pre_taken.wait(10), "the flusher never took pre"  # alone in its first batch
+        for k, v in zip(keys[1:], values[1:]):
             assert store.put(k, v)
-        second_go.set()
+        demoted.set()  # put(k2) has returned: its demotion of k0 is over
         store.flush()
         assert not timeouts, timeouts
         assert flusher_batches[:2] == [1, 2], f"the interleaving was not the one described: {flusher_batches}"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Callable, NamedTuple, TypeVar
 
 import torch
@@ -24,6 +25,7 @@ log = logging.getLogger("strata.chain")
 Guard = Callable[[], bool]
 T = TypeVar("T")
 _DEMOTION_ROUNDS = 4  # reserve, demote victims outside the lock, retry: at most this many times per write
+_DOWN_WAIT_S = 30.0  # the longest a flush or a reservation waits for another writer of the same entry
 
 
 class WriteItem(NamedTuple):
@@ -57,6 +59,7 @@ class TierChain:
         self.cfg = cfg
         self.lock = threading.RLock()
         self._writing: dict[bytes, int] = {}  # keys with a write down the chain (flush, demotion, remote) in flight
+        self._down: set[Entry] = set()  # entries a flush or a demotion is writing down: one writer each
         self._writes_done = threading.Condition(self.lock)
         self.dropped_dirty = 0  # write-back objects evicted before reaching the tier below
         self.writeback = None
@@ -71,6 +74,7 @@ class TierChain:
     def _put_from(self, i: int, key: bytes, ns: str, meta: ObjectMeta, data: torch.Tensor,
                   guard: Guard | None, block: bool) -> bool:
         kept: list[tuple[Tier, Entry]] = []
+        refused: list[tuple[Tier, Entry]] = []  # (tier, its older version) where nothing above holds the new one
         while i < len(self.tiers):
             tier = self.tiers[i]
             if not tier.writable:
@@ -82,19 +86,33 @@ class TierChain:
                 meta = meta.with_checksum(checksum(data.cpu()))
             write_back = tier.cfg.write == "back" and i + 1 < len(self.tiers)
             e = self._write_one(tier, key, ns, meta, data, guard, dirty=write_back)
-            if e is None and i > 0:
+            if e is None and guard is not None:  # refused, the new version above: drop the older one here
                 self._drop_older(tier, key, guard)
+            elif e is None:  # nothing above holds it: the older version here goes once a tier below takes it
+                with self.lock:
+                    old = tier.lookup(key)
+                if old is not None:
+                    refused.append((tier, old))
             if e is not None:
                 kept.append((tier, e))
                 if write_back:
                     self.writeback.enqueue(i, e, block=block)
-                    return True
+                    return self._settle_put(key, kept, refused)
                 guard = (lambda t=tier, k=key, ent=e: t.index.get(k) is ent)
             i += 1
-        # True only if some tier still holds these bytes: one that took them may have evicted them
-        # (or a newer put replaced them) before a lower tier's write, which was then not published.
+        return self._settle_put(key, kept, refused)
+
+    def _settle_put(self, key: bytes, kept: list[tuple[Tier, Entry]], refused: list[tuple[Tier, Entry]]) -> bool:
+        """Whether some tier still holds a put's bytes: one that took them may have evicted them (or a
+        newer put replaced them) before a lower tier's write, which was then not published. If so,
+        the older versions left in tiers above that refused it go (they would be served first); if
+        not, they stay: the put failed and they are still the newest acknowledged version."""
         with self.lock:
-            return any(t.remote or t.index.get(key) is e for t, e in kept)
+            held = any(t.remote or t.index.get(key) is e for t, e in kept)
+            for tier, old in refused if held else ():
+                if tier.index.get(key) is old:
+                    tier.retire(old)
+            return held
 
     def _drop_older(self, tier: Tier, key: bytes, guard: Guard | None) -> None:
         """A lower tier could not take a new version of ``key``: its older version must not outlive
@@ -147,13 +165,29 @@ class TierChain:
             self._writes_done.notify_all()
 
     def _hold_down(self, tier: Tier, e: Entry) -> None:
-        """Lease ``e`` to write it to the tiers below (lock held), a write a delete waits for."""
+        """Lease ``e`` to write it to the tiers below (lock held), a write a delete waits for. One
+        writer at a time: the flusher and a demotion must not both write it (the one whose write
+        lands after the other retired ``e`` would abort it, taking back the copy the other published)."""
         tier.lease(e)
         self._mark_writing(e.key)
+        self._down.add(e)
 
     def _let_go(self, tier: Tier, e: Entry) -> None:
         tier.release(e)
+        self._down.discard(e)
         self._unmark_writing(e.key)
+        self._writes_done.notify_all()
+
+    def _await_down(self, e: Entry) -> bool:
+        """Wait (lock held) until nobody is writing ``e`` down; False if that takes over
+        ``_DOWN_WAIT_S`` (the caller leaves ``e`` alone)."""
+        deadline = time.monotonic() + _DOWN_WAIT_S
+        while e in self._down:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            self._writes_done.wait(left)
+        return True
 
     def _reserve(self, tier: Tier, items: list["WriteItem"]) -> list[Entry | None]:
         """Room in ``tier`` for each item: per item a reserved (invisible) entry, or None (counted
@@ -164,11 +198,12 @@ class TierChain:
         entries: list[Entry | None] = [None] * len(items)
         for _ in range(_DEMOTION_ROUNDS):
             victims: list[Entry] = []
+            busy: list[Entry] = []  # victims the flusher is writing down: evictable once it is done
             with self.lock:
                 try:
                     for j, item in enumerate(items):
                         if entries[j] is None:
-                            evict = self._evict_hook(tier, victims, tier.stored_size(item.key, item.meta))
+                            evict = self._evict_hook(tier, victims, tier.stored_size(item.key, item.meta), busy)
                             entries[j] = tier.reserve(item.key, item.ns, item.meta, evict)
                             if entries[j] is not None and tier.remote:
                                 self._mark_writing(item.key)
@@ -177,7 +212,11 @@ class TierChain:
                         self._let_go(tier, e)
                     raise
             if not victims:
-                break
+                if not busy or all(e is not None for e in entries):
+                    break
+                with self.lock:  # the flusher's write of a victim ends with it clean, evictable
+                    self._await_down(busy[0])
+                continue
             self._demote(tier, victims)
             if all(e is not None for e in entries):
                 break
@@ -188,10 +227,11 @@ class TierChain:
                     _warn_rejected(tier, item)
         return entries
 
-    def _evict_hook(self, tier: Tier, victims: list[Entry], want: int):
+    def _evict_hook(self, tier: Tier, victims: list[Entry], want: int, busy: list[Entry]):
         """The hook ``tier.reserve`` asks (under the lock) before evicting an entry: True to evict it
         now; False to keep it, leasing it into ``victims`` for demotion first (up to ``want`` bytes
-        of them per reservation, so one put never demotes a whole tier)."""
+        of them per reservation, so one put never demotes a whole tier), or into ``busy`` when the
+        flusher is writing it down already."""
         i = self.tiers.index(tier)
         below = self.tiers[i + 1 :]
         deferred = [0]
@@ -204,6 +244,9 @@ class TierChain:
                 if pol.evict == "drop":
                     self.dropped_dirty += e.dirty
                     return True
+                return False
+            if e in self._down:
+                busy.append(e)
                 return False
             if deferred[0] < want:
                 self._hold_down(t, e)
@@ -245,6 +288,8 @@ class TierChain:
     def _flush_one(self, i: int, e: Entry) -> bool:
         tier = self.tiers[i]
         with self.lock:
+            if not self._await_down(e):  # a demotion is writing it: what it leaves is decided below
+                return False
             if not e.dirty or tier.index.get(e.key) is not e:
                 return True  # replaced, deleted or already demoted
             self._hold_down(tier, e)
@@ -271,8 +316,9 @@ class TierChain:
         """``_flush_one`` of many entries of tier ``i`` into the remote tier below it, batched."""
         tier, below = self.tiers[i], self.tiers[i + 1]
         with self.lock:
+            free = [self._await_down(e) for e in entries]  # a demotion writing one down goes first
             skip = [not e.dirty or tier.index.get(e.key) is not e for e in entries]  # replaced, deleted, clean
-            todo = [e for e, s in zip(entries, skip) if not s]
+            todo = [e for e, s, f in zip(entries, skip, free) if f and not s]
             for e in todo:
                 self._hold_down(tier, e)
         try:
@@ -291,7 +337,7 @@ class TierChain:
         for e in sent:
             if id(e) in stored:
                 e.dirty = False
-        return [s or id(e) in stored for e, s in zip(entries, skip)]
+        return [f and (s or id(e) in stored) for e, s, f in zip(entries, skip, free)]
 
     def _payload(self, tier: Tier, e: Entry) -> torch.Tensor | None:
         """The entry's payload as a CPU tensor (a view in place for memory tiers)."""

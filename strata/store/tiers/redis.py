@@ -49,6 +49,7 @@ _SCAN_BATCH = 1000
 BATCH = 16  # GETs or SETs per pipelined round trip (a 4K-token prompt's 256-token chunks: one)
 BATCH_BYTES = 16 << 20  # bytes of values sent in one round trip: each must go within timeout_ms
 _ALIGN = 16  # the payload starts this far into a value: a tensor over the reply is aligned for any dtype
+STALE_MAX = 1 << 16  # keys remembered as stale on the server (a delete or a newer put it missed)
 LABELS_KEY = b"__scope_labels__"  # after the prefix: the hash of scope labels (strata.store.labels), no object
 
 
@@ -175,6 +176,12 @@ class RedisTier(Tier):
         self.skipped = 0  # calls answered at once while the server was marked down
         self.round_trips = 0  # calls sent to the server (a pipeline is one)
         self.server: dict = {}
+        # Keys whose copy on the server is stale: a DEL it missed, or a newer version it did not take
+        # (the old one would be served once the tiers above let the new one go). Read as misses and
+        # deleted on the server at the next chance (``_purge``); a SET of the key clears it.
+        self._stale: dict[bytes, None] = {}
+        self._purge_lock = threading.Lock()  # a purge's DELs and SETs of stale keys never cross
+        self.stale_overflow = 0  # stale keys forgotten because more than STALE_MAX piled up
         self._watchdog = Watchdog(lambda: self.client.connection_pool.disconnect(inuse_connections=True))
         self._configure()
 
@@ -266,21 +273,57 @@ class RedisTier(Tier):
         """Which keys the server holds: one round trip. All False (and an error counted) on a fault."""
         if not keys:
             return []
+        self._purge()
         pipe = self.client.pipeline(transaction=False)
         for k in keys:
             pipe.exists(self.prefix + k)
         try:
-            return [bool(n) for n in self._call(pipe.execute, "EXISTS")]
+            found = [bool(n) for n in self._call(pipe.execute, "EXISTS")]
         except OSError:
             self.counters.errors += 1
             return [False] * len(keys)
+        return [f and k not in self._stale for k, f in zip(keys, found)]
 
     def remove(self, key: bytes) -> bool:
         try:
             return bool(self._call(lambda: self.client.delete(self.prefix + key), "DEL"))
         except OSError:
             self.counters.errors += 1
+            self._mark_stale(key)  # the server still has it: never served, deleted when it answers
             return False
+
+    # -- stale keys: what the server missed while it was unreachable ----------------------------
+    def _mark_stale(self, key: bytes) -> None:
+        with self._state:
+            if key not in self._stale and len(self._stale) >= STALE_MAX:
+                self._stale.pop(next(iter(self._stale)))
+                self.stale_overflow += 1
+            self._stale[key] = None
+
+    def _purge(self) -> None:
+        """DEL the stale keys on the server, if any and if it answers; those deleted are forgotten."""
+        if not self._stale or time.monotonic() < self._down_until:
+            return
+        with self._purge_lock:
+            keys = list(self._stale)
+            for lo in range(0, len(keys), _SCAN_BATCH):  # round trips that each end within timeout_ms
+                pipe = self.client.pipeline(transaction=False)
+                for k in keys[lo : lo + _SCAN_BATCH]:
+                    pipe.delete(self.prefix + k)
+                try:
+                    self._call(pipe.execute, "DEL")
+                except OSError:
+                    return
+                with self._state:
+                    for k in keys[lo : lo + _SCAN_BATCH]:
+                        self._stale.pop(k, None)
+
+    def _stale_miss(self, e: Entry) -> bool:
+        """Whether ``e``'s key is stale on the server even after a purge was tried: a miss."""
+        if e.key not in self._stale:
+            return False
+        self._purge()
+        return e.key in self._stale
 
     def touch(self, e: Entry) -> None:
         pass  # recency is the server's business (maxmemory-policy)
@@ -316,18 +359,24 @@ class RedisTier(Tier):
             pipe = self.client.pipeline(transaction=False)
             for e, data in pairs[lo:hi]:
                 pipe.set(self.prefix + e.key, self._value(e, data))
-            try:
-                replies = self._call(lambda: pipe.execute(raise_on_error=False), "SET")
-            except OSError:
-                replies = [None] * (hi - lo)
-            for (e, _), reply in zip(pairs[lo:hi], replies):
-                ok = reply is True
-                if ok:
-                    e.loc = "written"
-                else:
-                    self.dropped_writes += 1
-                    self.counters.errors += 1
-                out.append(ok)
+            stale = any(e.key in self._stale for e, _ in pairs[lo:hi])
+            with self._purge_lock if stale else contextlib.nullcontext():
+                try:
+                    replies = self._call(lambda: pipe.execute(raise_on_error=False), "SET")
+                except OSError:
+                    replies = [None] * (hi - lo)
+                for (e, _), reply in zip(pairs[lo:hi], replies):
+                    ok = reply is True
+                    if ok:
+                        e.loc = "written"
+                        if stale:
+                            with self._state:
+                                self._stale.pop(e.key, None)  # the new version replaced the stale one
+                    else:
+                        self.dropped_writes += 1
+                        self.counters.errors += 1
+                        self._mark_stale(e.key)  # an older version there must not outlive this one
+                    out.append(ok)
             lo = hi
         return out
 
@@ -339,6 +388,8 @@ class RedisTier(Tier):
         return b"".join((header, pad, flat_bytes(data).numpy().data if e.meta.nbytes else b""))
 
     def read(self, e: Entry) -> torch.Tensor:
+        if self._stale_miss(e):
+            raise NotStored
         return self._decode(e, self._call(lambda: self.client.get(self.prefix + e.key), "GET"))
 
     def read_into(self, e: Entry, out: torch.Tensor) -> None:
@@ -352,6 +403,7 @@ class RedisTier(Tier):
         """Pipelined GETs, ``BATCH`` keys a round trip: per entry its payload or the exception
         a single read would have raised."""
         out: list = []
+        self._purge()
         for lo in range(0, len(entries), BATCH):
             part = entries[lo : lo + BATCH]
             pipe = self.client.pipeline(transaction=False)
@@ -364,6 +416,8 @@ class RedisTier(Tier):
                 continue
             for e, value in zip(part, values):
                 try:
+                    if e.key in self._stale:  # the server missed a delete or a newer version
+                        raise NotStored
                     if isinstance(value, Exception):  # an error reply for this key alone
                         raise OSError(f"redis GET: {value}")
                     out.append(self._decode(e, value))
@@ -437,10 +491,14 @@ class RedisTier(Tier):
             out["capacity"] = self.server["maxmemory"]
         out.update(url=self.url, key_prefix=self.cfg.key_prefix, server=dict(self.server),
                    dropped_writes=self.dropped_writes, skipped_while_down=self.skipped,
-                   round_trips=self.round_trips)
+                   round_trips=self.round_trips, stale_keys=len(self._stale), stale_overflow=self.stale_overflow)
         return out
 
     def close(self) -> None:
+        self._purge()  # last chance: a stale key left on the server would be served to the next process
+        if self._stale:
+            log.warning("tier %s: %d keys deleted or replaced while redis at %s was unreachable are still there; "
+                        "the next process may read their old values", self.name, len(self._stale), self.url)
         self._watchdog.close()
         try:
             self.client.close()
