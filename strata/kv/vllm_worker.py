@@ -1,16 +1,28 @@
 """The connector's worker half: it moves the bytes the scheduler half planned.
 
-Before the forward, every chunk to load is read and scattered into the blocks vLLM allocated (a
-chunk that fails, and every chunk after it in its request, is reported so vLLM recomputes it);
-after the forward, each chunk to save is gathered and handed to a bounded background saver. It
-also holds the KV cache tensors (given back around sleep), serves the scheduler's lookups from the
-rank-0 worker, and counts what it moved for vLLM's stats.
+Loads are asynchronous by default: vLLM parks the request (WAITING_FOR_REMOTE_KVS) while the
+others keep stepping. A ``Loader`` thread reads its chunks from the store (a host cache takes them
+straight from the store's bytes into its blocks; a device cache gets them in pinned host bundles,
+which the step's thread then copies into the blocks on a side stream, after an event, never a host
+synchronisation). ``finished`` reports the request once every byte is in its blocks; a chunk that
+fails, and every chunk after it in its request, is reported as load errors (vLLM recomputes them).
+A request that finishes while its load runs is cancelled, but reported only once nothing of its
+load can still write its blocks: vLLM frees them only then. A synchronous load (``strata.load_async:
+false``, or a spec made by hand) is done before the forward, as before.
+
+Saves: each chunk to save is copied out of the paged cache (on a device: on the side stream,
+after an event of the forward, the compute stream waiting for the copies' event in turn, so a block
+is reused only once it was read) into a host bundle, then put by one background thread. One bound
+(``strata.max_pending_saves``) covers every save from the copy to the put, and one counter
+(``saves_dropped``) what it turned away.
+
+It also holds the KV cache tensors (given back around sleep), serves the scheduler's lookups from
+the rank-0 worker, and counts what it moved for vLLM's stats.
 """
 
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
 from collections import deque
@@ -25,13 +37,14 @@ from strata.errors import StoreError
 from strata.kv.lookup import LookupServer
 from strata.kv.paged import PagedKV
 from strata.kv.vllm_context import Context
-from strata.kv.vllm_meta import BlockSpan, StrataConnectorMetadata
+from strata.kv.vllm_meta import BlockSpan, LoadSpec, StrataConnectorMetadata
 from strata.kv.vllm_metrics import COUNTERS, MAX_TIMINGS, TIMINGS
 from strata.timeline import profiling as _profiling
 
 log = logging.getLogger("strata.kv")
 
 STORE_STATS_EVERY_S = 5.0  # the worker also sends the store's stats this often without KV traffic
+SAVE_BATCH = 16  # queued saves the saver takes at once (one lookup round trip for all of them)
 
 
 def _range(name: str):
@@ -39,36 +52,85 @@ def _range(name: str):
     return record_function(name) if _profiling() else nullcontext()
 
 
-class Saver:
-    """Puts gathered chunks into the store from one background thread, so a slow tier never stalls
-    a step. Bounded: when ``max_pending`` chunks wait, a new one is dropped (and counted)."""
+def _warn_misfit(span: BlockSpan, e: StoreError) -> None:
+    log.warning("strata: KV chunk %s does not fit this cache (%s); recomputed", span.chunk.key.name[:16], e)
 
-    def __init__(self, store, max_pending: int, counters: dict, timings: dict):
-        self.store, self.counters, self.timings = store, counters, timings
-        self._queue: queue.Queue = queue.Queue(maxsize=max_pending)
+
+# ====================================================================== saves
+class SaveQueue:
+    """Every save from its copy out of the cache to its put into the store, under one bound: a
+    copy still running on the device (``gathering``, the step's thread only), a chunk waiting for
+    the saver thread, the chunks being put. When ``bound`` are pending, a new save is dropped and
+    counted (``saves_dropped``): back-pressure never grows memory or stalls a step."""
+
+    def __init__(self, store, bound: int, counters: dict, timings: dict):
+        self.store, self.bound, self.counters, self.timings = store, bound, counters, timings
+        self._gathering: deque = deque()  # (chunk, bundle, event), in the order the copies were issued
+        self._cond = threading.Condition()
+        self._ready: deque = deque()  # (chunk, bundle) for the saver thread
+        self._busy = 0
+        self._stop = False
         self._thread: threading.Thread | None = None
 
-    def submit(self, chunk, bundle: torch.Tensor) -> None:
-        try:
-            self._queue.put_nowait((chunk, bundle))
-        except queue.Full:  # back-pressure: drop the save, never grow memory or stall the step
-            self.counters["saves_dropped"] += 1
+    def room(self) -> int:
+        with self._cond:
+            return self.bound - len(self._gathering) - len(self._ready) - self._busy
 
-    def start(self) -> None:
-        """Start the thread (once; the first step with saves does)."""
+    def drop(self, n: int) -> None:
+        self.counters["saves_dropped"] += n
+
+    def add(self, chunk, bundle: torch.Tensor, event) -> None:
+        """A save whose copy was issued; ``event`` fires once ``bundle`` holds the blocks (None: it
+        already does)."""
+        if event is None:
+            self._hand_over([(chunk, bundle)])
+        else:
+            self._gathering.append((chunk, bundle, event))
+
+    def poll(self) -> None:
+        """Hand the saves whose copies have completed to the saver (never waits)."""
+        done = []
+        while self._gathering and self._gathering[0][2].query():
+            chunk, bundle, _ = self._gathering.popleft()
+            done.append((chunk, bundle))
+        self._hand_over(done)
+
+    def _hand_over(self, items: list) -> None:
+        if not items:
+            return
+        with self._cond:
+            self._ready.extend(items)
+            self._cond.notify_all()
         if self._thread is None:
             self._thread = threading.Thread(target=self._loop, name="strata-kv-saver", daemon=True)
             self._thread.start()
 
     def _loop(self) -> None:
         while True:
-            item = self._queue.get()
-            if item is None:
-                return
+            with self._cond:
+                while not self._ready and not self._stop:
+                    self._cond.wait()
+                if not self._ready:
+                    return
+                batch = [self._ready.popleft() for _ in range(min(SAVE_BATCH, len(self._ready)))]
+                self._busy += len(batch)
             try:
-                self._put(*item)
+                self._put_many(batch)
             finally:
-                self._queue.task_done()
+                with self._cond:
+                    self._busy -= len(batch)
+                    self._cond.notify_all()
+
+    def _put_many(self, batch: list) -> None:
+        """Put the chunks the store does not hold yet (another request may have saved one since the
+        scheduler planned it)."""
+        try:
+            held = self.store.contains_many([chunk.key for chunk, _ in batch])
+        except Exception:  # a lookup that fails: put them all
+            held = [False] * len(batch)
+        for (chunk, bundle), have in zip(batch, held):
+            if not have:
+                self._put(chunk, bundle)
 
     def _put(self, chunk, bundle: torch.Tensor) -> None:
         t0 = time.perf_counter()
@@ -90,18 +152,142 @@ class Saver:
             log.exception("strata: saving a KV chunk failed")
 
     def flush(self) -> None:
-        """Wait until every queued save has reached the store."""
-        self._queue.join()
+        """Wait until every pending save has reached the store (the step's thread only)."""
+        while self._gathering:
+            chunk, bundle, event = self._gathering.popleft()
+            event.synchronize()
+            self._hand_over([(chunk, bundle)])
+        with self._cond:
+            while self._ready or self._busy:
+                self._cond.wait()
         self.store.flush()
 
     def close(self) -> None:
+        self.flush()
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
         if self._thread is not None:
-            self.flush()
-            self._queue.put(None)
             self._thread.join(timeout=30)
             self._thread = None
 
 
+# ====================================================================== asynchronous loads
+class LoadJob:
+    """One request's asynchronous load, from the metadata to its report in ``finished``."""
+
+    def __init__(self, req_id: str, spans: list[BlockSpan], paged: PagedKV | None):
+        self.req_id, self.spans, self.paged = req_id, spans, paged
+        self.cancelled = False  # its request finished: write nothing more, report nothing failed
+        self.read = False  # the loader thread is done with it
+        self.written: list[int] = []  # bytes of each leading span in its blocks (or copied there)
+        self.bundles: list[torch.Tensor] = []  # a device cache's host bundles, until their copies are done
+        self.copied = None  # the event after its copies (a device cache), None before they are issued
+        self.seconds = 0.0
+
+    def done(self) -> bool:
+        """Whether nothing of this load can still write its blocks (the step's thread only)."""
+        if not self.read or (self.bundles and self.copied is None):  # read, but its copies not issued yet
+            return False
+        return self.copied is None or self.copied.query()
+
+
+class Loader:
+    """Reads asynchronous loads on one background thread, in the order they came. A host cache's
+    chunks are written into their blocks here (a plain copy from the store's bytes); a device
+    cache's are read into pinned host bundles, copied into the blocks by the step's thread."""
+
+    def __init__(self, store):
+        self.store = store
+        self._cond = threading.Condition()
+        self._queue: deque[LoadJob] = deque()
+        self._current: LoadJob | None = None
+        self._stop = False
+        self._thread: threading.Thread | None = None
+
+    def submit(self, job: LoadJob) -> None:
+        with self._cond:
+            self._queue.append(job)
+            self._cond.notify_all()
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="strata-kv-loader", daemon=True)
+            self._thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._stop:
+                    self._cond.wait()
+                if not self._queue:
+                    return
+                job = self._current = self._queue.popleft()
+            t0 = time.perf_counter()
+            try:
+                if not job.cancelled and job.paged is not None:
+                    self._run(job)
+            except Exception:  # the rest of the load fails (recomputed), never the step
+                log.exception("strata: loading KV chunks failed; recomputed")
+            finally:
+                with self._cond:
+                    job.seconds = time.perf_counter() - t0
+                    job.read, self._current = True, None
+                    self._cond.notify_all()
+
+    def _run(self, job: LoadJob) -> None:
+        keys = [s.chunk.key for s in job.spans]
+        paged = job.paged
+        if not paged.dev.is_async_device(paged.device):
+            with self.store.lease_many(keys) as views:
+                for span, view in zip(job.spans, views):
+                    if job.cancelled or view is None or not self._scatter(paged, span, view):
+                        return
+                    job.written.append(view.numel() * view.element_size())
+            return
+        self.store.prefetch(keys)  # a remote tier's chunks come up in a few round trips
+        for span in job.spans:
+            if job.cancelled:
+                return
+            bundle = paged.host_bundle(len(span.block_ids))
+            try:
+                if not self.store.get_into(span.chunk.key, bundle):
+                    return
+            except StoreError as e:
+                _warn_misfit(span, e)
+                return
+            job.bundles.append(bundle)
+
+    @staticmethod
+    def _scatter(paged: PagedKV, span: BlockSpan, view: torch.Tensor) -> bool:
+        try:
+            paged.scatter(view, span.block_ids, first=span.skip)
+            return True
+        except StoreError as e:
+            _warn_misfit(span, e)
+            return False
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Wait until every job submitted so far has been read (or cancelled); whether they were."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while self._queue or self._current is not None:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                self._cond.wait(left)
+        return True
+
+    def close(self) -> None:
+        with self._cond:
+            for job in self._queue:
+                job.cancelled = True
+            self._stop = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+
+
+# ====================================================================== the worker half
 class WorkerHalf:
     """The worker's connector: carries out the scheduler's plan against this rank's KV cache; it
     decides nothing about which chunks or blocks, so every rank moves exactly what was planned."""
@@ -110,17 +296,22 @@ class WorkerHalf:
         self.ctx = ctx
         self.paged: PagedKV | None = None
         self.kv_caches: dict[str, torch.Tensor] | None = None  # kept across sleep (vLLM 0.33)
+        self.dev = streams.active()
+        self._stream = None  # the side stream of loads' and saves' copies (a device cache)
         self._failed: set[int] = set()
         self.counters = dict.fromkeys(COUNTERS, 0)
         self._reported = dict(self.counters)  # what vLLM's stats have already been told
         self._timings = {k: deque(maxlen=MAX_TIMINGS) for k in TIMINGS}  # appended by two threads: deques
         self._store_stats_at = float("-inf")
-        self.saver = Saver(ctx.store, ctx.max_pending_saves, self.counters, self._timings)
+        self.saves = SaveQueue(ctx.store, ctx.max_pending_saves, self.counters, self._timings)
+        self.loader = Loader(ctx.store)
+        self._jobs: list[LoadJob] = []  # asynchronous loads not reported finished yet, in order
         self._lookup_server: LookupServer | None = None
 
     # ------------------------------------------------------------------ the KV cache, and sleep
     def register(self, kv_caches: dict[str, torch.Tensor]) -> None:
         self.kv_caches = kv_caches
+        self.dev = streams.active()
         self.paged = self._paged_kv(kv_caches)
         if self.ctx.rank == 0 and self._lookup_server is None:
             try:
@@ -130,18 +321,28 @@ class WorkerHalf:
 
     def _paged_kv(self, kv_caches: dict[str, torch.Tensor]) -> PagedKV:
         names = [n for n in self.ctx.layer_names if n in kv_caches]
-        return PagedKV([kv_caches[n] for n in names], num_blocks=self.ctx.num_blocks)
+        paged = PagedKV([kv_caches[n] for n in names], num_blocks=self.ctx.num_blocks, dev=self.dev)
+        if self.dev.is_async_device(paged.device) and self._stream is None:
+            self._stream = self.dev.new_stream(paged.device)
+        return paged
+
+    @property
+    def _on_device(self) -> bool:
+        return self.paged is not None and self._stream is not None
 
     def unregister(self) -> None:
-        """Before sleep frees the KV cache: let go of the cache tensors and the staging bundle, so no
-        load or save writes into or reads from memory that is no longer mapped (every step returns
-        early without ``paged``), and forget load errors of requests that sleep aborted. Saves
-        already queued are host copies: they still reach the store. Idempotent."""
+        """Before sleep frees the KV cache: cancel the loads in flight (their requests were aborted;
+        they are still reported finished), wait until none can write the cache, let go of the cache
+        tensors and the staging bundle, so no load or save writes into or reads from memory that is
+        no longer mapped (every step returns early without ``paged``), and forget load errors of
+        requests that sleep aborted. Saves already copied out still reach the store. Idempotent."""
         if self.paged is None:
             return
-        dev = streams.active()
-        if dev.is_async_device(self.paged.device):  # no copy of ours may still run into the staging bundle
-            dev.synchronize(self.paged.device)
+        for job in self._jobs:
+            job.cancelled = True
+        self.loader.wait_idle(timeout=30)
+        if self.dev.is_async_device(self.paged.device):  # no copy of ours may still run into the cache
+            self.dev.synchronize(self.paged.device)
         self.paged = None
         self._failed.clear()
 
@@ -154,14 +355,103 @@ class WorkerHalf:
 
     # ------------------------------------------------------------------ loads
     def load(self, meta) -> None:
-        if not isinstance(meta, StrataConnectorMetadata) or not meta.loads or self.paged is None:
-            return
-        with _range("strata.kv.load"):
-            self._load_step(meta)
+        """Synchronous loads now, before the forward; asynchronous ones handed to the loader."""
+        if isinstance(meta, StrataConnectorMetadata) and meta.loads:
+            with _range("strata.kv.load"):
+                sync = [spec for spec in meta.loads if not spec.is_async]
+                if sync and self.paged is not None:
+                    self._load_step(sync)
+                for spec in meta.loads:
+                    if spec.is_async:
+                        self._submit(spec)
+        self._advance()
 
-    def _load_step(self, meta: StrataConnectorMetadata) -> None:
+    def _submit(self, spec: LoadSpec) -> None:
+        job = LoadJob(spec.req_id, spec.planned(self.ctx.block_size), self.paged)
+        self._jobs.append(job)
+        if self.paged is None:  # asleep: nothing to load into; reported failed at once
+            job.read = True
+        else:
+            self.loader.submit(job)
+
+    def _advance(self) -> None:
+        """The step's thread moves every asynchronous load on without waiting: issues the copies of
+        a device cache's bundles once they were read, and hands completed saves to the saver."""
+        self.saves.poll()
+        if not self._on_device:
+            return
+        for job in self._jobs:
+            if job.read and job.copied is None and job.bundles:
+                if job.cancelled:
+                    job.bundles = []
+                else:
+                    self._copy_in(job)
+
+    def _copy_in(self, job: LoadJob) -> None:
+        """Copy the read bundles into the job's blocks on the side stream, after everything the
+        compute stream issued so far (the blocks' previous user), and record the event that says
+        they are in."""
+        dev, side = self.dev, self._stream
+        issued = dev.event()
+        issued.record(dev.current_stream(self.paged.device))
+        copied = dev.event()
+        with dev.stream(side):
+            side.wait_event(issued)
+            for span, bundle in zip(job.spans, job.bundles):
+                try:
+                    job.paged.copy_in(bundle, span.block_ids, first=span.skip)
+                except StoreError as e:
+                    _warn_misfit(span, e)
+                    break
+                job.written.append(bundle.numel() * bundle.element_size())
+            copied.record(side)
+        job.copied = copied
+
+    def finished(self, finished_req_ids: set[str]) -> set[str]:
+        """The requests whose asynchronous load is complete (every byte in its blocks, or nothing
+        more that can be written): their failed blocks go to ``load_errors`` for this very step.
+        Loads of requests in ``finished_req_ids`` (finished or aborted meanwhile) are cancelled."""
+        if finished_req_ids:
+            for job in self._jobs:
+                if job.req_id in finished_req_ids:
+                    job.cancelled = True
+        self._advance()
+        done = set()
+        keep = []
+        for job in self._jobs:
+            if job.done():
+                self._account(job)
+                done.add(job.req_id)
+            else:
+                keep.append(job)
+        self._jobs = keep
+        return done
+
+    def _account(self, job: LoadJob) -> None:
+        """Count a completed load; its blocks past the last chunk written are load errors (unless
+        its request is gone)."""
+        job.bundles = []
+        n = len(job.written)
+        for span, nbytes in zip(job.spans, job.written):
+            self.counters["chunks_loaded"] += 1
+            self.counters["tokens_loaded"] += span.tokens
+            self.counters["bytes_loaded"] += nbytes
+        if not job.cancelled:
+            for span in job.spans[n:]:
+                self._failed.update(span.new_block_ids)
+                self.counters["chunks_failed"] += 1
+        if n:
+            self.counters["load_seconds"] += job.seconds
+            self._timings["load_times"].append(job.seconds)
+
+    def wait_loads(self, timeout: float | None = None) -> bool:
+        """Wait until the loader has read every load handed to it (tests); whether it has."""
+        return self.loader.wait_idle(timeout)
+
+    # ------------------------------------------------------------------ synchronous loads
+    def _load_step(self, specs: list[LoadSpec]) -> None:
         t0 = time.perf_counter()
-        plans = [spec.planned(self.ctx.block_size) for spec in meta.loads]
+        plans = [spec.planned(self.ctx.block_size) for spec in specs]
         with self._sources([s.chunk.key for spans in plans for s in spans]) as sources:
             views = iter(sources)
             for spans in plans:
@@ -216,7 +506,7 @@ class WorkerHalf:
             self.paged.scatter(bundle, ids, first=skip)
             return bundle.numel() * bundle.element_size()
         except StoreError as e:
-            log.warning("strata: KV chunk %s does not fit this cache (%s); recomputed", span.chunk.key.name[:16], e)
+            _warn_misfit(span, e)
             return 0
 
     def load_errors(self) -> set[int]:
@@ -226,21 +516,54 @@ class WorkerHalf:
 
     # ------------------------------------------------------------------ saves
     def save(self, meta) -> None:
-        if not isinstance(meta, StrataConnectorMetadata) or not meta.saves or self.paged is None:
-            return
-        with _range("strata.kv.save"):
-            self._queue_saves(meta)
+        if isinstance(meta, StrataConnectorMetadata) and meta.saves and self.paged is not None:
+            with _range("strata.kv.save"):
+                self._queue_saves(meta)
+        self.saves.poll()
 
     def _queue_saves(self, meta: StrataConnectorMetadata) -> None:
+        """Copy each whole chunk to save out of the cache (as many as the queue has room for; the
+        rest are dropped and counted)."""
         bs = self.ctx.block_size
+        spans = []
         for spec in meta.saves:
             for span in spec.planned(bs):
                 if len(span.block_ids) * bs != span.chunk.end - span.chunk.start:
                     self.counters["chunks_skipped"] += 1
-                    continue
-                bundle = self.paged.gather(span.block_ids, pin=True)  # blocks may be reused after this step
-                self.saver.submit(span.chunk, bundle)
-        self.saver.start()
+                else:
+                    spans.append(span)
+        room = max(0, self.saves.room())
+        if len(spans) > room:
+            self.saves.drop(len(spans) - room)
+            spans = spans[:room]
+        if not spans:
+            return
+        if not self._on_device:  # a host cache: a plain copy, the blocks may be reused after this step
+            for span in spans:
+                self.saves.add(span.chunk, self.paged.gather(span.block_ids), None)
+            return
+        self._copy_out(spans)
+
+    def _copy_out(self, spans: list[BlockSpan]) -> None:
+        """On the side stream, after the forward that wrote the blocks: copy each chunk into a pinned
+        host bundle; the compute stream waits for those copies before it runs on (and may reuse)
+        the blocks; the saver gets each bundle once the copies' event has fired."""
+        dev, side, paged = self.dev, self._stream, self.paged
+        compute = dev.current_stream(paged.device)
+        written = dev.event()
+        written.record(compute)
+        copied = dev.event()
+        bundles = []
+        with dev.stream(side):
+            side.wait_event(written)
+            for span in spans:
+                bundle = paged.host_bundle(len(span.block_ids))
+                paged.copy_out(span.block_ids, bundle)
+                bundles.append(bundle)
+            copied.record(side)
+        compute.wait_event(copied)
+        for span, bundle in zip(spans, bundles):
+            self.saves.add(span.chunk, bundle, copied)
 
     # ------------------------------------------------------------------ stats and the end
     def stats_delta(self) -> dict[str, Any]:
@@ -273,10 +596,13 @@ class WorkerHalf:
             return None
 
     def flush(self) -> None:
-        self.saver.flush()
+        self.saves.flush()
 
     def close(self) -> None:
         if self._lookup_server is not None:
             self._lookup_server.close()
             self._lookup_server = None
-        self.saver.close()
+        for job in self._jobs:
+            job.cancelled = True
+        self.loader.close()
+        self.saves.close()
