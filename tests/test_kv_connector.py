@@ -453,7 +453,7 @@ def test_a_slow_lookup_socket_never_blocks_the_scheduler_nor_the_running_request
     rid = h.add(prompt)
     held = [h.step() for _ in range(4)]  # no answer comes: the scheduler goes on without one
     assert [s.output.num_scheduled_tokens for s in held] == [{running: 1}] * 4
-    assert slow_lookups.asked.is_set() and slow_lookups.answered == 0
+    assert slow_lookups.asked.wait(timeout=30) and slow_lookups.answered == 0  # the background thread asked
     assert h.scheduler_connector.get_num_new_matched_tokens(h.request(rid), 0) == (None, False)
     slow_lookups.gate.set()
     assert h.scheduler_connector.scheduler_half.wait_lookups(timeout=30)
@@ -541,3 +541,31 @@ def test_on_the_simulated_device_a_copy_into_the_cache_that_does_not_wait_for_th
         assert any("without waiting for its previous reader" in v for v in sim.violations)
     finally:
         h.close()
+
+
+def test_after_a_cache_reset_the_chunks_saved_before_are_misses_here_and_new_ones_hit(h):
+    """vLLM resets the connector's cache before sleep (the weights may be updated meanwhile): the
+    engine's keys move to a new epoch, so nothing saved before is served to it again; what it saves
+    after hits as usual, and the old chunks stay in the store for engines that still use them."""
+    prompt = tokens(90, seed=21)
+    saved = [c.key for c in _saves(_run_one(h, prompt))[0].chunks]
+    assert h.scheduler_connector.reset_cache() is True
+    steps = _run_one(h, prompt)
+    assert _loads(steps) == []  # a miss: computed again, and saved under the new epoch
+    (save,) = _saves(steps)
+    assert {c.key.scope for c in save.chunks} != {k.scope for k in saved}
+    assert all(h.store.contains(k) for k in saved)  # nothing deleted
+    assert len(_loads(_run_one(h, prompt))) == 1  # the new epoch's chunks hit
+    labels = h.store.scope_labels()
+    assert labels[("kv", save.chunks[0].key.scope)]["epoch"]
+    assert h.wrong == []
+
+
+def test_a_vllm_strata_was_not_checked_against_is_refused_when_vllm_builds_the_connector(tmp_path, monkeypatch):
+    import vllm
+
+    from strata.errors import StrataError
+
+    monkeypatch.setattr(vllm, "__version__", "0.34.0")
+    with pytest.raises(StrataError, match=r"vLLM 0.34.0 is not supported.*0.32.x or 0.33.x"):
+        Harness(tmp_path, block_size=BS, chunk_size=CHUNK)

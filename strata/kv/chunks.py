@@ -32,10 +32,12 @@ class Chunk:
 
 
 def kv_scope(*, model: str, dtype: str, layout: object, block_size: int, chunk_size: int,
-             tp_size: int = 1, tp_rank: int = 0, version: str = "") -> str:
-    """The scope of KV chunks: everything that makes their bytes valid."""
+             tp_size: int = 1, tp_rank: int = 0, version: str = "", epoch: str = "") -> str:
+    """The scope of KV chunks: everything that makes their bytes valid; ``epoch`` (none at first)
+    starts a scope of its own after the weights may have changed (a connector's ``reset_cache``)."""
     return make_scope(kind="kv", model=model, dtype=dtype, layout=layout, block_size=block_size,
-                      chunk_size=chunk_size, tp_size=tp_size, tp_rank=tp_rank, version=version)
+                      chunk_size=chunk_size, tp_size=tp_size, tp_rank=tp_rank, version=version,
+                      **({"epoch": epoch} if epoch else {}))
 
 
 def kv_facts(*, model: str, dtype: str, layout: object, block_size: int, chunk_size: int,

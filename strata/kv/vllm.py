@@ -39,6 +39,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorRole,
 )
 
+from strata.integrations.vllm_plugin import check_vllm
 from strata.kv import vllm_context
 from strata.kv.vllm_meta import BlockSpan, LoadSpec, SaveSpec, StrataConnectorMetadata
 from strata.kv.vllm_metrics import COUNTERS, MAX_TIMINGS, TIMINGS, StrataKVStats, StrataPromMetrics
@@ -55,6 +56,7 @@ class StrataConnector(KVConnectorBase_V1):
     worker's to ``worker_half`` (the other is None)."""
 
     def __init__(self, vllm_config, role: KVConnectorRole, kv_cache_config=None):
+        check_vllm()  # a vLLM Strata was not checked against fails here, naming both versions
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         ctx = vllm_context.build(vllm_config, self._kv_transfer_config, kv_cache_config)
         self.block_size, self.hasher, self.store = ctx.block_size, ctx.hasher, ctx.store
@@ -78,6 +80,15 @@ class StrataConnector(KVConnectorBase_V1):
 
     def build_connector_meta(self, scheduler_output) -> KVConnectorMetadata:
         return self.scheduler_half.build(scheduler_output)
+
+    def reset_cache(self) -> bool | None:
+        """Scheduler: this engine's chunks start a new epoch (``SchedulerHalf.reset_cache``); the
+        worker holds no cache of chunks of its own (None, as vLLM's base class answers)."""
+        if self.scheduler_half is None:
+            return None
+        ok = self.scheduler_half.reset_cache()
+        self.hasher = self.scheduler_half.ctx.hasher
+        return ok
 
     def update_connector_output(self, connector_output) -> None:
         self.scheduler_half.connector_output(connector_output)

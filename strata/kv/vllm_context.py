@@ -6,7 +6,7 @@ scheduler and the worker hash chunks and name sockets alike."""
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from strata.errors import ConfigError
@@ -57,6 +57,15 @@ class Context:
     max_pending_saves: int  # the one bound on saves: gathered, queued or being put
     load_async: bool = True  # a hit is loaded while vLLM parks its request (false: before the step's forward)
     prefix_caching: bool = False  # vLLM's own prefix cache is on (it caches what a load brought)
+    facts: dict = field(default_factory=dict)  # what the scope hashes (kv_scope's arguments), for new epochs
+
+    def new_epoch(self, epoch: str) -> ChunkHasher:
+        """A hasher for the same facts in another epoch of the scope: none of its keys is a key of
+        an earlier epoch (``StrataConnector.reset_cache``). The new scope is labelled like the first."""
+        scope = kv_scope(**self.facts, epoch=epoch)
+        self.hasher = ChunkHasher(scope, self.hasher.chunk_size, self.block_size)
+        self.store.label_scope("kv", scope, {**kv_facts(**self.facts), "epoch": epoch})
+        return self.hasher
 
 
 def _vllm_version() -> str:
@@ -100,5 +109,5 @@ def build(vllm_config, kv_transfer_config, kv_cache_config) -> Context:
                    hasher=hasher, store=store,
                    rank=vllm_config.parallel_config.rank, lookup_path=socket_path(kv_transfer_config.engine_id),
                    save_partial=cfg["save_partial"], max_pending_saves=cfg["max_pending_saves"],
-                   load_async=cfg["load_async"],
+                   load_async=cfg["load_async"], facts=facts,
                    prefix_caching=bool(getattr(vllm_config.cache_config, "enable_prefix_caching", False)))

@@ -18,6 +18,7 @@ request in WAITING_FOR_REMOTE_KVS until the worker reports it finished).
 from __future__ import annotations
 
 import logging
+import uuid
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
@@ -261,6 +262,23 @@ class SchedulerHalf:
         state = self.requests.pop(request.request_id, None)
         if state is not None and state.asking is not None:
             state.asking.cancel()
+
+    def reset_cache(self) -> bool:
+        """vLLM resets the connector's cache (before sleep, on a pause that clears caches, or on
+        ``reset_prefix_cache(reset_connector=True)``): the weights may change before the next
+        request, and a chunk's key names the model, not its weights. This engine's keys move to a
+        new epoch of their scope, so every chunk saved before is a miss here from now on. Nothing
+        is deleted: other engines sharing the store keep theirs, and the store evicts old ones as
+        usual. What the requests still known were told is forgotten (they ask again)."""
+        epoch = uuid.uuid4().hex[:16]
+        self.ctx.new_epoch(epoch)
+        for state in self.requests.values():
+            if state.asking is not None:
+                state.asking.cancel()
+            state.chunks = state.asking = state.answer = state.hit = None
+            state.held = set()
+        log.info("strata: KV cache reset: this engine's chunks start a new epoch (%s) of their scope", epoch)
+        return True
 
     def close(self) -> None:
         if self._asker is not None:
