@@ -44,7 +44,8 @@ def make_model(path: Path, layers: int, hidden: int) -> None:
 
 
 def half_budget(path: Path, layers: int) -> int:
-    """Bytes for the non-layer weights, a ring of two layer slots and half the layers."""
+    """Bytes for the non-layer weights, a ring of two layer slots and half the layers (plus half a
+    layer of slack, so both rings stream the same, even, number of layers)."""
     from safetensors import safe_open
 
     per_layer, other = 0, 0
@@ -58,7 +59,7 @@ def half_budget(path: Path, layers: int) -> int:
                 per_layer += nbytes
             elif ".layers." not in name:
                 other += nbytes
-    return other + (2 + layers // 2) * per_layer + (1 << 20)
+    return other + (2 + layers // 2) * per_layer + per_layer // 2
 
 
 def engine(args) -> None:

@@ -21,7 +21,8 @@ import torch
 
 _ATTR = "_strata_hook"
 _EAGER_REASON = ("strata hooks (strata.offload) move weights in and out of the module and run outside the "
-                 "compiled graph; compile without fullgraph=True so each block's forward compiles between them")
+                 "compiled graph; compile without fullgraph=True so each block's forward compiles between them, "
+                 "or offload with strata.offload(model, static=True), which streams inside the graph")
 
 
 def _eager(fn):
