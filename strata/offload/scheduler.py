@@ -54,6 +54,35 @@ def harvest(samples: deque, block: bool):
         yield b, start.elapsed_time(end) / 1e3, exposed
 
 
+class RingAccounting:
+    """What both rings (this one and ``static.StaticRing``) report: copies, bytes, copy seconds and
+    the part of them compute waited for, per block, from timing samples harvested lazily."""
+
+    def _harvest(self, block: bool) -> None:
+        for b, copy_s, exposed in harvest(self._samples, block):
+            self.copy_seconds += copy_s
+            if exposed is not None:
+                self.exposed_seconds += exposed
+                self.wait_by_block[b] += exposed
+
+    def _ring_stats(self) -> dict:
+        """The counters, once every timing sample issued so far is harvested (a device sync)."""
+        if self.asynchronous and self.timing:
+            self.dev.synchronize(self.device)
+            self._harvest(block=True)
+        return {
+            "forwards": self.forwards,
+            "copies": self.copies,
+            "bytes_streamed": self.bytes_streamed,
+            "copy_seconds": self.copy_seconds,
+            "exposed_wait_seconds": self.exposed_seconds,
+            "hidden_copy_seconds": max(0.0, self.copy_seconds - self.exposed_seconds),
+            "wait_seconds_by_block": {self.names[b]: self.wait_by_block[b] for b in self.offloaded},
+            "ring_slots": self.slots,
+            "ring_bytes": sum(r.numel() for r in self.ring),
+        }
+
+
 class BlockHook(ModuleHook):
     def __init__(self, scheduler: "PrefetchScheduler", index: int):
         self.scheduler, self.index = scheduler, index
@@ -67,7 +96,7 @@ class BlockHook(ModuleHook):
         return output
 
 
-class PrefetchScheduler:
+class PrefetchScheduler(RingAccounting):
     def __init__(self, store, device: torch.device, names: list[str], layouts: list[BlockLayout],
                  keys: dict[int, Key], offloaded: tuple[int, ...], slots: int, slot_bytes: int,
                  prefetch: int, timing: bool = True):
@@ -320,28 +349,8 @@ class PrefetchScheduler:
         raise RuntimeError("strata: prefetch window larger than the ring")  # the plan never allows it
 
     # -- accounting ------------------------------------------------------------------------
-    def _harvest(self, block: bool) -> None:
-        for b, copy_s, exposed in harvest(self._samples, block):
-            self.copy_seconds += copy_s
-            if exposed is not None:
-                self.exposed_seconds += exposed
-                self.wait_by_block[b] += exposed
-
     def stats(self) -> dict:
-        if self.asynchronous and self.timing:
-            self.dev.synchronize(self.device)
-            self._harvest(block=True)
-        return {
-            "forwards": self.forwards,
-            "copies": self.copies,
-            "bytes_streamed": self.bytes_streamed,
-            "copy_seconds": self.copy_seconds,
-            "exposed_wait_seconds": self.exposed_seconds,
-            "hidden_copy_seconds": max(0.0, self.copy_seconds - self.exposed_seconds),
-            "wait_seconds_by_block": {self.names[b]: self.wait_by_block[b] for b in self.offloaded},
-            "ring_slots": self.slots,
-            "ring_bytes": sum(r.numel() for r in self.ring),
-        }
+        return self._ring_stats()
 
     def close(self) -> None:
         if self.asynchronous:

@@ -41,7 +41,7 @@ from strata import streams
 from strata.keys import Key
 from strata.offload.blocks import OffloadError
 from strata.offload.packing import BlockLayout
-from strata.offload.scheduler import harvest
+from strata.offload.scheduler import RingAccounting
 
 
 def round_lengths(n: int, lookahead: int) -> list[int]:
@@ -65,7 +65,7 @@ def static_slots(n: int, prefetch: int) -> int:
     return max(round_lengths(n, min(prefetch, n - 1)))
 
 
-class StaticRing:
+class StaticRing(RingAccounting):
     """Fixed slots, leased sources and one ``enter`` per streamed block (see the module docstring)."""
 
     static = True
@@ -214,29 +214,8 @@ class StaticRing:
                 self.captured[slot] = False
 
     # -- reporting and undo ------------------------------------------------------------------
-    def _harvest(self, block: bool) -> None:
-        for b, copy_s, exposed in harvest(self._samples, block):
-            self.copy_seconds += copy_s
-            if exposed is not None:
-                self.exposed_seconds += exposed
-                self.wait_by_block[b] += exposed
-
     def stats(self) -> dict:
-        if self.timing and not self.closed:
-            self.dev.synchronize(self.device)
-            self._harvest(block=True)
-        return {
-            "static": True,
-            "forwards": self.forwards,
-            "copies": self.copies,
-            "bytes_streamed": self.bytes_streamed,
-            "copy_seconds": self.copy_seconds,
-            "exposed_wait_seconds": self.exposed_seconds,
-            "hidden_copy_seconds": max(0.0, self.copy_seconds - self.exposed_seconds),
-            "wait_seconds_by_block": {self.names[b]: self.wait_by_block[b] for b in self.offloaded},
-            "ring_slots": self.slots,
-            "ring_bytes": sum(r.numel() for r in self.ring),
-        }
+        return {"static": True, **self._ring_stats()}
 
     def close(self) -> None:
         """Let the leases go once no copy can still read them; the slots go with the ring."""
