@@ -427,3 +427,119 @@ def test_create_false_opens_an_existing_region_and_never_creates_one(tmp_path):
         assert tier.stats()["objects"] == 1 and key.encoded in tier.index
     finally:
         tier.close()
+
+
+# -- capacity below the region size, and records damaged while the store was closed --------------
+
+
+def test_a_capacity_below_the_region_size_evicts_or_refuses_like_the_cpu_tier(tmp_path):
+    """8 MiB region, 256 KiB capacity: 40 puts of 64 KiB. The old code filled the region (2.6 MB
+    held, nothing evicted) and reported the region size as its capacity."""
+    tier_cfg = {"kind": "cxl", "path": str(tmp_path / "region"), "size": "8MiB", "capacity": "256KiB", "pin": "never"}
+    cfg = {"tiers": [tier_cfg], "namespaces": {"param": {"evict": "never"}}}
+    with strata.open_store(cfg) as store:
+        tier = cxl_tier(store)
+        assert tier.stats()["capacity"] == 256 << 10
+        for i in range(40):
+            k, v = strata.Key("kv", "s", f"k{i}"), torch.full((16384,), float(i))
+            assert store.put(k, v) and torch.equal(store.get(k), v)
+            assert tier.stats()["bytes"] <= 256 << 10
+        assert tier.stats()["evictions"] >= 37 and tier.stats()["rejected"] == 0
+        for i in range(40):
+            store.delete(strata.Key("kv", "s", f"k{i}"))
+        taken = [store.put(strata.Key("param", "s", f"p{i}"), torch.full((16384,), float(i))) for i in range(6)]
+        assert taken == [True] * 3 + [False] * 3  # three records of 64 KiB and a header fit, never evicted
+        assert tier.stats()["rejected"] == 3 and tier.stats()["bytes"] <= 256 << 10
+        for i in range(3):
+            assert torch.equal(store.get(strata.Key("param", "s", f"p{i}")), torch.full((16384,), float(i)))
+        assert_exact_accounting(tier)
+
+
+def _records(store, *keys):
+    """(offset, length) of each key's record in the region, read while the store is open."""
+    tier = cxl_tier(store)
+    return [(tier.index[k.encoded].loc[1], tier.index[k.encoded].size) for k in keys]
+
+
+def _pwrite(path, data: bytes, offset: int) -> None:
+    import os
+
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.pwrite(fd, data, offset)
+    finally:
+        os.close(fd)
+
+
+def _pread(path, offset: int, n: int) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return f.read(n)
+
+
+def test_records_whose_header_fails_at_open_are_counted_discarded_with_one_warning(tmp_path, caplog):
+    """A flipped header byte and garbage over a header, made while the store was closed: the old
+    code cleared both at open and counted nothing."""
+    path = str(tmp_path / "region")
+    cfg = {"tiers": [{"kind": "cxl", "path": path, "size": "4MiB", "pin": "never"}]}
+    a, b, c = (strata.Key("kv", "s", n) for n in "abc")
+    with strata.open_store(cfg) as store:
+        for i, k in enumerate((a, b, c)):
+            assert store.put(k, torch.full((512,), float(i)))
+        (off_a, _), (off_c, _) = _records(store, a, c)
+    _pwrite(path, bytes([_pread(path, off_a, 1)[0] ^ 0x01]), off_a)
+    _pwrite(path, b"not a strata record " * 4, off_c)
+    with caplog.at_level("WARNING", logger="strata.cxl"), strata.open_store(cfg) as store:
+        s = cxl_tier(store).stats()
+        assert s["discarded"] == 2 and s["objects"] == 1 and s["recovered"] == 1
+        assert store.get(a) is None and store.get(c) is None
+        assert torch.equal(store.get(b), torch.full((512,), 1.0))
+    warned = [r.getMessage() for r in caplog.records if r.name == "strata.cxl"]
+    assert len(warned) == 1 and "2 records" in warned[0] and "discarded" in warned[0], warned
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="strata.cxl"), strata.open_store(cfg) as store:
+        assert cxl_tier(store).stats()["discarded"] == 0  # cleared once, not found again
+    assert not [r for r in caplog.records if r.name == "strata.cxl"]
+
+
+@pytest.mark.parametrize("first", ["victim", "other"])
+def test_another_keys_record_copied_into_a_keys_slot_is_discarded_never_served(tmp_path, first):
+    """b's record copied over a's while closed: a slot names no key, so the region sees two records
+    of b. The copy (identical header, so not an older version) is counted discarded, whichever
+    slot is newer; a is a miss, b keeps its value. The old code cleared it with no counter."""
+    path = str(tmp_path / "region")
+    cfg = {"tiers": [{"kind": "cxl", "path": path, "size": "4MiB", "pin": "never"}]}
+    a, b = strata.Key("kv", "s", "a"), strata.Key("kv", "s", "b")
+    va, vb = torch.zeros(512), torch.ones(512)
+    with strata.open_store(cfg) as store:
+        for k, v in ((a, va), (b, vb)) if first == "victim" else ((b, vb), (a, va)):
+            assert store.put(k, v)
+        (off_a, len_a), (off_b, len_b) = _records(store, a, b)
+    assert len_a == len_b
+    _pwrite(path, _pread(path, off_b, len_b), off_a)
+    with strata.open_store(cfg) as store:
+        s = cxl_tier(store).stats()
+        assert s["discarded"] == 1 and s["objects"] == 1
+        assert store.get(a) is None and not store.contains(a)
+        assert torch.equal(store.get(b), vb)
+        assert_exact_accounting(cxl_tier(store))
+
+
+def test_an_older_version_left_committed_by_a_crash_is_cleared_but_not_counted(tmp_path):
+    """A put that replaced k and died before clearing k's older slot leaves two records of k: the
+    newer wins, the older (another value, so a version, not damage) is cleared without a count."""
+    from strata.store.tiers import cxl
+
+    path = str(tmp_path / "region")
+    cfg = {"tiers": [{"kind": "cxl", "path": path, "size": "4MiB", "pin": "never"}]}
+    k = strata.Key("kv", "s", "k")
+    with strata.open_store(cfg) as store:
+        assert store.put(k, torch.zeros(512))
+        slot, off, seq = cxl_tier(store).index[k.encoded].loc
+        length = cxl_tier(store).index[k.encoded].size
+        assert store.put(k, torch.ones(512))
+    _pwrite(path, cxl._SLOT.pack(cxl._commit_word(off, length, seq), off, length, seq),
+            cxl._SLOTS_AT + slot * cxl._SLOT.size)  # the older slot as the crash left it: committed
+    with strata.open_store(cfg) as store:
+        assert cxl_tier(store).stats()["discarded"] == 0 and cxl_tier(store).stats()["objects"] == 1
+        assert torch.equal(store.get(k), torch.ones(512))

@@ -341,3 +341,33 @@ def test_opening_removes_only_temporary_files_of_dead_writers(tmp_path):
     os.utime(tmp / names["legacy_old"], (old, old))
     strata.open_store(file_only(tmp_path)).close()
     assert sorted(p.name for p in tmp.iterdir()) == sorted([names["live"], names["legacy_young"]])
+
+
+def test_another_keys_file_under_a_keys_name_is_counted_and_never_indexed(tmp_path):
+    """b's object file copied over a's file name while closed. The old code indexed it under b (the
+    key in its header) without checking the name, then dropped it as b's older version (or, when
+    it was the newer file, unlinked b's own file and indexed the misnamed one): recovered said 2,
+    nothing was counted. Now it is counted as discarded, indexed under no key, and left in place."""
+    import hashlib
+
+    a, b = Key("kv", "s", "a"), Key("kv", "s", "b")
+    for first in (a, b):  # the misnamed file older, then newer, than b's own
+        root = tmp_path / first.name
+        with strata.open_store(file_only(root)) as store:
+            for k in (a, b) if first is a else (b, a):
+                assert store.put(k, torch.full((512,), float(k is b)))
+
+        def file_of(k):
+            digest = hashlib.sha256(k.encoded).hexdigest()
+            (path,) = (root / "objects" / digest[:2]).glob(f"{digest}-*.obj")
+            return path
+
+        file_of(a).write_bytes(file_of(b).read_bytes())
+        before = object_files(root)
+        with strata.open_store(file_only(root)) as store:
+            s = store.stats()["tiers"]["file"]
+            assert (s["recovered"], s["discarded"], s["objects"]) == (1, 1, 1), first
+            assert store.get(a) is None and not store.contains(a)
+            assert torch.equal(store.get(b), torch.ones(512))
+            assert object_files(root) == before  # neither b's own file nor the misnamed one removed
+            assert store.put(a, torch.full((512,), 7.0)) and torch.equal(store.get(a), torch.full((512,), 7.0))

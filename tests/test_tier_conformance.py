@@ -181,19 +181,9 @@ KITS = {
 
 # Properties a built-in tier fails today (bugs, reported in issue #19's notes): each runs on its own
 # below as a strict xfail, so a fix shows as an XPASS that fails until its entry is removed.
-KNOWN = {
-    ("cxl", "capacity/evict"): "cxl ignores a capacity below its region size: it fills the whole region, "
-                               "stats() bytes exceed capacity, nothing is evicted",
-    ("cxl", "capacity/refuse"): "cxl ignores a capacity below its region size (evict: never puts are never refused)",
-    ("cxl", "damage/flip-header/closed"): "cxl drops a record whose header fails its checksum at open with no "
-                                          "counter (the file tier counts it as discarded)",
-    ("cxl", "damage/garbage/closed"): "cxl drops a record whose header fails its checksum at open with no counter",
-    ("cxl", "damage/foreign-key/closed"): "cxl: another key's record in a key's slot is taken as a duplicate of "
-                                          "that other key and cleared at open, with no counter",
-    ("file", "damage/foreign-key/closed"): "file: an object file holding another key's object is recovered at open "
-                                           "under the key its header names (the name's digest is not checked) and "
-                                           "then dropped as an older version, with no counter",
-}
+KNOWN: dict[tuple[str, str], str] = {}  # none today: the seven the kit found first are fixed
+
+
 def kit_of(tier, request):
     return redis_kit(request.getfixturevalue("own_redis")) if tier == "redis" else KITS[tier]()
 

@@ -27,6 +27,18 @@ is a miss, never wrong bytes. Objects of namespaces this process never registere
 process's) are indexed and evicted like any other, never cleared: only a slot whose record fails
 its header checksum or size is stale.
 
+Damage found while syncing is cleared and counted in ``discarded`` (stats), with one warning per
+open that found any: a record failing its header checksum or size, and a copy of another slot's
+record (same key, same header: a slot names no key, so another key's record copied over a key's
+is seen as a second record of the other key; the copy is never served under the slot's key). A
+second record of a key with another header is an older version (left committed by a put that
+died before clearing it, or retired while another process still read it): cleared, not counted.
+
+``capacity`` (at most the data area) bounds the bytes this process counts in the region: a put
+beyond it evicts by policy or is refused, as in the cpu tier. Processes sharing a region each
+count every object in it; one opened with a smaller capacity than the region holds evicts down
+to it at open, as the file tier does.
+
 A region file's space is reserved when it is opened (``posix_fallocate``): a sparse file on a
 filesystem that cannot back it (a small tmpfs) would otherwise kill the process with SIGBUS at the
 first write past what the filesystem holds. A region that does not fit is a ConfigError at open.
@@ -80,6 +92,13 @@ def _commit_word(offset: int, length: int, seq: int) -> int:
     return xxhash.xxh3_64_intdigest(struct.pack("<QQQ", offset, length, seq)) | 1
 
 
+def _is_copy(a, b) -> bool:
+    """Whether two records of one key carry the same header (payload checksum included): a copy
+    of one record over another slot's, not an older version, which holds another value. (An older
+    version of the very same value, left by a crash, is counted too: the region cannot tell it apart.)"""
+    return a == b
+
+
 def _round(n: int, a: int) -> int:
     return (n + a - 1) // a * a
 
@@ -119,6 +138,7 @@ class CxlTier(Tier):
             if not self.pinned and torch.cuda.is_available():
                 log.warning("tier %s: %s", cfg.name, why)
         self._locks = 0  # puts of this process in flight while it holds the region lock
+        self.discarded = 0  # records cleared as damaged (see the module docstring)
         foreign = absent = False
         with self._region_lock():
             # decided under the lock: another opener may have formatted it
@@ -138,6 +158,11 @@ class CxlTier(Tier):
             raise ConfigError(f"tiers[{cfg.name}].path: {self.path!r} holds something other than a Strata region; "
                               "allowed: a new or empty file, a DAX device, or reset: true to overwrite it")
         self.capacity = min(self.capacity, self.data_size)
+        if self.discarded:
+            log.warning("tier %s: %d records in %s failed their header checksum or size, or copied another "
+                        "record, and were cleared at open (stats: discarded)", self.name, self.discarded, self.path)
+        while self.used > self.capacity and self._evict_one(self._eviction_order(), lambda t, e: True, set()):
+            pass  # the capacity shrank since the region was filled
 
     # -- opening: the path, and the space a region file needs --------------------------------------
     def _open_path(self, create: bool) -> tuple[int, bool]:
@@ -286,13 +311,16 @@ class CxlTier(Tier):
     # -- sharing: re-read the slot table when another process changed it -----------------------
     def _sync(self, force: bool = False) -> int:
         """Bring the index and the allocator up to the region (caller holds the chain lock). Only a
-        slot whose record fails its header checksum or size (or a duplicate's older seq) is stale and
-        cleared; objects of namespaces this process never registered are kept and indexed."""
+        slot whose record fails its header checksum or size, or the older of two records of a key,
+        is stale; objects of namespaces this process never registered are kept and indexed. Stale
+        slots are cleared only under the region lock, and the damaged among them counted then
+        (once: a cleared slot is never read again)."""
         gen = self._gen()
         if gen == self.generation and not force:
             return 0
         found: dict[bytes, tuple[int, int, int, int, object]] = {}
         stale: list[int] = []
+        damaged = 0  # of the stale: failed header or size, or a copy of another record
         for i in range(self.nslots):
             slot = self._read_slot(i)
             if slot is None:
@@ -302,13 +330,16 @@ class CxlTier(Tier):
                 key, meta = unpack_header(self.map[off : off + min(length, 1 << 16)])
             except CorruptObject:
                 stale.append(i)
+                damaged += 1
                 continue
             if _round(header_size_for(key, meta), _PAYLOAD_ALIGN) + meta.nbytes != length:
                 stale.append(i)
+                damaged += 1
                 continue
             old = found.get(key)
             if old is not None:
                 stale.append(old[0] if old[3] < seq else i)
+                damaged += _is_copy(old[4], meta)
                 if old[3] > seq:
                     continue
             found[key] = (i, off, length, seq, meta)
@@ -331,6 +362,7 @@ class CxlTier(Tier):
             for i in stale:
                 self._clear_slot(i)
             self._bump()
+            self.discarded += damaged
         else:
             self.generation = gen  # a change made meanwhile shows as a newer generation next time
         self._rebuild_allocator()
@@ -377,9 +409,10 @@ class CxlTier(Tier):
 
     def _alloc(self, e: Entry) -> bool:
         self._acquire()  # held until publish or abort: other processes must not take these bytes
-        self._sync()
+        self._sync()  # first: objects another process removed no longer count against the capacity
         size = self.allocator.rounded(e.size)
-        rel = self.allocator.alloc(size) if self._free_slots else None
+        fits = self.used + e.size <= self.capacity and self._free_slots
+        rel = self.allocator.alloc(size) if fits else None
         if rel is None:
             self._release()
             return False
@@ -453,6 +486,7 @@ class CxlTier(Tier):
         largest = self.allocator.largest_free()
         known = namespaces()
         out = {"path": self.path, "region_bytes": self.data_size, "recovered": self.recovered,
+               "discarded": self.discarded,
                "fragmentation": round(1 - largest / free, 4) if free else 0.0,
                "foreign_namespaces": sum(e.ns not in known for e in list(self.index.values()))}
         if self.numa is not None:

@@ -6,7 +6,11 @@ a reader or a restart sees the whole object or none of it. Each file name carrie
 a version suffix, so replacing an object never unlinks the new file. On open the
 directory is scanned: a file with a bad header, a short payload, or a stale
 version is removed; an object of a namespace this process never registered is kept
-(another process's) and counted in ``foreign_namespaces``. Every read checks the
+(another process's) and counted in ``foreign_namespaces``. A whole object under a name
+that is not its key's digest (another key's file copied or renamed over it) is counted in
+``discarded``, indexed under no key, and left in place, as a directory probe leaves it: its
+bytes are intact, and whether the name or the content is the wrong one cannot be told, so
+it is not deleted (a delete of the key it is named for removes it). Every read checks the
 header's key and the payload checksum; a mismatch is a miss, counted, and the file is
 dropped.
 
@@ -66,6 +70,13 @@ def _read_header(path: Path) -> tuple[bytes, object, int]:
     if size != len(head) + meta.nbytes:
         raise CorruptObject("payload truncated")
     return key, meta, size
+
+
+def _named_for(path: Path, key: bytes) -> bool:
+    """Whether an object file's name (``<digest[:2]>/<digest>-<version>.obj``) is that of ``key``:
+    the key in its header, where ``discover``, ``remove`` and recovery all look for it."""
+    digest = hashlib.sha256(key).hexdigest()
+    return path.name.partition("-")[0] == digest and path.parent.name == digest[:2]
 
 
 def _write_all(f, buf) -> None:
@@ -159,6 +170,9 @@ class FileTier(Tier):
                 self.discarded += 1
                 with contextlib.suppress(OSError):
                     path.unlink(missing_ok=True)
+                continue
+            if not _named_for(path, key):
+                self.discarded += 1  # never indexed under its header's key: that key's own file may be newer
                 continue
             found.append((path.name, path, key, meta, size))
         # Oldest first so LRU order survives a restart; the newest version of a key wins.
