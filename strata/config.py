@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import yaml
 
@@ -72,6 +72,34 @@ REDIS_POLICIES = ("allkeys-lru", "allkeys-lfu", "allkeys-random", "volatile-lru"
                   "volatile-ttl", "noeviction")
 
 
+class Options(Mapping):
+    """A tier plugin's own config keys, checked (``TierConfig.options``): read-only, and equal to a
+    dict of the same items."""
+
+    __slots__ = ("_items",)
+
+    def __init__(self, items: Mapping[str, Any] = ()):
+        object.__setattr__(self, "_items", dict(items))
+
+    def __setattr__(self, name, value):
+        raise AttributeError("TierConfig.options is read-only")
+
+    def __getitem__(self, key: str) -> Any:
+        return self._items[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __repr__(self) -> str:
+        return f"Options({self._items!r})"
+
+    def __reduce__(self):
+        return Options, (self._items,)
+
+
 @dataclass(frozen=True)
 class TierConfig:
     kind: str
@@ -94,6 +122,8 @@ class TierConfig:
     key_prefix: str = "strata:"  # redis: prepended to every key this tier reads or writes
     maxmemory: int | None = None  # redis: set on the server with CONFIG SET (None: leave it)
     maxmemory_policy: str | None = None  # redis: the server's eviction policy to set (None: leave it)
+    # A tier plugin's own keys (strata.store.tiers.registry), checked by the specs its class declares.
+    options: Mapping[str, Any] = field(default_factory=Options, hash=False)
 
 
 @dataclass(frozen=True)
@@ -168,8 +198,10 @@ def _int(where: str, value: object, minimum: int = 0) -> int:
 def _tier(i: int, raw: Mapping) -> TierConfig:
     where = f"tiers[{i}]"
     if not isinstance(raw, Mapping) or "kind" not in raw:
-        raise ConfigError(f"{where}.kind: missing; allowed: {', '.join(TIER_KINDS)}")
-    kind = _choice(f"{where}.kind", raw["kind"], TIER_KINDS)
+        raise ConfigError(f"{where}.kind: missing; allowed: {', '.join(TIER_KINDS)}, or an installed tier plugin's kind")
+    if raw["kind"] not in TIER_KINDS:
+        return _plugin_tier(where, raw)
+    kind = raw["kind"]
     _check_keys(where, raw, _TIER_KEYS[kind])
     if "capacity" not in raw and kind not in ("ranges", "cxl", "redis"):
         raise ConfigError(f"{where}.capacity: missing; allowed: bytes as an int or a string like '8GiB'")
@@ -215,6 +247,83 @@ def _tier(i: int, raw: Mapping) -> TierConfig:
     if kind == "redis":
         kw.update(_redis(where, raw))
     return TierConfig(**kw)
+
+
+def _plugin_tier(where: str, raw: Mapping) -> TierConfig:
+    """A tier of a kind an installed plugin adds (entry point group ``strata.tiers``): the common
+    keys checked as for every tier, the plugin's own by the specs its class declares
+    (``config_keys``, ``config_required``), into ``TierConfig.options``. The plugin is imported
+    here, only for a config that names it (and the import of its registry with it: no cycle)."""
+    from strata.store.tiers import registry
+
+    kind = raw["kind"]
+    if not registry.is_plugin(kind):
+        plugins = registry.plugin_kinds()
+        installed = (f"; tier plugins installed: {', '.join(plugins)}" if plugins
+                     else "; no tier plugins are installed")
+        raise ConfigError(allowed(f"{where}.kind", kind, [*TIER_KINDS, *plugins])
+                          + f"{installed} (entry point group {registry.GROUP})")
+    cls = registry.tier_class(kind, f"{where}.kind")
+    specs = registry.config_keys(cls)
+    keys = set(registry.COMMON_KEYS) | set(specs)
+    for k in raw:
+        if k not in keys:
+            raise ConfigError(f"unknown key {allowed(where, k, keys)} (the keys of tier plugin {kind!r}, "
+                              f"{cls.__module__}.{cls.__qualname__})")
+    for k in registry.config_required(cls):
+        if k not in raw:
+            spec = specs.get(k)
+            what = ("bytes as an int or a string like '8GiB'" if k == "capacity" else _spec_text(spec))
+            raise ConfigError(f"{where}.{k}: missing; allowed: {what} (required by tier plugin {kind!r})")
+    capacity = parse_size(raw.get("capacity", UNBOUNDED), f"{where}.capacity")
+    if capacity == 0:
+        raise ConfigError(f"{where}.capacity: got {raw['capacity']!r}; allowed: more than 0 bytes")
+    name = raw.get("name", kind)
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"{where}.name: got {name!r}; allowed: a non-empty string")
+    kw: dict[str, Any] = dict(kind=kind, name=name, capacity=capacity, verify=bool(getattr(cls, "persistent", False)))
+    if "policy" in raw:
+        kw["policy"] = _choice(f"{where}.policy", raw["policy"], POLICIES)
+    if "write" in raw:
+        kw["write"] = _choice(f"{where}.write", raw["write"], WRITE_MODES)
+    if "verify" in raw:
+        kw["verify"] = _bool(f"{where}.verify", raw["verify"]) or kw["verify"]  # persistent tiers always verify
+    kw["options"] = Options({k: _option(f"{where}.{k}", raw[k], spec) for k, spec in specs.items() if k in raw})
+    return TierConfig(**kw)
+
+
+def _spec_text(spec: object) -> str:
+    """What a plugin key's spec allows, for a message: its choices, its type, or the first line of
+    its validator's docstring."""
+    if isinstance(spec, tuple):
+        return ", ".join(spec)
+    if isinstance(spec, type):
+        return f"a {spec.__name__}"
+    doc = (getattr(spec, "__doc__", None) or "").strip().splitlines()
+    return doc[0].rstrip(".") if doc else "a value"
+
+
+def _option(where: str, value: object, spec: object) -> Any:
+    """A plugin key's value checked by its spec: a type, a tuple of allowed strings, or a
+    callable ``spec(value, where) -> value``."""
+    if isinstance(spec, tuple):
+        return _choice(where, value, spec)
+    if spec is bool:
+        return _bool(where, value)
+    if spec is int or spec is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float) if spec is float else int):
+            raise ConfigError(f"{where}: got {value!r}; allowed: {'a number' if spec is float else 'an integer'}")
+        return spec(value)
+    if isinstance(spec, type):
+        if not isinstance(value, spec):
+            raise ConfigError(f"{where}: got {value!r}; allowed: a {spec.__name__}")
+        return value
+    try:
+        return spec(value, where)  # type: ignore[operator]
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"{where}: got {value!r}; {e}") from None
 
 
 def _redis(where: str, raw: Mapping) -> dict[str, Any]:
