@@ -122,6 +122,9 @@ class TierConfig:
     key_prefix: str = "strata:"  # redis: prepended to every key this tier reads or writes
     maxmemory: int | None = None  # redis: set on the server with CONFIG SET (None: leave it)
     maxmemory_policy: str | None = None  # redis: the server's eviction policy to set (None: leave it)
+    cluster: bool = False  # redis: the url (and nodes) are seed nodes of a Redis Cluster
+    nodes: tuple[str, ...] = ()  # redis cluster: more seed nodes, redis://host:port
+    hash_tag: str = "none"  # redis cluster: "scope" keeps a scope's objects in one hash slot (one shard)
     # A tier plugin's own keys (strata.store.tiers.registry), checked by the specs its class declares.
     options: Mapping[str, Any] = field(default_factory=Options, hash=False)
 
@@ -162,7 +165,7 @@ _TIER_KEYS = {
     "cxl": {"kind", "name", "capacity", "policy", "write", "verify", "path", "size", "reset", "numa_node", "pin"},
     # Redis holds its own capacity (maxmemory) and eviction (maxmemory_policy): no capacity or policy here.
     "redis": {"kind", "name", "write", "url", "password", "password_env", "timeout_ms", "max_connections",
-              "key_prefix", "maxmemory", "maxmemory_policy"},
+              "key_prefix", "maxmemory", "maxmemory_policy", "cluster", "nodes", "hash_tag"},
 }
 _TOP_KEYS = {"tiers", "namespaces", "writeback", "promote"}
 _NS_KEYS = {"evict", "priority", "quota"}
@@ -355,7 +358,49 @@ def _redis(where: str, raw: Mapping) -> dict[str, Any]:
         kw["maxmemory"] = parse_size(raw["maxmemory"], f"{where}.maxmemory")
     if raw.get("maxmemory_policy") is not None:
         kw["maxmemory_policy"] = _choice(f"{where}.maxmemory_policy", raw["maxmemory_policy"], REDIS_POLICIES)
+    kw.update(_redis_cluster(where, raw, url, kw.get("key_prefix", "strata:")))
     return kw
+
+
+def _redis_cluster(where: str, raw: Mapping, url: str, prefix: str) -> dict[str, Any]:
+    """``cluster``, ``nodes`` and ``hash_tag``: a Redis Cluster reached through seed nodes over TCP
+    (no unix sockets, database 0 only: a cluster has one keyspace)."""
+    from urllib.parse import parse_qsl, urlsplit
+
+    cluster = _bool(f"{where}.cluster", raw["cluster"]) if "cluster" in raw else False
+    if not cluster:
+        for name in ("nodes", "hash_tag"):
+            if name in raw:
+                raise ConfigError(f"{where}.{name}: set without cluster: true; allowed: only on a redis tier with "
+                                  "cluster: true")
+        return {}
+    parts = urlsplit(url)
+    if parts.scheme not in ("redis", "rediss"):
+        raise ConfigError(f"{where}.url: got {url!r}; allowed with cluster: true: redis:// or rediss:// (a Redis "
+                          "Cluster has no unix sockets)")
+    db = parts.path.strip("/") or dict(parse_qsl(parts.query)).get("db", "0")
+    if db != "0":
+        raise ConfigError(f"{where}.url: database {db!r}; allowed with cluster: true: database 0 only (a Redis "
+                          "Cluster has one keyspace): redis://host:port or redis://host:port/0")
+    nodes = raw.get("nodes", [])
+    if isinstance(nodes, str) or not isinstance(nodes, (list, tuple)):
+        raise ConfigError(f"{where}.nodes: got {nodes!r}; allowed: a list of seed nodes, e.g. "
+                          "[redis://10.0.0.2:6379, redis://10.0.0.3:6379]")
+    for i, node in enumerate(nodes):
+        seed = urlsplit(node) if isinstance(node, str) else None
+        try:
+            port = seed.port if seed is not None else None
+        except ValueError:
+            port = None
+        if (seed is None or seed.scheme not in ("redis", "rediss") or not seed.hostname or port is None
+                or seed.path.strip("/") or seed.query):
+            raise ConfigError(f"{where}.nodes[{i}]: got {node!r}; allowed: redis://host:port (the url's password "
+                              "and TLS settings apply to every node)")
+    hash_tag = _choice(f"{where}.hash_tag", raw.get("hash_tag", "none"), ("none", "scope"))
+    if hash_tag != "none" and "{" in prefix:
+        raise ConfigError(f"{where}.key_prefix: got {prefix!r} with hash_tag: {hash_tag}; allowed: a prefix "
+                          "without '{' (Redis would hash on the prefix's braces, not the tag)")
+    return {"cluster": True, "nodes": tuple(nodes), "hash_tag": hash_tag}
 
 
 def _namespace(ns: str, raw: Mapping, tier_names: list[str], remote: tuple[str, ...] = ()) -> NamespacePolicy:

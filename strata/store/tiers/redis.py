@@ -16,6 +16,11 @@ keeps alive by dripping its reply); no retries. A failure, or a reply the client
 parse, marks the server down for a short back-off, during which calls return at once as
 misses and dropped writes; the first call after it tries again, so a restarted server is
 picked up without restarting anything.
+
+A Redis Cluster (``cluster: true``) is the same tier over ``redis_cluster.ClusterClient``:
+batches split by hash slot, one round trip to each node, MOVED/ASK followed, a node that does
+not answer failing only its own keys (misses, dropped writes) while the others serve; an
+outage of every primary backs off as above.
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ _SCAN_BATCH = 1000
 BATCH = 16  # GETs or SETs per pipelined round trip (a 4K-token prompt's 256-token chunks: one)
 BATCH_BYTES = 16 << 20  # bytes of values sent in one round trip: each must go within timeout_ms
 _ALIGN = 16  # the payload starts this far into a value: a tensor over the reply is aligned for any dtype
+TAG_LEN = 18  # hash_tag: scope: b"{" + 16 hex digits + b"}" after the prefix (redis_cluster.scope_tag)
 STALE_MAX = 1 << 16  # keys remembered as stale on the server (a delete or a newer put it missed)
 LABELS_KEY = b"__scope_labels__"  # after the prefix: the hash of scope labels (strata.store.labels), no object
 
@@ -159,17 +165,27 @@ class RedisTier(Tier):
         self._errors = (redis.RedisError, OSError)
         password = cfg.password or (os.environ.get(cfg.password_env) if cfg.password_env else None)
         timeout = cfg.timeout_ms / 1000
-        kw = dict(socket_timeout=timeout, socket_connect_timeout=timeout, retry=Retry(NoBackoff(), 0),
-                  max_connections=cfg.max_connections, timeout=timeout)
-        if password:
-            kw["password"] = password
-        try:
-            pool = redis.BlockingConnectionPool.from_url(cfg.url, **kw)
-        except ValueError as e:
-            raise StoreError(f"tier {cfg.name} (redis).url: {e}") from None
-        self.client = redis.Redis(connection_pool=pool, retry=Retry(NoBackoff(), 0))
+        self.cluster = cfg.cluster
+        if self.cluster:
+            from strata.store.tiers import redis_cluster
+
+            self.client = redis_cluster.ClusterClient(cfg.url, cfg.nodes, password, timeout, cfg.max_connections)
+            if redis_cluster.has_hash_tag(cfg.key_prefix.encode()):
+                log.warning("tier %s: key_prefix %r holds a hash tag: every key falls in one slot, on one shard of "
+                            "the cluster", cfg.name, cfg.key_prefix)
+        else:
+            kw = dict(socket_timeout=timeout, socket_connect_timeout=timeout, retry=Retry(NoBackoff(), 0),
+                      max_connections=cfg.max_connections, timeout=timeout)
+            if password:
+                kw["password"] = password
+            try:
+                pool = redis.BlockingConnectionPool.from_url(cfg.url, **kw)
+            except ValueError as e:
+                raise StoreError(f"tier {cfg.name} (redis).url: {e}") from None
+            self.client = redis.Redis(connection_pool=pool, retry=Retry(NoBackoff(), 0))
         self.url = redact(cfg.url)
         self.prefix = cfg.key_prefix.encode()
+        self._tagged = self.cluster and cfg.hash_tag == "scope"
         self._down_until = 0.0
         self._state = threading.Lock()
         self.dropped_writes = 0  # puts the server did not take (down, slow, full)
@@ -238,8 +254,23 @@ class RedisTier(Tier):
                         "no TTL): once the server is full, writes are dropped; allowed: allkeys-lru, allkeys-lfu",
                         self.name, policy)
 
+    def _name(self, key: bytes) -> bytes:
+        """The Redis key of Strata's ``key``: the prefix, the scope's hash tag if configured, the key."""
+        if self._tagged:
+            from strata.store.tiers.redis_cluster import scope_tag
+
+            return self.prefix + scope_tag(key) + key
+        return self.prefix + key
+
     def refresh(self) -> None:
-        """Read the server's memory, policy, key count and hit rate back into ``self.server``."""
+        """Read the server's memory, policy, key count and hit rate back into ``self.server``
+        (a cluster's: totals over its primaries, and per node its role, slots and memory)."""
+        if self.cluster:
+            try:
+                self.server = self._call(self.client.report, "INFO")
+            except OSError as e:
+                self.server = {"connected": False, "cluster": True, "error": str(e)}
+            return
         try:
             mem = self._call(lambda: self.client.info("memory"), "INFO")
             st = self._call(lambda: self.client.info("stats"), "INFO")
@@ -276,17 +307,19 @@ class RedisTier(Tier):
         self._purge()
         pipe = self.client.pipeline(transaction=False)
         for k in keys:
-            pipe.exists(self.prefix + k)
+            pipe.exists(self._name(k))
         try:
-            found = [bool(n) for n in self._call(pipe.execute, "EXISTS")]
+            replies = self._call(lambda: pipe.execute(raise_on_error=False), "EXISTS")
         except OSError:
             self.counters.errors += 1
             return [False] * len(keys)
-        return [f and k not in self._stale for k, f in zip(keys, found)]
+        if any(isinstance(n, Exception) for n in replies):  # a key's node did not answer: that key is not found
+            self.counters.errors += 1
+        return [isinstance(n, int) and n > 0 and k not in self._stale for k, n in zip(keys, replies)]
 
     def remove(self, key: bytes) -> bool:
         try:
-            return bool(self._call(lambda: self.client.delete(self.prefix + key), "DEL"))
+            return bool(self._call(lambda: self.client.delete(self._name(key)), "DEL"))
         except OSError:
             self.counters.errors += 1
             self._mark_stale(key)  # the server still has it: never served, deleted when it answers
@@ -309,14 +342,15 @@ class RedisTier(Tier):
             for lo in range(0, len(keys), _SCAN_BATCH):  # round trips that each end within timeout_ms
                 pipe = self.client.pipeline(transaction=False)
                 for k in keys[lo : lo + _SCAN_BATCH]:
-                    pipe.delete(self.prefix + k)
+                    pipe.delete(self._name(k))
                 try:
-                    self._call(pipe.execute, "DEL")
+                    replies = self._call(lambda: pipe.execute(raise_on_error=False), "DEL")
                 except OSError:
                     return
-                with self._state:
-                    for k in keys[lo : lo + _SCAN_BATCH]:
-                        self._stale.pop(k, None)
+                with self._state:  # those a node did not delete (a cluster's node down) stay stale
+                    for k, reply in zip(keys[lo : lo + _SCAN_BATCH], replies):
+                        if isinstance(reply, int):
+                            self._stale.pop(k, None)
 
     def _stale_miss(self, e: Entry) -> bool:
         """Whether ``e``'s key is stale on the server even after a purge was tried: a miss."""
@@ -358,7 +392,7 @@ class RedisTier(Tier):
                 hi += 1
             pipe = self.client.pipeline(transaction=False)
             for e, data in pairs[lo:hi]:
-                pipe.set(self.prefix + e.key, self._value(e, data))
+                pipe.set(self._name(e.key), self._value(e, data))
             stale = any(e.key in self._stale for e, _ in pairs[lo:hi])
             with self._purge_lock if stale else contextlib.nullcontext():
                 try:
@@ -390,7 +424,7 @@ class RedisTier(Tier):
     def read(self, e: Entry) -> torch.Tensor:
         if self._stale_miss(e):
             raise NotStored
-        return self._decode(e, self._call(lambda: self.client.get(self.prefix + e.key), "GET"))
+        return self._decode(e, self._call(lambda: self.client.get(self._name(e.key)), "GET"))
 
     def read_into(self, e: Entry, out: torch.Tensor) -> None:
         data = self.read(e)
@@ -408,7 +442,7 @@ class RedisTier(Tier):
             part = entries[lo : lo + BATCH]
             pipe = self.client.pipeline(transaction=False)
             for e in part:
-                pipe.get(self.prefix + e.key)
+                pipe.get(self._name(e.key))
             try:
                 values = self._call(lambda: pipe.execute(raise_on_error=False), "GET")
             except OSError as exc:
@@ -453,27 +487,44 @@ class RedisTier(Tier):
 
     # -- reporting -----------------------------------------------------------------------------
     def location(self) -> str:
-        return f"{self.url}, {'connected' if self.server.get('connected') else 'unreachable'}"
+        state = "connected" if self.server.get("connected") else "unreachable"
+        if self.cluster:
+            return f"{self.client.describe(self.server)}, {state}"
+        return f"{self.url}, {state}"
+
+    def _scan(self, pattern: bytes) -> Iterator[list[bytes]]:
+        """Batches of the server's key names matching ``pattern``: SCAN to its end (on every
+        primary of a cluster)."""
+        if self.cluster:
+            from strata.store.tiers.redis_cluster import scan_all
+
+            yield from scan_all(self.client, self._call, pattern, _SCAN_BATCH)
+            return
+        cursor = 0
+        while True:
+            cursor, batch = self._call(lambda: self.client.scan(cursor, match=pattern, count=_SCAN_BATCH), "SCAN")
+            yield batch
+            if not cursor:
+                return
 
     def contents(self) -> Iterator[tuple[bytes, str, int]]:
         """(key, namespace, stored bytes) of every value under this tier's prefix (SCAN: O(keys))."""
         pattern = self.prefix.replace(b"\\", b"\\\\").replace(b"*", b"\\*").replace(b"?", b"\\?") + b"*"
+        skip = len(self.prefix) + (TAG_LEN if self._tagged else 0)
         try:
-            cursor = 0
-            while True:
-                cursor, batch = self._call(lambda: self.client.scan(cursor, match=pattern, count=_SCAN_BATCH), "SCAN")
+            for batch in self._scan(pattern):
                 batch = [k for k in batch if k != self.prefix + LABELS_KEY]  # a hash: STRLEN would fail
                 if batch:
                     pipe = self.client.pipeline(transaction=False)
                     for k in batch:
                         pipe.strlen(k)
-                    for k, size in zip(batch, self._call(pipe.execute, "STRLEN")):
+                    for k, size in zip(batch, self._call(lambda: pipe.execute(raise_on_error=False), "STRLEN")):
                         if not isinstance(k, bytes) or not k.startswith(self.prefix):
                             continue  # not a key SCAN can have matched: a garbled reply
-                        key = k[len(self.prefix):]
+                        if not isinstance(size, int) or size <= 0:
+                            continue  # gone since the SCAN (deleted, evicted, migrated), or its node is down
+                        key = k[skip:]
                         yield key, _namespace(key), size
-                if not cursor:
-                    return
         except OSError as e:
             log.warning("tier %s: listing stopped early: %s", self.name, e)
 
@@ -492,6 +543,9 @@ class RedisTier(Tier):
         out.update(url=self.url, key_prefix=self.cfg.key_prefix, server=dict(self.server),
                    dropped_writes=self.dropped_writes, skipped_while_down=self.skipped,
                    round_trips=self.round_trips, stale_keys=len(self._stale), stale_overflow=self.stale_overflow)
+        if self.cluster:  # what the cluster did to this tier's calls: redirections followed, nodes lost
+            out.update(redirects=self.client.redirects, node_failures=self.client.node_failures,
+                       map_refreshes=self.client.refreshes)
         return out
 
     def close(self) -> None:
