@@ -22,6 +22,23 @@ def need_redis() -> None:
         pytest.skip("the redis client is not installed (pip install 'strata[redis]')")
 
 
+class PrefixedRaw:
+    """``check_tier``'s raw hook over one redis tier: its stored bytes under its key prefix, through
+    a client of the test's own (a server's, or a cluster's)."""
+
+    def __init__(self, client, tier: dict):
+        self.client, self.prefix = client, tier["key_prefix"].encode()
+
+    def get(self, key: bytes):
+        return self.client.get(self.prefix + key)
+
+    def set(self, key: bytes, value: bytes) -> None:
+        self.client.set(self.prefix + key, value)
+
+    def close(self) -> None:
+        self.client.close()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -113,21 +113,13 @@ def test_a_store_opens_while_the_cluster_is_down_and_says_so(caplog):
 def cluster_kit(servers):
     """``check_tier``'s hooks for a cluster: raw values through redis-py's cluster client; faults
     over the whole cluster (every node killed and started again empty, or every node hung)."""
+    from redis_server import PrefixedRaw
+
     def make_tier(workdir, capacity=None):
         return cluster_tier(servers.url)
 
-    class ClusterRaw:
-        def __init__(self, tier):
-            self.client, self.prefix = raw_client(servers), tier["key_prefix"].encode()
-
-        def get(self, key):
-            return self.client.get(self.prefix + key)
-
-        def set(self, key, value):
-            self.client.set(self.prefix + key, value)
-
-        def close(self):
-            self.client.close()
+    def raw(tier):
+        return PrefixedRaw(raw_client(servers), tier)
 
     @contextlib.contextmanager
     def fault(tier, kind):
@@ -149,7 +141,7 @@ def cluster_kit(servers):
                 servers.signal_all(signal.SIGCONT)
                 servers.wait_ok()
 
-    return dict(make_tier=make_tier, persistent=True, raw=ClusterRaw, fault=fault)
+    return dict(make_tier=make_tier, persistent=True, raw=raw, fault=fault)
 
 
 @pytest.mark.parametrize("check", ["model", "damage", "faults"])

@@ -137,22 +137,14 @@ def own_redis(tmp_path_factory):
 
 
 def redis_kit(server):
+    from redis_server import PrefixedRaw
+
     def redis_tier(workdir, capacity=None):
         return {"kind": "redis", "url": server.url, "key_prefix": f"conf-{uuid.uuid4().hex}:",
                 "timeout_ms": 1000}  # generous: a loaded machine must not look like a fault
 
-    class RedisRaw:
-        def __init__(self, tier):
-            self.client, self.prefix = server.client(), tier["key_prefix"].encode()
-
-        def get(self, key):
-            return self.client.get(self.prefix + key)
-
-        def set(self, key, value):
-            self.client.set(self.prefix + key, value)
-
-        def close(self):
-            self.client.close()
+    def raw(tier):
+        return PrefixedRaw(server.client(), tier)
 
     @contextlib.contextmanager
     def redis_fault(tier, kind):
@@ -170,7 +162,7 @@ def redis_kit(server):
             finally:
                 os.kill(server.proc.pid, signal.SIGCONT)
 
-    return dict(make_tier=redis_tier, persistent=True, raw=RedisRaw, fault=redis_fault)
+    return dict(make_tier=redis_tier, persistent=True, raw=raw, fault=redis_fault)
 
 
 KITS = {

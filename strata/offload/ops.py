@@ -49,10 +49,6 @@ def unregister(rid: int) -> None:
     _rings.pop(rid, None)
 
 
-def ring(rid: int):
-    return _rings.get(rid)
-
-
 def _activations(args: tuple, kwargs: dict) -> list[torch.Tensor]:
     """The block's floating-point tensor inputs (the tensors the blocks before it produced)."""
     found = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]

@@ -114,13 +114,13 @@ class TierChain:
                     tier.retire(old)
             return held
 
-    def _drop_older(self, tier: Tier, key: bytes, guard: Guard | None) -> None:
+    def _drop_older(self, tier: Tier, key: bytes, guard: Guard) -> None:
         """A lower tier could not take a new version of ``key``: its older version must not outlive
         it there (after the tiers above evict the new one, or a restart, it would be served).
         Only while this put is still the newest above (``guard``): else the copy there is newer."""
         with self.lock:
             old = tier.lookup(key)
-            if old is not None and (guard is None or guard()):
+            if old is not None and guard():
                 tier.retire(old)
 
     def _write_one(self, tier: Tier, key: bytes, ns: str, meta: ObjectMeta, data: torch.Tensor,
