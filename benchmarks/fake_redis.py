@@ -181,9 +181,9 @@ def _commands(state) -> list[list[bytes]]:
 
 @contextlib.contextmanager
 def every_call_asks_the_server():
-    """No back-off after a fault (``BACKOFF_S`` of the redis tier at 0) for the block, restored
+    """No back-off after a fault (``BACKOFF_S`` of the backing tiers at 0) for the block, restored
     afterwards: every call meets the server's answers, none is skipped as a miss."""
-    from strata.store.tiers import redis as redis_tier
+    from strata.store.tiers import backing as redis_tier
 
     before = redis_tier.BACKOFF_S
     redis_tier.BACKOFF_S = 0.0

@@ -232,7 +232,7 @@ def _timed(fn):
 
 @pytest.mark.parametrize("fault", ["killed", "hung"])
 def test_a_dead_or_hung_server_is_misses_and_dropped_writes_within_the_timeout(redis_server, fault, monkeypatch):
-    from strata.store.tiers import redis as redis_tier_module
+    from strata.store.tiers import backing as redis_tier_module
 
     clock = TierClock()  # the back-off runs on this clock: moved past it, never slept through
     monkeypatch.setattr(redis_tier_module, "time", clock)

@@ -33,7 +33,7 @@ pytest.importorskip("redis")
 @pytest.fixture
 def every_call_asks_the_server(monkeypatch):
     """No back-off after a fault: every call meets the garbage, not a skip."""
-    from strata.store.tiers import redis as redis_tier
+    from strata.store.tiers import backing as redis_tier
 
     monkeypatch.setattr(redis_tier, "BACKOFF_S", 0.0)
 

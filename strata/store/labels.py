@@ -36,7 +36,7 @@ from pathlib import Path
 
 from strata.errors import StoreError
 from strata.keys import check_namespace
-from strata.store.tiers.redis import LABELS_KEY
+from strata.store.tiers.backing import LABELS_KEY
 
 log = logging.getLogger("strata.labels")
 
