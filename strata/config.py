@@ -62,7 +62,10 @@ def format_size(n: float) -> str:
 
 # --------------------------------------------------------------------------- schema
 
-TIER_KINDS = ("cpu", "file", "ranges", "cxl", "redis")
+# Built-in kinds whose config schema is declared next to their class (``config_keys``,
+# ``config_required``, as a tier plugin declares it): the class is imported when a config names it.
+DECLARED_KINDS = {"mooncake": "strata.store.tiers.mooncake:MooncakeTier"}
+TIER_KINDS = ("cpu", "file", "ranges", "cxl", "redis", *DECLARED_KINDS)
 UNBOUNDED = 1 << 62
 POLICIES = ("lru", "s3fifo")
 WRITE_MODES = ("through", "back")
@@ -202,6 +205,8 @@ def _tier(i: int, raw: Mapping) -> TierConfig:
     where = f"tiers[{i}]"
     if not isinstance(raw, Mapping) or "kind" not in raw:
         raise ConfigError(f"{where}.kind: missing; allowed: {', '.join(TIER_KINDS)}, or an installed tier plugin's kind")
+    if raw["kind"] in DECLARED_KINDS:
+        return _declared_tier(where, raw, declared_class(raw["kind"]), "tier kind")
     if raw["kind"] not in TIER_KINDS:
         return _plugin_tier(where, raw)
     kind = raw["kind"]
@@ -266,18 +271,34 @@ def _plugin_tier(where: str, raw: Mapping) -> TierConfig:
                      else "; no tier plugins are installed")
         raise ConfigError(allowed(f"{where}.kind", kind, [*TIER_KINDS, *plugins])
                           + f"{installed} (entry point group {registry.GROUP})")
-    cls = registry.tier_class(kind, f"{where}.kind")
+    return _declared_tier(where, raw, registry.tier_class(kind, f"{where}.kind"), "tier plugin")
+
+
+def declared_class(kind: str) -> type:
+    """The class of a built-in kind of ``DECLARED_KINDS``, imported now."""
+    import importlib
+
+    module, _, name = DECLARED_KINDS[kind].partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _declared_tier(where: str, raw: Mapping, cls: type, what: str) -> TierConfig:
+    """A tier whose class declares its own keys (``config_keys``, ``config_required``): the common
+    keys checked as for every tier, the class's by their specs, into ``TierConfig.options``."""
+    from strata.store.tiers import registry
+
+    kind = raw["kind"]
     specs = registry.config_keys(cls)
     keys = set(registry.COMMON_KEYS) | set(specs)
     for k in raw:
         if k not in keys:
-            raise ConfigError(f"unknown key {allowed(where, k, keys)} (the keys of tier plugin {kind!r}, "
+            raise ConfigError(f"unknown key {allowed(where, k, keys)} (the keys of {what} {kind!r}, "
                               f"{cls.__module__}.{cls.__qualname__})")
     for k in registry.config_required(cls):
         if k not in raw:
             spec = specs.get(k)
-            what = ("bytes as an int or a string like '8GiB'" if k == "capacity" else _spec_text(spec))
-            raise ConfigError(f"{where}.{k}: missing; allowed: {what} (required by tier plugin {kind!r})")
+            text = ("bytes as an int or a string like '8GiB'" if k == "capacity" else _spec_text(spec))
+            raise ConfigError(f"{where}.{k}: missing; allowed: {text} (required by {what} {kind!r})")
     capacity = parse_size(raw.get("capacity", UNBOUNDED), f"{where}.capacity")
     if capacity == 0:
         raise ConfigError(f"{where}.capacity: got {raw['capacity']!r}; allowed: more than 0 bytes")

@@ -283,7 +283,7 @@ def test_plugin_config_errors_name_what_is_allowed(plugin_site, odd_plugins, tmp
     assert got["bad_value"] == "tiers[0].timeout_ms: got 0; allowed: an integer >= 1"
     assert got["missing"].startswith("tiers[0].path: missing; allowed: The database file") and \
         "required by tier plugin 'sqlite'" in got["missing"]
-    assert got["unknown"].startswith("tiers[0].kind: got 'sqlit'; allowed: broken, cpu, cxl, file, notatier, ranges, "
+    assert got["unknown"].startswith("tiers[0].kind: got 'sqlit'; allowed: broken, cpu, cxl, file, mooncake, notatier, ranges, "
                                      "redis, sqlite (did you mean 'sqlite'?); tier plugins installed: broken, "
                                      "notatier, sqlite")
     assert "tier plugin 'broken' cannot be used: entry point strata.tiers: broken = strata_no_such_module:Tier, " \

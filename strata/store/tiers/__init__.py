@@ -1,5 +1,6 @@
 """Tier kinds by name: the built-in ones here, third-party ones by entry point (``registry``)."""
 
+from strata.config import DECLARED_KINDS, declared_class
 from strata.store.tiers.base import Tier
 from strata.store.tiers.cpu import CpuTier
 from strata.store.tiers.cxl import CxlTier, RegionAbsent
@@ -18,6 +19,8 @@ def build_tier(cfg, store_cfg, create: bool = True) -> Tier:
     creating one; other kinds ignore it."""
     if cfg.kind in ("cxl", "file"):
         return TIER_CLASSES[cfg.kind](cfg, store_cfg, create=create)
+    if cfg.kind in DECLARED_KINDS:  # built in, imported only when a config names it
+        return registry.build(declared_class(cfg.kind), cfg, store_cfg, create)
     if cfg.kind not in TIER_CLASSES:  # an installed plugin's kind (loaded when its config was validated)
         return registry.build(registry.tier_class(cfg.kind, f"tiers[{cfg.name}].kind"), cfg, store_cfg, create)
     return TIER_CLASSES[cfg.kind](cfg, store_cfg)
