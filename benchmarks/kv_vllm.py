@@ -1,7 +1,7 @@
 """Prefix KV reuse in real vLLM: time to first token, cold against warm through Strata, and
 against vLLM's own ``ExampleConnector`` on the same prompts, in one run.
 
-    python benchmarks/kv_vllm.py                      # 1K, 4K, 8K-token prompts, four engines (CPU: ~12 min with --repeats 1)
+    python benchmarks/kv_vllm.py                      # 1K, 4K, 8K-token prompts, five engines (CPU: ~15 min with --repeats 1)
     python benchmarks/kv_vllm.py --lengths 512 --layers 2 --hidden 256   # a quick smoke run
 
 A Llama of 8 layers, 1024 wide (random weights) is made locally, large enough that a
@@ -11,8 +11,10 @@ minutes on one prefill; ``--dtype bfloat16`` where the CPU has it. Each method r
 no connector, ``ExampleConnector`` (safetensors files under a temporary directory) and
 ``StrataConnector`` on a CPU tier, and ``StrataConnector`` on a Redis tier alone (a
 redis-server started for the run; the row is skipped without one), so its warm chunks
-come from Redis only. For every prompt length, two distinct prompts are sent
-cold, then again warm (without a connector a repeat is just another cold request, so that
+come from Redis only, and ``StrataConnector`` on a Redis Cluster tier alone
+(``strata-redis-cluster``: 3 primaries with a replica each, redis-server processes started for
+the run, ``cluster: true``), so its warm chunks come from the shards. For every prompt length,
+two distinct prompts are sent cold, then again warm (without a connector a repeat is just another cold request, so that
 engine sends each prompt once); before every request vLLM's own prefix cache is reset
 (``LLM.reset_prefix_cache()``), so a warm request is served by the connector or not at all.
 Prefill is not chunked (``max_num_batched_tokens`` covers the longest prompt) in every
@@ -39,7 +41,8 @@ import tempfile
 import time
 from pathlib import Path
 
-METHODS = ("none", "example", "strata", "strata-redis")
+METHODS = ("none", "example", "strata", "strata-redis", "strata-redis-cluster")
+REDIS_METHODS = ("strata-redis", "strata-redis-cluster")  # a Redis tier alone: skipped without redis-server
 
 
 def make_model(path: Path, layers: int, hidden: int, dtype: str) -> None:
@@ -75,6 +78,9 @@ def engine(args) -> None:
     elif args.engine == "strata-redis":
         cfg = Path(args.scratch) / "store.yaml"
         cfg.write_text(f"tiers:\n  - kind: redis\n    url: {args.redis_url}\n    timeout_ms: 5000\n")
+    elif args.engine == "strata-redis-cluster":
+        cfg = Path(args.scratch) / "store.yaml"
+        cfg.write_text(f"tiers:\n  - kind: redis\n    url: {args.redis_url}\n    cluster: true\n    timeout_ms: 5000\n")
     if args.engine.startswith("strata"):
         from strata.integrations.vllm_plugin import kv_transfer_config
 
@@ -125,6 +131,18 @@ def engine(args) -> None:
     print("KV-BENCH " + json.dumps(result), flush=True)
 
 
+def redis_for(method: str, scratch: Path):
+    """The servers a method's engine uses, started (tests/redis_server.py): one redis-server, a
+    3-primary cluster with a replica each, or None. Each has ``url`` and ``stop()``."""
+    from redis_server import ClusterServers, RedisServer
+
+    if method == "strata-redis":
+        return RedisServer(scratch).start()
+    if method == "strata-redis-cluster":
+        return ClusterServers(scratch / "cluster", masters=3, replicas=1).start()
+    return None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--lengths", default="1024,4096,8192", help="prompt lengths in tokens, comma separated")
@@ -143,12 +161,13 @@ def main() -> None:
 
     results = {}
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-    from redis_server import REDIS_SERVER, RedisServer
+    from redis_server import REDIS_SERVER
 
     methods = args.methods.split(",")
-    if "strata-redis" in methods and REDIS_SERVER is None:
-        print("strata-redis: skipped (no redis-server on PATH)")
-        methods.remove("strata-redis")
+    for method in REDIS_METHODS:
+        if method in methods and REDIS_SERVER is None:
+            print(f"{method}: skipped (no redis-server on PATH)")
+            methods.remove(method)
     with tempfile.TemporaryDirectory(prefix="strata-kv-bench-") as tmp:
         model = Path(tmp) / "model"
         make_model(model, args.layers, args.hidden, args.dtype)
@@ -157,7 +176,7 @@ def main() -> None:
         for method in methods:
             scratch = Path(tmp) / method
             scratch.mkdir()
-            server = RedisServer(scratch).start() if method == "strata-redis" else None
+            server = redis_for(method, scratch)
             t0 = time.perf_counter()
             try:
                 proc = subprocess.run([sys.executable, __file__, "--engine", method, "--model", str(model),
@@ -174,12 +193,12 @@ def main() -> None:
             print(f"  {method} engine done in {time.perf_counter() - t0:.0f} s", flush=True)
 
     lengths = args.lengths.split(",")
-    print(f"\n{'method':12} {'tokens':>7} {'cold s':>8} {'warm s':>8} {'cached':>7} {'same':>5}")
+    print(f"\n{'method':20} {'tokens':>7} {'cold s':>8} {'warm s':>8} {'cached':>7} {'same':>5}")
     for method, row in results.items():
         for n in lengths:
             r = row[n]
             warm = "-" if r["warm"] is None else f"{r['warm']:8.3f}"
-            print(f"{method:12} {n:>7} {r['cold']:8.3f} {warm:>8} {r['cached']:7d} {str(r['same_tokens']):>5}")
+            print(f"{method:20} {n:>7} {r['cold']:8.3f} {warm:>8} {r['cached']:7d} {str(r['same_tokens']):>5}")
     if "strata" in results:
         s = results["strata"]
         print("\nstrata warm / ExampleConnector warm, strata first (saving) / no-connector cold:")
@@ -192,9 +211,12 @@ def main() -> None:
                 parts.append(f"saving {s[n]['cold'] / results['none'][n]['cold']:5.2f}x")
             print("  ".join(parts))
         print("connector:", s.get("connector"))
-    if "strata-redis" in results:
-        r = results["strata-redis"]
-        print("\nstrata over Redis alone, warm / no-connector cold (target at 4K tokens: <= 0.5x):")
+    for method, alone in (("strata-redis", "Redis"), ("strata-redis-cluster", "Redis Cluster (3 shards)")):
+        if method not in results:
+            continue
+        r = results[method]
+        print(f"\nstrata over {alone} alone, warm / no-connector cold (its own cold where no such engine ran; "
+              "target at 4K tokens: <= 0.5x):")
         for n in lengths:
             base = results["none"][n]["cold"] if "none" in results else r[n]["cold"]
             print(f"{n:>6} tokens  warm {r[n]['warm']:.3f} s = {r[n]['warm'] / base:5.2f}x cold (hits {r[n]['cached']})")

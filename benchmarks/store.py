@@ -10,7 +10,12 @@ a mapping of the same kind, with the payload checksum (``verify``, the default) 
 without; with CUDA also ``get_into`` a GPU tensor from the registered mapping (``h2d``) vs
 a copy from pinned memory. Redis tier (a redis-server started on a free port of 127.0.0.1, or ``--redis-url``):
 put and get vs the plain ``redis`` client's ``set`` and ``get`` of the same bytes over the
-same connection settings, and ``get_many`` of 16 keys vs the same GETs in one client pipeline. The working set cycles through enough distinct tensors to leave the CPU caches
+same connection settings, and ``get_many`` of 16 keys vs the same GETs in one client pipeline.
+Redis Cluster (``--tiers redis-cluster``: 3 primaries, ``--cluster-replicas`` replicas each,
+redis-server processes started on loopback, and one more single redis-server in the same run):
+``put_many`` and ``get_many`` of 1 MiB and 32 MiB values through a redis tier with ``cluster:
+true`` vs the same calls through a redis tier on the single server, timed pass by pass in turn,
+so that both see the same load of a shared machine. The working set cycles through enough distinct tensors to leave the CPU caches
 for sizes of 1 MiB and up.
 """
 
@@ -206,11 +211,80 @@ def bench_redis(size_name, nbytes, count, repeat, url):
     plain.close()
 
 
+def timed_in_turn(fns, items, repeat):
+    """Per function, the median seconds per item of ``fn(item)`` over ``repeat`` passes, the
+    functions' passes interleaved (A, B, A, B, ...): a comparison on shared cores, where the
+    load moves during a run, sees the same load on both sides."""
+    samples = [[] for _ in fns]
+    for _ in range(repeat):
+        for fn, got in zip(fns, samples):
+            t0 = time.perf_counter()
+            for it in items:
+                fn(it)
+            got.append((time.perf_counter() - t0) / len(items))
+    return [statistics.median(s) for s in samples]
+
+
+# Redis Cluster: values per batch (a batch spans the shards: 16 chunks of a 4K-token prompt at
+# 1 MiB; 6 at 32 MiB) and distinct values in the working set (3 batches; 1 with --quick).
+CLUSTER_SIZES = {"1MiB": (1 << 20, 16), "32MiB": (32 << 20, 6)}
+
+
+def bench_redis_cluster(size_name, nbytes, per_batch, batches, repeat, single_url, cluster_url):
+    """put_many and get_many through a redis tier on a cluster vs the same on one server, per
+    value; the ratio is cluster / single server."""
+    srcs = [torch.randint(0, 255, (nbytes,), dtype=torch.uint8) for _ in range(per_batch * batches)]
+    keys = [Key("kv", "bench", f"{size_name}-{i}") for i in range(len(srcs))]
+    groups = [list(range(lo, lo + per_batch)) for lo in range(0, len(srcs), per_batch)]
+    tier = {"kind": "redis", "timeout_ms": 5000, "key_prefix": "bench:"}
+    with strata.open_store({"tiers": [{**tier, "url": single_url}]}) as single, \
+            strata.open_store({"tiers": [{**tier, "url": cluster_url, "cluster": True}]}) as cluster:
+        stores = (single, cluster)
+        for store in stores:  # warm-up: every key exists, every node's connection is open
+            for g in groups:
+                assert store.put_many([(keys[i], srcs[i]) for i in g]) == [True] * len(g)
+                assert all(v is not None for v in store.get_many([keys[i] for i in g]))
+        put = [lambda g, s=s: s.put_many([(keys[i], srcs[i]) for i in g]) for s in stores]
+        base, got = timed_in_turn(put, groups, repeat)
+        row("redis-cluster", "put_many", size_name, nbytes, got / per_batch, base / per_batch, "1 server")
+        get = [lambda g, s=s: s.get_many([keys[i] for i in g]) for s in stores]
+        base, got = timed_in_turn(get, groups, repeat)
+        row("redis-cluster", "get_many", size_name, nbytes, got / per_batch, base / per_batch, "1 server")
+        hits = cluster.stats()["tiers"]["redis"]
+        assert hits["misses"] == 0 and hits["errors"] == 0, hits  # a miss would time nothing
+
+
+def run_redis_cluster(args, repeat) -> None:
+    """A 3-primary cluster and a single server, both started here (tests/redis_server.py), then
+    both rows per size; stopped whatever happens."""
+    from redis_server import REDIS_SERVER, ClusterServers, RedisServer
+
+    if REDIS_SERVER is None:
+        print("redis-cluster: skipped (no redis-server on PATH)")
+        return
+    with tempfile.TemporaryDirectory() as root:
+        single = RedisServer(root).start()  # its --dir: root; the cluster's nodes: root/cluster/PORT
+        try:
+            servers = ClusterServers(os.path.join(root, "cluster"), masters=3, replicas=args.cluster_replicas).start()
+            try:
+                print(f"redis-cluster: 3 primaries, {args.cluster_replicas} replica(s) each; baseline: one redis-server")
+                for size_name, (nbytes, per_batch) in CLUSTER_SIZES.items():
+                    bench_redis_cluster(size_name, nbytes, per_batch, 1 if args.quick else 3, repeat,
+                                        single.url, servers.url)
+            finally:
+                servers.stop()
+        finally:
+            single.stop()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer repetitions (smoke run)")
-    ap.add_argument("--tiers", default="cpu,file,cxl,redis", help="which tiers to measure, comma separated")
+    ap.add_argument("--tiers", default="cpu,file,cxl,redis", help="which tiers to measure, comma separated "
+                    "(cpu, file, cxl, redis, redis-cluster; default: all but redis-cluster)")
     ap.add_argument("--redis-url", help="an existing Redis to measure against (default: start redis-server)")
+    ap.add_argument("--cluster-replicas", type=int, default=1,
+                    help="replicas per primary of the redis-cluster rows' cluster (default 1)")
     args = ap.parse_args()
     which = set(args.tiers.split(","))
     repeat = 3 if args.quick else 7
@@ -233,6 +307,8 @@ def main() -> None:
             if args.quick:
                 count = max(4, count // 8)
             bench_cxl(size_name, nbytes, count, repeat, root)
+    if "redis-cluster" in which:
+        run_redis_cluster(args, repeat)
     if "redis" in which:
         with tempfile.TemporaryDirectory() as root:
             from redis_server import REDIS_SERVER, RedisServer

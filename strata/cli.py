@@ -116,17 +116,21 @@ def format_contents(store) -> str:
                 held[0] += 1
             held[1] += size
             objects, stored = objects + 1, stored + size
-        line = (f"{tier.name} ({tier.kind}, {tier.location()}): {objects} objects, "
+        server = extra.get("server")
+        cluster = bool(server and server.get("cluster"))
+        where = cluster_location(extra) if cluster else tier.location()
+        line = (f"{tier.name} ({tier.kind}, {where}): {objects} objects, "
                 f"{format_size(stored)} of {format_size(extra['capacity'])}")
         if "fragmentation" in extra:
             line += f", fragmentation {extra['fragmentation']:.1%}"
-        server = extra.get("server")
         if server and server.get("connected"):
             rate = server["hit_rate"]
             line += (f"; server: {format_size(server['used_memory'])} used, {server['keys']} keys, maxmemory "
                      f"{format_size(server['maxmemory']) if server['maxmemory'] else 'unset'} "
                      f"({server['maxmemory_policy']}), hit rate {'n/a' if rate is None else f'{rate:.1%}'}")
         lines.append(line)
+        if cluster:
+            lines += cluster_nodes(server)
         for _, scope in groups:
             if scope not in owners:
                 owners[scope] = describe_owner(scope)
@@ -143,6 +147,31 @@ def format_contents(store) -> str:
         if len(rows) > 1:
             lines += _table(rows)
     return "\n".join(lines)
+
+
+def cluster_location(stats: dict) -> str:
+    """Where a redis tier over a cluster lives, for its line: the seed, the cluster's shape and
+    slot coverage, without its nodes (``cluster_nodes`` puts each on a line of its own; six
+    nodes on the tier's line made it hundreds of characters long)."""
+    server = stats["server"]
+    nodes = server.get("nodes") or []
+    primaries = sum(1 for n in nodes if n.get("role") == "primary")
+    state = "connected" if server.get("connected") else "unreachable"
+    if not nodes:
+        return f"redis cluster {stats.get('url', '?')}, {state}"
+    return (f"redis cluster {stats.get('url', '?')}: {primaries} primaries, {len(nodes) - primaries} replicas, "
+            f"{server.get('slots_covered', 0)}/16384 slots covered, state {server.get('cluster_state', '?')}, {state}")
+
+
+def cluster_nodes(server: dict) -> list[str]:
+    """One line per node of a cluster (primaries first, as ``stats()`` lists them): its address,
+    role, slots served and memory used, or 'unreachable'."""
+    rows = [(f"  {n['node']}", str(n.get("role", "?")), str(n.get("slots", 0)),
+             format_size(n["used_memory"]) if n.get("connected") and n.get("used_memory") is not None
+             else "unreachable") for n in server.get("nodes") or []]
+    if not rows:
+        return []
+    return _table([("  node", "role", "slots", "memory")] + rows)
 
 
 def scope_facts(store, tier: str, ns: str, scope: str) -> str | None:

@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
 import time
 from pathlib import Path
 
-REDIS_SERVER = shutil.which("redis-server")
+# The server binary every test and benchmark starts: redis-server, or another that takes its
+# flags and speaks its protocol (STRATA_REDIS_SERVER=valkey-server, where Valkey is installed).
+SERVER_NAME = os.environ.get("STRATA_REDIS_SERVER", "redis-server")
+REDIS_SERVER = shutil.which(SERVER_NAME)
 
 
 def need_redis() -> None:
     import pytest
 
     if REDIS_SERVER is None:
-        pytest.skip("redis-server is not installed (Debian: apt-get install redis-server; .ci/run installs it)")
+        pytest.skip(f"{SERVER_NAME} is not installed (Debian: apt-get install redis-server; .ci/run installs it; "
+                    "STRATA_REDIS_SERVER names another binary)")
     try:
         import redis  # noqa: F401
     except ImportError:
@@ -237,8 +242,6 @@ class ClusterServers:
 
     def signal_all(self, sig: int) -> None:
         """Send ``sig`` to every live node (SIGSTOP: the whole cluster hangs; SIGCONT: it goes on)."""
-        import os
-
         for port in self.live():
             os.kill(self.procs[port].pid, sig)
 

@@ -423,11 +423,11 @@ class ClusterClient:
                 if owners:
                     slots[owners[0].name] = slots.get(owners[0].name, 0) + 1
             nodes = sorted(nm.nodes_cache.values(), key=lambda n: (n.server_type != "primary", n.name))
-        cmds = [("INFO", "memory"), ("INFO", "stats"), ("DBSIZE",), ("CLUSTER", "INFO")]
+        cmds = [("INFO", "memory"), ("INFO", "stats"), ("DBSIZE",), ("CLUSTER", "INFO"), ("CLUSTER", "NODES")]
         replies = self.on_nodes(nodes, cmds)
         rows, infos = [], []
         for node in nodes:
-            mem, st, keys, cinfo = replies[node.name]
+            mem, st, keys, cinfo, _ = replies[node.name]
             ok = not any(isinstance(r, Exception) for r in (mem, st, keys, cinfo))
             row = {"node": node.name, "role": node.server_type or "?", "slots": slots.get(node.name, 0),
                    "connected": ok}
@@ -437,25 +437,43 @@ class ClusterClient:
                            evicted_keys=st.get("evicted_keys", 0))
                 infos.append((node, mem, st, keys, cinfo))
             rows.append(row)
+        rows += _unmapped(rows, [replies[n.name][4] for n in nodes])
         return _summary(rows, infos)
 
     def describe(self, server: dict) -> str:
-        """A line for ``strata inspect``: the seed, the cluster's shape and coverage, per node its memory."""
+        """A line for logs and ``strata inspect``: the seed, the cluster's shape and coverage (the
+        nodes, one line each, are ``server["nodes"]``)."""
         if not server.get("nodes"):
             return f"redis cluster {self.url}"
-        from strata.config import format_size
-
         primaries = [n for n in server["nodes"] if n["role"] == "primary"]
-        parts = [f"{n['node']} {n['role']} {n['slots']} slots "
-                 + (format_size(n["used_memory"]) if n.get("connected") else "unreachable") for n in server["nodes"]]
         return (f"redis cluster {self.url}: {len(primaries)} primaries, {len(server['nodes']) - len(primaries)} "
                 f"replicas, {server.get('slots_covered', 0)}/{SLOTS} slots covered, state "
-                f"{server.get('cluster_state', '?')} ({'; '.join(parts)})")
+                f"{server.get('cluster_state', '?')}")
 
 
 def _command_name(cmd: tuple) -> str:
     """The name redis-py keys its reply parsers by (``CLUSTER INFO``, ``CONFIG SET``, ``GET``)."""
     return f"{cmd[0]} {cmd[1]}" if cmd[0] in ("CLUSTER", "CONFIG") else cmd[0]
+
+
+def _unmapped(rows: list[dict], views: list) -> list[dict]:
+    """Rows for the nodes CLUSTER NODES names but the client's slot map (CLUSTER SLOTS) does not:
+    Redis 7 leaves out a replica whose replication offset is still 0, so a cluster just formed
+    would show no replicas. Their role and link state from the first node that answered; their
+    memory is not asked (the client keeps no connection to them)."""
+    view = next((v for v in views if isinstance(v, dict)), None)
+    if view is None:
+        return []
+    known = {r["node"] for r in rows}
+    out = []
+    for addr, info in sorted(view.items()):
+        flags = set(str(info.get("flags", "")).split(","))
+        if addr in known or "noaddr" in flags or "handshake" in flags:
+            continue
+        role = "primary" if "master" in flags else "replica" if "slave" in flags else "?"
+        out.append({"node": addr, "role": role, "slots": 0,
+                    "connected": bool(info.get("connected")) and not flags & {"fail", "fail?"}})
+    return out
 
 
 def _summary(rows: list[dict], infos: list) -> dict:
