@@ -15,6 +15,14 @@ it allocates them, and after every step the harness checks the invariant the con
 every token vLLM counts as computed holds exactly the KV the forward would have written, except in
 blocks the worker reported as failed to load (vLLM recomputes those). ``wrong`` lists the violations.
 
+The fake forward goes layer by layer as vLLM's attention layers do: ``wait_for_layer_load`` before
+a layer's tokens are written, ``save_kv_layer`` after (``layer_hook`` lets a test act between
+them); under a simulated device in layer-wise mode each layer's cache is declared read there
+(the checker tracks a whole layer: outside that mode an asynchronous load's copies into another
+request's blocks of the layer may rightly still run). ``start_load_kv``
+comes before the forward in a step with synchronous loads and after it otherwise, as vLLM's
+``_get_kv_connector_output`` orders it.
+
 Asynchronous loads run as vLLM's model runner drives them: the worker's ``get_finished`` gets the
 step's finished requests and returns the loads that are complete, which go back to vLLM's scheduler
 with the load errors (a step that schedules nothing still calls the worker, as
@@ -101,9 +109,11 @@ class Harness:
 
     def __init__(self, tmp_path: Path, *, num_blocks: int = 16, block_size: int = 16, chunk_size: int = 32,
                  max_batched_tokens: int = 512, save_partial: bool = True, store: str = "cpu",
-                 prefix_caching: bool = False, extra: dict | None = None, streams=None):
+                 prefix_caching: bool = False, extra: dict | None = None, streams=None, model: Path | None = None):
         self.block_size, self.num_blocks = block_size, num_blocks
-        model = write_model_config(Path(tmp_path) / f"model-{uuid.uuid4().hex[:8]}")  # own keys per harness
+        # own keys per harness, unless it is handed another's model (the same keys: one store's chunks)
+        self.model = model or write_model_config(Path(tmp_path) / f"model-{uuid.uuid4().hex[:8]}")
+        model = self.model
         self.config = self._vllm_config(model, block_size, max_batched_tokens, prefix_caching, {
             "strata.config": store, "strata.chunk_size": chunk_size, "strata.save_partial": save_partial,
             **(extra or {})})
@@ -130,6 +140,7 @@ class Harness:
         self.wrong: list[str] = []  # violations of "computed tokens hold the right KV"
         self.generated: dict[str, list[int]] = {}  # the tokens vLLM kept, per request
         self.recving: list[set[str]] = []  # the loads the worker reported finished, step by step
+        self.layer_hook: Callable[[str, str], None] | None = None  # (phase, layer name), around each layer
 
     @staticmethod
     def _empty_layer(shape: tuple, sim) -> torch.Tensor:
@@ -183,6 +194,10 @@ class Harness:
         return self.scheduler.connector
 
     @property
+    def layerwise(self) -> bool:
+        return self.worker.worker_half.ctx.layerwise
+
+    @property
     def store(self):
         return self.worker.store
 
@@ -218,8 +233,11 @@ class Harness:
         w.bind_connector_metadata(pickle.loads(pickle.dumps(out.kv_connector_metadata)))
         if before_load is not None:
             before_load(step)
-        w.start_load_kv(None)
+        if out.has_sync_kv_loads:
+            w.start_load_kv(None)
         self._forward(out)
+        if not out.has_sync_kv_loads:
+            w.start_load_kv(None)
         w.wait_for_save()
         if self.settle:
             assert w.worker_half.wait_loads(timeout=60), "the loader did not finish"
@@ -277,18 +295,32 @@ class Harness:
             layer[fresh] = float("nan")
 
     def _forward(self, out: SchedulerOutput) -> None:
-        """Write the fake KV of every token computed this step into the request's blocks (under a
-        simulated device: the forward has read and written the cache, so a copy into it must wait
-        for the forward)."""
-        bs = self.block_size
-        for req, start, n in self._scheduled(out):
-            values = prefix_values(req.all_token_ids[: start + n])
-            ids = self.block_ids(req.request_id)
-            for pos in range(start, start + n):
-                for i, layer in enumerate(self.kv.values()):
+        """Write the fake KV of every token computed this step into the request's blocks, layer by
+        layer between the connector's layer hooks (vLLM calls them around each attention layer of a
+        step that computes). Under a simulated device (layer-wise mode) each layer is read once its
+        wait returned; a copy into the cache must wait for the forward."""
+        if not out.num_scheduled_tokens:
+            return
+        bs, w = self.block_size, self.worker
+        work = [(prefix_values(req.all_token_ids[: start + n]), self.block_ids(req.request_id), start, n)
+                for req, start, n in self._scheduled(out)]
+        for i, (name, layer) in enumerate(self.kv.items()):
+            self._layer_phase("before", name)
+            w.wait_for_layer_load(name)
+            self._layer_phase("loaded", name)
+            if self.sim is not None and self.layerwise:
+                self.sim.reads([layer])
+            for values, ids, start, n in work:
+                for pos in range(start, start + n):
                     layer[ids[pos // bs], pos % bs] = values[pos] + 0.5 * i
-        if self.sim is not None and out.num_scheduled_tokens:
+            w.save_kv_layer(name, layer, None)
+            self._layer_phase("saved", name)
+        if self.sim is not None:
             self.sim.read_done(list(self.kv.values()))
+
+    def _layer_phase(self, phase: str, name: str) -> None:
+        if self.layer_hook is not None:
+            self.layer_hook(phase, name)
 
     def expected_blocks(self, prompt: list[int], start: int, end: int) -> torch.Tensor:
         """The bundle ``[layers, blocks, *block]`` the forward writes for tokens ``start..end``."""

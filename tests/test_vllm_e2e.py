@@ -173,3 +173,20 @@ def test_redis_down_then_back_under_one_engine_and_a_second_engine_hits_over_red
         server.stop()
         if out is not None and out.get("redis_pid"):
             os.kill(out["redis_pid"], 9)
+
+
+def test_layerwise_mode_loads_through_vllms_layer_hooks_and_matches_a_run_without_the_connector(setup):
+    """``strata.layerwise``: vLLM's CPU build calls wait_for_layer_load / save_kv_layer around each
+    attention layer; hits load within the step that computes on them, layer by layer."""
+    root, _, reference = setup
+    store = root / "layerwise.yaml"  # its own store: what the other tests saved is no hit here
+    store.write_text("tiers:\n  - kind: cpu\n    capacity: 256MiB\n")
+    out = run_job(root / "model", store, 3, "--prefix-cache", "--layerwise", hash_seed="6")
+    assert out["runs"] == reference["runs"]
+    assert same_logprobs(out["logprobs"], reference["logprobs"])
+    c, bs = out["connector"], out["block_size"]
+    warm = [(n - 1) // bs * bs for n in (640, 300)]
+    assert out["cached"] == [[0, 0], warm + [300 // bs * bs], [256]]  # as in the asynchronous mode
+    assert c["tokens_loaded"] == sum(warm) + 256 and c["chunks_failed"] == 0
+    assert c["chunks_saved"] >= 2 and c["saves_dropped"] == 0
+    assert out["layer_waits"] >= 2 * 2  # two steps with loads (runs 1 and 2), both layers each

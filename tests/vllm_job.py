@@ -2,7 +2,7 @@
 
     python tests/vllm_job.py MODEL_DIR STORE_YAML RUNS [--no-connector] [--concurrent] [--prefix-cache]
                              [--same-prompts] [--redis-fault JSON] [--eager] [--offload JSON] [--compiled]
-                             [--engine-stats]
+                             [--engine-stats] [--layerwise]
 
 With --prefix-cache vLLM's own prefix cache is on and reset (``LLM.reset_prefix_cache()``)
 before every run, so a repeat is served by the connector, not by vLLM's GPU-side cache.
@@ -10,6 +10,8 @@ With --same-prompts every run sends run 0's prompts. With --redis-fault '{"pid":
 the Redis server P is killed after run 0 and started again from ``argv`` after run 1.
 With --engine-stats the LLM logs stats (``disable_log_stats=False``) and the output carries
 ``strata.kv.vllm.engine_stats(llm)`` as this process received it through vLLM's stats plumbing.
+With --layerwise the connector runs in layer-wise mode (``strata.layerwise``: hits load within the
+step that computes on them, through vLLM's ``wait_for_layer_load`` / ``save_kv_layer`` hooks).
 With --offload '{"gpu_budget": ...}' the weights load with ``--load-format strata`` and that
 extra config, eagerly unless --compiled is given (vLLM's compiled mode: the static ring); --eager
 runs eagerly without it.
@@ -79,6 +81,8 @@ def main():
         from strata.integrations.vllm_plugin import kv_transfer_config
 
         kwargs["kv_transfer_config"] = kv_transfer_config(store_cfg, chunk_size=256)
+        if "--layerwise" in sys.argv:
+            kwargs["kv_transfer_config"]["kv_connector_extra_config"]["strata.layerwise"] = True
     if "--offload" in sys.argv:
         kwargs.update(load_format="strata", model_loader_extra_config=json.loads(sys.argv[sys.argv.index("--offload") + 1]))
     if ("--offload" in sys.argv or "--eager" in sys.argv) and "--compiled" not in sys.argv:
@@ -120,6 +124,7 @@ def main():
         out["block_size"] = worker.block_size if worker else None
         out["store"] = worker.store.stats() if worker else None
         out["same_engine"] = len({id(c.store) for c in connectors()}) == 1
+        out["layer_waits"] = worker.worker_half.layer_waits if worker else None
     if "--offload" in sys.argv:
         from strata.integrations.vllm_loader import handles
         from strata.kv.vllm import connectors

@@ -7,7 +7,10 @@ block. A bundle is every layer's blocks of one chunk, stacked: ``[layers, blocks
 Two ways to move a bundle: ``gather``/``scatter`` (index kernels; on a device cache, a load goes
 through the staging bundle) and ``copy_out``/``copy_in`` (one copy per run of consecutive blocks
 and layer, issued on the current stream of the ``Streams`` the cache was built with: what the
-connector's side stream runs, so its ordering is events, never a host synchronisation).
+connector's side stream runs, so its ordering is events, never a host synchronisation). Each has a
+one-layer form (``gather_layer``, ``scatter_layer``, ``copy_out_layer``, ``copy_in_layer``) that
+moves ``bundle[i]`` alone: the connector's layer-wise mode moves a chunk layer by layer, in the
+same bundle format.
 """
 
 from __future__ import annotations
@@ -68,6 +71,17 @@ class PagedKV:
     def layout(self) -> tuple:
         return (len(self.layers), self.block_shape, str(self.dtype))
 
+    def _index(self, block_ids: Sequence[int], first: int = 0) -> torch.Tensor:
+        return torch.as_tensor(list(block_ids[first:]), dtype=torch.long, device=self.device)
+
+    def gather_layer(self, i: int, block_ids: Sequence[int], out: torch.Tensor) -> None:
+        """Copy those blocks of layer ``i`` into ``out`` (``bundle[i]`` of a host bundle), now."""
+        layer, idx = self.layers[i], self._index(block_ids)
+        if layer.device.type == "cpu":
+            torch.index_select(layer, 0, idx, out=out)  # one copy, no temporary
+        else:
+            self.dev.copy(out, layer.index_select(0, idx))
+
     def gather(self, block_ids: Sequence[int], pin: bool = False) -> torch.Tensor:
         """A new CPU bundle ``[layers, len(block_ids), *block_shape]`` of those blocks."""
         idx = torch.as_tensor(list(block_ids), dtype=torch.long, device=self.device)
@@ -94,31 +108,48 @@ class PagedKV:
         pinned = self.dev.is_async_device(self.device)
         return self.dev.host_empty(math.prod(shape) * self.dtype.itemsize, pinned).view(self.dtype).view(shape)
 
+    def copy_out_layer(self, i: int, block_ids: Sequence[int], out: torch.Tensor) -> None:
+        """Copy those blocks of layer ``i`` into ``out[i]`` of the host bundle ``out``, on the current
+        stream (asynchronous on a device: ``out`` holds them once an event recorded after this fires)."""
+        layer = self.layers[i]
+        for j, b, n in runs(block_ids):
+            self.dev.copy(out[i, j:j + n], layer[b:b + n], non_blocking=True)
+
     def copy_out(self, block_ids: Sequence[int], out: torch.Tensor) -> None:
-        """Copy those blocks of every layer into the host bundle ``out``, on the current stream
-        (asynchronous on a device: ``out`` holds them once an event recorded after this fires)."""
-        for i, layer in enumerate(self.layers):
-            for j, b, n in runs(block_ids):
-                self.dev.copy(out[i, j:j + n], layer[b:b + n], non_blocking=True)
+        """``copy_out_layer`` for every layer."""
+        for i in range(len(self.layers)):
+            self.copy_out_layer(i, block_ids, out)
+
+    def copy_in_layer(self, i: int, bundle: torch.Tensor, block_ids: Sequence[int], first: int = 0) -> None:
+        """Copy ``bundle[i, first:]`` into ``block_ids[first:]`` of layer ``i``, on the current
+        stream (asynchronous on a device: ``bundle`` must outlive the copies). Unchecked: the caller
+        has ``check``-ed the bundle."""
+        layer = self.layers[i]
+        for j, b, n in runs(block_ids, first):
+            self.dev.copy(layer[b:b + n], bundle[i, j:j + n], non_blocking=True)
 
     def copy_in(self, bundle: torch.Tensor, block_ids: Sequence[int], first: int = 0) -> None:
-        """Copy ``bundle[:, first:]`` into ``block_ids[first:]`` of every layer, on the current
-        stream (asynchronous on a device: ``bundle`` must outlive the copies)."""
-        self._check(bundle, block_ids)
-        for i, layer in enumerate(self.layers):
-            for j, b, n in runs(block_ids, first):
-                self.dev.copy(layer[b:b + n], bundle[i, j:j + n], non_blocking=True)
+        """``copy_in_layer`` for every layer, the bundle checked first."""
+        self.check(bundle, block_ids)
+        for i in range(len(self.layers)):
+            self.copy_in_layer(i, bundle, block_ids, first)
 
-    def _check(self, bundle: torch.Tensor, block_ids: Sequence[int]) -> None:
+    def check(self, bundle: torch.Tensor, block_ids: Sequence[int]) -> None:
+        """Raise a StoreError naming both shapes unless ``bundle`` is the bundle of those blocks."""
         if tuple(bundle.shape) != self.bundle_shape(len(block_ids)) or bundle.dtype != self.dtype:
             raise StoreError(f"bundle: got {tuple(bundle.shape)} {bundle.dtype}; allowed: "
                              f"{self.bundle_shape(len(block_ids))} {self.dtype}")
 
-    def scatter(self, bundle: torch.Tensor, block_ids: Sequence[int], first: int = 0) -> None:
-        """Write ``bundle[:, first:]`` into ``block_ids[first:]`` of every layer."""
-        self._check(bundle, block_ids)
+    def scatter_layer(self, i: int, bundle: torch.Tensor, block_ids: Sequence[int], first: int = 0) -> None:
+        """Write ``bundle[i, first:]`` into ``block_ids[first:]`` of layer ``i``. Unchecked: the
+        caller has ``check``-ed the bundle."""
         if first >= len(block_ids):
             return
-        idx = torch.as_tensor(list(block_ids[first:]), dtype=torch.long, device=self.device)
-        for i, layer in enumerate(self.layers):
-            layer.index_copy_(0, idx, bundle[i, first:].to(self.device, non_blocking=True))
+        src = bundle[i, first:].to(self.device, non_blocking=True)
+        self.layers[i].index_copy_(0, self._index(block_ids, first), src)
+
+    def scatter(self, bundle: torch.Tensor, block_ids: Sequence[int], first: int = 0) -> None:
+        """Write ``bundle[:, first:]`` into ``block_ids[first:]`` of every layer."""
+        self.check(bundle, block_ids)
+        for i in range(len(self.layers)):
+            self.scatter_layer(i, bundle, block_ids, first)

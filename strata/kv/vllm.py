@@ -15,7 +15,9 @@ Extra config keys: ``strata.config`` (store YAML or preset), ``strata.chunk_size
 store the last, partial chunk of whole blocks; default true), ``strata.max_pending_saves``
 (saves copied out of the cache but not yet in the store before further saves are dropped;
 default 64), ``strata.load_async`` (a hit loads while vLLM keeps its request waiting and the
-others run; false: before the step's forward, stalling the batch; default true).
+others run; false: before the step's forward, stalling the batch; default true), ``strata.layerwise``
+(a hit loads within the step that computes on it, released to the forward layer by layer, and saves
+are copied out layer by layer; implies ``load_async`` false; default false; ``vllm_layerwise``).
 
 This module is the facade vLLM loads; it is split the way vLLM splits its own offloading
 connector. vLLM builds one connector per role and calls each only with that role's methods: the
@@ -103,6 +105,12 @@ class StrataConnector(KVConnectorBase_V1):
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]):
         self.worker_half.register(kv_caches)
 
+    @classmethod
+    def requires_piecewise_for_cudagraph(cls, extra_config: dict[str, Any]) -> bool:
+        """Layer-wise mode waits and copies between attention layers: vLLM must not capture them
+        into a full CUDA graph (it falls back to piecewise graphs)."""
+        return (extra_config or {}).get("strata.layerwise") is True
+
     # ------------------------------ sleep mode (vLLM 0.33 calls these; 0.32 never does)
     @classmethod
     def supports_sleep_mode(cls, kv_transfer_config) -> bool:
@@ -122,10 +130,16 @@ class StrataConnector(KVConnectorBase_V1):
         self.worker_half.load(self._get_connector_metadata())
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        return  # synchronous loads are done in start_load_kv; asynchronous ones before their request runs
+        """Layer-wise mode: until this layer of the step's loads may be computed on. Otherwise at
+        once: synchronous loads are done in start_load_kv, asynchronous ones before their request runs."""
+        self.worker_half.wait_layer(layer_name)
 
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata, **kwargs: Any) -> None:
-        return  # gathered for all layers at once in wait_for_save
+        """Layer-wise mode: copy this layer of the step's chunks to save out of the cache (from the
+        registered cache, the same tensor as ``kv_layer``). Otherwise nothing: wait_for_save gathers
+        every layer at once."""
+        meta = self._get_connector_metadata() if self.has_connector_metadata() else None
+        self.worker_half.save_layer(layer_name, meta)
 
     def wait_for_save(self):
         self.worker_half.save(self._get_connector_metadata())

@@ -19,12 +19,15 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("strata.kv")
 
-CONNECTOR_KEYS = {"config", "chunk_size", "save_partial", "max_pending_saves", "load_async"}
+CONNECTOR_KEYS = {"config", "chunk_size", "save_partial", "max_pending_saves", "load_async", "layerwise"}
 
 
 def settings(extra: dict) -> dict:
-    """The ``strata.*`` keys with their defaults; a key or value not allowed names what is."""
-    out = {"config": None, "chunk_size": 256, "save_partial": True, "max_pending_saves": 64, "load_async": True}
+    """The ``strata.*`` keys with their defaults; a key or value not allowed names what is.
+    ``strata.layerwise: true`` loads a hit within the step that computes on it, layer by layer, so
+    it turns ``load_async`` off (and refuses an explicit ``strata.load_async: true``)."""
+    out = {"config": None, "chunk_size": 256, "save_partial": True, "max_pending_saves": 64, "load_async": True,
+           "layerwise": False}
     for k, v in (extra or {}).items():
         if not k.startswith("strata."):
             continue
@@ -36,9 +39,15 @@ def settings(extra: dict) -> dict:
     for name in ("chunk_size", "max_pending_saves"):
         if isinstance(out[name], bool) or not isinstance(out[name], int) or out[name] <= 0:
             raise ConfigError(f"kv_connector_extra_config: strata.{name}: got {out[name]!r}; allowed: an integer > 0")
-    for name in ("save_partial", "load_async"):
+    for name in ("save_partial", "load_async", "layerwise"):
         if not isinstance(out[name], bool):
             raise ConfigError(f"kv_connector_extra_config: strata.{name}: got {out[name]!r}; allowed: true, false")
+    if out["layerwise"]:
+        if (extra or {}).get("strata.load_async") is True:
+            raise ConfigError("kv_connector_extra_config: strata.layerwise: true loads a hit in the step that "
+                              "computes on it, strata.load_async: true in the steps before it; allowed: "
+                              "strata.layerwise: true with strata.load_async false or unset")
+        out["load_async"] = False
     return out
 
 
@@ -56,6 +65,7 @@ class Context:
     save_partial: bool
     max_pending_saves: int  # the one bound on saves: gathered, queued or being put
     load_async: bool = True  # a hit is loaded while vLLM parks its request (false: before the step's forward)
+    layerwise: bool = False  # synchronous loads released and saves gathered layer by layer (vllm_layerwise)
     prefix_caching: bool = False  # vLLM's own prefix cache is on (it caches what a load brought)
     facts: dict = field(default_factory=dict)  # what the scope hashes (kv_scope's arguments), for new epochs
 
@@ -109,5 +119,5 @@ def build(vllm_config, kv_transfer_config, kv_cache_config) -> Context:
                    hasher=hasher, store=store,
                    rank=vllm_config.parallel_config.rank, lookup_path=socket_path(kv_transfer_config.engine_id),
                    save_partial=cfg["save_partial"], max_pending_saves=cfg["max_pending_saves"],
-                   load_async=cfg["load_async"], facts=facts,
+                   load_async=cfg["load_async"], layerwise=cfg["layerwise"], facts=facts,
                    prefix_caching=bool(getattr(vllm_config.cache_config, "enable_prefix_caching", False)))

@@ -238,7 +238,8 @@ class SchedulerHalf:
     def connector_output(self, output) -> None:
         """Blocks that failed to load cap later lookups of their request (vLLM frees a request whose
         load failed from its first token and asks again: it must not be offered the same chunk
-        forever) and make their chunks its to save again (a corrupt chunk was dropped by the store);
+        forever) and make their chunks its to save again (a corrupt chunk was dropped by the store),
+        also when the request was a synchronous load and is not admitted anew;
         a load reported finished no longer holds its chunks."""
         failed = set(output.invalid_block_ids or ())
         if failed:
@@ -254,6 +255,7 @@ class SchedulerHalf:
             return
         state.load_cap = token if state.load_cap is None else min(state.load_cap, token)
         state.held.difference_update(c.key for c in spec.chunks if c.end > token)
+        state.saved = False  # a synchronous load's request recomputes from ``token`` and runs on: save again
 
     # ------------------------------------------------------------------ the end
     def finished(self, request) -> None:

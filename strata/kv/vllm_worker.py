@@ -8,13 +8,15 @@ synchronisation). ``finished`` reports the request once every byte is in its blo
 fails, and every chunk after it in its request, is reported as load errors (vLLM recomputes them).
 A request that finishes while its load runs is cancelled, but reported only once nothing of its
 load can still write its blocks: vLLM frees them only then. A synchronous load (``strata.load_async:
-false``, or a spec made by hand) is done before the forward, as before.
+false``, or a spec made by hand) is done before the forward, as before; with ``strata.layerwise:
+true`` it is started before the forward and released to it layer by layer (``vllm_layerwise``).
 
 Saves: each chunk to save is copied out of the paged cache (on a device: on the side stream,
 after an event of the forward, the compute stream waiting for the copies' event in turn, so a block
 is reused only once it was read) into a host bundle, then put by one background thread. One bound
 (``strata.max_pending_saves``) covers every save from the copy to the put, and one counter
-(``saves_dropped``) what it turned away.
+(``saves_dropped``) what it turned away. In layer-wise mode each chunk's layers are copied out as
+the forward hands them over (``save_kv_layer``), under the same bound and into the same bundle.
 
 It also holds the KV cache tensors (given back around sleep), serves the scheduler's lookups from
 the rank-0 worker, and counts what it moved for vLLM's stats.
@@ -26,6 +28,7 @@ import logging
 import threading
 import time
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 from typing import Any
 
@@ -37,6 +40,7 @@ from strata.errors import StoreError
 from strata.kv.lookup import LookupServer
 from strata.kv.paged import PagedKV
 from strata.kv.vllm_context import Context
+from strata.kv.vllm_layerwise import LayerwiseLoad, LayerwiseSave
 from strata.kv.vllm_meta import BlockSpan, LoadSpec, StrataConnectorMetadata
 from strata.kv.vllm_metrics import COUNTERS, MAX_TIMINGS, TIMINGS
 from strata.timeline import profiling as _profiling
@@ -307,6 +311,13 @@ class WorkerHalf:
         self.loader = Loader(ctx.store)
         self._jobs: list[LoadJob] = []  # asynchronous loads not reported finished yet, in order
         self._lookup_server: LookupServer | None = None
+        self._layer_index: dict[str, int] = {}  # layer name -> its index in ``paged``
+        self._layer_reader: ThreadPoolExecutor | None = None  # reads layer-wise loads
+        self._layer_load: LayerwiseLoad | None = None  # this step's, until the step ends
+        self._layer_save: LayerwiseSave | None = None  # this step's, until ``wait_for_save``
+        self._retiring: list[LayerwiseLoad] = []  # finished, their device copies maybe still running
+        self.layer_waits = 0  # wait_for_layer_load calls that waited on a layer-wise load (tests)
+        self._failed_at: dict[str, int] = {}  # this step's synchronous loads that failed: request -> token
 
     # ------------------------------------------------------------------ the KV cache, and sleep
     def register(self, kv_caches: dict[str, torch.Tensor]) -> None:
@@ -321,6 +332,7 @@ class WorkerHalf:
 
     def _paged_kv(self, kv_caches: dict[str, torch.Tensor]) -> PagedKV:
         names = [n for n in self.ctx.layer_names if n in kv_caches]
+        self._layer_index = {n: i for i, n in enumerate(names)}
         paged = PagedKV([kv_caches[n] for n in names], num_blocks=self.ctx.num_blocks, dev=self.dev)
         if self.dev.is_async_device(paged.device) and self._stream is None:
             self._stream = self.dev.new_stream(paged.device)
@@ -338,6 +350,8 @@ class WorkerHalf:
         requests that sleep aborted. Saves already copied out still reach the store. Idempotent."""
         if self.paged is None:
             return
+        self._end_layer_load()
+        self._layer_save = None
         for job in self._jobs:
             job.cancelled = True
         self.loader.wait_idle(timeout=30)
@@ -360,7 +374,10 @@ class WorkerHalf:
             with _range("strata.kv.load"):
                 sync = [spec for spec in meta.loads if not spec.is_async]
                 if sync and self.paged is not None:
-                    self._load_step(sync)
+                    if self.ctx.layerwise:
+                        self._start_layer_load(sync)
+                    else:
+                        self._load_step(sync)
                 for spec in meta.loads:
                     if spec.is_async:
                         self._submit(spec)
@@ -380,6 +397,7 @@ class WorkerHalf:
         self.saves.poll()
         if not self._on_device:
             return
+        self._retiring = [load for load in self._retiring if not load.retired()]
         for job in self._jobs:
             if job.read and job.copied is None and job.bundles:
                 if job.cancelled:
@@ -411,6 +429,7 @@ class WorkerHalf:
         """The requests whose asynchronous load is complete (every byte in its blocks, or nothing
         more that can be written): their failed blocks go to ``load_errors`` for this very step.
         Loads of requests in ``finished_req_ids`` (finished or aborted meanwhile) are cancelled."""
+        self._end_layer_load()
         if finished_req_ids:
             for job in self._jobs:
                 if job.req_id in finished_req_ids:
@@ -454,27 +473,34 @@ class WorkerHalf:
         plans = [spec.planned(self.ctx.block_size) for spec in specs]
         with self._sources([s.chunk.key for spans in plans for s in spans]) as sources:
             views = iter(sources)
-            for spans in plans:
-                self._load_request(spans, views)
+            for spec, spans in zip(specs, plans):
+                self._note_failure(spec.req_id, self._load_request(spans, views))
         elapsed = time.perf_counter() - t0
         self.counters["load_seconds"] += elapsed
         self._timings["load_times"].append(elapsed)
 
-    def _load_request(self, spans: list[BlockSpan], views) -> None:
+    def _note_failure(self, req_id: str, token: int | None) -> None:
+        """A synchronous load of ``req_id`` failed from ``token`` on (None: it did not)."""
+        if token is not None:
+            self._failed_at[req_id] = min(token, self._failed_at.get(req_id, token))
+
+    def _load_request(self, spans: list[BlockSpan], views) -> int | None:
         """One request's chunks, in order: after the first that fails, none is loaded (vLLM
-        recomputes from there), and every block from there on is reported."""
-        failed = False
+        recomputes from there), and every block from there on is reported. The first token of the
+        first chunk that failed, None if none did."""
+        failed = None
         for span in spans:
             view = next(views)
-            loaded = 0 if failed else self._load(span, view)
+            loaded = 0 if failed is not None else self._load(span, view)
             if not loaded:
-                failed = True
+                failed = span.chunk.start if failed is None else failed
                 self._failed.update(span.new_block_ids)
                 self.counters["chunks_failed"] += 1
                 continue
             self.counters["chunks_loaded"] += 1
             self.counters["tokens_loaded"] += span.tokens
             self.counters["bytes_loaded"] += loaded
+        return failed
 
     @contextmanager
     def _sources(self, keys: list):
@@ -511,31 +537,96 @@ class WorkerHalf:
 
     def load_errors(self) -> set[int]:
         """The blocks that failed to load since the last call (vLLM recomputes them)."""
+        self._end_layer_load()
         failed, self._failed = self._failed, set()
         return failed
 
+    # ------------------------------------------------------------------ layer-wise loads
+    def _start_layer_load(self, specs: list[LoadSpec]) -> None:
+        """Start reading this step's loads; ``wait_layer`` releases them to the forward layer by layer."""
+        self._end_layer_load()  # a step that was never ended (defensive): its load first
+        if self._layer_reader is None:
+            self._layer_reader = ThreadPoolExecutor(1, thread_name_prefix="strata-kv-layerwise")
+        requests = [spec.planned(self.ctx.block_size) for spec in specs]
+        self._layer_load = LayerwiseLoad(requests, self.paged, self.ctx.store, self._layer_reader, self._stream,
+                                         owners=[spec.req_id for spec in specs])
+
+    def wait_layer(self, layer_name: str) -> None:
+        """``wait_for_layer_load``: nothing to wait for outside layer-wise mode, in a step without a
+        layer-wise load, or for a layer this connector does not hold."""
+        load = self._layer_load
+        i = self._layer_index.get(layer_name)
+        if load is not None and i is not None:
+            self.layer_waits += 1
+            load.wait(i)
+
+    def _end_layer_load(self) -> None:
+        """The step's layer-wise load, finished (every layer in, or ordered before any later work
+        on a device) and counted: its failed chunks' blocks become load errors for this step."""
+        load, self._layer_load = self._layer_load, None
+        if load is None:
+            return
+        load.finish()
+        for span, nbytes in load.loaded():
+            self.counters["chunks_loaded"] += 1
+            self.counters["tokens_loaded"] += span.tokens
+            self.counters["bytes_loaded"] += nbytes
+        for span in load.failed:
+            self._failed.update(span.new_block_ids)
+            self.counters["chunks_failed"] += 1
+        for req_id, token in load.failed_from().items():
+            self._note_failure(req_id, token)
+        self.counters["load_seconds"] += load.seconds
+        self._timings["load_times"].append(load.seconds)
+        if self._on_device:
+            self._retiring.append(load)  # its host bundles live until its copies have run
+
     # ------------------------------------------------------------------ saves
     def save(self, meta) -> None:
+        """``wait_for_save``: the step's saves go to the save queue (in layer-wise mode, the chunks
+        the forward's layers were copied into); the step's layer-wise load, if any, is finished."""
+        layered, self._layer_save = self._layer_save, None
+        self._end_layer_load()
         if isinstance(meta, StrataConnectorMetadata) and meta.saves and self.paged is not None:
+            unsafe = self._computed_on_failed_loads(meta)
             with _range("strata.kv.save"):
-                self._queue_saves(meta)
+                if self.ctx.layerwise:
+                    for chunk, bundle, event in (layered or self._start_layer_save(meta)).finish():
+                        if chunk.key in unsafe:
+                            self.counters["chunks_skipped"] += 1
+                        else:
+                            self.saves.add(chunk, bundle, event)
+                else:
+                    self._queue_saves(meta, unsafe)
+        self._failed_at = {}
         self.saves.poll()
 
-    def _queue_saves(self, meta: StrataConnectorMetadata) -> None:
+    def _computed_on_failed_loads(self, meta: StrataConnectorMetadata) -> set:
+        """Keys of the step's chunks to save that its forward computed on top of a synchronous load
+        that failed in this step (their bytes are wrong: vLLM drops them and recomputes, and the
+        recomputation saves them)."""
+        failed = self._failed_at
+        return {c.key for spec in meta.saves if spec.req_id in failed
+                for c in spec.chunks if c.end > failed[spec.req_id]}
+
+    def save_layer(self, layer_name: str, meta) -> None:
+        """``save_kv_layer`` (layer-wise mode): copy this layer of each chunk to save out of the
+        cache now, the forward having written it; the chunks go to the save queue at ``save``."""
+        i = self._layer_index.get(layer_name)
+        if (not self.ctx.layerwise or i is None or self.paged is None
+                or not isinstance(meta, StrataConnectorMetadata) or not meta.saves):
+            return
+        if self._layer_save is None:
+            self._layer_save = self._start_layer_save(meta)
+        self._layer_save.layer(i)
+
+    def _start_layer_save(self, meta: StrataConnectorMetadata) -> LayerwiseSave:
+        return LayerwiseSave(self._save_spans(meta), self.paged, self._stream)
+
+    def _queue_saves(self, meta: StrataConnectorMetadata, unsafe: set) -> None:
         """Copy each whole chunk to save out of the cache (as many as the queue has room for; the
-        rest are dropped and counted)."""
-        bs = self.ctx.block_size
-        spans = []
-        for spec in meta.saves:
-            for span in spec.planned(bs):
-                if len(span.block_ids) * bs != span.chunk.end - span.chunk.start:
-                    self.counters["chunks_skipped"] += 1
-                else:
-                    spans.append(span)
-        room = max(0, self.saves.room())
-        if len(spans) > room:
-            self.saves.drop(len(spans) - room)
-            spans = spans[:room]
+        rest are dropped and counted), but those in ``unsafe`` (skipped and counted)."""
+        spans = self._save_spans(meta, unsafe)
         if not spans:
             return
         if not self._on_device:  # a host cache: a plain copy, the blocks may be reused after this step
@@ -543,6 +634,23 @@ class WorkerHalf:
                 self.saves.add(span.chunk, self.paged.gather(span.block_ids), None)
             return
         self._copy_out(spans)
+
+    def _save_spans(self, meta: StrataConnectorMetadata, unsafe: set = frozenset()) -> list[BlockSpan]:
+        """The step's whole chunks to save, as many as the queue has room for (the chunks short of
+        their blocks or in ``unsafe`` are skipped, those beyond the room dropped, all counted)."""
+        bs = self.ctx.block_size
+        spans = []
+        for spec in meta.saves:
+            for span in spec.planned(bs):
+                if len(span.block_ids) * bs != span.chunk.end - span.chunk.start or span.chunk.key in unsafe:
+                    self.counters["chunks_skipped"] += 1
+                else:
+                    spans.append(span)
+        room = max(0, self.saves.room())
+        if len(spans) > room:
+            self.saves.drop(len(spans) - room)
+            spans = spans[:room]
+        return spans
 
     def _copy_out(self, spans: list[BlockSpan]) -> None:
         """On the side stream, after the forward that wrote the blocks: copy each chunk into a pinned
@@ -602,6 +710,10 @@ class WorkerHalf:
         if self._lookup_server is not None:
             self._lookup_server.close()
             self._lookup_server = None
+        self._end_layer_load()
+        if self._layer_reader is not None:
+            self._layer_reader.shutdown(wait=True)
+            self._layer_reader = None
         for job in self._jobs:
             job.cancelled = True
         self.loader.close()
