@@ -3,7 +3,11 @@
 Index and accounting changes happen under one lock; payload copies, file writes and
 network round trips run outside it on reserved (invisible) or leased (unfreeable)
 entries. That includes demotion on eviction: a victim that must live on below is leased,
-written down after the lock is let go, and only then evicted (``_reserve``). A tier that
+written down after the lock is let go, and only then evicted (``_reserve``). I/O that an index
+change under the lock calls for (unlinking a retired object's file, flushing a cleared cxl slot,
+a DEL on a backing store) is deferred by the tier (``after_unlock``) and run by the thread that
+made the change as it lets the lock go (``ChainLock``), before its store call returns; a put
+short of room that device copies still hold waits for them outside the lock too. A tier that
 fails (an I/O error, a checksum mismatch) degrades to a miss and a counter.
 """
 
@@ -18,7 +22,7 @@ import torch
 
 from strata.config import StoreConfig, format_size
 from strata.store.codec import CorruptObject, ObjectMeta, checksum, fit_out
-from strata.store.tiers.base import Entry, NotStored, Tier
+from strata.store.tiers.base import CopiesInFlight, Entry, NotStored, Tier, lock_entered, lock_left
 from strata.store.writeback import WriteBack
 
 log = logging.getLogger("strata.chain")
@@ -26,6 +30,46 @@ Guard = Callable[[], bool]
 T = TypeVar("T")
 _DEMOTION_ROUNDS = 4  # reserve, demote victims outside the lock, retry: at most this many times per write
 _DOWN_WAIT_S = 30.0  # the longest a flush or a reservation waits for another writer of the same entry
+_COPY_WAITS = 16  # a reservation waits at most this many times for device copies holding a tier's room
+
+
+class ChainLock:
+    """The chain's lock: reentrant; as a thread lets go of it entirely, the I/O tiers deferred under
+    it (``after_unlock``) runs in that thread, so no thread waits for another's unlinks, flushes or
+    round trips, and a store call still returns only after its own. A ``threading.Condition`` over
+    it waits as over an RLock (letting it go for the while runs nothing)."""
+
+    def __init__(self):
+        self._lock = threading.RLock()
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        outer = not self._lock._is_owned()
+        if not self._lock.acquire(blocking, timeout):
+            return False
+        if outer:
+            lock_entered()
+        return True
+
+    def release(self) -> None:
+        self._lock.release()
+        if not self._lock._is_owned():
+            lock_left()
+
+    def __enter__(self) -> bool:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    # what threading.Condition uses to wait on a reentrant lock
+    def _is_owned(self) -> bool:
+        return self._lock._is_owned()
+
+    def _release_save(self):
+        return self._lock._release_save()
+
+    def _acquire_restore(self, state) -> None:
+        self._lock._acquire_restore(state)
 
 
 class WriteItem(NamedTuple):
@@ -57,7 +101,7 @@ class TierChain:
     def __init__(self, tiers: list[Tier], cfg: StoreConfig):
         self.tiers = tiers
         self.cfg = cfg
-        self.lock = threading.RLock()
+        self.lock = ChainLock()
         self._writing: dict[bytes, int] = {}  # keys with a write down the chain (flush, demotion, remote) in flight
         self._down: set[Entry] = set()  # entries a flush or a demotion is writing down: one writer each
         self._writes_done = threading.Condition(self.lock)
@@ -194,32 +238,47 @@ class TierChain:
         as rejected). Eviction happens under the lock, but a victim that must live on below (dirty,
         or ``evict: lower`` with no copy below) is not written there under it: it is leased and
         set aside, demoted after the lock is let go (``_demote``), and then its room is retried.
-        Readers meanwhile find the victim whole where it was."""
+        Readers meanwhile find the victim whole where it was. Room that device copies out of the
+        tier still hold (``CopiesInFlight``) is waited for after the lock is let go, then retried."""
         entries: list[Entry | None] = [None] * len(items)
-        for _ in range(_DEMOTION_ROUNDS):
+        rounds = waits = 0
+        while rounds < _DEMOTION_ROUNDS:
             victims: list[Entry] = []
             busy: list[Entry] = []  # victims the flusher is writing down: evictable once it is done
+            copies: list = []  # events of device copies holding room the tier is short of
             with self.lock:
                 try:
                     for j, item in enumerate(items):
                         if entries[j] is None:
                             evict = self._evict_hook(tier, victims, tier.stored_size(item.key, item.meta), busy)
-                            entries[j] = tier.reserve(item.key, item.ns, item.meta, evict)
+                            try:
+                                entries[j] = tier.reserve(item.key, item.ns, item.meta, evict)
+                            except CopiesInFlight as exc:
+                                copies = exc.events
+                                break
                             if entries[j] is not None and tier.remote:
                                 self._mark_writing(item.key)
                 except BaseException:  # victims set aside must not stay held (a delete would wait forever)
                     for e in victims:
                         self._let_go(tier, e)
                     raise
-            if not victims:
-                if not busy or all(e is not None for e in entries):
-                    break
-                with self.lock:  # the flusher's write of a victim ends with it clean, evictable
-                    self._await_down(busy[0])
-                continue
-            self._demote(tier, victims)
+            if copies:  # waited for without the lock; the next reservation reaps them
+                waits += 1
+                for event in copies:
+                    event.synchronize()
+            if victims:
+                self._demote(tier, victims)
             if all(e is not None for e in entries):
                 break
+            if copies and waits < _COPY_WAITS:
+                continue
+            rounds += 1
+            if victims:
+                continue
+            if not busy:
+                break
+            with self.lock:  # the flusher's write of a victim ends with it clean, evictable
+                self._await_down(busy[0])
         with self.lock:
             for item, e in zip(items, entries):
                 if e is None:
@@ -601,9 +660,16 @@ class TierChain:
             self.writeback.drain()
 
     def close(self) -> None:
+        """Drain the write-back queue, wait for device copies out of the tiers (without the lock),
+        give their leases back, and close the tiers (a last flush or purge: I/O, without the lock)."""
         if self.writeback is not None:
             self.writeback.close()
         with self.lock:
+            copies = [event for t in self.tiers for event in t.copies_in_flight()]
+        for event in copies:
+            event.synchronize()
+        with self.lock:
             for t in self.tiers:
-                t.reap(wait=True)
-                t.close()
+                t.reap()
+        for t in self.tiers:
+            t.close()

@@ -43,7 +43,7 @@ import torch
 from strata.keys import key_namespace
 from strata.store.codec import (CorruptObject, FIXED_HEADER_SIZE, checksum_buffer, flat_bytes, header_size,
                                 header_size_for, pack_header, unpack_header)
-from strata.store.tiers.base import Entry, NotStored, Tier
+from strata.store.tiers.base import Entry, NotStored, Tier, after_unlock
 
 log = logging.getLogger("strata.backing")
 T = TypeVar("T")
@@ -374,10 +374,23 @@ class BackingTier(Tier):
 
     def _free(self, e: Entry) -> None:
         if e.loc == "written":  # a put that lost to a newer one or a delete: take it back
-            self.remove(e.key)
+            self._drop(e.key)
 
     def retire(self, e: Entry) -> None:
-        self.remove(e.key)  # a corrupt value: never served again
+        self._drop(e.key)  # a corrupt value: never served again
+
+    def _drop(self, key: bytes) -> None:
+        """Delete ``key`` on the store for the chain, which holds its lock (no round trip under it): a
+        miss from now on (stale), deleted once the lock is let go, before the store call returns."""
+        self._mark_stale(key)
+        after_unlock(lambda: self._purge_dropped(key))
+
+    def _purge_dropped(self, key: bytes) -> None:
+        """``_drop``'s delete, without the chain lock; where the store does not take it (as ``remove``)
+        an error is counted and the key stays stale: a miss, deleted when the store answers."""
+        self._purge()
+        if key in self._stale:
+            self.counters.errors += 1
 
     # -- bytes ------------------------------------------------------------------------------
     def _batches(self, sizes: list[int]) -> Iterator[tuple[int, int]]:

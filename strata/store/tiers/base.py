@@ -2,11 +2,16 @@
 
 A tier is driven by the ``TierChain`` under the chain's lock for every index and
 accounting call; the bulk byte moves (``write``, ``read_into``) run outside the lock
-on an entry that is reserved (not yet visible) or leased (cannot be freed).
+on an entry that is reserved (not yet visible) or leased (cannot be freed). I/O an index
+change calls for (unlinking a freed object's file, flushing a cleared slot, a DEL on a
+store) goes through ``after_unlock``: it runs once the thread has let the lock go, before
+the store call returns, so no store call waits on another's I/O.
 """
 
 from __future__ import annotations
 
+import logging
+import threading
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Callable
@@ -17,6 +22,57 @@ from strata import streams
 from strata.config import StoreConfig, TierConfig
 from strata.store.codec import CorruptObject, ObjectMeta, checksum
 from strata.store.eviction import make_policy
+
+log = logging.getLogger("strata.tiers")
+
+
+class _Deferred(threading.local):
+    depth = 0  # chain locks this thread holds (reentries not counted)
+    queue: list | None = None  # I/O to run once it holds none
+
+
+_deferred = _Deferred()
+
+
+def after_unlock(fn: Callable[[], None]) -> None:
+    """Run ``fn`` (I/O an index change calls for) once the calling thread holds no chain lock:
+    at once where it holds none, else right after it lets the last one go (``lock_entered`` /
+    ``lock_left``), in this thread, so the store call that caused it returns only after it. ``fn``
+    deals with its own faults (a failing tier degrades, never raises); one that raises is logged."""
+    if _deferred.queue is None:
+        fn()
+    else:
+        _deferred.queue.append(fn)
+
+
+def lock_entered() -> None:
+    """This thread took a chain lock (not a reentry): I/O of tiers waits until it lets go."""
+    if _deferred.depth == 0:
+        _deferred.queue = []
+    _deferred.depth += 1
+
+
+def lock_left() -> None:
+    """This thread let a chain lock go entirely: once it holds none, run what was deferred."""
+    _deferred.depth -= 1
+    if _deferred.depth:
+        return
+    queue, _deferred.queue = _deferred.queue, None
+    for fn in queue or ():
+        try:
+            fn()
+        except Exception:  # noqa: BLE001 - deferred I/O must not fail the store call that caused it
+            log.warning("I/O deferred past the chain's lock failed", exc_info=True)
+
+
+class CopiesInFlight(Exception):
+    """``_alloc`` found no room while device copies out of the tier are in flight, holding bytes
+    that come back when they complete. The chain waits for ``events`` outside its lock and
+    reserves again: waiting under it would stall every store call for as long as a copy runs."""
+
+    def __init__(self, events: list):
+        super().__init__(f"{len(events)} device copies in flight")
+        self.events = events
 
 
 class NotStored(LookupError):
@@ -250,7 +306,14 @@ class Tier:
         self.lease(e)
         self._in_flight.append((event, e))
 
+    def copies_in_flight(self) -> list:
+        """The events of device copies still holding leases (caller holds the lock), for a caller
+        to wait for without the lock; a ``reap`` afterwards gives their leases back."""
+        return [event for event, _ in self._in_flight]
+
     def reap(self, wait: bool = False) -> None:
+        """Give back the leases of copies that have completed; with ``wait``, of all of them, after
+        waiting for each (blocks: never under the chain lock, see ``copies_in_flight``)."""
         keep = []
         for event, e in self._in_flight:
             if wait:

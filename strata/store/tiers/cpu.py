@@ -2,7 +2,8 @@
 
 Objects are typed views into the slab. Readers hold a lease while they copy, so an
 evicted or overwritten object's bytes are never reused under them; a non-blocking
-copy to the GPU keeps its lease until the copy's CUDA event has completed.
+copy to the GPU keeps its lease until the copy's CUDA event has completed (a put that
+needs those bytes waits for it outside the chain's lock: ``CopiesInFlight``).
 Host RAM is trusted: checksums are computed when an object leaves this tier for a
 persistent one, or on every put and get with ``verify: true``.
 """
@@ -19,7 +20,7 @@ from strata.errors import ConfigError
 
 from strata.store.allocator import ExtentAllocator
 from strata.store.codec import CorruptObject, checksum
-from strata.store.tiers.base import Entry, Tier
+from strata.store.tiers.base import CopiesInFlight, Entry, Tier
 
 
 def host_memory() -> int | None:
@@ -71,11 +72,13 @@ class CpuTier(Tier):
 
     def _alloc(self, e: Entry) -> bool:
         off = self.allocator.alloc(e.size)
-        if off is None:
-            self.reap(wait=bool(self._in_flight))  # bytes held only by finished GPU copies come back
+        if off is None and self._in_flight:
+            self.reap()  # bytes held only by GPU copies that have completed come back
             off = self.allocator.alloc(e.size)
-            if off is None:
-                return False
+            if off is None and self._in_flight:  # the chain waits for the rest outside its lock, then retries
+                raise CopiesInFlight(self.copies_in_flight())
+        if off is None:
+            return False
         e.loc = off
         e.view = self._typed_view(off, e.meta)
         return True

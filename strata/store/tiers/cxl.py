@@ -64,7 +64,7 @@ from strata.keys import key_namespace, namespaces
 from strata.store import numa
 from strata.store.allocator import ExtentAllocator
 from strata.store.codec import CorruptObject, checksum, header_size_for, pack_header, unpack_header
-from strata.store.tiers.base import Entry, Tier
+from strata.store.tiers.base import Entry, Tier, after_unlock
 from strata.store.tiers.cpu import contiguous_strides
 
 log = logging.getLogger("strata.cxl")
@@ -300,13 +300,25 @@ class CxlTier(Tier):
         self._flush(at, _SLOT.size)
 
     def _clear_slot(self, i: int) -> None:
+        """Uncommit a slot: other processes see it at once (shared mapping); its flush to the device,
+        which only a crash of the host would miss, waits until the chain lets its lock go."""
         at = _SLOTS_AT + i * _SLOT.size
         struct.pack_into("<Q", self.map, at, 0)
-        self._flush(at, 8)
+        after_unlock(lambda: self._flush_late(at, 8))
 
     def _flush(self, at: int, n: int) -> None:
         start = at - at % mmap.PAGESIZE
         self.map.flush(start, _round(at + n - start, mmap.PAGESIZE))
+
+    def _flush_late(self, at: int, n: int) -> None:
+        """A deferred ``_flush``: none once the region is closed (closing flushed it whole); a
+        fault is counted, never raised into the store call that freed the slot."""
+        if self.map is None:
+            return
+        try:
+            self._flush(at, n)
+        except (OSError, ValueError):  # ValueError: unmapped meanwhile by a close in another thread
+            self.counters.errors += 1
 
     # -- sharing: re-read the slot table when another process changed it -----------------------
     def _sync(self, force: bool = False) -> int:

@@ -41,7 +41,7 @@ import torch
 
 from strata.keys import key_namespace, namespaces
 from strata.store.codec import CorruptObject, FIXED_HEADER_SIZE, checksum, flat_bytes, header_size, header_size_for, pack_header, unpack_header
-from strata.store.tiers.base import Entry, NotStored, Tier
+from strata.store.tiers.base import Entry, NotStored, Tier, after_unlock
 from strata.store.tiers.cxl import RegionAbsent
 
 _SUFFIX = ".obj"
@@ -147,8 +147,9 @@ class FileTier(Tier):
         self.foreign = 0  # objects recovered of namespaces this process had not registered
         self.adopted = 0  # objects found in the directory after open (another process saved them)
         self.vanished = 0  # indexed objects whose file another process removed
-        # File names of this process that the index does not show: puts in flight, and retired
-        # objects a reader still leases. A directory probe must not adopt them.
+        # File names of this process that the index does not show: puts in flight, retired
+        # objects a reader still leases, and freed objects not unlinked yet. A directory probe
+        # must not adopt them.
         self._unlisted: set[str] = set()
         # File names a read found gone (set outside the chain lock, acted on under it in release).
         self._gone: set[str] = set()
@@ -337,12 +338,24 @@ class FileTier(Tier):
         return True
 
     def _free(self, e: Entry) -> None:
-        self._unlisted.discard(e.loc.name)
-        self._gone.discard(e.loc.name)
+        """The file goes once the chain lets its lock go (``after_unlock``); until then its name
+        stays unlisted, so no directory probe adopts it. Names carry the version: the unlink can
+        only ever take this version's file, never a newer put's."""
+        path = e.loc
+        self._gone.discard(path.name)
+        self._unlisted.add(path.name)
+        after_unlock(lambda: self._unlink(path))
+
+    def _unlink(self, path: Path) -> None:
+        """Remove a freed object's file (without the chain lock)."""
         try:
-            e.loc.unlink(missing_ok=True)
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
         except OSError:
             self.counters.errors += 1
+        finally:
+            self._unlisted.discard(path.name)
 
     def write(self, e: Entry, data: torch.Tensor) -> bool:
         if e.meta.checksum is None:
