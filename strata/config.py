@@ -274,6 +274,19 @@ def _plugin_tier(where: str, raw: Mapping) -> TierConfig:
     return _declared_tier(where, raw, registry.tier_class(kind, f"{where}.kind"), "tier plugin")
 
 
+def _is_backing(kind: str) -> bool:
+    """Whether tiers of ``kind`` keep their objects in a store that is its own index (remote)."""
+    if kind == "redis":
+        return True
+    if kind in DECLARED_KINDS:
+        return bool(getattr(declared_class(kind), "remote", False))
+    if kind in TIER_KINDS:
+        return False
+    from strata.store.tiers import registry
+
+    return bool(getattr(registry.tier_class(kind), "remote", False))
+
+
 def declared_class(kind: str) -> type:
     """The class of a built-in kind of ``DECLARED_KINDS``, imported now."""
     import importlib
@@ -460,9 +473,9 @@ def validate(raw: Mapping) -> StoreConfig:
         if n in names[:i]:
             raise ConfigError(f"tiers[{i}].name: {n!r} is used twice; allowed: a unique name per tier")
     for i, t in enumerate(tiers[:-1]):
-        if t.kind == "redis":  # the server is the index: no tier below it would ever be written or read back
-            raise ConfigError(f"tiers[{i + 1}] ({tiers[i + 1].kind}): placed below the redis tier {t.name!r}; "
-                              "allowed: a redis tier only as the last tier")
+        if _is_backing(t.kind):  # the store is the index: no tier below it would ever be written or read back
+            raise ConfigError(f"tiers[{i + 1}] ({tiers[i + 1].kind}): placed below the {t.kind} tier {t.name!r}; "
+                              f"allowed: a {t.kind} tier only as the last tier")
     ns_raw = raw.get("namespaces") or {}
     if not isinstance(ns_raw, Mapping):
         raise ConfigError(f"namespaces: got {type(ns_raw).__name__}; allowed: a mapping of namespace -> policy")

@@ -22,10 +22,10 @@ and the write-back flusher); with WAL, a reader on its own connection never wait
 writer, which one shared connection behind a lock would make it do. Writers queue on SQLite's
 own write lock, each waiting at most ``timeout_ms``.
 
-Deletes (a key deleted, evicted, or replaced by a newer version) happen under the chain's lock,
-so they never wait there for SQLite's write lock: a delete that cannot run at once (another
-thread is committing, or the database fails) is kept and retried inside the next write's
-transaction and at close. Until then the row is unreachable in this process; only a crash
+Deletes (a key deleted, evicted, or replaced by a newer version) run once the chain's lock is
+let go (``after_unlock``), and never wait for SQLite's write lock: a delete that cannot run at
+once (another thread is committing, or the database fails) is kept and retried inside the next
+write's transaction and at close. Until then the row is unreachable in this process; only a crash
 before it runs brings a deleted key back at the next open.
 
 One process at a time: the tier holds an exclusive ``flock`` on ``<path>.lock`` while open,
@@ -53,7 +53,7 @@ from strata.keys import key_namespace
 from strata.store.codec import (CorruptObject, FIXED_HEADER_SIZE, checksum, flat_bytes, header_size,
                                 header_size_for, pack_header, unpack_header)
 from strata.store.tiers import RegionAbsent
-from strata.store.tiers.base import Entry, Tier
+from strata.store.tiers.base import Entry, Tier, after_unlock
 
 log = logging.getLogger("strata_sqlite")
 
@@ -239,8 +239,8 @@ class SqliteTier(Tier):
     def _free(self, e: Entry) -> None:
         """The entry is unreachable: its row goes (now, or at the next write if SQLite is busy)."""
         self._doom(e.loc)
-        if not self._scanning:
-            self._purge(wait=False)  # under the chain's lock: never waits for SQLite's write lock
+        if not self._scanning:  # the DELETE runs once the chain's lock is let go, never under it
+            after_unlock(lambda: self._purge(wait=False))
 
     def write(self, e: Entry, data: torch.Tensor) -> bool:
         """Insert the row of ``e``'s version in one transaction (with deletes still owed): all or nothing."""
