@@ -420,17 +420,24 @@ class GatedPuts:
     def __init__(self, store):
         self.store = store
         self.gate, self.entered = threading.Event(), threading.Event()
-        self._put = store.put
-        store.put = self._gated_put
+        self._put, self._put_many = store.put, store.put_many
+        store.put, store.put_many = self._gated_put, self._gated_put_many
 
-    def _gated_put(self, key, value):
+    def _wait(self) -> None:
         self.entered.set()
         assert self.gate.wait(timeout=60), "the test never opened the gate"
+
+    def _gated_put(self, key, value):
+        self._wait()
         return self._put(key, value)
+
+    def _gated_put_many(self, items):
+        self._wait()
+        return self._put_many(items)
 
     def remove(self) -> None:
         self.gate.set()
-        del self.store.put
+        del self.store.put, self.store.put_many
 
 
 class _GatedHandler(socketserver.StreamRequestHandler):

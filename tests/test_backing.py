@@ -152,7 +152,9 @@ def test_batches_follow_the_backends_features_and_a_hung_call_is_cut_by_the_watc
     with strata.open_store({"tiers": [{"kind": "dictstore", "store": "b", "timeout_ms": 50}]}) as store:
         tier, backend = store.tiers[0], store.tiers[0].backend
         keys = [Key("kv", "s", f"c{i}") for i in range(10)]
+        before = backend.calls
         assert store.put_many([(k, torch.full((8,), float(i))) for i, k in enumerate(keys)]) == [True] * 10
+        assert backend.calls - before == 3  # one batch down the chain, sent in max_batch 4: 4 + 4 + 2
         before = backend.calls
         got = store.get_many(keys)
         assert [int(g[0]) for g in got] == list(range(10)) and backend.calls - before == 3  # max_batch 4: 4 + 4 + 2

@@ -132,22 +132,35 @@ class SaveQueue:
             held = self.store.contains_many([chunk.key for chunk, _ in batch])
         except Exception:  # a lookup that fails: put them all
             held = [False] * len(batch)
-        for (chunk, bundle), have in zip(batch, held):
-            if not have:
+        todo = [(chunk, bundle) for (chunk, bundle), have in zip(batch, held) if not have]
+        if not todo:
+            return
+        t0 = time.perf_counter()
+        try:  # one batch: a backing tier takes the chunks in round trips of many
+            oks = self.store.put_many([(chunk.key, bundle) for chunk, bundle in todo])
+        except Exception:  # e.g. one chunk larger than every tier: each on its own, so the others go
+            for chunk, bundle in todo:
                 self._put(chunk, bundle)
+            return
+        share = (time.perf_counter() - t0) / len(todo)
+        for (chunk, bundle), ok in zip(todo, oks):
+            self._count_save(chunk, bundle, ok, share)
+
+    def _count_save(self, chunk, bundle: torch.Tensor, ok: bool, elapsed: float) -> None:
+        if ok:
+            self.counters["chunks_saved"] += 1
+            self.counters["tokens_saved"] += chunk.end - chunk.start
+            self.counters["bytes_saved"] += bundle.numel() * bundle.element_size()
+            self.counters["save_seconds"] += elapsed
+            self.timings["save_times"].append(elapsed)
+        else:  # the store is full of what it may not evict: a future miss
+            self.counters["saves_rejected"] += 1
 
     def _put(self, chunk, bundle: torch.Tensor) -> None:
         t0 = time.perf_counter()
         try:
-            if self.store.put(chunk.key, bundle):
-                self.counters["chunks_saved"] += 1
-                self.counters["tokens_saved"] += chunk.end - chunk.start
-                self.counters["bytes_saved"] += bundle.numel() * bundle.element_size()
-                elapsed = time.perf_counter() - t0
-                self.counters["save_seconds"] += elapsed
-                self.timings["save_times"].append(elapsed)
-            else:  # the store is full of what it may not evict: a future miss
-                self.counters["saves_rejected"] += 1
+            ok = self.store.put(chunk.key, bundle)
+            self._count_save(chunk, bundle, ok, time.perf_counter() - t0)
         except StoreError as e:  # e.g. a chunk larger than every tier
             self.counters["saves_rejected"] += 1
             if self.counters["saves_rejected"] == 1:

@@ -115,36 +115,68 @@ class TierChain:
     def put(self, key: bytes, ns: str, meta: ObjectMeta, data: torch.Tensor) -> bool:
         return self._put_from(0, key, ns, meta, data, None, block=True)
 
+    def put_many(self, items: list[tuple[bytes, str, ObjectMeta, torch.Tensor]]) -> list[bool]:
+        """``put`` of many objects, tier by tier: each tier takes the batch in one ``write_many``
+        (a backing tier: round trips of many values, not one per object)."""
+        out: list[bool] = []
+        batch: list[tuple] = []
+        seen: set[bytes] = set()
+        for k, ns, meta, data in items:
+            if k in seen:  # a key twice: its puts in order, as one at a time would make them
+                out += self._put_many_from(0, batch, block=True)
+                batch, seen = [], set()
+            batch.append((k, ns, meta, data, None))
+            seen.add(k)
+        return out + (self._put_many_from(0, batch, block=True) if batch else [])
+
     def _put_from(self, i: int, key: bytes, ns: str, meta: ObjectMeta, data: torch.Tensor,
                   guard: Guard | None, block: bool) -> bool:
-        kept: list[tuple[Tier, Entry]] = []
-        refused: list[tuple[Tier, Entry]] = []  # (tier, its older version) where nothing above holds the new one
-        while i < len(self.tiers):
+        return self._put_many_from(i, [(key, ns, meta, data, guard)], block)[0]
+
+    def _put_many_from(self, i: int, items: list[tuple], block: bool) -> list[bool]:
+        """Write ``(key, ns, meta, data, guard)`` items into tier ``i`` and those below it, as far as
+        each goes: a write-back tier takes it and queues it for the next; a write-through tier takes
+        it and passes it on, guarded by its own entry there (a newer put above wins)."""
+        n = len(items)
+        meta = [it[2] for it in items]
+        data = [it[3] for it in items]
+        guard = [it[4] for it in items]
+        kept: list[list[tuple[Tier, Entry]]] = [[] for _ in range(n)]
+        refused: list[list[tuple[Tier, Entry]]] = [[] for _ in range(n)]  # (tier, older version) where nothing above holds the new one
+        going = list(range(n))  # items still on their way down
+        while i < len(self.tiers) and going:
             tier = self.tiers[i]
             if not tier.writable:
                 i += 1
                 continue
-            if i > 0 and data.device.type != "cpu":
-                data = data.cpu()
-            if tier.persistent and meta.checksum is None:
-                meta = meta.with_checksum(checksum(data.cpu()))
+            for j in going:
+                if i > 0 and data[j].device.type != "cpu":
+                    data[j] = data[j].cpu()
+                if tier.persistent and meta[j].checksum is None:
+                    meta[j] = meta[j].with_checksum(checksum(data[j].cpu()))
             write_back = tier.cfg.write == "back" and i + 1 < len(self.tiers)
-            e = self._write_one(tier, key, ns, meta, data, guard, dirty=write_back)
-            if e is None and guard is not None:  # refused, the new version above: drop the older one here
-                self._drop_older(tier, key, guard)
-            elif e is None:  # nothing above holds it: the older version here goes once a tier below takes it
-                with self.lock:
-                    old = tier.lookup(key)
-                if old is not None:
-                    refused.append((tier, old))
-            if e is not None:
-                kept.append((tier, e))
-                if write_back:
-                    self.writeback.enqueue(i, e, block=block)
-                    return self._settle_put(key, kept, refused)
-                guard = (lambda t=tier, k=key, ent=e: t.index.get(k) is ent)
+            batch = [WriteItem(items[j][0], items[j][1], meta[j], data[j], guard[j]) for j in going]
+            entries = self._write_many(tier, batch, dirty=write_back)
+            still = []
+            for j, e in zip(going, entries):
+                key = items[j][0]
+                if e is None and guard[j] is not None:  # refused, the new version above: drop the older one here
+                    self._drop_older(tier, key, guard[j])
+                elif e is None:  # nothing above holds it: the older version here goes once a tier below takes it
+                    with self.lock:
+                        old = tier.lookup(key)
+                    if old is not None:
+                        refused[j].append((tier, old))
+                if e is not None:
+                    kept[j].append((tier, e))
+                    if write_back:
+                        self.writeback.enqueue(i, e, block=block)
+                        continue
+                    guard[j] = (lambda t=tier, k=key, ent=e: t.index.get(k) is ent)
+                still.append(j)
+            going = still
             i += 1
-        return self._settle_put(key, kept, refused)
+        return [self._settle_put(items[j][0], kept[j], refused[j]) for j in range(n)]
 
     def _settle_put(self, key: bytes, kept: list[tuple[Tier, Entry]], refused: list[tuple[Tier, Entry]]) -> bool:
         """Whether some tier still holds a put's bytes: one that took them may have evicted them (or a
