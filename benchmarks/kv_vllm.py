@@ -13,7 +13,11 @@ no connector, ``ExampleConnector`` (safetensors files under a temporary director
 redis-server started for the run; the row is skipped without one), so its warm chunks
 come from Redis only, and ``StrataConnector`` on a Redis Cluster tier alone
 (``strata-redis-cluster``: 3 primaries with a replica each, redis-server processes started for
-the run, ``cluster: true``), so its warm chunks come from the shards. For every prompt length,
+the run, ``cluster: true``), so its warm chunks come from the shards, and ``StrataConnector``
+on a Mooncake Store tier alone (``strata-mooncake``: a mooncake_master and one store-server
+process holding the pool's segment, started for the run; the engine contributes none,
+``segment: 0``; the row is skipped without the Mooncake client), so its warm chunks come from
+the store server's memory over loopback TCP. For every prompt length,
 two distinct prompts are sent cold, then again warm (without a connector a repeat is just another cold request, so that
 engine sends each prompt once); before every request vLLM's own prefix cache is reset
 (``LLM.reset_prefix_cache()``), so a warm request is served by the connector or not at all.
@@ -41,8 +45,9 @@ import tempfile
 import time
 from pathlib import Path
 
-METHODS = ("none", "example", "strata", "strata-redis", "strata-redis-cluster")
+METHODS = ("none", "example", "strata", "strata-redis", "strata-redis-cluster", "strata-mooncake")
 REDIS_METHODS = ("strata-redis", "strata-redis-cluster")  # a Redis tier alone: skipped without redis-server
+MOONCAKE_SEGMENT = 2 << 30  # the store server's share of the pool: every chunk of the run fits (pages touched as used)
 
 
 def make_model(path: Path, layers: int, hidden: int, dtype: str) -> None:
@@ -81,6 +86,11 @@ def engine(args) -> None:
     elif args.engine == "strata-redis-cluster":
         cfg = Path(args.scratch) / "store.yaml"
         cfg.write_text(f"tiers:\n  - kind: redis\n    url: {args.redis_url}\n    cluster: true\n    timeout_ms: 5000\n")
+    elif args.engine == "strata-mooncake":
+        cfg = Path(args.scratch) / "store.yaml"
+        m = json.loads(args.mooncake)  # the servers' addresses (MooncakeServers.url)
+        cfg.write_text(f"tiers:\n  - kind: mooncake\n    master: {m['master']}\n    metadata_url: {m['metadata_url']}\n"
+                       f"    admin_url: {m['admin_url']}\n    segment: 0\n    buffer: 512MiB\n    timeout_ms: 5000\n")
     if args.engine.startswith("strata"):
         from strata.integrations.vllm_plugin import kv_transfer_config
 
@@ -131,15 +141,52 @@ def engine(args) -> None:
     print("KV-BENCH " + json.dumps(result), flush=True)
 
 
+class MooncakeServers:
+    """A mooncake_master and a store server holding the pool (tests/mooncake_server.py): the
+    engine is a client with no segment of its own. ``url``: their addresses, as JSON."""
+
+    def __init__(self, scratch: Path):
+        from mooncake_server import MooncakeMaster, StoreServer
+
+        self.master = MooncakeMaster(scratch).start()
+        try:
+            self.server = StoreServer(self.master, MOONCAKE_SEGMENT).start()
+        except BaseException:
+            self.master.stop()
+            raise
+        self.url = json.dumps({"master": self.master.master, "metadata_url": self.master.metadata_url,
+                               "admin_url": self.master.admin_url})
+
+    def stop(self) -> None:
+        try:
+            self.server.stop()
+        finally:
+            self.master.stop()
+
+
+def mooncake_missing() -> str | None:
+    """Why the strata-mooncake row cannot run here, or None."""
+    try:
+        import mooncake.store  # noqa: F401
+    except ImportError as e:
+        return f"the Mooncake client does not import: {e}"
+    from mooncake_server import master_binary
+
+    return None if master_binary() else "mooncake_master is missing from the mooncake package"
+
+
 def redis_for(method: str, scratch: Path):
-    """The servers a method's engine uses, started (tests/redis_server.py): one redis-server, a
-    3-primary cluster with a replica each, or None. Each has ``url`` and ``stop()``."""
+    """The servers a method's engine uses, started (tests/redis_server.py, tests/mooncake_server.py):
+    one redis-server, a 3-primary cluster with a replica each, a mooncake master and store
+    server, or None. Each has ``url`` and ``stop()``."""
     from redis_server import ClusterServers, RedisServer
 
     if method == "strata-redis":
         return RedisServer(scratch).start()
     if method == "strata-redis-cluster":
         return ClusterServers(scratch / "cluster", masters=3, replicas=1).start()
+    if method == "strata-mooncake":
+        return MooncakeServers(scratch)
     return None
 
 
@@ -155,6 +202,7 @@ def main() -> None:
     ap.add_argument("--model", help=argparse.SUPPRESS)
     ap.add_argument("--scratch", help=argparse.SUPPRESS)
     ap.add_argument("--redis-url", help=argparse.SUPPRESS)
+    ap.add_argument("--mooncake", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.engine:
         return engine(args)
@@ -168,6 +216,9 @@ def main() -> None:
         if method in methods and REDIS_SERVER is None:
             print(f"{method}: skipped (no redis-server on PATH)")
             methods.remove(method)
+    if "strata-mooncake" in methods and (why := mooncake_missing()):
+        print(f"strata-mooncake: skipped ({why})")
+        methods.remove("strata-mooncake")
     with tempfile.TemporaryDirectory(prefix="strata-kv-bench-") as tmp:
         model = Path(tmp) / "model"
         make_model(model, args.layers, args.hidden, args.dtype)
@@ -179,10 +230,11 @@ def main() -> None:
             server = redis_for(method, scratch)
             t0 = time.perf_counter()
             try:
+                urls = ["--redis-url", server.url] if method in REDIS_METHODS else \
+                    ["--mooncake", server.url] if method == "strata-mooncake" else []
                 proc = subprocess.run([sys.executable, __file__, "--engine", method, "--model", str(model),
                                        "--scratch", str(scratch), "--lengths", args.lengths, "--dtype", args.dtype,
-                                       "--repeats", str(args.repeats), "--redis-url", server.url if server else ""],
-                                      capture_output=True, text=True)
+                                       "--repeats", str(args.repeats), *urls], capture_output=True, text=True)
             finally:
                 if server is not None:
                     server.stop()
@@ -211,7 +263,8 @@ def main() -> None:
                 parts.append(f"saving {s[n]['cold'] / results['none'][n]['cold']:5.2f}x")
             print("  ".join(parts))
         print("connector:", s.get("connector"))
-    for method, alone in (("strata-redis", "Redis"), ("strata-redis-cluster", "Redis Cluster (3 shards)")):
+    for method, alone in (("strata-redis", "Redis"), ("strata-redis-cluster", "Redis Cluster (3 shards)"),
+                          ("strata-mooncake", "Mooncake Store (1 store server)")):
         if method not in results:
             continue
         r = results[method]

@@ -1,6 +1,6 @@
 """Store throughput and latency per tier, each next to a same-run baseline.
 
-    python benchmarks/store.py [--quick]
+    python benchmarks/store.py [--quick] [--tiers cpu,file,cxl,redis,redis-cluster,mooncake]
 
 CPU tier: put vs ``dst.copy_(src)`` into preallocated memory, get vs ``src.clone()``,
 get_into vs ``dst.copy_(src)``. File tier: put vs a plain write+rename of the same
@@ -15,7 +15,14 @@ Redis Cluster (``--tiers redis-cluster``: 3 primaries, ``--cluster-replicas`` re
 redis-server processes started on loopback, and one more single redis-server in the same run):
 ``put_many`` and ``get_many`` of 1 MiB and 32 MiB values through a redis tier with ``cluster:
 true`` vs the same calls through a redis tier on the single server, timed pass by pass in turn,
-so that both see the same load of a shared machine. The working set cycles through enough distinct tensors to leave the CPU caches
+so that both see the same load of a shared machine. Mooncake Store (``--tiers mooncake``: a
+mooncake_master and one store-server process holding the pool's segment, both started here,
+tests/mooncake_server.py): ``put_many`` and ``get_many`` of 1 MiB and 32 MiB values through a
+store whose only tier is mooncake (``segment: 0``) vs the Mooncake client's own batch calls on
+the same bytes from the same process (another ``MooncakeDistributedStore``, ``segment`` 0, the
+same buffer): ``batch_upsert_from`` for puts, ``batch_get_buffer`` (what the tier calls: values
+left in the client's buffer) and ``batch_get_into`` (into preallocated memory) for gets, timed
+in turn as the cluster rows are. The working set cycles through enough distinct tensors to leave the CPU caches
 for sizes of 1 MiB and up.
 """
 
@@ -277,11 +284,101 @@ def run_redis_cluster(args, repeat) -> None:
             single.stop()
 
 
+# Mooncake Store: the shapes of the redis-cluster rows.
+MOONCAKE_SIZES = CLUSTER_SIZES
+MOONCAKE_BUFFER = 256 << 20  # each client's local buffer: a 32 MiB batch's values fit in it
+
+
+def bench_mooncake(size_name, nbytes, per_batch, batches, repeat, master):
+    """put_many and get_many through a store whose only tier is mooncake vs the client's own
+    batch calls on the same bytes, per value; the ratio is Strata / client."""
+    from mooncake.store import MooncakeDistributedStore, ReplicateConfig
+
+    srcs = [torch.randint(0, 255, (nbytes,), dtype=torch.uint8) for _ in range(per_batch * batches)]
+    arrays = [s.numpy() for s in srcs]
+    outs = [torch.empty(nbytes, dtype=torch.uint8).numpy() for _ in range(per_batch)]
+    for o in outs:
+        o.fill(1)  # touch the baseline's destination pages
+    keys = [Key("kv", "bench", f"{size_name}-{i}") for i in range(len(srcs))]
+    names = [f"plain/{size_name}/{i}" for i in range(len(srcs))]
+    groups = [list(range(lo, lo + per_batch)) for lo in range(0, len(srcs), per_batch)]
+    client = MooncakeDistributedStore()
+    rc = client.setup("127.0.0.1", master.metadata_url, 0, MOONCAKE_BUFFER, "tcp", "", master.master)
+    assert rc == 0, f"the baseline client's set-up failed ({rc})"
+    cfg = ReplicateConfig()
+    cfg.replica_num = 1
+    tier = {"kind": "mooncake", "master": master.master, "metadata_url": master.metadata_url,
+            "admin_url": master.admin_url, "segment": 0, "buffer": MOONCAKE_BUFFER, "timeout_ms": 5000,
+            "key_prefix": "bench:"}
+
+    def raw_put(g):
+        codes = client.batch_upsert_from([names[i] for i in g], [arrays[i].ctypes.data for i in g],
+                                         [nbytes] * len(g), cfg)
+        assert codes == [0] * len(g), codes
+
+    def raw_get_buffer(g):
+        got = client.batch_get_buffer([names[i] for i in g])
+        assert all(h is not None and h.size() == nbytes for h in got)
+
+    def raw_get_into(g):
+        got = client.batch_get_into([names[i] for i in g], [o.ctypes.data for o in outs], [nbytes] * len(g))
+        assert got == [nbytes] * len(g), got
+
+    try:
+        with strata.open_store({"tiers": [tier]}) as store:
+            for g in groups:  # warm-up: every value stored on both sides, read once
+                assert store.put_many([(keys[i], srcs[i]) for i in g]) == [True] * len(g)
+                assert all(v is not None for v in store.get_many([keys[i] for i in g]))
+                raw_put(g)
+                raw_get_into(g)
+            put = lambda g: store.put_many([(keys[i], srcs[i]) for i in g])  # noqa: E731
+            base, got = timed_in_turn([raw_put, put], groups, repeat)
+            row("mooncake", "put_many", size_name, nbytes, got / per_batch, base / per_batch, "upsert_from")
+            get = lambda g: store.get_many([keys[i] for i in g])  # noqa: E731
+            buf, into, got = timed_in_turn([raw_get_buffer, raw_get_into, get], groups, repeat)
+            row("mooncake", "get_many", size_name, nbytes, got / per_batch, buf / per_batch, "get_buffer")
+            row("mooncake", "get_many", size_name, nbytes, got / per_batch, into / per_batch, "get_into")
+            s = store.stats()["tiers"]["mooncake"]
+            assert s["misses"] == 0 and s["errors"] == 0, s  # a miss would time nothing
+            assert store.get_many([keys[0]])[0].equal(srcs[0])
+    finally:
+        client.batch_remove(names, True)
+        client.close()
+
+
+def run_mooncake(args, repeat) -> None:
+    """A mooncake_master and a store server holding the pool (tests/mooncake_server.py), then
+    both rows per size; stopped whatever happens."""
+    from mooncake_server import MooncakeMaster, StoreServer, master_binary
+
+    try:
+        import mooncake.store  # noqa: F401
+    except ImportError as e:
+        print(f"mooncake: skipped (the client does not import: {e}; pip install 'strata[mooncake]', libibverbs1)")
+        return
+    if master_binary() is None:
+        print("mooncake: skipped (mooncake_master is missing from the mooncake package)")
+        return
+    batches = 1 if args.quick else 3
+    # both sides' values at once, with room to spare: upserts may allocate before freeing
+    segment = 3 * sum(n * per for n, per in MOONCAKE_SIZES.values()) * batches
+    with tempfile.TemporaryDirectory() as root:
+        master = MooncakeMaster(root).start()
+        try:
+            with StoreServer(master, segment):
+                print(f"mooncake: one master, one store server holding {segment >> 20} MiB (tcp, loopback); "
+                      f"clients segment 0, buffer {MOONCAKE_BUFFER >> 20} MiB; baseline: the client's batch calls")
+                for size_name, (nbytes, per_batch) in MOONCAKE_SIZES.items():
+                    bench_mooncake(size_name, nbytes, per_batch, batches, repeat, master)
+        finally:
+            master.stop()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer repetitions (smoke run)")
     ap.add_argument("--tiers", default="cpu,file,cxl,redis", help="which tiers to measure, comma separated "
-                    "(cpu, file, cxl, redis, redis-cluster; default: all but redis-cluster)")
+                    "(cpu, file, cxl, redis, redis-cluster, mooncake; default: all but redis-cluster and mooncake)")
     ap.add_argument("--redis-url", help="an existing Redis to measure against (default: start redis-server)")
     ap.add_argument("--cluster-replicas", type=int, default=1,
                     help="replicas per primary of the redis-cluster rows' cluster (default 1)")
@@ -309,6 +406,8 @@ def main() -> None:
             bench_cxl(size_name, nbytes, count, repeat, root)
     if "redis-cluster" in which:
         run_redis_cluster(args, repeat)
+    if "mooncake" in which:
+        run_mooncake(args, repeat)
     if "redis" in which:
         with tempfile.TemporaryDirectory() as root:
             from redis_server import REDIS_SERVER, RedisServer

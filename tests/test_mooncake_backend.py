@@ -295,3 +295,23 @@ def test_a_hung_master_times_out_and_interrupt_frees_a_waiting_caller(fresh_mast
         m.resume()
         quick.close()
         slow.close()
+
+
+def test_an_idle_worker_holds_nothing_of_the_last_read(master):
+    """A get's result is a view over the client's local buffer; a worker thread that kept its last
+    call's result alive held that much of the buffer, and the next large get found no room (a
+    fallback of several round trips). After the caller drops a read, the buffer is free again."""
+    from mooncake_server import StoreServer
+
+    with StoreServer(master, 64 << 20):
+        b = master.backend(segment_bytes=0, buffer_bytes=16 << 20)
+        try:
+            name = prefix() + b"v"
+            assert b.put_many([(name, bytes(10 << 20))]) == [True]
+            for _ in range(8):  # whichever of the workers ran the last one
+                assert len(b.get_many([name])[0]) == 10 << 20  # the result dropped at once
+                got = b._run("get", lambda c: c.batch_get_buffer([name.decode()]))
+                assert got[0] is not None, "the local buffer is still held by a finished call"
+                del got
+        finally:
+            b.close()

@@ -171,12 +171,16 @@ class _Workers:
             if item is None:
                 return
             fut, fn, args = item
-            if not fut.set_running_or_notify_cancel():
-                continue  # cancelled while queued: its caller gave up on it
-            try:
-                fut.set_result(fn(*args))
-            except BaseException as e:  # noqa: BLE001 - handed to the caller through the future
-                fut.set_exception(e)
+            del item
+            if fut.set_running_or_notify_cancel():  # else cancelled while queued: its caller gave up
+                try:
+                    fut.set_result(fn(*args))
+                except BaseException as e:  # noqa: BLE001 - handed to the caller through the future
+                    fut.set_exception(e)
+            # An idle worker must hold nothing of its last call: a result over the client's local
+            # buffer (batch_get_buffer's handles) would keep that much of it taken, and the next
+            # get would find no room and fall back to a read in several round trips.
+            del fut, fn, args
 
     def shutdown(self) -> None:
         """Each idle thread ends; one blocked in the client ends once the client lets it go."""
