@@ -5,7 +5,7 @@ network round trips run outside it on reserved (invisible) or leased (unfreeable
 entries. That includes demotion on eviction: a victim that must live on below is leased,
 written down after the lock is let go, and only then evicted (``_reserve``). I/O that an index
 change under the lock calls for (unlinking a retired object's file, flushing a cleared cxl slot,
-a DEL on a backing store) is deferred by the tier (``after_unlock``) and run by the thread that
+a DEL on a backing store) is deferred by the tier (``Tier.after_unlock``) and run by the thread that
 made the change as it lets the lock go (``ChainLock``), before its store call returns; a put
 short of room that device copies still hold waits for them outside the lock too. A tier that
 fails (an I/O error, a checksum mismatch) degrades to a miss and a counter.
@@ -22,7 +22,7 @@ import torch
 
 from strata.config import StoreConfig, format_size
 from strata.store.codec import CorruptObject, ObjectMeta, checksum, fit_out
-from strata.store.tiers.base import CopiesInFlight, Entry, NotStored, Tier, lock_entered, lock_left
+from strata.store.tiers.base import CopiesInFlight, Entry, NotStored, Tier
 from strata.store.writeback import WriteBack
 
 log = logging.getLogger("strata.chain")
@@ -34,42 +34,75 @@ _COPY_WAITS = 16  # a reservation waits at most this many times for device copie
 
 
 class ChainLock:
-    """The chain's lock: reentrant; as a thread lets go of it entirely, the I/O tiers deferred under
-    it (``after_unlock``) runs in that thread, so no thread waits for another's unlinks, flushes or
-    round trips, and a store call still returns only after its own. A ``threading.Condition`` over
-    it waits as over an RLock (letting it go for the while runs nothing)."""
+    """The chain's lock: reentrant; as its owner lets go of it entirely, the I/O tiers deferred under
+    it (``Tier.after_unlock``) runs in that thread, so no thread waits for another's unlinks,
+    flushes or round trips, and a store call still returns only after its own. A
+    ``threading.Condition`` over it waits as over an RLock: the waiter's deferred I/O stays its own.
+    Every store call takes it a few times: the common path is two attribute updates."""
+
+    __slots__ = ("_lock", "_depth", "_pending")
 
     def __init__(self):
         self._lock = threading.RLock()
+        self._depth = 0  # the owner's nesting (read and written only by the owner)
+        self._pending: list[Callable[[], None]] = []  # I/O the owner deferred
 
     def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
-        outer = not self._lock._is_owned()
         if not self._lock.acquire(blocking, timeout):
             return False
-        if outer:
-            lock_entered()
+        self._depth += 1
+        return True
+
+    def __enter__(self) -> bool:
+        self._lock.acquire()
+        self._depth += 1
         return True
 
     def release(self) -> None:
+        self._depth -= 1
+        if self._depth or not self._pending:
+            self._lock.release()
+            return
+        pending, self._pending = self._pending, []
         self._lock.release()
-        if not self._lock._is_owned():
-            lock_left()
-
-    def __enter__(self) -> bool:
-        return self.acquire()
+        for fn in pending:
+            try:
+                fn()
+            except Exception:  # noqa: BLE001 - deferred I/O must not fail the store call that caused it
+                log.warning("I/O deferred past the chain's lock failed", exc_info=True)
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+    def defer(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` as the owner lets the lock go entirely (the owner calls this)."""
+        self._pending.append(fn)
 
     # what threading.Condition uses to wait on a reentrant lock
     def _is_owned(self) -> bool:
         return self._lock._is_owned()
 
     def _release_save(self):
-        return self._lock._release_save()
+        saved = (self._depth, self._pending)
+        self._depth, self._pending = 0, []
+        return self._lock._release_save(), saved
 
     def _acquire_restore(self, state) -> None:
-        self._lock._acquire_restore(state)
+        inner, saved = state
+        self._lock._acquire_restore(inner)
+        self._depth, self._pending = saved
+
+
+class _Put:
+    """One object of a put on its way down the chain: its bytes as the next tier takes them, the
+    guard of the tier above it, and what each tier made of it (for ``_settle_put``)."""
+
+    __slots__ = ("key", "ns", "meta", "data", "guard", "kept", "refused")
+
+    def __init__(self, key: bytes, ns: str, meta: ObjectMeta, data: torch.Tensor, guard: "Guard | None"):
+        self.key, self.ns, self.meta, self.data, self.guard = key, ns, meta, data, guard
+        self.kept: list[tuple[Tier, Entry]] = []
+        self.refused: list[tuple[Tier, Entry]] = []  # (tier, its older version) where nothing above holds the new one
 
 
 class WriteItem(NamedTuple):
@@ -102,6 +135,8 @@ class TierChain:
         self.tiers = tiers
         self.cfg = cfg
         self.lock = ChainLock()
+        for t in tiers:
+            t.chain_lock = self.lock
         self._writing: dict[bytes, int] = {}  # keys with a write down the chain (flush, demotion, remote) in flight
         self._down: set[Entry] = set()  # entries a flush or a demotion is writing down: one writer each
         self._writes_done = threading.Condition(self.lock)
@@ -119,64 +154,60 @@ class TierChain:
         """``put`` of many objects, tier by tier: each tier takes the batch in one ``write_many``
         (a backing tier: round trips of many values, not one per object)."""
         out: list[bool] = []
-        batch: list[tuple] = []
+        batch: list[_Put] = []
         seen: set[bytes] = set()
         for k, ns, meta, data in items:
             if k in seen:  # a key twice: its puts in order, as one at a time would make them
                 out += self._put_many_from(0, batch, block=True)
                 batch, seen = [], set()
-            batch.append((k, ns, meta, data, None))
+            batch.append(_Put(k, ns, meta, data, None))
             seen.add(k)
         return out + (self._put_many_from(0, batch, block=True) if batch else [])
 
     def _put_from(self, i: int, key: bytes, ns: str, meta: ObjectMeta, data: torch.Tensor,
                   guard: Guard | None, block: bool) -> bool:
-        return self._put_many_from(i, [(key, ns, meta, data, guard)], block)[0]
+        return self._put_many_from(i, [_Put(key, ns, meta, data, guard)], block)[0]
 
-    def _put_many_from(self, i: int, items: list[tuple], block: bool) -> list[bool]:
-        """Write ``(key, ns, meta, data, guard)`` items into tier ``i`` and those below it, as far as
-        each goes: a write-back tier takes it and queues it for the next; a write-through tier takes
-        it and passes it on, guarded by its own entry there (a newer put above wins)."""
-        n = len(items)
-        meta = [it[2] for it in items]
-        data = [it[3] for it in items]
-        guard = [it[4] for it in items]
-        kept: list[list[tuple[Tier, Entry]]] = [[] for _ in range(n)]
-        refused: list[list[tuple[Tier, Entry]]] = [[] for _ in range(n)]  # (tier, older version) where nothing above holds the new one
-        going = list(range(n))  # items still on their way down
+    def _put_many_from(self, i: int, puts: list["_Put"], block: bool) -> list[bool]:
+        """Write ``puts`` into tier ``i`` and those below it, as far as each goes (``_landed``), one
+        ``write_many`` per tier for all of them."""
+        going = puts
         while i < len(self.tiers) and going:
             tier = self.tiers[i]
             if not tier.writable:
                 i += 1
                 continue
-            for j in going:
-                if i > 0 and data[j].device.type != "cpu":
-                    data[j] = data[j].cpu()
-                if tier.persistent and meta[j].checksum is None:
-                    meta[j] = meta[j].with_checksum(checksum(data[j].cpu()))
+            for p in going:
+                if i > 0 and p.data.device.type != "cpu":
+                    p.data = p.data.cpu()
+                if tier.persistent and p.meta.checksum is None:
+                    p.meta = p.meta.with_checksum(checksum(p.data.cpu()))
             write_back = tier.cfg.write == "back" and i + 1 < len(self.tiers)
-            batch = [WriteItem(items[j][0], items[j][1], meta[j], data[j], guard[j]) for j in going]
-            entries = self._write_many(tier, batch, dirty=write_back)
-            still = []
-            for j, e in zip(going, entries):
-                key = items[j][0]
-                if e is None and guard[j] is not None:  # refused, the new version above: drop the older one here
-                    self._drop_older(tier, key, guard[j])
-                elif e is None:  # nothing above holds it: the older version here goes once a tier below takes it
-                    with self.lock:
-                        old = tier.lookup(key)
-                    if old is not None:
-                        refused[j].append((tier, old))
-                if e is not None:
-                    kept[j].append((tier, e))
-                    if write_back:
-                        self.writeback.enqueue(i, e, block=block)
-                        continue
-                    guard[j] = (lambda t=tier, k=key, ent=e: t.index.get(k) is ent)
-                still.append(j)
-            going = still
+            entries = self._write_many(tier, [WriteItem(p.key, p.ns, p.meta, p.data, p.guard) for p in going],
+                                       dirty=write_back)
+            going = [p for p, e in zip(going, entries) if self._landed(i, tier, p, e, write_back, block)]
             i += 1
-        return [self._settle_put(items[j][0], kept[j], refused[j]) for j in range(n)]
+        return [self._settle_put(p.key, p.kept, p.refused) for p in puts]
+
+    def _landed(self, i: int, tier: Tier, p: "_Put", e: Entry | None, write_back: bool, block: bool) -> bool:
+        """What tier ``i``'s write ``e`` of ``p`` (None: refused) means; whether ``p`` goes on down.
+        A write-back tier that took it queues it for the next tier; a write-through tier that took
+        it passes it on, guarded by its own entry there (a newer put above wins)."""
+        if e is None and p.guard is not None:  # refused, the new version above: drop the older one here
+            self._drop_older(tier, p.key, p.guard)
+        elif e is None:  # nothing above holds it: the older version here goes once a tier below takes it
+            with self.lock:
+                old = tier.lookup(p.key)
+            if old is not None:
+                p.refused.append((tier, old))
+        if e is None:
+            return True
+        p.kept.append((tier, e))
+        if write_back:
+            self.writeback.enqueue(i, e, block=block)
+            return False
+        p.guard = (lambda t=tier, k=p.key, ent=e: t.index.get(k) is ent)
+        return True
 
     def _settle_put(self, key: bytes, kept: list[tuple[Tier, Entry]], refused: list[tuple[Tier, Entry]]) -> bool:
         """Whether some tier still holds a put's bytes: one that took them may have evicted them (or a

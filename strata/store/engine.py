@@ -93,7 +93,22 @@ class StorageEngine:
     def put(self, key: Key, value: "torch.Tensor | bytes") -> bool:
         """Store ``value`` under ``key``. False (and a ``rejected`` counter) if no tier could take it
         now, e.g. every tier is full of pinned or in-use objects."""
-        return self.put_many([(key, value)])[0]
+        key, meta, data = self._checked_value(key, value)
+        ok = self.chain.put(key.encoded, key.namespace, meta, data)
+        self._count(key.namespace, "puts" if ok else "put_rejected", meta.nbytes)
+        return ok
+
+    def _checked_value(self, key: Key, value: "torch.Tensor | bytes") -> tuple[Key, object, "torch.Tensor"]:
+        """(key, meta, data) of a value to put, or StoreError naming what is wrong with it."""
+        key = self._check_key(key)
+        if isinstance(value, torch.Tensor) and value.device.type == "meta":
+            raise StoreError("value: a meta tensor has no data to store; allowed: a tensor on cpu or cuda "
+                             "(materialize it first, e.g. load its weights)")
+        meta, data = describe(value)
+        if meta.nbytes > self._max_capacity:
+            caps = ", ".join(f"{t.name}={format_size(t.capacity)}" for t in self.tiers)
+            raise StoreError(f"value: {format_size(meta.nbytes)} is larger than every tier ({caps})")
+        return key, meta, data
 
     def put_ranges(self, key: Key, dtype: torch.dtype, shape: tuple, extents: list, *, tier: str | None = None) -> bool:
         """Register an object whose bytes already lie in files (``strata.store.tiers.Extent`` list)
@@ -112,17 +127,7 @@ class StorageEngine:
     def put_many(self, items: Iterable[tuple[Key, "torch.Tensor | bytes"]]) -> list[bool]:
         """``put`` of many values; each tier takes them as one batch (a backing tier in round
         trips of many values). Per value True, or False where no tier could take it."""
-        checked = []
-        for key, value in items:
-            key = self._check_key(key)
-            if isinstance(value, torch.Tensor) and value.device.type == "meta":
-                raise StoreError("value: a meta tensor has no data to store; allowed: a tensor on cpu or cuda "
-                                 "(materialize it first, e.g. load its weights)")
-            meta, data = describe(value)
-            if meta.nbytes > self._max_capacity:
-                caps = ", ".join(f"{t.name}={format_size(t.capacity)}" for t in self.tiers)
-                raise StoreError(f"value: {format_size(meta.nbytes)} is larger than every tier ({caps})")
-            checked.append((key, meta, data))
+        checked = [self._checked_value(key, value) for key, value in items]
         oks = self.chain.put_many([(k.encoded, k.namespace, meta, data) for k, meta, data in checked])
         for (key, meta, _), ok in zip(checked, oks):
             self._count(key.namespace, "puts" if ok else "put_rejected", meta.nbytes)

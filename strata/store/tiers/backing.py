@@ -43,7 +43,7 @@ import torch
 from strata.keys import key_namespace
 from strata.store.codec import (CorruptObject, FIXED_HEADER_SIZE, checksum_buffer, flat_bytes, header_size,
                                 header_size_for, pack_header, unpack_header)
-from strata.store.tiers.base import Entry, NotStored, Tier, after_unlock
+from strata.store.tiers.base import Entry, NotStored, Tier
 
 log = logging.getLogger("strata.backing")
 T = TypeVar("T")
@@ -383,7 +383,7 @@ class BackingTier(Tier):
         """Delete ``key`` on the store for the chain, which holds its lock (no round trip under it): a
         miss from now on (stale), deleted once the lock is let go, before the store call returns."""
         self._mark_stale(key)
-        after_unlock(lambda: self._purge_dropped(key))
+        self.after_unlock(lambda: self._purge_dropped(key))
 
     def _purge_dropped(self, key: bytes) -> None:
         """``_drop``'s delete, without the chain lock; where the store does not take it (as ``remove``)

@@ -10,8 +10,6 @@ the store call returns, so no store call waits on another's I/O.
 
 from __future__ import annotations
 
-import logging
-import threading
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Callable
@@ -22,48 +20,6 @@ from strata import streams
 from strata.config import StoreConfig, TierConfig
 from strata.store.codec import CorruptObject, ObjectMeta, checksum
 from strata.store.eviction import make_policy
-
-log = logging.getLogger("strata.tiers")
-
-
-class _Deferred(threading.local):
-    depth = 0  # chain locks this thread holds (reentries not counted)
-    queue: list | None = None  # I/O to run once it holds none
-
-
-_deferred = _Deferred()
-
-
-def after_unlock(fn: Callable[[], None]) -> None:
-    """Run ``fn`` (I/O an index change calls for) once the calling thread holds no chain lock:
-    at once where it holds none, else right after it lets the last one go (``lock_entered`` /
-    ``lock_left``), in this thread, so the store call that caused it returns only after it. ``fn``
-    deals with its own faults (a failing tier degrades, never raises); one that raises is logged."""
-    if _deferred.queue is None:
-        fn()
-    else:
-        _deferred.queue.append(fn)
-
-
-def lock_entered() -> None:
-    """This thread took a chain lock (not a reentry): I/O of tiers waits until it lets go."""
-    if _deferred.depth == 0:
-        _deferred.queue = []
-    _deferred.depth += 1
-
-
-def lock_left() -> None:
-    """This thread let a chain lock go entirely: once it holds none, run what was deferred."""
-    _deferred.depth -= 1
-    if _deferred.depth:
-        return
-    queue, _deferred.queue = _deferred.queue, None
-    for fn in queue or ():
-        try:
-            fn()
-        except Exception:  # noqa: BLE001 - deferred I/O must not fail the store call that caused it
-            log.warning("I/O deferred past the chain's lock failed", exc_info=True)
-
 
 class CopiesInFlight(Exception):
     """``_alloc`` found no room while device copies out of the tier are in flight, holding bytes
@@ -130,6 +86,18 @@ class Tier:
         self.pinned = False  # memory tiers: views are page-locked, so copies to the GPU may be asynchronous
         self.seam = streams.active()  # the device seam (strata.streams) copies out of this tier go through
         self._in_flight: list[tuple[object, Entry]] = []  # (CUDA event, leased entry)
+        self.chain_lock = None  # the lock of the chain that drives this tier (strata.store.chain.ChainLock)
+
+    def after_unlock(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` (I/O an index change calls for: an unlink, a flush, a DEL) once this thread
+        has let the chain's lock go, before its store call returns; at once where it does not hold
+        it. ``fn`` deals with its own faults (a failing tier degrades, never raises); one that
+        raises is logged."""
+        lock = self.chain_lock
+        if lock is not None and lock._is_owned():
+            lock.defer(fn)
+        else:
+            fn()
 
     # -- subclass hooks ---------------------------------------------------------------
     def stored_size(self, key: bytes, meta: ObjectMeta) -> int:

@@ -64,7 +64,7 @@ from strata.keys import key_namespace, namespaces
 from strata.store import numa
 from strata.store.allocator import ExtentAllocator
 from strata.store.codec import CorruptObject, checksum, header_size_for, pack_header, unpack_header
-from strata.store.tiers.base import Entry, Tier, after_unlock
+from strata.store.tiers.base import Entry, Tier
 from strata.store.tiers.cpu import contiguous_strides
 
 log = logging.getLogger("strata.cxl")
@@ -304,7 +304,7 @@ class CxlTier(Tier):
         which only a crash of the host would miss, waits until the chain lets its lock go."""
         at = _SLOTS_AT + i * _SLOT.size
         struct.pack_into("<Q", self.map, at, 0)
-        after_unlock(lambda: self._flush_late(at, 8))
+        self.after_unlock(lambda: self._flush_late(at, 8))
 
     def _flush(self, at: int, n: int) -> None:
         start = at - at % mmap.PAGESIZE

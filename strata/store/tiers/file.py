@@ -41,7 +41,7 @@ import torch
 
 from strata.keys import key_namespace, namespaces
 from strata.store.codec import CorruptObject, FIXED_HEADER_SIZE, checksum, flat_bytes, header_size, header_size_for, pack_header, unpack_header
-from strata.store.tiers.base import Entry, NotStored, Tier, after_unlock
+from strata.store.tiers.base import Entry, NotStored, Tier
 from strata.store.tiers.cxl import RegionAbsent
 
 _SUFFIX = ".obj"
@@ -344,7 +344,7 @@ class FileTier(Tier):
         path = e.loc
         self._gone.discard(path.name)
         self._unlisted.add(path.name)
-        after_unlock(lambda: self._unlink(path))
+        self.after_unlock(lambda: self._unlink(path))
 
     def _unlink(self, path: Path) -> None:
         """Remove a freed object's file (without the chain lock)."""

@@ -53,7 +53,7 @@ from strata.keys import key_namespace
 from strata.store.codec import (CorruptObject, FIXED_HEADER_SIZE, checksum, flat_bytes, header_size,
                                 header_size_for, pack_header, unpack_header)
 from strata.store.tiers import RegionAbsent
-from strata.store.tiers.base import Entry, Tier, after_unlock
+from strata.store.tiers.base import Entry, Tier
 
 log = logging.getLogger("strata_sqlite")
 
@@ -240,7 +240,7 @@ class SqliteTier(Tier):
         """The entry is unreachable: its row goes (now, or at the next write if SQLite is busy)."""
         self._doom(e.loc)
         if not self._scanning:  # the DELETE runs once the chain's lock is let go, never under it
-            after_unlock(lambda: self._purge(wait=False))
+            self.after_unlock(lambda: self._purge(wait=False))
 
     def write(self, e: Entry, data: torch.Tensor) -> bool:
         """Insert the row of ``e``'s version in one transaction (with deletes still owed): all or nothing."""
