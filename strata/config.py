@@ -62,17 +62,25 @@ def format_size(n: float) -> str:
 
 # --------------------------------------------------------------------------- schema
 
-# Built-in kinds whose config schema is declared next to their class (``config_keys``,
-# ``config_required``, as a tier plugin declares it): the class is imported when a config names it.
-DECLARED_KINDS = {"mooncake": "strata.store.tiers.mooncake:MooncakeTier"}
-TIER_KINDS = ("cpu", "file", "ranges", "cxl", "redis", *DECLARED_KINDS)
+# The built-in kinds. Each declares its config schema next to its class (``config_keys``,
+# ``config_required``, ``defaults``, ``config_refused``, ``check_config``: strata.store.tiers.registry),
+# as a tier plugin declares it; the class is imported when a config names its kind.
+DECLARED_KINDS = {
+    "cpu": "strata.store.tiers.cpu:CpuTier",
+    "file": "strata.store.tiers.file:FileTier",
+    "ranges": "strata.store.tiers.ranges:RangesTier",
+    "cxl": "strata.store.tiers.cxl:CxlTier",
+    "redis": "strata.store.tiers.redis:RedisTier",
+    "mooncake": "strata.store.tiers.mooncake:MooncakeTier",
+}
+TIER_KINDS = tuple(DECLARED_KINDS)
+# Built-in kinds whose own keys TierConfig carries as attributes (cfg.path, cfg.url), with their
+# class's defaults, rather than in ``options``; their errors name no class, as they always did.
+_ATTRIBUTE_KINDS = frozenset({"cpu", "file", "ranges", "cxl", "redis"})
 UNBOUNDED = 1 << 62
 POLICIES = ("lru", "s3fifo")
 WRITE_MODES = ("through", "back")
 EVICT_MODES = ("drop", "lower", "never")
-REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
-REDIS_POLICIES = ("allkeys-lru", "allkeys-lfu", "allkeys-random", "volatile-lru", "volatile-lfu", "volatile-random",
-                  "volatile-ttl", "noeviction")
 
 
 class Options(Mapping):
@@ -111,7 +119,9 @@ class TierConfig:
     policy: str = "lru"
     write: str = "through"  # how writes to this tier reach the next one
     verify: bool = False  # verify checksums on every read (persistent tiers always do)
-    pin: str = "auto"  # cpu: pinned slab, cxl: mapping registered with CUDA, when CUDA is available ("auto"), or "always"/"never"
+    # The built-in kinds' own keys: checked, and defaulted, by the specs their classes declare
+    # (cpu.py, file.py, cxl.py, redis.py); None, False or () on a tier of another kind.
+    pin: str | None = None  # cpu: pinned slab, cxl: mapping registered with CUDA (auto, always, never)
     path: str | None = None  # file: directory; cxl: a DAX device or a file to map
     fsync: bool = False  # file: fsync each object before it becomes visible
     size: int | None = None  # cxl: bytes of the region to map
@@ -120,14 +130,14 @@ class TierConfig:
     url: str | None = None  # redis: redis://host:port/db, rediss:// (TLS) or unix:///path.sock
     password: str | None = field(default=None, repr=False)  # redis: never printed or logged
     password_env: str | None = None  # redis: the environment variable holding the password
-    timeout_ms: int = 200  # redis: the longest any one call may block
-    max_connections: int = 8  # redis: the connection pool's bound
-    key_prefix: str = "strata:"  # redis: prepended to every key this tier reads or writes
+    timeout_ms: int | None = None  # redis: the longest any one call may block
+    max_connections: int | None = None  # redis: the connection pool's bound
+    key_prefix: str | None = None  # redis: prepended to every key this tier reads or writes
     maxmemory: int | None = None  # redis: set on the server with CONFIG SET (None: leave it)
     maxmemory_policy: str | None = None  # redis: the server's eviction policy to set (None: leave it)
     cluster: bool = False  # redis: the url (and nodes) are seed nodes of a Redis Cluster
     nodes: tuple[str, ...] = ()  # redis cluster: more seed nodes, redis://host:port
-    hash_tag: str = "none"  # redis cluster: "scope" keeps a scope's objects in one hash slot (one shard)
+    hash_tag: str | None = None  # redis cluster: "scope" keeps a scope's objects in one hash slot (one shard)
     # A tier plugin's own keys (strata.store.tiers.registry), checked by the specs its class declares.
     options: Mapping[str, Any] = field(default_factory=Options, hash=False)
 
@@ -161,15 +171,6 @@ DEFAULT_POLICIES = {
     "param": NamespacePolicy(evict="lower", priority=10),
 }
 
-_TIER_KEYS = {
-    "cpu": {"kind", "name", "capacity", "policy", "write", "verify", "pin"},
-    "file": {"kind", "name", "capacity", "policy", "write", "verify", "path", "fsync"},
-    "ranges": {"kind", "name", "capacity", "policy"},  # read-only: objects registered from existing files
-    "cxl": {"kind", "name", "capacity", "policy", "write", "verify", "path", "size", "reset", "numa_node", "pin"},
-    # Redis holds its own capacity (maxmemory) and eviction (maxmemory_policy): no capacity or policy here.
-    "redis": {"kind", "name", "write", "url", "password", "password_env", "timeout_ms", "max_connections",
-              "key_prefix", "maxmemory", "maxmemory_policy", "cluster", "nodes", "hash_tag"},
-}
 _TOP_KEYS = {"tiers", "namespaces", "writeback", "promote"}
 _NS_KEYS = {"evict", "priority", "quota"}
 _WB_KEYS = {"max_pending", "max_pending_bytes"}
@@ -205,56 +206,10 @@ def _tier(i: int, raw: Mapping) -> TierConfig:
     where = f"tiers[{i}]"
     if not isinstance(raw, Mapping) or "kind" not in raw:
         raise ConfigError(f"{where}.kind: missing; allowed: {', '.join(TIER_KINDS)}, or an installed tier plugin's kind")
-    if raw["kind"] in DECLARED_KINDS:
-        return _declared_tier(where, raw, declared_class(raw["kind"]), "tier kind")
-    if raw["kind"] not in TIER_KINDS:
-        return _plugin_tier(where, raw)
     kind = raw["kind"]
-    _check_keys(where, raw, _TIER_KEYS[kind])
-    if "capacity" not in raw and kind not in ("ranges", "cxl", "redis"):
-        raise ConfigError(f"{where}.capacity: missing; allowed: bytes as an int or a string like '8GiB'")
-    default_capacity = {"cxl": raw.get("size", UNBOUNDED), "redis": raw.get("maxmemory") or UNBOUNDED}
-    capacity = parse_size(raw.get("capacity", default_capacity.get(kind, UNBOUNDED)), f"{where}.capacity")
-    if capacity == 0:
-        raise ConfigError(f"{where}.capacity: got {raw['capacity']!r}; allowed: more than 0 bytes")
-    name = raw.get("name", kind)
-    if not isinstance(name, str) or not name:
-        raise ConfigError(f"{where}.name: got {name!r}; allowed: a non-empty string")
-    kw: dict[str, Any] = dict(kind=kind, name=name, capacity=capacity)
-    if "policy" in raw:
-        kw["policy"] = _choice(f"{where}.policy", raw["policy"], POLICIES)
-    if "write" in raw:
-        kw["write"] = _choice(f"{where}.write", raw["write"], WRITE_MODES)
-    if "verify" in raw:
-        kw["verify"] = _bool(f"{where}.verify", raw["verify"])
-    if kind in ("cpu", "cxl") and "pin" in raw:
-        pin = {True: "always", False: "never"}.get(raw["pin"], raw["pin"])  # type: ignore[call-overload]
-        kw["pin"] = _choice(f"{where}.pin", pin, ("auto", "always", "never"))
-    if kind == "file":
-        path = raw.get("path")
-        if not isinstance(path, str) or not path:
-            raise ConfigError(f"{where}.path: got {path!r}; allowed: a directory path (it is created if missing)")
-        kw["path"] = os.path.expanduser(os.path.expandvars(path))
-        kw["verify"] = True
-        if "fsync" in raw:
-            kw["fsync"] = _bool(f"{where}.fsync", raw["fsync"])
-    if kind == "cxl":
-        path = raw.get("path")
-        if not isinstance(path, str) or not path:
-            raise ConfigError(f"{where}.path: got {path!r}; allowed: a DAX device (/dev/daxX.Y) or a file path "
-                              "(e.g. under /dev/shm) to map")
-        kw["path"] = os.path.expanduser(os.path.expandvars(path))
-        if "size" not in raw:
-            raise ConfigError(f"{where}.size: missing; allowed: bytes of the region as an int or a string like '4GiB'")
-        kw["size"] = parse_size(raw["size"], f"{where}.size")
-        kw["verify"] = _bool(f"{where}.verify", raw["verify"]) if "verify" in raw else True
-        if "reset" in raw:
-            kw["reset"] = _bool(f"{where}.reset", raw["reset"])
-        if raw.get("numa_node") is not None:
-            kw["numa_node"] = _int(f"{where}.numa_node", raw["numa_node"])
-    if kind == "redis":
-        kw.update(_redis(where, raw))
-    return TierConfig(**kw)
+    if isinstance(kind, str) and kind in DECLARED_KINDS:
+        return _declared_tier(where, raw, declared_class(kind), None if kind in _ATTRIBUTE_KINDS else "tier kind")
+    return _plugin_tier(where, raw)
 
 
 def _plugin_tier(where: str, raw: Mapping) -> TierConfig:
@@ -276,15 +231,10 @@ def _plugin_tier(where: str, raw: Mapping) -> TierConfig:
 
 def _is_backing(kind: str) -> bool:
     """Whether tiers of ``kind`` keep their objects in a store that is its own index (remote)."""
-    if kind == "redis":
-        return True
-    if kind in DECLARED_KINDS:
-        return bool(getattr(declared_class(kind), "remote", False))
-    if kind in TIER_KINDS:
-        return False
     from strata.store.tiers import registry
 
-    return bool(getattr(registry.tier_class(kind), "remote", False))
+    cls = declared_class(kind) if kind in DECLARED_KINDS else registry.tier_class(kind)
+    return bool(getattr(cls, "remote", False))
 
 
 def declared_class(kind: str) -> type:
@@ -295,38 +245,51 @@ def declared_class(kind: str) -> type:
     return getattr(importlib.import_module(module), name)
 
 
-def _declared_tier(where: str, raw: Mapping, cls: type, what: str) -> TierConfig:
-    """A tier whose class declares its own keys (``config_keys``, ``config_required``): the common
-    keys checked as for every tier, the class's by their specs, into ``TierConfig.options``."""
+def _declared_tier(where: str, raw: Mapping, cls: type, what: str | None) -> TierConfig:
+    """A tier of any kind, checked by what its class declares (strata.store.tiers.registry): the
+    common keys as for every tier, the class's own by their specs, then its ``check_config``. The
+    kinds of ``_ATTRIBUTE_KINDS`` (``what`` None) keep their keys in ``TierConfig``'s attributes,
+    with the class's ``defaults``, and their messages name no class; the others' keys land in
+    ``TierConfig.options``, and ``what`` (``"tier plugin"``) names the class in messages."""
     from strata.store.tiers import registry
 
     kind = raw["kind"]
     specs = registry.config_keys(cls)
-    keys = set(registry.COMMON_KEYS) | set(specs)
+    keys = (set(registry.COMMON_KEYS) - set(registry.config_refused(cls))) | set(specs)
+    about = f" (the keys of {what} {kind!r}, {cls.__module__}.{cls.__qualname__})" if what else ""
     for k in raw:
         if k not in keys:
-            raise ConfigError(f"unknown key {allowed(where, k, keys)} (the keys of {what} {kind!r}, "
-                              f"{cls.__module__}.{cls.__qualname__})")
+            raise ConfigError(f"unknown key {allowed(where, k, keys)}{about}")
     for k in registry.config_required(cls):
         if k not in raw:
-            spec = specs.get(k)
-            text = ("bytes as an int or a string like '8GiB'" if k == "capacity" else _spec_text(spec))
-            raise ConfigError(f"{where}.{k}: missing; allowed: {text} (required by {what} {kind!r})")
+            text = "bytes as an int or a string like '8GiB'" if k == "capacity" else _spec_text(specs.get(k))
+            by = f" (required by {what} {kind!r})" if what else ""
+            raise ConfigError(f"{where}.{k}: missing; allowed: {text}{by}")
+    values = _common(where, raw, kind, bool(getattr(cls, "persistent", False)))
+    values.update((k, _option(f"{where}.{k}", raw[k], spec)) for k, spec in specs.items() if k in raw)
+    values = registry.check_config(cls, values, raw, where)
+    if what is None:
+        return TierConfig(**{**getattr(cls, "defaults", {}), **values})
+    own = Options({k: v for k, v in values.items() if k not in registry.COMMON_KEYS})
+    return TierConfig(**{k: v for k, v in values.items() if k in registry.COMMON_KEYS}, options=own)
+
+
+def _common(where: str, raw: Mapping, kind: str, persistent: bool) -> dict[str, Any]:
+    """The common keys every tier takes, checked (a persistent tier always verifies)."""
     capacity = parse_size(raw.get("capacity", UNBOUNDED), f"{where}.capacity")
     if capacity == 0:
         raise ConfigError(f"{where}.capacity: got {raw['capacity']!r}; allowed: more than 0 bytes")
     name = raw.get("name", kind)
     if not isinstance(name, str) or not name:
         raise ConfigError(f"{where}.name: got {name!r}; allowed: a non-empty string")
-    kw: dict[str, Any] = dict(kind=kind, name=name, capacity=capacity, verify=bool(getattr(cls, "persistent", False)))
+    kw: dict[str, Any] = dict(kind=kind, name=name, capacity=capacity, verify=persistent)
     if "policy" in raw:
         kw["policy"] = _choice(f"{where}.policy", raw["policy"], POLICIES)
     if "write" in raw:
         kw["write"] = _choice(f"{where}.write", raw["write"], WRITE_MODES)
     if "verify" in raw:
-        kw["verify"] = _bool(f"{where}.verify", raw["verify"]) or kw["verify"]  # persistent tiers always verify
-    kw["options"] = Options({k: _option(f"{where}.{k}", raw[k], spec) for k, spec in specs.items() if k in raw})
-    return TierConfig(**kw)
+        kw["verify"] = _bool(f"{where}.verify", raw["verify"]) or persistent
+    return kw
 
 
 def _spec_text(spec: object) -> str:
@@ -361,80 +324,6 @@ def _option(where: str, value: object, spec: object) -> Any:
         raise
     except (ValueError, TypeError) as e:
         raise ConfigError(f"{where}: got {value!r}; {e}") from None
-
-
-def _redis(where: str, raw: Mapping) -> dict[str, Any]:
-    url = raw.get("url")
-    if not isinstance(url, str) or not url.startswith(REDIS_SCHEMES):
-        raise ConfigError(f"{where}.url: got {url!r}; allowed: a URL starting with {', '.join(REDIS_SCHEMES)} "
-                          "(e.g. redis://127.0.0.1:6379/0)")
-    kw: dict[str, Any] = {"url": url, "verify": True}
-    for name in ("password", "password_env"):
-        if raw.get(name) is not None:
-            if not isinstance(raw[name], str) or not raw[name]:
-                raise ConfigError(f"{where}.{name}: got a {type(raw[name]).__name__}; allowed: a non-empty string")
-            kw[name] = raw[name]
-    if "password" in kw and "password_env" in kw:
-        raise ConfigError(f"{where}.password_env: set with password; allowed: one of password, password_env")
-    if "password_env" in kw and kw["password_env"] not in os.environ:
-        raise ConfigError(f"{where}.password_env: the environment variable {kw['password_env']!r} is not set; "
-                          "allowed: the name of a variable that holds the password")
-    if "timeout_ms" in raw:
-        kw["timeout_ms"] = _int(f"{where}.timeout_ms", raw["timeout_ms"], 1)
-    if "max_connections" in raw:
-        kw["max_connections"] = _int(f"{where}.max_connections", raw["max_connections"], 1)
-    if "key_prefix" in raw:
-        prefix = raw["key_prefix"]
-        if not isinstance(prefix, str):
-            raise ConfigError(f"{where}.key_prefix: got {prefix!r}; allowed: a string (may be empty)")
-        kw["key_prefix"] = prefix
-    if raw.get("maxmemory") is not None:
-        kw["maxmemory"] = parse_size(raw["maxmemory"], f"{where}.maxmemory")
-    if raw.get("maxmemory_policy") is not None:
-        kw["maxmemory_policy"] = _choice(f"{where}.maxmemory_policy", raw["maxmemory_policy"], REDIS_POLICIES)
-    kw.update(_redis_cluster(where, raw, url, kw.get("key_prefix", "strata:")))
-    return kw
-
-
-def _redis_cluster(where: str, raw: Mapping, url: str, prefix: str) -> dict[str, Any]:
-    """``cluster``, ``nodes`` and ``hash_tag``: a Redis Cluster reached through seed nodes over TCP
-    (no unix sockets, database 0 only: a cluster has one keyspace)."""
-    from urllib.parse import parse_qsl, urlsplit
-
-    cluster = _bool(f"{where}.cluster", raw["cluster"]) if "cluster" in raw else False
-    if not cluster:
-        for name in ("nodes", "hash_tag"):
-            if name in raw:
-                raise ConfigError(f"{where}.{name}: set without cluster: true; allowed: only on a redis tier with "
-                                  "cluster: true")
-        return {}
-    parts = urlsplit(url)
-    if parts.scheme not in ("redis", "rediss"):
-        raise ConfigError(f"{where}.url: got {url!r}; allowed with cluster: true: redis:// or rediss:// (a Redis "
-                          "Cluster has no unix sockets)")
-    db = parts.path.strip("/") or dict(parse_qsl(parts.query)).get("db", "0")
-    if db != "0":
-        raise ConfigError(f"{where}.url: database {db!r}; allowed with cluster: true: database 0 only (a Redis "
-                          "Cluster has one keyspace): redis://host:port or redis://host:port/0")
-    nodes = raw.get("nodes", [])
-    if isinstance(nodes, str) or not isinstance(nodes, (list, tuple)):
-        raise ConfigError(f"{where}.nodes: got {nodes!r}; allowed: a list of seed nodes, e.g. "
-                          "[redis://10.0.0.2:6379, redis://10.0.0.3:6379]")
-    for i, node in enumerate(nodes):
-        seed = urlsplit(node) if isinstance(node, str) else None
-        try:
-            port = seed.port if seed is not None else None
-        except ValueError:
-            port = None
-        if (seed is None or seed.scheme not in ("redis", "rediss") or not seed.hostname or port is None
-                or seed.path.strip("/") or seed.query):
-            raise ConfigError(f"{where}.nodes[{i}]: got {node!r}; allowed: redis://host:port (the url's password "
-                              "and TLS settings apply to every node)")
-    hash_tag = _choice(f"{where}.hash_tag", raw.get("hash_tag", "none"), ("none", "scope"))
-    if hash_tag != "none" and "{" in prefix:
-        raise ConfigError(f"{where}.key_prefix: got {prefix!r} with hash_tag: {hash_tag}; allowed: a prefix "
-                          "without '{' (Redis would hash on the prefix's braces, not the tag)")
-    return {"cluster": True, "nodes": tuple(nodes), "hash_tag": hash_tag}
 
 
 def _namespace(ns: str, raw: Mapping, tier_names: list[str], remote: tuple[str, ...] = ()) -> NamespacePolicy:

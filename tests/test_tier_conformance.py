@@ -171,11 +171,6 @@ KITS = {
     "file": lambda: dict(make_tier=file_tier, persistent=True, raw=FileRaw, fault=file_fault, capacity=256 << 10),
 }
 
-# Properties a built-in tier fails today (bugs, reported in issue #19's notes): each runs on its own
-# below as a strict xfail, so a fix shows as an XPASS that fails until its entry is removed.
-KNOWN: dict[tuple[str, str], str] = {}  # none today: the seven the kit found first are fixed
-
-
 def kit_of(tier, request):
     return redis_kit(request.getfixturevalue("own_redis")) if tier == "redis" else KITS[tier]()
 
@@ -183,17 +178,9 @@ def kit_of(tier, request):
 @pytest.mark.parametrize("check", CHECKS)
 @pytest.mark.parametrize("tier", ["cpu", "cxl", "file", "redis"])
 def test_builtin_tier_conforms(tier, check, request, tmp_path):
-    known = {c: why for (t, c), why in KNOWN.items() if t == tier and c.startswith(check)}
-    report = check_tier(**kit_of(tier, request), name=tier, checks=[check], exclude=known, workdir=tmp_path)
+    report = check_tier(**kit_of(tier, request), name=tier, checks=[check], workdir=tmp_path)
     assert report.passed or check in report.skipped, str(report)  # cpu: nothing to damage, no I/O to fail
     print(report)
-
-
-@pytest.mark.parametrize("tier, check", [pytest.param(t, c, id=f"{t}-{c}",
-                                                      marks=pytest.mark.xfail(strict=True, reason=why))
-                                         for (t, c), why in KNOWN.items()])
-def test_known_failure(tier, check, request, tmp_path):
-    check_tier(**kit_of(tier, request), name=tier, checks=[check], workdir=tmp_path)
 
 
 def test_write_back_above_redis_a_demotion_and_the_flusher_never_both_write_one_value(own_redis, monkeypatch):

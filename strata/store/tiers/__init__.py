@@ -16,14 +16,12 @@ TIER_CLASSES: dict[str, type[Tier]] = {"cpu": CpuTier, "file": FileTier, "ranges
 def build_tier(cfg, store_cfg, create: bool = True) -> Tier:
     """The tier ``cfg`` names. ``create=False`` opens only what exists: a cxl tier whose region is
     missing, or a file tier whose directory is, raises ``RegionAbsent`` (a StoreError) instead of
-    creating one; other kinds ignore it."""
-    if cfg.kind in ("cxl", "file"):
-        return TIER_CLASSES[cfg.kind](cfg, store_cfg, create=create)
-    if cfg.kind in DECLARED_KINDS:  # built in, imported only when a config names it
-        return registry.build(declared_class(cfg.kind), cfg, store_cfg, create)
-    if cfg.kind not in TIER_CLASSES:  # an installed plugin's kind (loaded when its config was validated)
-        return registry.build(registry.tier_class(cfg.kind, f"tiers[{cfg.name}].kind"), cfg, store_cfg, create)
-    return TIER_CLASSES[cfg.kind](cfg, store_cfg)
+    creating one; other kinds ignore it (it is passed to a class whose ``__init__`` takes it)."""
+    if cfg.kind in DECLARED_KINDS:  # built in (mooncake is imported only when a config names it)
+        cls = TIER_CLASSES.get(cfg.kind) or declared_class(cfg.kind)
+    else:  # an installed plugin's kind (loaded when its config was validated)
+        cls = registry.tier_class(cfg.kind, f"tiers[{cfg.name}].kind")
+    return registry.build(cls, cfg, store_cfg, create)
 
 
 __all__ = ["Tier", "CpuTier", "CxlTier", "DirectoryAbsent", "Extent", "FileTier", "RangesTier", "RedisTier",

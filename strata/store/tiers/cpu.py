@@ -16,7 +16,7 @@ import os
 import torch
 
 from strata.config import format_size
-from strata.errors import ConfigError
+from strata.errors import ConfigError, allowed
 
 from strata.store.allocator import ExtentAllocator
 from strata.store.codec import CorruptObject, checksum
@@ -31,6 +31,17 @@ def host_memory() -> int | None:
         return None
 
 
+PIN_MODES = ("auto", "always", "never")
+
+
+def pin_mode(value: object, where: str) -> str:
+    """auto, always, never (true / false: always / never)."""
+    pin = "always" if value is True else "never" if value is False else value
+    if pin not in PIN_MODES:
+        raise ConfigError(allowed(where, pin, PIN_MODES))
+    return pin  # type: ignore[return-value]
+
+
 @functools.lru_cache(maxsize=4096)
 def contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
     strides, step = [], 1
@@ -42,6 +53,10 @@ def contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
 
 class CpuTier(Tier):
     kind = "cpu"
+    # pin: the slab is pinned (page-locked) when CUDA is available ("auto"), always, or never.
+    config_keys = {"pin": pin_mode}
+    config_required = ("capacity",)
+    defaults = {"pin": "auto"}
 
     def __init__(self, cfg, store_cfg):
         super().__init__(cfg, store_cfg)

@@ -58,14 +58,14 @@ import struct
 import torch
 import xxhash
 
-from strata.config import format_size
+from strata.config import format_size, parse_size
 from strata.errors import ConfigError, StoreError
 from strata.keys import key_namespace, namespaces
 from strata.store import numa
 from strata.store.allocator import ExtentAllocator
 from strata.store.codec import CorruptObject, checksum, header_size_for, pack_header, unpack_header
 from strata.store.tiers.base import Entry, Tier
-from strata.store.tiers.cpu import contiguous_strides
+from strata.store.tiers.cpu import contiguous_strides, pin_mode
 
 log = logging.getLogger("strata.cxl")
 
@@ -99,6 +99,29 @@ def _is_copy(a, b) -> bool:
     return a == b
 
 
+def _region_path(value: object, where: str) -> str:
+    """a DAX device (/dev/daxX.Y) or a file path (e.g. under /dev/shm) to map."""
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{where}: got {value!r}; allowed: a DAX device (/dev/daxX.Y) or a file path "
+                          "(e.g. under /dev/shm) to map")
+    return os.path.expanduser(os.path.expandvars(value))
+
+
+def _region_size(value: object, where: str) -> int:
+    """bytes of the region as an int or a string like '4GiB'."""
+    size = parse_size(value, where)
+    if size == 0:
+        raise ConfigError(f"{where}: got {value!r}; allowed: more than 0 bytes")
+    return size
+
+
+def _numa_node(value: object, where: str) -> int | None:
+    """an integer >= 0 (a NUMA node), or null."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+        raise ConfigError(f"{where}: got {value!r}; allowed: an integer >= 0")
+    return value  # type: ignore[return-value]
+
+
 def _round(n: int, a: int) -> int:
     return (n + a - 1) // a * a
 
@@ -106,6 +129,26 @@ def _round(n: int, a: int) -> int:
 class CxlTier(Tier):
     kind = "cxl"
     persistent = True
+    # pin: register the mapping with CUDA when it is available ("auto"), always, or never;
+    # reset: wipe the region's objects on open; numa_node: bind the region's pages to that node.
+    config_keys = {"pin": pin_mode, "path": _region_path, "size": _region_size, "reset": bool,
+                   "numa_node": _numa_node}
+    defaults = {"pin": "auto", "reset": False, "numa_node": None}
+
+    @classmethod
+    def check_config(cls, values: dict, raw, where: str) -> dict:
+        """The region's path and size are required (the path first, as a missing one always read
+        ``path: got None``); capacity defaults to the size, the whole region; checksums are verified
+        unless a config says ``verify: false``, which a cxl tier, unlike other persistent ones, takes."""
+        if "path" not in values:
+            _region_path(None, f"{where}.path")
+        if "size" not in values:
+            raise ConfigError(f"{where}.size: missing; allowed: bytes of the region as an int or a string like "
+                              "'4GiB'")
+        if "capacity" not in raw:
+            values["capacity"] = values["size"]
+        values["verify"] = raw.get("verify", True)
+        return values
 
     def __init__(self, cfg, store_cfg, create: bool = True):
         """``create=False``: open an existing region only; RegionAbsent (creating, formatting and

@@ -39,6 +39,7 @@ from pathlib import Path
 
 import torch
 
+from strata.errors import ConfigError
 from strata.keys import key_namespace, namespaces
 from strata.store.codec import CorruptObject, FIXED_HEADER_SIZE, checksum, flat_bytes, header_size, header_size_for, pack_header, unpack_header
 from strata.store.tiers.base import Entry, NotStored, Tier
@@ -57,6 +58,13 @@ class DirectoryAbsent(RegionAbsent):
 class Vanished(FileNotFoundError, NotStored):
     """An indexed object's file is gone (another process removed it): a plain miss to a read,
     and still an OSError to code that only knows I/O faults."""
+
+
+def _directory(value: object, where: str) -> str:
+    """a directory path (it is created if missing)."""
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{where}: got {value!r}; allowed: a directory path (it is created if missing)")
+    return os.path.expanduser(os.path.expandvars(value))
 
 
 def _read_header(path: Path) -> tuple[bytes, object, int]:
@@ -127,8 +135,20 @@ def _put_in_flight(path: Path, now: float) -> bool:
 
 class FileTier(Tier):
     kind = "file"
-    persistent = True
+    persistent = True  # so verify is always on: checksums are checked on every read
     shared = True
+    # fsync: each object's file is fsynced before it becomes visible.
+    config_keys = {"path": _directory, "fsync": bool}
+    config_required = ("capacity",)
+    defaults = {"fsync": False}
+
+    @classmethod
+    def check_config(cls, values: dict, raw, where: str) -> dict:
+        """A file tier needs its directory. Checked here, not by config_required, so a missing one
+        reads as it always has: ``path: got None; allowed: a directory path``."""
+        if "path" not in values:
+            _directory(None, f"{where}.path")
+        return values
 
     def __init__(self, cfg, store_cfg, create: bool = True):
         """``create=False``: open an existing directory only; DirectoryAbsent (creating nothing)

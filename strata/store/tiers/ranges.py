@@ -31,6 +31,8 @@ class Extent:
 class RangesTier(Tier):
     kind = "ranges"
     writable = False
+    # Read-only, and its bytes are the files' own: nothing is written or checksummed here.
+    config_refused = ("write", "verify")
 
     def register(self, key: bytes, ns: str, meta, extents: list[Extent]) -> Entry | None:
         """Add (or replace) an object; None if it does not fit the tier's capacity. Caller holds the lock."""

@@ -23,7 +23,8 @@ import os
 from typing import Callable, Iterator
 from urllib.parse import urlsplit, urlunsplit
 
-from strata.errors import StoreError
+from strata.config import UNBOUNDED, parse_size
+from strata.errors import ConfigError, StoreError, allowed
 from strata.store.tiers.backing import LABELS_KEY, BackingTier, Features  # noqa: F401 - LABELS_KEY: labels
 
 log = logging.getLogger("strata.redis")
@@ -33,6 +34,108 @@ _SCAN_BATCH = 1000
 BATCH = 16  # GETs or SETs per pipelined round trip (a 4K-token prompt's 256-token chunks: one)
 BATCH_BYTES = 16 << 20  # bytes of values sent in one round trip: each must go within timeout_ms
 TAG_LEN = 18  # hash_tag: scope: b"{" + 16 hex digits + b"}" after the prefix (redis_cluster.scope_tag)
+
+
+# -- config: the keys of a redis tier, checked by strata.config through RedisTier's declarations
+
+SCHEMES = ("redis://", "rediss://", "unix://")
+MEMORY_POLICIES = ("allkeys-lru", "allkeys-lfu", "allkeys-random", "volatile-lru", "volatile-lfu", "volatile-random",
+                   "volatile-ttl", "noeviction")
+
+
+def _url(value: object, where: str) -> str:
+    """a URL starting with redis://, rediss://, unix:// (e.g. redis://127.0.0.1:6379/0)."""
+    if not isinstance(value, str) or not value.startswith(SCHEMES):
+        raise ConfigError(f"{where}: got {value!r}; allowed: a URL starting with {', '.join(SCHEMES)} "
+                          "(e.g. redis://127.0.0.1:6379/0)")
+    return value
+
+
+def _secret(value: object, where: str) -> str | None:
+    """a non-empty string (never echoed back: a password)."""
+    if value is not None and (not isinstance(value, str) or not value):
+        raise ConfigError(f"{where}: got a {type(value).__name__}; allowed: a non-empty string")
+    return value  # type: ignore[return-value]
+
+
+def _positive(value: object, where: str) -> int:
+    """an integer >= 1."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{where}: got {value!r}; allowed: an integer >= 1")
+    return value
+
+
+def _key_prefix(value: object, where: str) -> str:
+    """a string (may be empty)."""
+    if not isinstance(value, str):
+        raise ConfigError(f"{where}: got {value!r}; allowed: a string (may be empty)")
+    return value
+
+
+def _maxmemory(value: object, where: str) -> int | None:
+    """bytes as an int or a string like '8GiB', or null (leave the server's setting)."""
+    return None if value is None else parse_size(value, where)
+
+
+def _memory_policy(value: object, where: str) -> str | None:
+    """one of Redis's maxmemory-policy values, or null (leave the server's setting)."""
+    if value is not None and value not in MEMORY_POLICIES:
+        raise ConfigError(allowed(where, value, MEMORY_POLICIES))
+    return value  # type: ignore[return-value]
+
+
+def _seed_nodes(value: object, where: str) -> tuple[str, ...]:
+    """a list of seed nodes, e.g. [redis://10.0.0.2:6379, redis://10.0.0.3:6379]."""
+    if isinstance(value, str) or not isinstance(value, (list, tuple)):
+        raise ConfigError(f"{where}: got {value!r}; allowed: a list of seed nodes, e.g. "
+                          "[redis://10.0.0.2:6379, redis://10.0.0.3:6379]")
+    for i, node in enumerate(value):
+        seed = urlsplit(node) if isinstance(node, str) else None
+        try:
+            port = seed.port if seed is not None else None
+        except ValueError:
+            port = None
+        if (seed is None or seed.scheme not in ("redis", "rediss") or not seed.hostname or port is None
+                or seed.path.strip("/") or seed.query):
+            raise ConfigError(f"{where}[{i}]: got {node!r}; allowed: redis://host:port (the url's password "
+                              "and TLS settings apply to every node)")
+    return tuple(value)
+
+
+def _check_password(values: dict, where: str) -> None:
+    """One of password and password_env, and the variable named set now (not at the first call)."""
+    if values.get("password") is not None and values.get("password_env") is not None:
+        raise ConfigError(f"{where}.password_env: set with password; allowed: one of password, password_env")
+    env = values.get("password_env")
+    if env is not None and env not in os.environ:
+        raise ConfigError(f"{where}.password_env: the environment variable {env!r} is not set; "
+                          "allowed: the name of a variable that holds the password")
+
+
+def _check_cluster(values: dict, where: str, prefix: str) -> None:
+    """``cluster``, ``nodes`` and ``hash_tag``: a Redis Cluster reached through seed nodes over TCP
+    (no unix sockets, database 0 only: a cluster has one keyspace)."""
+    from urllib.parse import parse_qsl
+
+    if not values.get("cluster"):
+        for name in ("nodes", "hash_tag"):
+            if name in values:
+                raise ConfigError(f"{where}.{name}: set without cluster: true; allowed: only on a redis tier with "
+                                  "cluster: true")
+        return
+    url = values["url"]
+    parts = urlsplit(url)
+    if parts.scheme not in ("redis", "rediss"):
+        raise ConfigError(f"{where}.url: got {url!r}; allowed with cluster: true: redis:// or rediss:// (a Redis "
+                          "Cluster has no unix sockets)")
+    db = parts.path.strip("/") or dict(parse_qsl(parts.query)).get("db", "0")
+    if db != "0":
+        raise ConfigError(f"{where}.url: database {db!r}; allowed with cluster: true: database 0 only (a Redis "
+                          "Cluster has one keyspace): redis://host:port or redis://host:port/0")
+    hash_tag = values.get("hash_tag", "none")
+    if hash_tag != "none" and "{" in prefix:
+        raise ConfigError(f"{where}.key_prefix: got {prefix!r} with hash_tag: {hash_tag}; allowed: a prefix "
+                          "without '{' (Redis would hash on the prefix's braces, not the tag)")
 
 
 def redact(url: str) -> str:
@@ -163,6 +266,35 @@ class RedisBackend:
 
 class RedisTier(BackingTier):
     kind = "redis"
+    # Redis holds its own capacity (maxmemory) and eviction (maxmemory_policy), and every value is
+    # checked on read (persistent): no capacity, policy or verify here.
+    config_refused = ("capacity", "policy", "verify")
+    config_keys = {
+        "url": _url,
+        "password": _secret,  # never printed or logged
+        "password_env": _secret,  # the environment variable holding the password
+        "timeout_ms": _positive,  # the longest any one call may block
+        "max_connections": _positive,  # the connection pool's bound
+        "key_prefix": _key_prefix,  # prepended to every key this tier reads or writes
+        "maxmemory": _maxmemory,  # set on the server with CONFIG SET (null: leave it)
+        "maxmemory_policy": _memory_policy,
+        "cluster": bool,  # the url (and nodes) are seed nodes of a Redis Cluster
+        "nodes": _seed_nodes,  # more seed nodes, redis://host:port
+        "hash_tag": ("none", "scope"),  # scope: a scope's objects in one hash slot (one shard)
+    }
+    defaults = {"timeout_ms": 200, "max_connections": 8, "key_prefix": "strata:", "cluster": False, "nodes": (),
+                "hash_tag": "none"}
+
+    @classmethod
+    def check_config(cls, values: dict, raw, where: str) -> dict:
+        """The url is required; the rules between keys (password, cluster); the tier's capacity, for
+        the store's accounting, is the server's maxmemory when the config sets one."""
+        if "url" not in values:
+            _url(None, f"{where}.url")
+        _check_password(values, where)
+        _check_cluster(values, where, values.get("key_prefix", cls.defaults["key_prefix"]))
+        values["capacity"] = values.get("maxmemory") or UNBOUNDED
+        return values
 
     def __init__(self, cfg, store_cfg):
         backend = RedisBackend(cfg)

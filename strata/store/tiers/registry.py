@@ -11,9 +11,21 @@ keys it takes beside the common ones (``COMMON_KEYS``, validated by Strata as fo
   callable ``spec(value, where) -> value`` that returns the value to keep or raises
   ``ConfigError`` (or ValueError / TypeError) saying what is allowed (``strata.config.parse_size``
   is one);
-- ``config_required``: the keys that must be given (its own or common ones, e.g. ``capacity``).
+- ``config_required``: the keys that must be given (its own or common ones, e.g. ``capacity``);
+- ``defaults``: ``{key: value}`` for its own keys a config leaves out (the class applies them);
+- ``config_refused``: common keys the kind does not take (a redis tier has the server's
+  capacity and eviction: ``("capacity", "policy", "verify")``), refused as unknown keys;
+- ``check_config(cls, values, raw, where) -> values``, a classmethod: the rules between keys and
+  what follows from them, run once each key has passed its spec. ``values`` holds the checked
+  common keys (``kind``, ``name``, ``capacity``, ``policy``, ``write``, ``verify``) and the own
+  keys the config gave; ``raw`` is the tier's mapping as written, ``where`` its field
+  (``tiers[1]``). It returns the values to keep (a cxl tier's capacity defaults to its size) or
+  raises ``ConfigError`` naming the field (``f"{where}.url"``) and what is allowed.
 
-What a config gives of its own keys lands, checked, in ``TierConfig.options`` (read-only).
+What a config gives of its own keys lands, checked, in ``TierConfig.options`` (read-only). The
+built-in kinds declare theirs the same way next to their classes (``strata.store.tiers.cpu``,
+``file``, ``ranges``, ``cxl``, ``redis``, ``mooncake``); the five older ones land in
+``TierConfig``'s attributes instead (``cfg.path``, ``cfg.url``), with their ``defaults`` applied.
 Built-in kinds win over a plugin of the same name (with a warning): a plugin cannot change what
 an existing config means. A plugin that cannot be loaded is a ``ConfigError`` naming the entry
 point and its error when a config names it, never an error at ``import strata``.
@@ -131,6 +143,10 @@ def _check_declarations(cls: type) -> str | None:
     if isinstance(required, str) or unknown:
         return (f"{cls.__name__}.config_required names {unknown or required!r}; allowed: a tuple of its "
                 "config_keys or common keys")
+    refused = getattr(cls, "config_refused", ())
+    if isinstance(refused, str) or any(k not in COMMON_KEYS or k in ("kind", "name") for k in refused):
+        return (f"{cls.__name__}.config_refused is {refused!r}; allowed: a tuple of common keys other than kind "
+                "and name")
     return None
 
 
@@ -140,6 +156,16 @@ def config_keys(cls: type) -> Mapping[str, object]:
 
 def config_required(cls: type) -> tuple[str, ...]:
     return tuple(getattr(cls, "config_required", ()))
+
+
+def config_refused(cls: type) -> tuple[str, ...]:
+    return tuple(getattr(cls, "config_refused", ()))
+
+
+def check_config(cls: type, values: dict, raw: Mapping, where: str) -> dict:
+    """The class's ``check_config`` hook on a tier's checked values, or the values as they are."""
+    hook = getattr(cls, "check_config", None)
+    return values if hook is None else hook(values, raw, where)
 
 
 def build(cls: type[Tier], cfg, store_cfg, create: bool = True) -> Tier:
@@ -152,5 +178,5 @@ def build(cls: type[Tier], cfg, store_cfg, create: bool = True) -> Tier:
     return cls(cfg, store_cfg, create=create) if takes_create else cls(cfg, store_cfg)
 
 
-__all__ = ["COMMON_KEYS", "GROUP", "build", "config_keys", "config_required", "is_plugin", "plugin_kinds",
-           "refresh", "tier_class"]
+__all__ = ["COMMON_KEYS", "GROUP", "build", "check_config", "config_keys", "config_refused", "config_required",
+           "is_plugin", "plugin_kinds", "refresh", "tier_class"]
