@@ -14,6 +14,7 @@ fails (an I/O error, a checksum mismatch) degrades to a miss and a counter.
 from __future__ import annotations
 
 import logging
+import _thread
 import threading
 import time
 from typing import Callable, NamedTuple, TypeVar
@@ -33,64 +34,58 @@ _DOWN_WAIT_S = 30.0  # the longest a flush or a reservation waits for another wr
 _COPY_WAITS = 16  # a reservation waits at most this many times for device copies holding a tier's room
 
 
-class ChainLock:
+_RLock_release = _thread.RLock.release
+
+
+class ChainLock(_thread.RLock):
     """The chain's lock: reentrant; as its owner lets go of it entirely, the I/O tiers deferred under
     it (``Tier.after_unlock``) runs in that thread, so no thread waits for another's unlinks,
     flushes or round trips, and a store call still returns only after its own. A
     ``threading.Condition`` over it waits as over an RLock: the waiter's deferred I/O stays its own.
-    Every store call takes it a few times: the common path is two attribute updates."""
+    Every store call takes it a few times, so taking it is the C lock's own ``acquire``; letting it
+    go looks at the deferred list only on the way out of the outermost hold."""
 
-    __slots__ = ("_lock", "_depth", "_pending")
+    __slots__ = ("_pending",)
 
     def __init__(self):
-        self._lock = threading.RLock()
-        self._depth = 0  # the owner's nesting (read and written only by the owner)
-        self._pending: list[Callable[[], None]] = []  # I/O the owner deferred
-
-    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
-        if not self._lock.acquire(blocking, timeout):
-            return False
-        self._depth += 1
-        return True
-
-    def __enter__(self) -> bool:
-        self._lock.acquire()
-        self._depth += 1
-        return True
+        super().__init__()
+        self._pending: list[Callable[[], None]] = []  # I/O the owner deferred (only the owner touches it)
 
     def release(self) -> None:
-        self._depth -= 1
-        if self._depth or not self._pending:
-            self._lock.release()
-            return
+        if self._pending and self._recursion_count() == 1:
+            self._run_pending()
+        else:
+            _RLock_release(self)
+
+    def __exit__(self, *exc) -> None:  # release(), inlined: the lock's every use ends here
+        if self._pending and self._recursion_count() == 1:
+            self._run_pending()
+        else:
+            _RLock_release(self)
+
+    def _run_pending(self) -> None:
+        """Let the outermost hold go, then run what was deferred under it, in this thread."""
         pending, self._pending = self._pending, []
-        self._lock.release()
+        _RLock_release(self)
         for fn in pending:
             try:
                 fn()
             except Exception:  # noqa: BLE001 - deferred I/O must not fail the store call that caused it
                 log.warning("I/O deferred past the chain's lock failed", exc_info=True)
 
-    def __exit__(self, *exc) -> None:
-        self.release()
-
     def defer(self, fn: Callable[[], None]) -> None:
         """Run ``fn`` as the owner lets the lock go entirely (the owner calls this)."""
         self._pending.append(fn)
 
-    # what threading.Condition uses to wait on a reentrant lock
-    def _is_owned(self) -> bool:
-        return self._lock._is_owned()
-
+    # what threading.Condition uses to wait on a reentrant lock: the waiter's deferred I/O waits with it
     def _release_save(self):
-        saved = (self._depth, self._pending)
-        self._depth, self._pending = 0, []
-        return self._lock._release_save(), saved
+        saved, self._pending = self._pending, []
+        return super()._release_save(), saved
 
     def _acquire_restore(self, state) -> None:
         inner, saved = state
-        self._lock._acquire_restore(inner)
-        self._depth, self._pending = saved
+        super()._acquire_restore(inner)
+        self._pending = saved
 
 
 class _Put:
@@ -214,6 +209,8 @@ class TierChain:
         newer put replaced them) before a lower tier's write, which was then not published. If so,
         the older versions left in tiers above that refused it go (they would be served first); if
         not, they stay: the put failed and they are still the newest acknowledged version."""
+        if not refused:  # nothing to retire: a look at the index needs no lock (a dict read is atomic)
+            return any(t.remote or t.index.get(key) is e for t, e in kept)
         with self.lock:
             held = any(t.remote or t.index.get(key) is e for t, e in kept)
             for tier, old in refused if held else ():
@@ -342,11 +339,12 @@ class TierChain:
                 break
             with self.lock:  # the flusher's write of a victim ends with it clean, evictable
                 self._await_down(busy[0])
-        with self.lock:
-            for item, e in zip(items, entries):
-                if e is None:
-                    tier.counters.rejected += 1
-                    _warn_rejected(tier, item)
+        if None in entries:
+            with self.lock:
+                for item, e in zip(items, entries):
+                    if e is None:
+                        tier.counters.rejected += 1
+                        _warn_rejected(tier, item)
         return entries
 
     def _evict_hook(self, tier: Tier, victims: list[Entry], want: int, busy: list[Entry]):
