@@ -27,16 +27,53 @@ def run_job(model, store, runs, *extra, hash_seed="0"):
     return json.loads(lines[-1].split(" ", 1)[1])
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def save_tiny_llama(root: Path) -> Path:
+    """The tiny Llama every end-to-end test serves (random weights, seed 0), saved as ``root/model``."""
     import torch
     import transformers as tf
 
-    root = tmp_path_factory.mktemp("e2e")
     torch.manual_seed(0)
     cfg = tf.LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048)
     tf.LlamaForCausalLM(cfg).save_pretrained(root / "model")
+    return root / "model"
+
+
+def two_engines_sharing(model, tmp_path, tier: str, name: str, stored) -> tuple[dict, dict]:
+    """Two engine processes that share only the store tier ``tier`` (its YAML lines, kind
+    ``name``). The first (that tier its only one) computes a 640- and a 300-token prompt cold and
+    saves their whole chunks; ``stored()`` must then count them there, each once. The second,
+    with another hash seed and its own empty CPU tier written back to the shared one, sends the
+    same prompts once: its first request loads every whole chunk and gives the first engine's cold
+    tokens and logprobs (the reference: tests above prove a connector engine's cold output equal
+    to a run without the connector). Returns both jobs' reports for the tier's own checks."""
+    alone = tmp_path / "alone.yaml"
+    alone.write_text("tiers:\n" + tier)
+    first = run_job(model, alone, 1, "--same-prompts")
+    saved = first["connector"]["chunks_saved"]
+    assert first["cached"] == [[0, 0]] and saved >= 3 and first["connector"]["saves_rejected"] == 0
+    assert first["store"]["tiers"][name]["dropped_writes"] == 0
+    assert stored() == saved  # every chunk in the shared store, each once
+
+    shared = tmp_path / "shared.yaml"
+    shared.write_text("tiers:\n  - kind: cpu\n    capacity: 256MiB\n    write: back\n" + tier)
+    second = run_job(model, shared, 1, "--same-prompts", "--prefix-cache", hash_seed="5")
+    assert second["runs"][0] == first["runs"][0]  # the reference tokens
+    assert same_logprobs(second["logprobs"][:1], first["logprobs"][:1])
+    bs = second["block_size"]
+    assert second["cached"] == [[(n - 1) // bs * bs for n in (640, 300)]]  # its first request hits
+    c = second["connector"]
+    assert c["chunks_loaded"] >= 3 and c["chunks_failed"] == 0 and c["chunks_saved"] == 0
+    tiers = second["store"]["tiers"]
+    assert tiers[name]["hits"] >= 3 and tiers[name]["errors"] == 0
+    assert tiers["cpu"]["promotions"] == tiers[name]["hits"]  # its CPU tier started empty
+    return first, second
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("e2e")
+    save_tiny_llama(root)
     store = root / "store.yaml"
     store.write_text(f"tiers:\n  - kind: cpu\n    capacity: 256MiB\n  - kind: file\n    path: {root / 'files'}\n"
                      "    capacity: 1GiB\n")
