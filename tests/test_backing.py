@@ -180,3 +180,29 @@ def test_a_damaged_value_is_a_miss_and_deleted_on_the_store(dictstore):
         assert s["checksum_failures"] == 1
         assert not store.contains(k) and b"d:" + k.encoded not in STORES["d"]
         assert torch.equal(store.get(other), torch.ones(4))
+
+
+def test_a_demotion_of_many_victims_is_one_batch_to_the_backing_tier(dictstore, monkeypatch):
+    """cpu (4 KiB, write: back) over a dict store, its flusher kept idle so the four values it
+    holds stay dirty: a 4 KiB put must demote all four, and they reach the store in one put_many
+    round trip (not one per victim), then read back from it."""
+    from strata.store import writeback
+
+    monkeypatch.setattr(writeback.WriteBack, "enqueue", lambda self, i, e, block=True: None)
+    cfg = {"tiers": [{"kind": "cpu", "capacity": "4KiB", "write": "back", "pin": "never"},
+                     {"kind": "dictstore", "store": "demote"}]}
+    with strata.open_store(cfg) as store:
+        backend = store.tiers[1].backend
+        batches = []
+        real = backend.put_many
+        monkeypatch.setattr(backend, "put_many", lambda pairs: batches.append(len(pairs)) or real(pairs))
+        keys = [Key("kv", "d", f"v{i}") for i in range(5)]
+        values = [torch.full((256,), float(i)) for i in range(4)] + [torch.full((1024,), 4.0)]
+        for k, v in zip(keys[:4], values[:4]):
+            assert store.put(k, v)
+        assert batches == []  # all four dirty in the cpu tier, nothing written below yet
+        assert store.put(keys[4], values[4])
+        assert batches == [4], batches
+        for k, v in zip(keys, values):
+            got = store.get(k)
+            assert got is not None and torch.equal(got, v)

@@ -201,7 +201,7 @@ def test_write_back_above_redis_a_demotion_and_the_flusher_never_both_write_one_
 
     pre_taken, first_held, k0_taken, demoted = (threading.Event() for _ in range(4))
     flusher_batches, timeouts = [], []
-    real_write, real_flush = redis_module.RedisTier.write_many, chain_module.TierChain._flush_to_remote
+    real_write, real_flush = redis_module.RedisTier.write_many, chain_module.TierChain._flush_from
     keys = [Key("kv", "race", n) for n in ("pre", "k0", "k1", "k2")]
 
     def flush(self, i, entries):
@@ -224,7 +224,7 @@ def test_write_back_above_redis_a_demotion_and_the_flusher_never_both_write_one_
         return real_write(self, pairs)
 
     monkeypatch.setattr(redis_module.RedisTier, "write_many", write)
-    monkeypatch.setattr(chain_module.TierChain, "_flush_to_remote", flush)
+    monkeypatch.setattr(chain_module.TierChain, "_flush_from", flush)
     cfg = {"tiers": [{"kind": "cpu", "capacity": "4KiB", "write": "back", "pin": "never"},
                      {"kind": "redis", "url": own_redis.url, "key_prefix": f"race-{uuid.uuid4().hex}:"}],
            "writeback": {"max_pending": 64}}

@@ -143,7 +143,7 @@ class TierChain:
 
     # -- writes ------------------------------------------------------------------------------
     def put(self, key: bytes, ns: str, meta: ObjectMeta, data: torch.Tensor) -> bool:
-        return self._put_from(0, key, ns, meta, data, None, block=True)
+        return self._put_many_from(0, [_Put(key, ns, meta, data, None)], block=True)[0]
 
     def put_many(self, items: list[tuple[bytes, str, ObjectMeta, torch.Tensor]]) -> list[bool]:
         """``put`` of many objects, tier by tier: each tier takes the batch in one ``write_many``
@@ -158,10 +158,6 @@ class TierChain:
             batch.append(_Put(k, ns, meta, data, None))
             seen.add(k)
         return out + (self._put_many_from(0, batch, block=True) if batch else [])
-
-    def _put_from(self, i: int, key: bytes, ns: str, meta: ObjectMeta, data: torch.Tensor,
-                  guard: Guard | None, block: bool) -> bool:
-        return self._put_many_from(i, [_Put(key, ns, meta, data, guard)], block)[0]
 
     def _put_many_from(self, i: int, puts: list["_Put"], block: bool) -> list[bool]:
         """Write ``puts`` into tier ``i`` and those below it, as far as each goes (``_landed``), one
@@ -377,15 +373,15 @@ class TierChain:
         return evict
 
     def _demote(self, tier: Tier, victims: list[Entry]) -> None:
-        """Write leased victims of ``tier`` to the tiers below (outside the lock), then evict those
-        that made it (or may be dropped), unless a newer put replaced them meanwhile."""
-        i = self.tiers.index(tier)
-        for e in victims:
-            ok = False
-            try:
-                ok = self._write_down(i, e)
-            finally:
-                with self.lock:
+        """Write leased victims of ``tier`` to the tiers below (outside the lock, one batch per
+        tier), then evict those that made it (or may be dropped), unless a newer put replaced
+        them meanwhile."""
+        oks = [False] * len(victims)
+        try:
+            oks = self._copy_down(self.tiers.index(tier), victims)
+        finally:
+            with self.lock:
+                for e, ok in zip(victims, oks):
                     if ok:
                         e.dirty = False
                     if tier.index.get(e.key) is e and (ok or self.cfg.policy(e.ns).evict == "drop"):
@@ -395,69 +391,57 @@ class TierChain:
                     self._let_go(tier, e)
 
     def _flush_many(self, items: list[tuple[int, Entry]]) -> list[bool]:
-        """Write dirty entries to the tiers below them. Those just above a remote last tier go
-        to it in one batch (pipelined round trips); the rest one by one."""
-        above_remote = len(self.tiers) - 2 if self.tiers[-1].remote else None
-        batch = [j for j, (i, _) in enumerate(items) if i == above_remote]
-        done = [False if i == above_remote else self._flush_one(i, e) for i, e in items]
-        if batch:
-            for j, ok in zip(batch, self._flush_to_remote(above_remote, [items[j][1] for j in batch])):
+        """Write dirty entries (``(tier index, entry)``, the write-back queue's) to the tiers below
+        them: one ``_flush_from`` per tier they are in. Per item whether it is clean now."""
+        done = [False] * len(items)
+        by_tier: dict[int, list[int]] = {}
+        for j, (i, _) in enumerate(items):
+            by_tier.setdefault(i, []).append(j)
+        for i, js in by_tier.items():
+            for j, ok in zip(js, self._flush_from(i, [items[j][1] for j in js])):
                 done[j] = ok
         return done
 
-    def _flush_one(self, i: int, e: Entry) -> bool:
+    def _flush_from(self, i: int, entries: list[Entry]) -> list[bool]:
+        """Flush dirty entries of tier ``i``: each still current there is leased (a demotion writing
+        one down goes first) and copied down (``_copy_down``). Per entry whether it is clean now
+        (True too for one replaced, deleted or already clean)."""
         tier = self.tiers[i]
         with self.lock:
-            if not self._await_down(e):  # a demotion is writing it: what it leaves is decided below
-                return False
-            if not e.dirty or tier.index.get(e.key) is not e:
-                return True  # replaced, deleted or already demoted
-            self._hold_down(tier, e)
-        try:
-            ok = self._write_down(i, e)
-        finally:
-            with self.lock:
-                self._let_go(tier, e)
-        if ok:
-            e.dirty = False
-        return ok
-
-    def _write_down(self, i: int, e: Entry) -> bool:
-        """Write ``e``, leased in tier ``i``, to the tiers below it (outside the lock); published there
-        only while ``e`` is still the current version in tier ``i`` (a newer put writes its own)."""
-        tier = self.tiers[i]
-        data = self._payload(tier, e)
-        if data is None:
-            return False
-        return self._put_from(i + 1, e.key, e.ns, self._with_checksum(e, data), data,
-                              lambda: tier.index.get(e.key) is e, block=False)
-
-    def _flush_to_remote(self, i: int, entries: list[Entry]) -> list[bool]:
-        """``_flush_one`` of many entries of tier ``i`` into the remote tier below it, batched."""
-        tier, below = self.tiers[i], self.tiers[i + 1]
-        with self.lock:
-            free = [self._await_down(e) for e in entries]  # a demotion writing one down goes first
-            skip = [not e.dirty or tier.index.get(e.key) is not e for e in entries]  # replaced, deleted, clean
+            free = [self._await_down(e) for e in entries]
+            skip = [not e.dirty or tier.index.get(e.key) is not e for e in entries]
             todo = [e for e, s, f in zip(entries, skip, free) if f and not s]
             for e in todo:
                 self._hold_down(tier, e)
+        oks: list[bool] = []
         try:
-            items, sent = [], []
-            for e in todo:
-                data = self._payload(tier, e)
-                if data is not None:
-                    guard = (lambda e=e: tier.index.get(e.key) is e)
-                    items.append(WriteItem(e.key, e.ns, self._with_checksum(e, data), data, guard))
-                    sent.append(e)
-            stored = {id(e) for e, w in zip(sent, self._write_many(below, items)) if w is not None}
+            oks = self._copy_down(i, todo)
         finally:
             with self.lock:
                 for e in todo:
                     self._let_go(tier, e)
-        for e in sent:
+        stored = {id(e) for e, ok in zip(todo, oks) if ok}
+        for e in todo:
             if id(e) in stored:
                 e.dirty = False
         return [f and (s or id(e) in stored) for e, s, f in zip(entries, skip, free)]
+
+    def _copy_down(self, i: int, entries: list[Entry]) -> list[bool]:
+        """Write ``entries``, leased in tier ``i``, to the tiers below it (outside the lock, one
+        batch per tier), each published there only while it is still the current version in tier
+        ``i`` (a newer put writes its own). Per entry whether a tier below holds it."""
+        tier = self.tiers[i]
+        puts, at = [], []
+        for j, e in enumerate(entries):
+            data = self._payload(tier, e)
+            if data is not None:
+                guard = (lambda e=e: tier.index.get(e.key) is e)
+                puts.append(_Put(e.key, e.ns, self._with_checksum(e, data), data, guard))
+                at.append(j)
+        ok = [False] * len(entries)
+        for j, held in zip(at, self._put_many_from(i + 1, puts, block=False) if puts else ()):
+            ok[j] = held
+        return ok
 
     def _payload(self, tier: Tier, e: Entry) -> torch.Tensor | None:
         """The entry's payload as a CPU tensor (a view in place for memory tiers)."""
