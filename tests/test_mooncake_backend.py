@@ -315,3 +315,22 @@ def test_an_idle_worker_holds_nothing_of_the_last_read(master):
                 del got
         finally:
             b.close()
+
+
+def test_the_send_buffer_is_reused_only_once_the_call_that_took_it_has_given_it_back():
+    """Puts copy their values into one kept buffer: a second put while the first's call is still in
+    the client (a call given up on may be) must get other memory, or it would overwrite bytes
+    still being sent; once given back, the largest buffer is kept for the next put."""
+    from strata.store.tiers.mooncake import _SendBuffer
+
+    send = _SendBuffer()
+    first = send.take(100)
+    second = send.take(50)  # the first is still in use
+    assert second is not first and first.nbytes >= 100 and second.nbytes >= 50
+    send.give(first)
+    again = send.take(80)
+    assert again is first  # given back: reused
+    send.give(second)
+    send.give(again)  # both back: the larger is kept
+    assert send.take(100) is first
+    assert send.take(10) is not first  # taken, not given back yet

@@ -68,6 +68,10 @@ class Features:
     max_value: int | None = None  # the largest value the store takes, bytes
     max_batch: int = 16  # names per round trip
     max_batch_bytes: int = 16 << 20  # bytes of values per round trip: each must go within timeout_ms
+    # put_many takes each value as two parts, (header and padding as bytes, payload as a
+    # memoryview), to store as one value: a store that copies into memory of its own anyway
+    # (a reused send buffer) saves the joined copy ``encode_value`` makes into fresh memory.
+    value_parts: bool = False
 
 
 class Backend(Protocol):
@@ -157,9 +161,15 @@ def payload_offset(header_len: int) -> int:
 def encode_value(key: bytes, meta, data: torch.Tensor) -> bytes:
     """One bytes object (header, padding, payload) built with one copy: clients send bytes
     several times faster than a memoryview."""
+    return b"".join(encode_parts(key, meta, data))
+
+
+def encode_parts(key: bytes, meta, data: torch.Tensor) -> tuple[bytes, memoryview | bytes]:
+    """The value of ``encode_value`` as (header and padding, payload), the payload without a copy
+    (a view of ``data``'s memory: the caller keeps ``data`` alive while it is read)."""
     header = pack_header(key, meta)
-    pad = bytes(payload_offset(len(header)) - len(header))
-    return b"".join((header, pad, flat_bytes(data).numpy().data if meta.nbytes else b""))
+    head = header + bytes(payload_offset(len(header)) - len(header))
+    return head, (flat_bytes(data).numpy().data if meta.nbytes else b"")
 
 
 _quiet = False
@@ -414,7 +424,8 @@ class BackingTier(Tier):
         out: list[bool] = []
         for lo, hi in self._batches([e.size for e, _ in pairs]):
             part = pairs[lo:hi]
-            values = [(self._name(e.key), encode_value(e.key, e.meta, data)) for e, data in part]
+            encode = encode_parts if self.features.value_parts else encode_value
+            values = [(self._name(e.key), encode(e.key, e.meta, data)) for e, data in part]
             stale = any(e.key in self._stale for e, _ in part)
             with self._purge_lock if stale else contextlib.nullcontext():
                 try:
