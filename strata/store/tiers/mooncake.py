@@ -14,6 +14,8 @@ What the client (``mooncake-transfer-engine`` 0.3.13) does, and what follows her
   of the local buffer until dropped). A value the local buffer cannot hold comes back None;
   those are read again into fresh memory (``batch_get_into``, tcp only: other transports need
   registered memory), after ``batch_is_exist`` tells "not stored" from "not read".
+- Repeats: ``batch_get_buffer`` of a batch that names a key twice returns zeros (of the value's
+  length) for the first of them; ``get_many`` asks for each name once.
 - Overwrite: ``put`` of a name that exists keeps the old value and still returns 0; ``upsert``
   replaces it (even while a reader's lease holds it). Puts here are upserts. Over tcp the
   tier hands each value in two parts (header, payload: ``Features.value_parts``), copied once
@@ -388,6 +390,16 @@ class MooncakeBackend:
         for values it could not hold), None where not stored, MooncakeError where not read."""
         if not names:
             return []
+        unique = list(dict.fromkeys(names))
+        if len(unique) < len(names):  # batch_get_buffer gives a name asked twice zeros the first time
+            got = dict(zip(unique, self.get_many(unique)))
+            seen: set[bytes] = set()
+            out = []
+            for n in names:  # a repeat gets its own copy: the caller may write into what it is given
+                v = got[n]
+                out.append(memoryview(bytes(v)) if n in seen and isinstance(v, memoryview) else v)
+                seen.add(n)
+            return out
         keys = [_name_text(n) for n in names]
         handles = self._run("get", lambda c: c.batch_get_buffer(keys))
         out: list = [None if h is None else memoryview(h).cast("B") for h in handles]
