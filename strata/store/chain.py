@@ -17,7 +17,7 @@ import logging
 import _thread
 import threading
 import time
-from typing import Callable, NamedTuple, TypeVar
+from typing import Callable, TypeVar
 
 import torch
 
@@ -51,17 +51,13 @@ class ChainLock(_thread.RLock):
         super().__init__()
         self._pending: list[Callable[[], None]] = []  # I/O the owner deferred (only the owner touches it)
 
-    def release(self) -> None:
+    def release(self, *_exc) -> None:
         if self._pending and self._recursion_count() == 1:
             self._run_pending()
         else:
             _RLock_release(self)
 
-    def __exit__(self, *exc) -> None:  # release(), inlined: the lock's every use ends here
-        if self._pending and self._recursion_count() == 1:
-            self._run_pending()
-        else:
-            _RLock_release(self)
+    __exit__ = release  # the lock's every use ends here: no extra call on the way out
 
     def _run_pending(self) -> None:
         """Let the outermost hold go, then run what was deferred under it, in this thread."""
@@ -90,7 +86,8 @@ class ChainLock(_thread.RLock):
 
 class _Put:
     """One object of a put on its way down the chain: its bytes as the next tier takes them, the
-    guard of the tier above it, and what each tier made of it (for ``_settle_put``)."""
+    guard of the tier above it (checked under the lock before publishing: False means a newer put
+    won), and what each tier made of it (for ``_settle_put``)."""
 
     __slots__ = ("key", "ns", "meta", "data", "guard", "kept", "refused")
 
@@ -100,14 +97,6 @@ class _Put:
         self.refused: list[tuple[Tier, Entry]] = []  # (tier, its older version) where nothing above holds the new one
 
 
-class WriteItem(NamedTuple):
-    key: bytes
-    ns: str
-    meta: ObjectMeta
-    data: torch.Tensor
-    guard: Guard | None  # checked under the lock before publishing: False means a newer put won
-
-
 def _value(got: "torch.Tensor | Exception") -> torch.Tensor:
     """A batched read's outcome for one key: the payload, or its exception raised."""
     if isinstance(got, BaseException):
@@ -115,7 +104,7 @@ def _value(got: "torch.Tensor | Exception") -> torch.Tensor:
     return got
 
 
-def _warn_rejected(tier: Tier, item: "WriteItem") -> None:
+def _warn_rejected(tier: Tier, item: "_Put") -> None:
     """Say so when a tier starts refusing puts (then at every power of ten): a persistent tier full of
     objects it may not evict (e.g. weights a killed process left: ``strata gc``) must not go unseen."""
     n = tier.counters.rejected
@@ -174,8 +163,7 @@ class TierChain:
                 if tier.persistent and p.meta.checksum is None:
                     p.meta = p.meta.with_checksum(checksum(p.data.cpu()))
             write_back = tier.cfg.write == "back" and i + 1 < len(self.tiers)
-            entries = self._write_many(tier, [WriteItem(p.key, p.ns, p.meta, p.data, p.guard) for p in going],
-                                       dirty=write_back)
+            entries = self._write_many(tier, going, dirty=write_back)
             going = [p for p, e in zip(going, entries) if self._landed(i, tier, p, e, write_back, block)]
             i += 1
         return [self._settle_put(p.key, p.kept, p.refused) for p in puts]
@@ -225,9 +213,9 @@ class TierChain:
 
     def _write_one(self, tier: Tier, key: bytes, ns: str, meta: ObjectMeta, data: torch.Tensor,
                    guard: Guard | None, dirty: bool = False) -> Entry | None:
-        return self._write_many(tier, [WriteItem(key, ns, meta, data, guard)], dirty)[0]
+        return self._write_many(tier, [_Put(key, ns, meta, data, guard)], dirty)[0]
 
-    def _write_many(self, tier: Tier, items: list["WriteItem"], dirty: bool = False) -> list[Entry | None]:
+    def _write_many(self, tier: Tier, items: list[_Put], dirty: bool = False) -> list[Entry | None]:
         """Write items into ``tier`` (a remote tier batches them): per item the published entry,
         or None where it was rejected, failed or lost to a newer put of its key (a guard that no
         longer holds)."""
@@ -289,7 +277,7 @@ class TierChain:
             self._writes_done.wait(left)
         return True
 
-    def _reserve(self, tier: Tier, items: list["WriteItem"]) -> list[Entry | None]:
+    def _reserve(self, tier: Tier, items: list[_Put]) -> list[Entry | None]:
         """Room in ``tier`` for each item: per item a reserved (invisible) entry, or None (counted
         as rejected). Eviction happens under the lock, but a victim that must live on below (dirty,
         or ``evict: lower`` with no copy below) is not written there under it: it is leased and
