@@ -206,3 +206,55 @@ def test_a_demotion_of_many_victims_is_one_batch_to_the_backing_tier(dictstore, 
         for k, v in zip(keys, values):
             got = store.get(k)
             assert got is not None and torch.equal(got, v)
+
+
+def test_a_delete_waits_for_a_put_of_the_key_in_flight_to_the_backing_tier(dictstore):
+    """cpu write-through over a dict store: a put's value lands on the store before the chain
+    publishes it there, so a delete that came meanwhile waits for it (inside the backing tier's
+    ``remove``) and then deletes it: after the delete returns the store does not hold the key."""
+    cfg = {"tiers": [{"kind": "cpu", "capacity": "1MiB", "pin": "never"}, {"kind": "dictstore", "store": "w"}]}
+    with strata.open_store(cfg) as store:
+        tier, k = store.tiers[1], Key("kv", "w", "a")
+        real, entered, go, landed = tier.backend.put_many, threading.Event(), threading.Event(), threading.Event()
+
+        def held_put(pairs):  # the store takes the value only when the test says
+            entered.set()
+            assert go.wait(30), "the test never released the held put"
+            out = real(pairs)
+            landed.set()
+            return out
+
+        tier.backend.put_many = held_put
+        putter = threading.Thread(target=store.put, args=(k, torch.ones(10)))
+        putter.start()
+        assert entered.wait(10)
+        seen: dict = {}
+        waiting, settled = threading.Event(), threading.Event()
+
+        def delete():
+            try:
+                seen["found"] = store.delete(k)
+                seen["landed_before_return"] = landed.is_set()
+            finally:
+                settled.set()
+
+        deleter = threading.Thread(target=delete)
+        real_wait = tier._writes_done.wait
+
+        def wait(timeout=None):  # the delete's wait for the put in flight, seen as it happens
+            if threading.current_thread() is deleter:
+                waiting.set()
+                settled.set()
+            return real_wait(timeout)
+
+        tier._writes_done.wait = wait
+        deleter.start()
+        try:
+            assert settled.wait(10)
+            assert waiting.is_set() and deleter.is_alive(), "the delete returned while the key's put was in flight"
+        finally:
+            go.set()
+            deleter.join(30)
+            putter.join(30)
+        assert seen == {"found": True, "landed_before_return": True}
+        assert b"d:" + k.encoded not in STORES["w"] and store.get(k) is None

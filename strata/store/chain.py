@@ -121,7 +121,7 @@ class TierChain:
         self.lock = ChainLock()
         for t in tiers:
             t.chain_lock = self.lock
-        self._writing: dict[bytes, int] = {}  # keys with a write down the chain (flush, demotion, remote) in flight
+        self._writing: dict[bytes, int] = {}  # keys with a flush or a demotion in flight
         self._down: set[Entry] = set()  # entries a flush or a demotion is writing down: one writer each
         self._writes_done = threading.Condition(self.lock)
         self.dropped_dirty = 0  # write-back objects evicted before reaching the tier below
@@ -185,7 +185,7 @@ class TierChain:
         if write_back:
             self.writeback.enqueue(i, e, block=block)
             return False
-        p.guard = (lambda t=tier, k=p.key, ent=e: t.index.get(k) is ent)
+        p.guard = (lambda t=tier, ent=e: t.holds(ent))
         return True
 
     def _settle_put(self, key: bytes, kept: list[tuple[Tier, Entry]], refused: list[tuple[Tier, Entry]]) -> bool:
@@ -194,11 +194,11 @@ class TierChain:
         the older versions left in tiers above that refused it go (they would be served first); if
         not, they stay: the put failed and they are still the newest acknowledged version."""
         if not refused:  # nothing to retire: a look at the index needs no lock (a dict read is atomic)
-            return any(t.remote or t.index.get(key) is e for t, e in kept)
+            return any(t.holds(e) for t, e in kept)
         with self.lock:
-            held = any(t.remote or t.index.get(key) is e for t, e in kept)
+            held = any(t.holds(e) for t, e in kept)
             for tier, old in refused if held else ():
-                if tier.index.get(key) is old:
+                if tier.holds(old):
                     tier.retire(old)
             return held
 
@@ -216,7 +216,7 @@ class TierChain:
         return self._write_many(tier, [_Put(key, ns, meta, data, guard)], dirty)[0]
 
     def _write_many(self, tier: Tier, items: list[_Put], dirty: bool = False) -> list[Entry | None]:
-        """Write items into ``tier`` (a remote tier batches them): per item the published entry,
+        """Write items into ``tier`` (a backing tier batches them): per item the published entry,
         or None where it was rejected, failed or lost to a newer put of its key (a guard that no
         longer holds)."""
         entries = self._reserve(tier, items)
@@ -237,8 +237,6 @@ class TierChain:
                     else:
                         tier.abort(e)
                         entries[j] = None
-                    if tier.remote:
-                        self._unmark_writing(e.key)
         return entries
 
     def _mark_writing(self, key: bytes) -> None:
@@ -300,8 +298,6 @@ class TierChain:
                             except CopiesInFlight as exc:
                                 copies = exc.events
                                 break
-                            if entries[j] is not None and tier.remote:
-                                self._mark_writing(item.key)
                 except BaseException:  # victims set aside must not stay held (a delete would wait forever)
                     for e in victims:
                         self._let_go(tier, e)
@@ -372,7 +368,7 @@ class TierChain:
                 for e, ok in zip(victims, oks):
                     if ok:
                         e.dirty = False
-                    if tier.index.get(e.key) is e and (ok or self.cfg.policy(e.ns).evict == "drop"):
+                    if tier.holds(e) and (ok or self.cfg.policy(e.ns).evict == "drop"):
                         self.dropped_dirty += e.dirty
                         tier.retire(e)
                         tier.counters.evictions += 1
@@ -397,7 +393,7 @@ class TierChain:
         tier = self.tiers[i]
         with self.lock:
             free = [self._await_down(e) for e in entries]
-            skip = [not e.dirty or tier.index.get(e.key) is not e for e in entries]
+            skip = [not e.dirty or not tier.holds(e) for e in entries]
             todo = [e for e, s, f in zip(entries, skip, free) if f and not s]
             for e in todo:
                 self._hold_down(tier, e)
@@ -423,7 +419,7 @@ class TierChain:
         for j, e in enumerate(entries):
             data = self._payload(tier, e)
             if data is not None:
-                guard = (lambda e=e: tier.index.get(e.key) is e)
+                guard = (lambda e=e: tier.holds(e))
                 puts.append(_Put(e.key, e.ns, self._with_checksum(e, data), data, guard))
                 at.append(j)
         ok = [False] * len(entries)
@@ -472,23 +468,27 @@ class TierChain:
         return None
 
     def read_many(self, keys: list[bytes], order: list[int], promote: bool) -> list:
-        """``read`` of many keys, per key (meta, payload) or None. Each remote tier gets the keys
-        no tier before it had in one batch (pipelined round trips, not one per key)."""
+        """``read`` of many keys, per key (meta, payload) or None. Each tier gets the keys no tier
+        before it had in one ``read_many`` (a backing tier: pipelined round trips, not one per key)."""
         found: list = [None] * len(keys)
         for i in order:
             todo = [j for j, f in enumerate(found) if f is None]
             if not todo:
                 break
             tier = self.tiers[i]
-            if not tier.remote:
-                for j in todo:
-                    found[j] = self.read(keys[j], [i], promote)
-                continue
             opened = [(j, e) for j in todo if (e := self._open(tier, keys[j])) is not None]
-            fetched = tier.read_many([e for _, e in opened])
+            try:
+                fetched = tier.read_many([e for _, e in opened])
+            except BaseException:
+                with self.lock:
+                    for _, e in opened:
+                        tier.release(e)
+                raise
             for (j, e), got in zip(opened, fetched):
                 data = self._settle(tier, e, lambda got=got: _value(got))
                 if data is None:
+                    if e.dead and tier.shared:  # another process replaced the file: as ``read`` does
+                        found[j] = self.read(keys[j], [i], promote)
                     continue
                 if promote and i > 0:
                     self._promote(i, keys[j], e, data)
@@ -521,7 +521,7 @@ class TierChain:
         object is gone or corrupt, ``read`` looks in it once more and that look counts the miss."""
         try:
             data = fetch()
-        except NotStored:  # a remote tier had nothing under the key; a shared tier's file is gone
+        except NotStored:  # a backing store had nothing under the key; a shared tier's file is gone
             with self.lock:
                 if not tier.shared:
                     tier.counters.misses += 1
@@ -559,7 +559,7 @@ class TierChain:
             data = tier.read(e)
             return data, data
         dev = tier.seam
-        if tier.remote:  # the stored dtype and shape are known once the value has arrived
+        if e.meta is None:  # a backing tier's: the stored dtype and shape are known once the value has arrived
             data = tier.read(e)
             target = fit_out(e.meta, out)
             dev.copy(target, data)
@@ -587,7 +587,7 @@ class TierChain:
     def _promote(self, i: int, key: bytes, e: Entry, data: torch.Tensor) -> None:
         for j in range(i):
             upper = self.tiers[j]
-            if key in upper.index or not upper.writable:  # already there, or read-only
+            if not upper.writable or upper.lookup(key) is not None:  # already there, or read-only
                 continue
             if self._write_one(upper, key, e.ns, e.meta, data, None) is not None:
                 with self.lock:
@@ -595,9 +595,9 @@ class TierChain:
 
     # -- lookups and deletes -------------------------------------------------------------------
     def where_many(self, keys: list[bytes], order: list[int]) -> list[int | None]:
-        """Per key, the first tier of ``order`` that holds it, or None. Local tiers answer from
-        their index under the lock; each remote tier is asked once, outside it, for the keys no
-        tier before it holds."""
+        """Per key, the first tier of ``order`` that holds it, or None. Each tier is asked once,
+        without the lock, for the keys no tier before it holds (a memory tier answers from its
+        index, a backing tier asks its store, a shared tier also looks for other processes' objects)."""
         found: list[int | None] = [None] * len(keys)
         for i in order:
             tier = self.tiers[i]
@@ -605,13 +605,7 @@ class TierChain:
             if not todo:
                 break
             asked = [keys[j] for j in todo]
-            if tier.remote:
-                have = tier.exists_many(asked)
-            elif tier.shared:
-                have = self._shared_exists(tier, asked)
-            else:
-                with self.lock:
-                    have = tier.exists_many(asked)
+            have = self._shared_exists(tier, asked) if tier.shared else tier.exists_many(asked)
             for j, h in zip(todo, have):
                 if h:
                     found[j] = i
@@ -621,12 +615,12 @@ class TierChain:
         """Which keys a shared tier holds, as other processes left it: what the index holds is
         checked to be still there, what it misses is looked for (I/O outside the lock)."""
         with self.lock:
-            indexed = [tier.index.get(k) for k in keys]
+            indexed = [tier.lookup(k) for k in keys]
         gone = tier.vanished_among([e for e in indexed if e is not None])
         gone_ids = {id(e) for e in gone}
         with self.lock:
             for e in gone:
-                if tier.index.get(e.key) is e:
+                if tier.holds(e):
                     tier.forget(e)
         todo = [j for j, e in enumerate(indexed) if e is None or id(e) in gone_ids]
         found = tier.discover([keys[j] for j in todo])
@@ -637,16 +631,18 @@ class TierChain:
         return have
 
     def prefetch(self, keys: list[bytes]) -> int:
-        """Read the keys no local tier holds from the remote tiers that have a local tier above
-        them to promote into (batched), and promote them; the number found."""
-        with self.lock:
-            local = [t for t in self.tiers if not t.remote]
-            missing = [k for k in keys if all(t.lookup(k) is None for t in local)]
-        remote = [i for i, t in enumerate(self.tiers)
-                  if t.remote and any(u.writable and not u.remote for u in self.tiers[:i])]
-        if not missing or not remote:
+        """Read the keys no tier's index holds from the tiers worth reading ahead (``prefetchable``:
+        backing stores) that have a writable tier to promote into above them (batched), and
+        promote them; the number found."""
+        sources = [i for i, t in enumerate(self.tiers)
+                   if t.prefetchable and any(u.writable and not u.prefetchable for u in self.tiers[:i])]
+        if not sources:
             return 0
-        return sum(f is not None for f in self.read_many(missing, remote, promote=True))
+        with self.lock:
+            missing = [k for k in keys if all(t.lookup(k) is None for t in self.tiers)]
+        if not missing:
+            return 0
+        return sum(f is not None for f in self.read_many(missing, sources, promote=True))
 
     def lease_view(self, key: bytes) -> tuple[Tier, Entry] | None:
         """Lease the topmost memory-tier copy of ``key`` (zero-copy view), or None."""
@@ -674,17 +670,16 @@ class TierChain:
                     found = True
             while key in self._writing:  # a write in flight (a write-back flush) would land after the DEL
                 self._writes_done.wait()
-        for tier in self.tiers:
-            if tier.remote or tier.shared:  # the server's copy; other processes' versions of the file
-                found = tier.remove(key) or found
+        for tier in self.tiers:  # what the indexes do not know: a store's value, other processes' files
+            found = tier.remove(key) or found
         return found
 
     def keys(self) -> set[bytes]:
-        with self.lock:
-            out = set().union(*(t.index.keys() for t in self.tiers if not t.remote))
+        """Every key some tier holds: top tier first, so an object a demotion moves meanwhile (written
+        below before it leaves above) is seen. A backing tier lists its store (I/O, without the lock)."""
+        out: set[bytes] = set()
         for t in self.tiers:
-            if t.remote:  # a scan of the server, outside the lock
-                out.update(k for k, _, _ in t.contents())
+            out.update(k for k, _, _ in t.contents())
         return out
 
     # -- lifecycle ---------------------------------------------------------------------------

@@ -242,6 +242,12 @@ class BackingTier(Tier):
         self._purge_lock = threading.Lock()  # a purge's deletes and puts of stale keys never cross
         self.stale_overflow = 0  # stale keys forgotten because more than STALE_MAX piled up
         self._watchdog = Watchdog(backend.interrupt)
+        self._writing: dict[bytes, int] = {}  # keys with a put reserved and not yet published or aborted
+        self._writes_done = threading.Condition(self._state)
+
+    @property
+    def prefetchable(self) -> bool:
+        return self.features.prefetch
 
     # -- naming -----------------------------------------------------------------------------
     def _name(self, key: bytes) -> bytes:
@@ -324,9 +330,17 @@ class BackingTier(Tier):
             self.counters.errors += 1
         return [r is True and k not in self._stale for k, r in zip(keys, replies)]
 
+    def holds(self, e: Entry) -> bool:
+        return True  # a value the store acknowledged is the store's to keep (or to evict: its business)
+
     def remove(self, key: bytes) -> bool:
-        """Delete ``key`` on the store; whether it was there. On a fault the key is remembered as
+        """Delete ``key`` on the store; whether it was there. A put of the key this process has in
+        flight lands on the store before the chain publishes it, so the delete waits for it first
+        (else the put's value would outlive the delete). On a fault the key is remembered as
         stale: the store may still have it, never served, deleted when it answers."""
+        with self._state:
+            while key in self._writing:
+                self._writes_done.wait()
         try:
             reply = self._call(lambda: self.backend.delete_many([self._name(key)]), "delete")[0]
         except OSError as e:
@@ -374,16 +388,35 @@ class BackingTier(Tier):
         pass  # recency is the store's business
 
     def _alloc(self, e: Entry) -> bool:
-        e.loc = None
+        e.loc = None  # the value's name on the store once a put has written it
         limit = self.features.max_value
-        return limit is None or e.size <= limit
+        if limit is not None and e.size > limit:
+            return False
+        with self._state:  # a put in flight, which a delete of its key waits for (``remove``)
+            self._writing[e.key] = self._writing.get(e.key, 0) + 1
+        return True
+
+    def _written(self, key: bytes) -> None:
+        """A reserved put of ``key`` is published or aborted: a delete need not wait for it any more."""
+        with self._state:
+            n = self._writing[key] - 1
+            if n:
+                self._writing[key] = n
+            else:
+                del self._writing[key]
+                self._writes_done.notify_all()
 
     def publish(self, e: Entry, count: bool = True) -> None:
         self._account(e, -1)  # the bytes are the store's now: only the traffic is counted here
         self.counters.puts += count
+        self._written(e.key)
+
+    def abort(self, e: Entry) -> None:
+        self._written(e.key)
+        super().abort(e)
 
     def _free(self, e: Entry) -> None:
-        if e.loc == "written":  # a put that lost to a newer one or a delete: take it back
+        if e.loc is not None:  # a put that lost to a newer one or a delete: take it back
             self._drop(e.key)
 
     def retire(self, e: Entry) -> None:
@@ -435,7 +468,7 @@ class BackingTier(Tier):
                 for (e, _), reply in zip(part, replies):
                     ok = reply is True
                     if ok:
-                        e.loc = "written"
+                        e.loc = self._name(e.key)
                         if stale:
                             with self._state:
                                 self._stale.pop(e.key, None)  # the new version replaced the stale one

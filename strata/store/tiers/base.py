@@ -70,8 +70,9 @@ class Tier:
     kind = "base"
     persistent = False  # bytes survive the process: checksums are always verified on read
     writable = True  # False: objects are registered, never written through the chain
-    remote = False  # True: the server is the index; reads go through probe(), lookups through exists_many()
+    remote = False  # True: a store that is its own index (capacity, eviction and what it holds are the store's)
     shared = False  # True: other processes add and remove objects; the chain asks discover() on index misses
+    prefetchable = False  # True: worth reading ahead of use into the memory tiers above it (``prefetch``)
 
     def __init__(self, cfg: TierConfig, store_cfg: StoreConfig):
         self.cfg = cfg
@@ -207,9 +208,21 @@ class Tier:
         return self.lookup(key)
 
     def exists_many(self, keys: list[bytes]) -> list[bool]:
-        """Which keys this tier holds: from the index here (caller holds the chain lock); a remote
-        tier asks its server."""
-        return [k in self.index for k in keys]
+        """Which keys this tier holds, called WITHOUT the chain lock (a backing tier asks its store):
+        a memory tier answers from its index, each look one atomic dict read."""
+        index = self.index
+        return [k in index for k in keys]
+
+    def holds(self, e: Entry) -> bool:
+        """Whether ``e``, an entry this tier published, is still the object it holds under its key
+        (it may have been evicted, or replaced by a newer put). A dict read: no lock needed."""
+        return self.index.get(e.key) is e
+
+    def remove(self, key: bytes) -> bool:
+        """Delete what the index does not know of ``key`` (another process's file, a store's value),
+        called WITHOUT the chain lock after the chain retired the entries it indexes; whether
+        something was removed. A memory tier has nothing beyond its index."""
+        return False
 
     def lease(self, e: Entry) -> None:
         e.leases += 1
