@@ -14,7 +14,7 @@ import strata
 from strata import streams
 from strata.offload import find_blocks
 from strata.offload.scheduler import PrefetchScheduler
-from strata.store.tiers.base import Tier
+from strata.store.tiers.memory import MemoryTier
 from strata.testing.sim import SimStreams, attach_checker
 
 from tiny_models import greedy, make
@@ -129,7 +129,7 @@ def _slot_refilled_early(monkeypatch):
 
 
 def _lease_released_at_issue(monkeypatch):
-    monkeypatch.setattr(Tier, "hold_until", lambda self, e, event: None)
+    monkeypatch.setattr(MemoryTier, "hold_until", lambda self, e, event: None)
 
 
 FAULTS = {"dropped-wait": _dropped_wait, "slot-refilled-early": _slot_refilled_early,

@@ -5,6 +5,7 @@ from strata.store.tiers.base import Tier
 from strata.store.tiers.cpu import CpuTier
 from strata.store.tiers.cxl import CxlTier, RegionAbsent
 from strata.store.tiers.file import DirectoryAbsent, FileTier
+from strata.store.tiers.memory import MemoryTier
 from strata.store.tiers.ranges import Extent, RangesTier
 from strata.store.tiers.redis import RedisTier
 from strata.store.tiers import registry
@@ -24,5 +25,5 @@ def build_tier(cfg, store_cfg, create: bool = True) -> Tier:
     return registry.build(cls, cfg, store_cfg, create)
 
 
-__all__ = ["Tier", "CpuTier", "CxlTier", "DirectoryAbsent", "Extent", "FileTier", "RangesTier", "RedisTier",
-           "RegionAbsent", "TIER_CLASSES", "build_tier", "registry"]
+__all__ = ["Tier", "CpuTier", "CxlTier", "DirectoryAbsent", "Extent", "FileTier", "MemoryTier", "RangesTier",
+           "RedisTier", "RegionAbsent", "TIER_CLASSES", "build_tier", "registry"]

@@ -311,6 +311,9 @@ class BackingTier(Tier):
     def lookup(self, key: bytes) -> Entry | None:
         return None  # nothing is known here: ask the store (probe, exists_many)
 
+    def holds(self, e: Entry) -> bool:
+        return True  # a value the store acknowledged is the store's to keep (or to evict: its business)
+
     def probe(self, key: bytes) -> Entry:
         """An entry to read through; the read itself finds out whether the store has it."""
         return Entry(key, _namespace(key), None, 0, None)
@@ -329,9 +332,6 @@ class BackingTier(Tier):
         if any(isinstance(r, Exception) for r in replies):  # a key's node did not answer: not found
             self.counters.errors += 1
         return [r is True and k not in self._stale for k, r in zip(keys, replies)]
-
-    def holds(self, e: Entry) -> bool:
-        return True  # a value the store acknowledged is the store's to keep (or to evict: its business)
 
     def remove(self, key: bytes) -> bool:
         """Delete ``key`` on the store; whether it was there. A put of the key this process has in
@@ -383,18 +383,18 @@ class BackingTier(Tier):
         self._purge()
         return e.key in self._stale
 
-    # -- accounting: the bytes are the store's --------------------------------------------------
-    def touch(self, e: Entry) -> None:
-        pass  # recency is the store's business
-
-    def _alloc(self, e: Entry) -> bool:
-        e.loc = None  # the value's name on the store once a put has written it
+    # -- writing: the bytes are the store's --------------------------------------------------
+    def reserve(self, key: bytes, ns: str, meta, evict) -> Entry | None:
+        """An entry for a put, or None where the value is over the store's ``max_value``: no room
+        is kept here (capacity and eviction are the store's). Counted as a put in flight, which
+        a delete of its key waits for (``remove``)."""
+        size = self.stored_size(key, meta)
         limit = self.features.max_value
-        if limit is not None and e.size > limit:
-            return False
-        with self._state:  # a put in flight, which a delete of its key waits for (``remove``)
-            self._writing[e.key] = self._writing.get(e.key, 0) + 1
-        return True
+        if limit is not None and size > limit:
+            return None
+        with self._state:
+            self._writing[key] = self._writing.get(key, 0) + 1
+        return Entry(key, ns, meta, size, None)  # loc: the value's name on the store once written
 
     def _written(self, key: bytes) -> None:
         """A reserved put of ``key`` is published or aborted: a delete need not wait for it any more."""
@@ -407,15 +407,11 @@ class BackingTier(Tier):
                 self._writes_done.notify_all()
 
     def publish(self, e: Entry, count: bool = True) -> None:
-        self._account(e, -1)  # the bytes are the store's now: only the traffic is counted here
         self.counters.puts += count
         self._written(e.key)
 
     def abort(self, e: Entry) -> None:
         self._written(e.key)
-        super().abort(e)
-
-    def _free(self, e: Entry) -> None:
         if e.loc is not None:  # a put that lost to a newer one or a delete: take it back
             self._drop(e.key)
 
@@ -448,9 +444,6 @@ class BackingTier(Tier):
             yield lo, hi
             lo = hi
 
-    def write(self, e: Entry, data: torch.Tensor) -> bool:
-        return self.write_many([(e, data)])[0]
-
     def write_many(self, pairs: list[tuple[Entry, torch.Tensor]]) -> list[bool]:
         """Batched puts. A value the store did not take is False, a dropped write counted, and
         the key marked stale (an older version there must not outlive this one)."""
@@ -478,12 +471,6 @@ class BackingTier(Tier):
                         self._mark_stale(e.key)
                     out.append(ok)
         return out
-
-    def read(self, e: Entry) -> torch.Tensor:
-        got = self.read_many([e])[0]
-        if isinstance(got, Exception):
-            raise got
-        return got
 
     def read_into(self, e: Entry, out: torch.Tensor) -> None:
         data = self.read(e)
@@ -543,7 +530,6 @@ class BackingTier(Tier):
         inspect`` runs it), too dear for a stats call, and the store's totals are not Strata's (a
         reader that wants them finds ``server_memory`` and ``server_keys``, the whole store's)."""
         out = super().stats()
-        del out["objects"], out["bytes"]
         out["server_memory"] = self.server.get("used_memory")
         out["server_keys"] = self.server.get("keys")
         if self.server.get("maxmemory"):

@@ -19,8 +19,9 @@ from strata.config import format_size
 from strata.errors import ConfigError, allowed
 
 from strata.store.allocator import ExtentAllocator
-from strata.store.codec import CorruptObject, checksum
-from strata.store.tiers.base import CopiesInFlight, Entry, Tier
+from strata.store.codec import checksum
+from strata.store.tiers.base import CopiesInFlight, Entry
+from strata.store.tiers.memory import MemoryTier
 
 
 def host_memory() -> int | None:
@@ -51,7 +52,7 @@ def contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(reversed(strides))
 
 
-class CpuTier(Tier):
+class CpuTier(MemoryTier):
     kind = "cpu"
     # pin: the slab is pinned (page-locked) when CUDA is available ("auto"), always, or never.
     config_keys = {"pin": pin_mode}

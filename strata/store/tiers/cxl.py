@@ -64,7 +64,8 @@ from strata.keys import key_namespace, namespaces
 from strata.store import numa
 from strata.store.allocator import ExtentAllocator
 from strata.store.codec import CorruptObject, checksum, header_size_for, pack_header, unpack_header
-from strata.store.tiers.base import Entry, Tier
+from strata.store.tiers.base import Entry
+from strata.store.tiers.memory import MemoryTier
 from strata.store.tiers.cpu import contiguous_strides, pin_mode
 
 log = logging.getLogger("strata.cxl")
@@ -126,7 +127,7 @@ def _round(n: int, a: int) -> int:
     return (n + a - 1) // a * a
 
 
-class CxlTier(Tier):
+class CxlTier(MemoryTier):
     kind = "cxl"
     persistent = True
     # pin: register the mapping with CUDA when it is available ("auto"), always, or never;

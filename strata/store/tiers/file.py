@@ -42,7 +42,8 @@ import torch
 from strata.errors import ConfigError
 from strata.keys import key_namespace, namespaces
 from strata.store.codec import CorruptObject, FIXED_HEADER_SIZE, checksum, flat_bytes, header_size, header_size_for, pack_header, unpack_header
-from strata.store.tiers.base import Entry, NotStored, Tier
+from strata.store.tiers.base import Entry, NotStored
+from strata.store.tiers.memory import MemoryTier
 from strata.store.tiers.cxl import RegionAbsent
 
 _SUFFIX = ".obj"
@@ -133,7 +134,7 @@ def _put_in_flight(path: Path, now: float) -> bool:
         return False
 
 
-class FileTier(Tier):
+class FileTier(MemoryTier):
     kind = "file"
     persistent = True  # so verify is always on: checksums are checked on every read
     shared = True

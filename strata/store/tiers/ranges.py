@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import torch
 
 from strata.store.fileio import read_range
-from strata.store.tiers.base import Entry, Tier
+from strata.store.tiers.base import Entry
+from strata.store.tiers.memory import MemoryTier
 
 
 @dataclass(frozen=True)
@@ -28,7 +29,7 @@ class Extent:
     dst_dtype: torch.dtype = torch.uint8  # cast on read when it differs from src_dtype
 
 
-class RangesTier(Tier):
+class RangesTier(MemoryTier):
     kind = "ranges"
     writable = False
     # Read-only, and its bytes are the files' own: nothing is written or checksummed here.

@@ -17,7 +17,6 @@ outage of every primary backs off as for one server.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 from typing import Callable, Iterator

@@ -53,7 +53,8 @@ from strata.keys import key_namespace
 from strata.store.codec import (CorruptObject, FIXED_HEADER_SIZE, checksum, flat_bytes, header_size,
                                 header_size_for, pack_header, unpack_header)
 from strata.store.tiers import RegionAbsent
-from strata.store.tiers.base import Entry, Tier
+from strata.store.tiers.base import Entry
+from strata.store.tiers.memory import MemoryTier
 
 log = logging.getLogger("strata_sqlite")
 
@@ -82,7 +83,7 @@ class SqliteAbsent(RegionAbsent):
     exists: nothing was created."""
 
 
-class SqliteTier(Tier):
+class SqliteTier(MemoryTier):
     kind = "sqlite"
     persistent = True
 
@@ -221,7 +222,7 @@ class SqliteTier(Tier):
             self._local.conn = conn
         return conn
 
-    # -- storage hooks (see strata.store.tiers.base.Tier) ----------------------------------------
+    # -- storage hooks (see strata.store.tiers.memory.MemoryTier) ------------------------------
     def stored_size(self, key: bytes, meta) -> int:
         return header_size_for(key, meta) + meta.nbytes
 
