@@ -20,6 +20,7 @@ import strata
 from strata import Key
 from strata.store.tiers.backing import BackingTier, Features
 from strata.testing import check_tier
+from waits import WaitSpy
 
 STORES: dict[str, dict[bytes, bytes]] = {}  # store name -> its values: outlives a tier, as a server does
 FAULTS: dict[str, str] = {}  # store name -> "error" | "timeout" while a fault is injected
@@ -229,32 +230,17 @@ def test_a_delete_waits_for_a_put_of_the_key_in_flight_to_the_backing_tier(dicts
         putter.start()
         assert entered.wait(10)
         seen: dict = {}
-        waiting, settled = threading.Event(), threading.Event()
 
         def delete():
-            try:
-                seen["found"] = store.delete(k)
-                seen["landed_before_return"] = landed.is_set()
-            finally:
-                settled.set()
+            seen["found"] = store.delete(k)
+            seen["landed_before_return"] = landed.is_set()
 
-        deleter = threading.Thread(target=delete)
-        real_wait = tier._writes_done.wait
-
-        def wait(timeout=None):  # the delete's wait for the put in flight, seen as it happens
-            if threading.current_thread() is deleter:
-                waiting.set()
-                settled.set()
-            return real_wait(timeout)
-
-        tier._writes_done.wait = wait
-        deleter.start()
+        spy = WaitSpy(tier._writes_done, delete)  # the delete's wait for the put in flight, seen as it happens
         try:
-            assert settled.wait(10)
-            assert waiting.is_set() and deleter.is_alive(), "the delete returned while the key's put was in flight"
+            assert spy.blocked(), "the delete returned while the key's put was in flight"
         finally:
             go.set()
-            deleter.join(30)
+            spy.thread.join(30)
             putter.join(30)
         assert seen == {"found": True, "landed_before_return": True}
         assert b"d:" + k.encoded not in STORES["w"] and store.get(k) is None

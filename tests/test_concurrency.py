@@ -13,6 +13,7 @@ import torch
 
 import strata
 from strata import Key
+from waits import WaitSpy
 
 
 def run_threads(targets: list, limit_s: float = 120) -> list[str]:
@@ -123,35 +124,22 @@ def test_write_back_applies_back_pressure_and_flush_drains(tmp_path, monkeypatch
            "writeback": {"max_pending": 2}}
     with strata.open_store(cfg) as store:
         wb = store.chain.writeback
-        real_wait, blocked, settled = wb._cond.wait, threading.Event(), threading.Event()
         depths: list[int] = []
 
         def putter():
-            try:
-                for i in range(12):
-                    assert store.put(Key("kv", "m", str(i)), torch.full((256,), i))
-                    depths.append(store.stats()["writeback"]["queue_depth"])
-            finally:
-                settled.set()  # wakes the test at once should the puts never wait
+            for i in range(12):
+                assert store.put(Key("kv", "m", str(i)), torch.full((256,), i))
+                depths.append(store.stats()["writeback"]["queue_depth"])
 
-        thread = threading.Thread(target=putter)
-
-        def wait(timeout=None):  # a writer waiting for room: back-pressure, seen as it happens
-            if threading.current_thread() is thread:
-                blocked.set()
-                settled.set()
-            return real_wait(timeout)
-
-        wb._cond.wait = wait
-        thread.start()
+        spy = WaitSpy(wb._cond, putter)  # a writer waiting for room: back-pressure, seen as it happens
         try:
-            assert writing.wait(10) and settled.wait(10)
-            assert blocked.is_set(), "every put went in while the flush was held: no back-pressure"
-            assert thread.is_alive() and len(depths) <= 2  # with the flush held, the third put cannot go in
+            assert writing.wait(10)
+            assert spy.blocked(), "every put went in while the flush was held: no back-pressure"
+            assert len(depths) <= 2  # with the flush held, the third put cannot go in
         finally:
             release.set()
-            thread.join(30)
-        assert not thread.is_alive() and len(depths) == 12
+            spy.thread.join(30)
+        assert not spy.thread.is_alive() and len(depths) == 12
         assert max(depths) <= 2  # max_pending bounds what is queued plus what is being written
         assert store.stats()["writeback"]["writer_waits"] > 0
         store.flush()

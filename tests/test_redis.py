@@ -14,6 +14,7 @@ import strata
 from strata import Key
 from strata.cli import main as cli_main
 from strata.errors import ConfigError
+from waits import WaitSpy
 
 
 def redis_tier(url, **extra):
@@ -450,34 +451,18 @@ def test_a_delete_waits_for_a_write_back_of_the_key_in_flight(redis_url):
         assert store.put(K, torch.ones(10))
         assert entered.wait(10)
         seen: dict = {}
-        waiting, settled = threading.Event(), threading.Event()
 
         def delete():
-            try:
-                seen["found"] = store.delete(K)
-                seen["landed_before_return"] = landed.is_set()
-            finally:
-                settled.set()
+            seen["found"] = store.delete(K)
+            seen["landed_before_return"] = landed.is_set()
 
-        deleter = threading.Thread(target=delete)
-        # the delete's wait for the key's write in flight, seen as it happens (not guessed from a sleep)
-        real_wait = store.chain._writes_done.wait
-
-        def wait(timeout=None):
-            if threading.current_thread() is deleter:
-                waiting.set()
-                settled.set()
-            return real_wait(timeout)
-
-        store.chain._writes_done.wait = wait
-        deleter.start()
+        spy = WaitSpy(store.chain._writes_done, delete)  # the delete's wait for the write in flight
         try:
-            assert settled.wait(10)
-            assert waiting.is_set() and deleter.is_alive(), "the delete returned while the key's SET was in flight"
+            assert spy.blocked(), "the delete returned while the key's SET was in flight"
         finally:
             go.set()
-            deleter.join(30)
-        assert not deleter.is_alive() and seen == {"found": True, "landed_before_return": True}
+            spy.thread.join(30)
+        assert not spy.thread.is_alive() and seen == {"found": True, "landed_before_return": True}
         store.flush()  # the flusher is done with K: its SET landed and was taken back, or never counted
         # the delete returned only after the flush's SET: nothing of K is left anywhere
         assert not store.contains(K) and tier.client.exists(tier.prefix + K.encoded) == 0
