@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -231,6 +232,80 @@ def test_cxl_evictions_flush_outside_the_lock(tmp_path, monkeypatch):
             assert store.put(Key("kv", "lock-io", f"c{i}"), torch.full((16384,), float(i)))  # 64 KiB each
         assert store.tiers[0].counters.evictions >= 8
         assert probe.under_lock() == []
+
+
+def test_a_cxl_put_waits_for_another_processes_region_lock_outside_the_chain_lock(tmp_path, monkeypatch):
+    """Another process's put in flight holds the region's file lock (here a descriptor of the test's
+    own holds it). A put of this process waits for it without the chain's lock, so this process's
+    reads go on meanwhile, and it lands once the lock is let go."""
+    import fcntl
+
+    from strata.store.tiers import cxl
+
+    with cxl_store(tmp_path) as store:
+        a, b = Key("kv", "lock-io", "a"), Key("kv", "lock-io", "b")
+        assert store.put(a, torch.ones(1000))
+        probe, waiting = Probe(store), threading.Event()
+        real = cxl._RegionUnlocked.synchronize
+
+        def wait_for_region(self):  # the put's wait, seen as it happens
+            probe.record("region wait")
+            waiting.set()
+            return real(self)
+
+        monkeypatch.setattr(cxl._RegionUnlocked, "synchronize", wait_for_region)
+        fd = os.open(store.tiers[0].path, os.O_RDWR)
+        fcntl.flock(fd, fcntl.LOCK_EX)  # another process's put in flight
+        got: list = []
+        putter = threading.Thread(target=lambda: got.append(store.put(b, torch.full((1000,), 2.0))))
+        try:
+            putter.start()
+            assert waiting.wait(JOIN_S), "the put never waited for the region lock outside the chain lock"
+            reader = threading.Thread(target=lambda: got.append(torch.equal(store.get(a), torch.ones(1000))))
+            reader.start()
+            reader.join(JOIN_S)
+            assert not reader.is_alive() and got == [True], "a read waited behind the put's wait for the region"
+            assert putter.is_alive()  # still waiting: the lock is the other process's
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+            putter.join(JOIN_S)
+        assert not putter.is_alive() and got == [True, True] and probe.under_lock() == []
+        assert torch.equal(store.get(b), torch.full((1000,), 2.0))
+
+
+def test_a_cxl_delete_clears_its_slot_once_another_process_lets_the_region_go(tmp_path):
+    """A delete while another process holds the region lock: the object is gone at once for this
+    process (a rescan of the region does not bring it back), reads go on, the delete returns
+    once its slot is cleared, and a store opened on the region afterwards does not find it."""
+    import fcntl
+
+    with cxl_store(tmp_path) as store:
+        a, b = Key("kv", "lock-io", "a"), Key("kv", "lock-io", "b")
+        assert store.put(a, torch.ones(1000)) and store.put(b, torch.full((1000,), 2.0))
+        tier = store.tiers[0]
+        fd = os.open(tier.path, os.O_RDWR)
+        fcntl.flock(fd, fcntl.LOCK_EX)  # another process's put in flight
+        done: list = []
+        deleter = threading.Thread(target=lambda: done.append(store.delete(a)))
+        try:
+            deleter.start()
+            deadline = time.monotonic() + JOIN_S
+            while not tier._unfreed and time.monotonic() < deadline:
+                time.sleep(0.001)
+            assert tier._unfreed, "the delete never left its slot for after the region lock"
+            with store.chain.lock:
+                tier._sync(force=True)  # a rescan of the region, as after another process's change
+            assert not store.contains(a) and store.get(a) is None  # gone for this process already
+            assert torch.equal(store.get(b), torch.full((1000,), 2.0))  # reads go on meanwhile
+            assert deleter.is_alive() and done == []  # returns only once its slot is cleared
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+            deleter.join(JOIN_S)
+        assert not deleter.is_alive() and done == [True] and tier._unfreed == {}
+    with cxl_store(tmp_path) as again:
+        assert again.get(a) is None and torch.equal(again.get(b), torch.full((1000,), 2.0))
 
 
 # -- device copies: waiting for their events ------------------------------------------------------

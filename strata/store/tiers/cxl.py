@@ -21,7 +21,10 @@ warning and a ``numa`` entry in stats, never a crash.
 Processes share the region through a file lock: a writer holds it from reserving space
 until its put is committed or aborted, and every change bumps the generation; a process
 that sees another generation re-reads the slot table before it looks anything up or
-allocates. Reads are zero-copy views of the mapping under the chain's lease, checked
+allocates. A put that finds the lock held by another process's put in flight does not wait for
+it under the chain's lock (the process's reads would stall behind the other's write): the
+reservation raises ``RegionBusy``, and the chain waits for the lock outside its own, then
+reserves again. Reads are zero-copy views of the mapping under the chain's lease, checked
 against the payload checksum, so an object another process freed and reused meanwhile
 is a miss, never wrong bytes. Objects of namespaces this process never registered (another
 process's) are indexed and evicted like any other, never cleared: only a slot whose record fails
@@ -64,7 +67,7 @@ from strata.keys import key_namespace, namespaces
 from strata.store import numa
 from strata.store.allocator import ExtentAllocator
 from strata.store.codec import CorruptObject, checksum, header_size_for, pack_header, unpack_header
-from strata.store.tiers.base import Entry
+from strata.store.tiers.base import CopiesInFlight, Entry
 from strata.store.tiers.memory import MemoryTier
 from strata.store.tiers.cpu import contiguous_strides, pin_mode
 
@@ -121,6 +124,29 @@ def _numa_node(value: object, where: str) -> int | None:
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
         raise ConfigError(f"{where}: got {value!r}; allowed: an integer >= 0")
     return value  # type: ignore[return-value]
+
+
+class _RegionUnlocked:
+    """What a put that found the region locked by another process waits for, outside the chain's
+    lock (``synchronize``, as for a device copy): the lock let go, seen through a descriptor of its
+    own, so the wait never takes over or drops a hold of this process's."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def synchronize(self) -> None:
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except OSError:
+            return  # gone: the reservation that follows finds out
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)  # granted once no process holds it exclusively
+        finally:
+            os.close(fd)  # lets go of the shared hold too
+
+
+class RegionBusy(CopiesInFlight):
+    """Another process holds the region lock: the chain waits for it outside its lock, then retries."""
 
 
 def _round(n: int, a: int) -> int:
@@ -182,6 +208,8 @@ class CxlTier(MemoryTier):
             if not self.pinned and torch.cuda.is_available():
                 log.warning("tier %s: %s", cfg.name, why)
         self._locks = 0  # puts of this process in flight while it holds the region lock
+        self._unfreed: dict[int, tuple[int, int, int]] = {}  # slot -> (offset, seq, size) freed while another process held the lock
+        self.region_waits = 0  # puts and frees that found another process's put holding the region lock
         self.discarded = 0  # records cleared as damaged (see the module docstring)
         foreign = absent = False
         with self._region_lock():
@@ -323,6 +351,16 @@ class CxlTier(MemoryTier):
             fcntl.flock(self._fd, fcntl.LOCK_EX)
         self._locks += 1
 
+    def _try_acquire(self) -> bool:
+        """``_acquire`` where no other process holds the lock; False (not held) where one does."""
+        if self._locks == 0:
+            try:
+                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False
+        self._locks += 1
+        return True
+
     def _release(self) -> None:
         self._locks -= 1
         if self._locks == 0:
@@ -378,6 +416,8 @@ class CxlTier(MemoryTier):
         stale: list[int] = []
         damaged = 0  # of the stale: failed header or size, or a copy of another record
         for i in range(self.nslots):
+            if i in self._unfreed:
+                continue  # this process's, retired: cleared once the region lock is free
             slot = self._read_slot(i)
             if slot is None:
                 continue
@@ -434,6 +474,7 @@ class CxlTier(MemoryTier):
         """Free space and free slots: everything no committed object and no put in flight holds."""
         held = [(e.loc[0], e.loc[1], e.size) for e in self.index.values() if e.loc is not None]
         held += [(slot, off, size) for slot, (off, size) in self._reserved.items()]
+        held += [(slot, off, size) for slot, (off, _, size) in self._unfreed.items()]
         alloc = ExtentAllocator(self.data_size, alignment=_ALIGN)
         alloc.take_all()
         cursor = 0
@@ -463,14 +504,30 @@ class CxlTier(MemoryTier):
     def stored_size(self, key: bytes, meta) -> int:
         return _round(header_size_for(key, meta), _PAYLOAD_ALIGN) + meta.nbytes
 
+    def reserve(self, key: bytes, ns: str, meta, evict) -> Entry | None:
+        """Room for a put under the region lock, held from here until ``publish`` or ``abort``:
+        other processes must not take these bytes. Where another process's put holds the lock,
+        RegionBusy: the chain waits for it outside its own lock and reserves again."""
+        if not self._try_acquire():
+            self.region_waits += 1
+            raise RegionBusy([_RegionUnlocked(self.path)])
+        try:
+            self._free_unfreed()
+            e = super().reserve(key, ns, meta, evict)
+        except BaseException:
+            self._release()
+            raise
+        if e is None:
+            self._release()
+        return e
+
     def _alloc(self, e: Entry) -> bool:
-        self._acquire()  # held until publish or abort: other processes must not take these bytes
+        """Room in the region (``reserve`` holds the region lock)."""
         self._sync()  # first: objects another process removed no longer count against the capacity
         size = self.allocator.rounded(e.size)
         fits = self.used + e.size <= self.capacity and self._free_slots
         rel = self.allocator.alloc(size) if fits else None
         if rel is None:
-            self._release()
             return False
         slot, off = self._free_slots.pop(), self.data_start + rel
         self._reserved[slot] = (off, e.size)
@@ -517,15 +574,46 @@ class CxlTier(MemoryTier):
         slot, off, seq = e.loc
         if self._slot_of.get(e.key) == (slot, seq):
             del self._slot_of[e.key]
-        with self._region_lock():
-            cur = self._read_slot(slot)
-            if cur is not None and cur[0] == off and cur[2] == seq:
-                self._clear_slot(slot)
-                self._bump()
-            if self.generation != -1:  # else the next sync rebuilds free space from the region
-                self.allocator.free(off - self.data_start, self.allocator.rounded(e.size))
-                self._free_slots.append(slot)
         e.loc = None
+        if not self._try_acquire():  # another process's put holds the region: no wait under the chain lock
+            self.region_waits += 1
+            self._unfreed[slot] = (off, seq, e.size)
+            self.after_unlock(self._free_when_unlocked)
+            return
+        try:
+            self._clear_record(slot, off, seq, e.size)
+        finally:
+            self._release()
+
+    def _clear_record(self, slot: int, off: int, seq: int, size: int) -> None:
+        """Clear a retired object's slot if it still names it, and take its bytes back (region lock held)."""
+        cur = self._read_slot(slot)
+        if cur is not None and cur[0] == off and cur[2] == seq:
+            self._clear_slot(slot)
+            self._bump()
+        if self.generation != -1:  # else the next sync rebuilds free space from the region
+            self.allocator.free(off - self.data_start, self.allocator.rounded(size))
+            self._free_slots.append(slot)
+
+    def _free_unfreed(self) -> None:
+        """Clear what ``_free`` left while another process held the region (region and chain locks held)."""
+        while self._unfreed:
+            slot, (off, seq, size) = self._unfreed.popitem()
+            self._clear_record(slot, off, seq, size)
+
+    def _free_when_unlocked(self) -> None:
+        """``_free``'s region work where another process held the region lock: the thread that freed
+        waits for the lock without the chain's, then does it, before its store call returns (a put
+        that takes the lock first does it then). Meanwhile the slot stays committed, its bytes
+        held, and this process never indexes it again (``_sync`` skips it)."""
+        while self._unfreed and self.map is not None:
+            _RegionUnlocked(self.path).synchronize()
+            with self.chain_lock or contextlib.nullcontext():
+                if self.map is not None and self._try_acquire():
+                    try:
+                        self._free_unfreed()
+                    finally:
+                        self._release()
 
     def read_into(self, e: Entry, out: torch.Tensor) -> None:
         out.copy_(e.view)
@@ -542,7 +630,7 @@ class CxlTier(MemoryTier):
         largest = self.allocator.largest_free()
         known = namespaces()
         out = {"path": self.path, "region_bytes": self.data_size, "recovered": self.recovered,
-               "discarded": self.discarded,
+               "discarded": self.discarded, "region_waits": self.region_waits,
                "fragmentation": round(1 - largest / free, 4) if free else 0.0,
                "foreign_namespaces": sum(e.ns not in known for e in list(self.index.values()))}
         if self.numa is not None:
@@ -554,6 +642,9 @@ class CxlTier(MemoryTier):
     def close(self) -> None:
         if self.map is None:
             return
+        if self._unfreed:  # a retired object's slot not yet cleared: it must not come back at the next open
+            with self._region_lock():
+                self._free_unfreed()
         self.index.clear()
         if self.pinned:
             self.seam.unregister_host(self.bytes.data_ptr())
