@@ -579,3 +579,29 @@ def test_two_processes_putting_and_deleting_at_once_never_read_wrong_bytes(tmp_p
         assert p.returncode == 0 and "ok" in out, err[-3000:]
     with strata.open_store({"tiers": [{"kind": "cxl", "path": path, "size": "8MiB"}]}) as store:
         assert_exact_accounting(cxl_tier(store))
+
+
+def test_a_promotion_into_the_cxl_tier_syncs_its_index_under_the_chain_lock(tmp_path, monkeypatch):
+    """A read that hits the file tier below promotes into the cxl tier above; looking the key up
+    there brings the cxl index up to date with the region (``_sync``), which must hold the chain
+    lock like every other change to an index."""
+    cfg = {"tiers": [{"kind": "cxl", "path": str(tmp_path / "region"), "size": "8MiB"},
+                     {"kind": "file", "path": str(tmp_path / "files"), "capacity": "8MiB"}]}
+    with strata.open_store(cfg) as store:
+        k = strata.Key("kv", "promote", "a")
+        assert store.put(k, value(1))
+        tier = cxl_tier(store)
+        with store.chain.lock:
+            tier.retire(tier.lookup(k.encoded))  # only the file tier holds it now
+        unlocked: list[str] = []
+        real = tier._sync
+
+        def sync(force=False):
+            if not store.chain.lock._is_owned():
+                unlocked.append("sync")
+            return real(force)
+
+        monkeypatch.setattr(tier, "_sync", sync)
+        assert torch.equal(store.get(k), value(1))
+        assert unlocked == [] and tier.counters.promotions == 1
+        assert torch.equal(store.get(k, mode="exact", tier="cxl"), value(1))

@@ -166,7 +166,7 @@ class TierChain:
             entries = self._write_many(tier, going, dirty=write_back)
             going = [p for p, e in zip(going, entries) if self._landed(i, tier, p, e, write_back, block)]
             i += 1
-        return [self._settle_put(p.key, p.kept, p.refused) for p in puts]
+        return [self._settle_put(p.kept, p.refused) for p in puts]
 
     def _landed(self, i: int, tier: Tier, p: "_Put", e: Entry | None, write_back: bool, block: bool) -> bool:
         """What tier ``i``'s write ``e`` of ``p`` (None: refused) means; whether ``p`` goes on down.
@@ -188,7 +188,7 @@ class TierChain:
         p.guard = (lambda t=tier, ent=e: t.holds(ent))
         return True
 
-    def _settle_put(self, key: bytes, kept: list[tuple[Tier, Entry]], refused: list[tuple[Tier, Entry]]) -> bool:
+    def _settle_put(self, kept: list[tuple[Tier, Entry]], refused: list[tuple[Tier, Entry]]) -> bool:
         """Whether some tier still holds a put's bytes: one that took them may have evicted them (or a
         newer put replaced them) before a lower tier's write, which was then not published. If so,
         the older versions left in tiers above that refused it go (they would be served first); if
@@ -587,7 +587,11 @@ class TierChain:
     def _promote(self, i: int, key: bytes, e: Entry, data: torch.Tensor) -> None:
         for j in range(i):
             upper = self.tiers[j]
-            if not upper.writable or upper.lookup(key) is not None:  # already there, or read-only
+            if not upper.writable:
+                continue
+            with self.lock:  # a lookup may bring the index up to date first (a shared cxl region)
+                there = upper.lookup(key) is not None
+            if there:
                 continue
             if self._write_one(upper, key, e.ns, e.meta, data, None) is not None:
                 with self.lock:
