@@ -23,6 +23,7 @@ import torch
 
 from strata.config import StoreConfig, format_size
 from strata.store.codec import CorruptObject, ObjectMeta, checksum, fit_out
+from strata.store.inflight import KeysInFlight
 from strata.store.tiers.base import CopiesInFlight, Entry, NotStored, Tier
 from strata.store.writeback import WriteBack
 
@@ -121,9 +122,9 @@ class TierChain:
         self.lock = ChainLock()
         for t in tiers:
             t.chain_lock = self.lock
-        self._writing: dict[bytes, int] = {}  # keys with a flush or a demotion in flight
-        self._down: set[Entry] = set()  # entries a flush or a demotion is writing down: one writer each
         self._writes_done = threading.Condition(self.lock)
+        self._writing = KeysInFlight(self._writes_done)  # keys with a flush or a demotion in flight
+        self._down: set[Entry] = set()  # entries a flush or a demotion is writing down: one writer each
         self.dropped_dirty = 0  # write-back objects evicted before reaching the tier below
         self.writeback = None
         if any(t.cfg.write == "back" for t in tiers[:-1]):
@@ -239,29 +240,19 @@ class TierChain:
                         entries[j] = None
         return entries
 
-    def _mark_writing(self, key: bytes) -> None:
-        """A write of ``key`` down the chain is under way (lock held): a delete waits for it, so the
-        write cannot land after the delete (``delete``)."""
-        self._writing[key] = self._writing.get(key, 0) + 1
-
-    def _unmark_writing(self, key: bytes) -> None:
-        self._writing[key] -= 1
-        if not self._writing[key]:
-            del self._writing[key]
-            self._writes_done.notify_all()
-
     def _hold_down(self, tier: Tier, e: Entry) -> None:
-        """Lease ``e`` to write it to the tiers below (lock held), a write a delete waits for. One
-        writer at a time: the flusher and a demotion must not both write it (the one whose write
-        lands after the other retired ``e`` would abort it, taking back the copy the other published)."""
+        """Lease ``e`` to write it to the tiers below (lock held), a write a delete waits for (so it
+        cannot land after the delete). One writer at a time: the flusher and a demotion must not
+        both write it (the one whose write lands after the other retired ``e`` would abort it,
+        taking back the copy the other published)."""
         tier.lease(e)
-        self._mark_writing(e.key)
+        self._writing.begin(e.key)
         self._down.add(e)
 
     def _let_go(self, tier: Tier, e: Entry) -> None:
         tier.release(e)
         self._down.discard(e)
-        self._unmark_writing(e.key)
+        self._writing.end(e.key)
         self._writes_done.notify_all()
 
     def _await_down(self, e: Entry) -> bool:
@@ -672,8 +663,7 @@ class TierChain:
                 if e is not None:
                     tier.retire(e)
                     found = True
-            while key in self._writing:  # a write in flight (a write-back flush) would land after the DEL
-                self._writes_done.wait()
+            self._writing.wait_out(key)  # a write in flight (a write-back flush) would land after the DEL
         for tier in self.tiers:  # what the indexes do not know: a store's value, other processes' files
             found = tier.remove(key) or found
         return found

@@ -43,6 +43,7 @@ import torch
 from strata.keys import key_namespace
 from strata.store.codec import (CorruptObject, FIXED_HEADER_SIZE, checksum_buffer, flat_bytes, header_size,
                                 header_size_for, pack_header, unpack_header)
+from strata.store.inflight import KeysInFlight
 from strata.store.tiers.base import Entry, NotStored, Tier
 
 log = logging.getLogger("strata.backing")
@@ -242,8 +243,8 @@ class BackingTier(Tier):
         self._purge_lock = threading.Lock()  # a purge's deletes and puts of stale keys never cross
         self.stale_overflow = 0  # stale keys forgotten because more than STALE_MAX piled up
         self._watchdog = Watchdog(backend.interrupt)
-        self._writing: dict[bytes, int] = {}  # keys with a put reserved and not yet published or aborted
         self._writes_done = threading.Condition(self._state)
+        self._writing = KeysInFlight(self._writes_done)  # keys with a put reserved, not yet published or aborted
 
     @property
     def prefetchable(self) -> bool:
@@ -339,8 +340,7 @@ class BackingTier(Tier):
         (else the put's value would outlive the delete). On a fault the key is remembered as
         stale: the store may still have it, never served, deleted when it answers."""
         with self._state:
-            while key in self._writing:
-                self._writes_done.wait()
+            self._writing.wait_out(key)
         try:
             reply = self._call(lambda: self.backend.delete_many([self._name(key)]), "delete")[0]
         except OSError as e:
@@ -393,18 +393,13 @@ class BackingTier(Tier):
         if limit is not None and size > limit:
             return None
         with self._state:
-            self._writing[key] = self._writing.get(key, 0) + 1
+            self._writing.begin(key)
         return Entry(key, ns, meta, size, None)  # loc: the value's name on the store once written
 
     def _written(self, key: bytes) -> None:
         """A reserved put of ``key`` is published or aborted: a delete need not wait for it any more."""
         with self._state:
-            n = self._writing[key] - 1
-            if n:
-                self._writing[key] = n
-            else:
-                del self._writing[key]
-                self._writes_done.notify_all()
+            self._writing.end(key)
 
     def publish(self, e: Entry, count: bool = True) -> None:
         self.counters.puts += count
