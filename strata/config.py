@@ -202,6 +202,11 @@ def _int(where: str, value: object, minimum: int = 0) -> int:
     return value
 
 
+def positive_int(value: object, where: str) -> int:
+    """an integer >= 1"""
+    return _int(where, value, 1)
+
+
 def _tier(i: int, raw: Mapping) -> TierConfig:
     where = f"tiers[{i}]"
     if not isinstance(raw, Mapping) or "kind" not in raw:

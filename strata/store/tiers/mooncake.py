@@ -63,7 +63,7 @@ from urllib.request import urlopen
 
 import numpy as np
 
-from strata.config import parse_size
+from strata.config import parse_size, positive_int
 from strata.errors import ConfigError, StoreError, allowed
 from strata.store.tiers.backing import BackingTier, Features
 
@@ -635,13 +635,6 @@ def _metadata_url(value: object, where: str) -> str:
     return value
 
 
-def _positive(value: object, where: str) -> int:
-    """an integer >= 1"""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{where}: got {value!r}; allowed: an integer >= 1")
-    return value
-
-
 class MooncakeTier(BackingTier):
     """Kind ``mooncake``: Strata's values in a Mooncake Store, through ``MooncakeBackend``. The
     store is the index and holds its own capacity and eviction; this process contributes
@@ -658,8 +651,8 @@ class MooncakeTier(BackingTier):
         "local_host": str,  # the address other hosts reach this process's segment at
         "segment": parse_size,
         "buffer": parse_size,
-        "replicas": _positive,
-        "timeout_ms": _positive,
+        "replicas": positive_int,
+        "timeout_ms": positive_int,
         "admin_url": str,  # the master's admin HTTP server (metrics, listing); "" turns listing off
         "key_prefix": str,
     }

@@ -22,7 +22,7 @@ import os
 from typing import Callable, Iterator
 from urllib.parse import urlsplit, urlunsplit
 
-from strata.config import UNBOUNDED, parse_size
+from strata.config import UNBOUNDED, parse_size, positive_int
 from strata.errors import ConfigError, StoreError, allowed
 from strata.store.tiers.backing import LABELS_KEY, BackingTier, Features  # noqa: F401 - LABELS_KEY: labels
 
@@ -55,13 +55,6 @@ def _secret(value: object, where: str) -> str | None:
     if value is not None and (not isinstance(value, str) or not value):
         raise ConfigError(f"{where}: got a {type(value).__name__}; allowed: a non-empty string")
     return value  # type: ignore[return-value]
-
-
-def _positive(value: object, where: str) -> int:
-    """an integer >= 1."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{where}: got {value!r}; allowed: an integer >= 1")
-    return value
 
 
 def _key_prefix(value: object, where: str) -> str:
@@ -272,8 +265,8 @@ class RedisTier(BackingTier):
         "url": _url,
         "password": _secret,  # never printed or logged
         "password_env": _secret,  # the environment variable holding the password
-        "timeout_ms": _positive,  # the longest any one call may block
-        "max_connections": _positive,  # the connection pool's bound
+        "timeout_ms": positive_int,  # the longest any one call may block
+        "max_connections": positive_int,  # the connection pool's bound
         "key_prefix": _key_prefix,  # prepended to every key this tier reads or writes
         "maxmemory": _maxmemory,  # set on the server with CONFIG SET (null: leave it)
         "maxmemory_policy": _memory_policy,
