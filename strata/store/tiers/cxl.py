@@ -620,11 +620,6 @@ class CxlTier(MemoryTier):
         if self.cfg.verify and checksum(out) != e.meta.checksum:
             raise CorruptObject("payload checksum mismatch (torn, or reused by another process)")
 
-    def read(self, e: Entry) -> torch.Tensor:
-        out = torch.empty(e.meta.shape, dtype=e.meta.dtype)
-        self.read_into(e, out)
-        return out
-
     def stats_extra(self) -> dict:
         free = self.allocator.free_bytes
         largest = self.allocator.largest_free()

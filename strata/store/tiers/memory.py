@@ -114,9 +114,6 @@ class MemoryTier(Tier):
     def holds(self, e: Entry) -> bool:
         return self.index.get(e.key) is e
 
-    def lease(self, e: Entry) -> None:
-        e.leases += 1
-
     def release(self, e: Entry) -> None:
         e.leases -= 1
         if e.leases == 0:
