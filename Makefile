@@ -37,12 +37,27 @@ GPU_WHEELS := .gpu-wheels
 GPU_WHEELS_BINARY := xxhash==4.1.0 PyYAML==6.0.4
 GPU_WHEELS_PURE := tqdm==4.70.1 diffusers==0.42.1 importlib_metadata==8.7.1
 
-.PHONY: gpu-check gpu-check-dry gpu-wheels
+# `make gpu-check-image` (here, before a GPU session): the dry run under the GPU image's own versions
+# (Python 3.12 there, 3.11 here; numpy 2.5 needs 3.12), strata imported from the tree as there, the
+# carried pure-Python wheels on the path; .venv-gpu-image is about 5 GB (torch's CUDA build).
+GPU_IMAGE_VENV := .venv-gpu-image
+GPU_IMAGE_PKGS := torch==2.11.0 transformers==5.17.0 accelerate==1.15.0 safetensors==0.8.0 numpy==2.4.6 \
+	pytest pytest-timeout hypothesis pyyaml xxhash tqdm psutil pillow requests
+
+.PHONY: gpu-check gpu-check-dry gpu-check-image gpu-wheels
 gpu-check:
 	PYTHONPATH=.$${PYTHONPATH:+:$$PYTHONPATH} $(PY) benchmarks/gpu_check.py
 
 gpu-check-dry: $(STAMP)
 	$(BIN)/python benchmarks/gpu_check.py --dry
+
+gpu-check-image: gpu-wheels
+	test -x $(GPU_IMAGE_VENV)/bin/python || $(PY) -m venv $(GPU_IMAGE_VENV)
+	$(GPU_IMAGE_VENV)/bin/python -m pip install -q $(GPU_IMAGE_PKGS)
+	rm -rf $(GPU_IMAGE_VENV)/carried
+	$(GPU_IMAGE_VENV)/bin/python -m pip install -q --no-index --no-deps --target $(GPU_IMAGE_VENV)/carried \
+		$(GPU_WHEELS)/*-none-any.whl
+	PYTHONPATH=.:$(GPU_IMAGE_VENV)/carried $(GPU_IMAGE_VENV)/bin/python benchmarks/gpu_check.py --dry
 
 gpu-wheels:
 	rm -rf $(GPU_WHEELS)
