@@ -490,9 +490,9 @@ def test_one_bound_covers_saves_from_the_copy_to_the_put_and_one_counter_what_it
 SCHEDULES = [("late", 0), ("early", 0), ("random", 1), ("random", 2)]
 
 
-def _mixed_run(tmp_path, sim, seed: int):
+def _mixed_run(tmp_path, sim, seed: int, extra: dict | None = None):
     """A saved prompt, then a repeat of it (loaded on the side stream) beside a running request."""
-    h = Harness(tmp_path, streams=sim)
+    h = Harness(tmp_path, streams=sim, extra=extra)
     prompt = tokens(90, seed=seed)
     _run_one(h, prompt)
     running = h.add(tokens(40, seed=seed + 1), max_tokens=6)
@@ -513,6 +513,23 @@ def test_on_the_simulated_device_loads_and_saves_go_through_the_side_stream_in_o
         assert sim.copies_run > 0 and h.worker.worker_half._stream in sim.side  # the copies went through the sim
         if mode == "late":
             assert sim.copies_deferred > 0  # the loads' copies ran after the call that issued them returned
+    finally:
+        h.close()
+
+
+@pytest.mark.parametrize("mode,seed", SCHEDULES, ids=[f"{m}{s}" for m, s in SCHEDULES])
+def test_on_the_simulated_device_synchronous_loads_go_through_the_device_staging_bundle(tmp_path, mode, seed):
+    """``load_async: false`` on a device cache: each chunk is one ``get_into`` the staging bundle in
+    device memory (a non-blocking copy from the pinned CPU tier, its lease held until the copy's
+    event), then a scatter on the device; the path a GPU takes, run here on the simulated device."""
+    sim = SimStreams(mode, seed)
+    h, hit, running = _mixed_run(tmp_path, sim, 90 + seed, extra={"strata.load_async": False})
+    try:
+        assert h.wrong == [] and sim.violations == []
+        assert len(h.generated[hit]) == 2 and len(h.generated[running]) == 6
+        assert h.worker.stats()["chunks_loaded"] == 3
+        staging = h.worker.worker_half.paged._staging
+        assert staging.numel() > 0 and sim.is_device_memory(staging)  # the loads went through it
     finally:
         h.close()
 

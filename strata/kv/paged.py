@@ -61,11 +61,10 @@ class PagedKV:
         when needed): a load lands here in one copy from the store, then scatters on the device.
         Calls on one CUDA stream are ordered, so reuse needs no synchronisation."""
         shape = (len(self.layers), num_blocks, *self.block_shape)
-        numel = 1
-        for d in shape:
-            numel *= d
-        if self._staging.numel() < numel:
-            self._staging = torch.empty(numel, dtype=self.dtype, device=self.device)
+        numel = math.prod(shape)
+        if self._staging.numel() < numel:  # through the seam: device memory as the seam knows it
+            raw = self.dev.device_empty(numel * self.dtype.itemsize, self.device)
+            self._staging = raw.view(self.dtype)
         return self._staging[:numel].view(shape)
 
     def layout(self) -> tuple:

@@ -519,8 +519,9 @@ class WorkerHalf:
     def _sources(self, keys: list):
         """What a step's chunks load from, one batch for all of them (a remote tier's chunks come
         up in a few round trips). A cache in host memory gets views of the store's bytes, leased
-        for the step; a device cache gets no views (each chunk goes through its staging bundle)."""
-        if self.paged.device.type == "cpu":
+        for the step; a device cache (one the device seam runs streams for) gets no views: each
+        chunk goes through its staging bundle."""
+        if not self._on_device:
             with self.ctx.store.lease_many(keys) as views:
                 yield views
         else:
@@ -534,7 +535,7 @@ class WorkerHalf:
         staging bundle (from pinned memory on a GPU), then scatters on the device."""
         ids, skip = span.block_ids, span.skip
         try:
-            if self.paged.device.type == "cpu":
+            if not self._on_device:
                 if view is None:
                     return 0
                 self.paged.scatter(view, ids, first=skip)
