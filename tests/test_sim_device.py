@@ -79,6 +79,24 @@ def test_a_store_that_evicts_and_promotes_under_the_copies(tmp_path, mode, seed)
     assert got == want and sim.violations == []
 
 
+@pytest.mark.parametrize("mode,seed", SCHEDULES, ids=[f"{m}{s}" for m, s in SCHEDULES])
+@pytest.mark.parametrize("kind", ["cpu-verify", "cxl"])
+def test_a_verifying_tier_checks_the_bytes_a_device_copy_read(tmp_path, monkeypatch, mode, seed, kind):
+    """A tier that checks checksums on every read (``verify: true``; a cxl region by default) and
+    whose bytes are page-locked (the cxl mapping registered with the device): the copy to the
+    device is asynchronous, and its bytes are checked once it has read them (the stream synchronised
+    first), before the lease goes."""
+    tier = ({"kind": "cpu", "capacity": "64MiB", "verify": True} if kind == "cpu-verify"
+            else {"kind": "cxl", "path": str(tmp_path / "region"), "size": "64MiB"})
+    checked = []
+    check_view = MemoryTier.check_view
+    monkeypatch.setattr(MemoryTier, "check_view", lambda self, e: (checked.append(self.name), check_view(self, e)))
+    sim = SimStreams(mode, seed)
+    want, got, handle = offloaded_run(sim, prefetch=2, store_cfg={"tiers": [tier]})
+    assert got == want and sim.violations == []
+    assert len(checked) >= len(handle.plan.offloaded) * 6  # every streamed block, every step, was checked
+
+
 @pytest.mark.parametrize("mode", ["late", "early", "random"])
 def test_a_forward_that_raises_midway_leaves_the_ring_sound(mode):
     model = make("llama", layers=5)
