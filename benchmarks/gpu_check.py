@@ -61,7 +61,10 @@ class Step:
 
 def gpu_steps(py: str) -> list[Step]:
     return [
-        Step("tests/gpu", [py, "-m", "pytest", "-q", "-s", "-rA", "-p", "no:cacheprovider", "tests/gpu"], 180),
+        # -v: a line per test as it ends (a step cut at its timeout still says which passed);
+        # a test over 120 s fails alone (pytest-timeout, in the image); durations size the next run
+        Step("tests/gpu", [py, "-m", "pytest", "-v", "-s", "-rA", "--durations=15", "-o", "timeout=120",
+                           "-p", "no:cacheprovider", "tests/gpu"], 180),
         Step("offload benchmark (8B-shaped blocks, 8 of them)", [py, "benchmarks/offload.py", "--layers", "8"], 150),
         Step("KV transfer benchmark (8B KV shapes)", [py, "benchmarks/kv_transfer.py"], 60),
         Step("store benchmark: CXL tier with host-to-device rows",
