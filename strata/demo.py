@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from strata.cli import format_stats
+from strata.report import format_stats
 from strata.store.engine import open_store
 
 

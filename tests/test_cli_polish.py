@@ -17,7 +17,7 @@ from strata import Key
 from strata.cli import main
 from strata.config import UNBOUNDED, format_size
 
-SCOPE_LABEL = "__scope__"  # the name of the object holding a scope's facts (strata.cli.SCOPE_LABEL)
+SCOPE_LABEL = "__scope__"  # the name of the object holding a scope's facts (strata.report.SCOPE_LABEL)
 
 
 def test_version_flag_prints_the_package_version(capsys):
