@@ -32,7 +32,7 @@ def _tiny_llama():
 def run_demo(config=None) -> int:
     ok = offload_demo(config)
     try:
-        from strata.integrations.vllm_plugin import check_vllm
+        from strata.integrations.vllm_version import check_vllm
 
         check_vllm()
     except Exception as e:  # noqa: BLE001 - vLLM missing or unsupported: the first half still ran

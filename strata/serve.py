@@ -28,7 +28,8 @@ from pathlib import Path
 
 from strata.config import format_size, load_config, parse_size
 from strata.errors import ConfigError, allowed
-from strata.integrations.vllm_plugin import check_vllm, kv_transfer_config
+from strata.integrations.vllm_plugin import kv_transfer_config
+from strata.integrations.vllm_version import check_vllm
 
 GiB = 1 << 30
 # Strata's keys of --model-loader-extra-config (the fields of vllm_loader.LoaderOptions, which

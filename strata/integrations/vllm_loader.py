@@ -43,7 +43,7 @@ from vllm.platforms import current_platform
 
 from strata.config import load_config, parse_size
 from strata.errors import ConfigError
-from strata.integrations.vllm_plugin import check_vllm
+from strata.integrations.vllm_version import check_vllm
 from strata.offload import OffloadError, OffloadHandle, find_blocks, offload
 from strata.store.shared import shared_store
 

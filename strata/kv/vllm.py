@@ -41,7 +41,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorRole,
 )
 
-from strata.integrations.vllm_plugin import check_vllm
+from strata.integrations.vllm_version import check_vllm
 from strata.kv import vllm_context
 from strata.kv.vllm_meta import BlockSpan, LoadSpec, SaveSpec, StrataConnectorMetadata
 from strata.kv.vllm_metrics import COUNTERS, MAX_TIMINGS, TIMINGS, StrataKVStats, StrataPromMetrics
