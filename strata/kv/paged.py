@@ -67,9 +67,6 @@ class PagedKV:
             self._staging = raw.view(self.dtype)
         return self._staging[:numel].view(shape)
 
-    def layout(self) -> tuple:
-        return (len(self.layers), self.block_shape, str(self.dtype))
-
     def _index(self, block_ids: Sequence[int], first: int = 0) -> torch.Tensor:
         return torch.as_tensor(list(block_ids[first:]), dtype=torch.long, device=self.device)
 

@@ -114,9 +114,6 @@ class Checkpoint:
                 if name not in self.tensors or Path(self.tensors[name].path).name != shard:
                     raise OffloadError(f"checkpoint: the index maps {name} to {shard}, which does not hold it")
 
-    def config(self) -> dict:
-        return json.loads((self.root / "config.json").read_text())
-
     def find(self, names: list[str], prefix: str = "") -> TensorInfo | None:
         """The first of ``names`` the checkpoint holds, also trying with/without ``prefix.``."""
         for name in names:

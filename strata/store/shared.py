@@ -27,7 +27,3 @@ def shared_store(config=None) -> StorageEngine:
             engine = _engines[fp] = StorageEngine(cfg)
         return engine
 
-
-def shared_stores() -> list[StorageEngine]:
-    with _lock:
-        return [e for e in _engines.values() if not e._closed]
