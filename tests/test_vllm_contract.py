@@ -283,6 +283,27 @@ def _step(conn: StrataConnector, meta: StrataConnectorMetadata) -> None:
     conn.clear_connector_metadata()
 
 
+def test_a_connector_shut_down_or_let_go_of_is_no_longer_listed_or_kept_alive():
+    """``connectors()``/``worker_connector()`` never return a connector that was shut down, and a
+    connector vLLM let go of is freed with its store (the process list holds it weakly)."""
+    import gc
+    import weakref
+
+    from strata.kv.vllm import connectors, worker_connector
+
+    conn = _connector()
+    conn.register_kv_caches({n: torch.zeros(LAYER_SHAPE) for n in ("l0", "l1")})
+    assert worker_connector() is conn and conn in connectors()
+    conn.shutdown()
+    assert conn not in connectors() and worker_connector() is not conn
+    dropped = _connector()
+    alive = weakref.ref(dropped)
+    assert dropped in connectors()
+    del dropped
+    gc.collect()
+    assert alive() is None  # nothing of Strata's kept it
+
+
 def test_sleep_forgets_the_cache_and_staging_and_wake_serves_loads_again():
     conn = _connector()
     try:

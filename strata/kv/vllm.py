@@ -32,6 +32,7 @@ Unix socket (``strata.kv.lookup``).
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
@@ -164,6 +165,7 @@ class StrataConnector(KVConnectorBase_V1):
         for half in (self.worker_half, self.scheduler_half):
             if half is not None:
                 half.close()
+        _untrack(self)
 
     def stats(self) -> dict:
         """The connector's counters since it started (this process); zeros on the scheduler."""
@@ -189,21 +191,27 @@ class StrataConnector(KVConnectorBase_V1):
         return StrataPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
 
-_live: "list[StrataConnector]" = []
+# The connectors of this process, held weakly: a connector vLLM let go of (and the store only it
+# used) is freed, and one shut down is forgotten at once, so neither lookup below returns it.
+_live: "list[weakref.ref[StrataConnector]]" = []
 
 
 def _track(connector: StrataConnector) -> None:
-    _live.append(connector)
+    _live[:] = [r for r in _live if r() is not None] + [weakref.ref(connector)]
+
+
+def _untrack(connector: StrataConnector) -> None:
+    _live[:] = [r for r in _live if r() is not None and r() is not connector]
 
 
 def connectors() -> "list[StrataConnector]":
-    """The connectors of this process (for stats and for flushing saves in tests)."""
-    return list(_live)
+    """The live connectors of this process, oldest first (for stats and for flushing saves in tests)."""
+    return [c for r in list(_live) if (c := r()) is not None]
 
 
 def worker_connector() -> "StrataConnector | None":
     """The connector of this process that holds a KV cache (the worker side, asleep or not), or None."""
-    return next((c for c in _live if c.worker_half is not None and c.worker_half.kv_caches is not None), None)
+    return next((c for c in connectors() if c.worker_half is not None and c.worker_half.kv_caches is not None), None)
 
 
 def engine_stats(llm=None, engine: int = 0) -> dict:
