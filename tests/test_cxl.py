@@ -101,6 +101,32 @@ def test_objects_survive_sigkill_at_random_moments_and_nothing_torn_is_readable(
     assert kills == 10 and len(latest) >= 10
 
 
+@pytest.mark.parametrize("above", [False, True], ids=["cxl-only", "cpu-above"])
+def test_a_lease_keeps_its_bytes_while_another_process_reuses_the_space(tmp_path, above):
+    """A lease pins an object in its own process only: another process sharing the region may
+    delete it and put other bytes in its space. So a lease never hands out a view of the region:
+    the object is read and checked, then leased where it was promoted (a cpu tier above) or
+    yielded as a private copy. (Two stores on one region file act as two processes: the region
+    lock is per open file.)"""
+    region = {"kind": "cxl", "path": str(tmp_path / "r"), "size": "4MiB"}
+    mine = strata.open_store({"tiers": ([{"kind": "cpu", "capacity": "1MiB"}] if above else []) + [region]})
+    other = strata.open_store({"tiers": [region]})
+    try:
+        k, k2 = strata.Key("kv", "lease", "k"), strata.Key("kv", "lease", "other")
+        want = torch.full((4096,), 7, dtype=torch.int32)
+        assert other.put(k, want)  # in the region only
+        with mine.lease(k) as view:
+            assert torch.equal(view, want)
+            assert other.delete(k)
+            assert other.put(k2, torch.full((4096,), 9, dtype=torch.int32))  # into the freed space
+            assert torch.equal(view, want)
+        with mine.lease_many([k2]) as (view,):
+            assert view is not None and int(view[0]) == 9
+    finally:
+        mine.close()
+        other.close()
+
+
 def test_two_processes_share_one_region_bit_for_bit(tmp_path):
     path = str(tmp_path / "region")
     cfg = {"tiers": [{"kind": "cxl", "path": path, "size": "32MiB"}]}

@@ -639,12 +639,15 @@ class TierChain:
             return 0
         return sum(f is not None for f in self.read_many(missing, sources, promote=True))
 
-    def lease_view(self, key: bytes) -> tuple[Tier, Entry] | None:
-        """Lease the topmost memory-tier copy of ``key`` (zero-copy view), or None."""
+    def lease_view(self, key: bytes, stable: bool = True) -> tuple[Tier, Entry] | None:
+        """Lease the topmost memory-tier copy of ``key`` (zero-copy view), or None. With ``stable``
+        only in a tier whose views no other process can change (``Tier.stable_views``): a view of a
+        region shared between processes could show another object's bytes once that process freed
+        and reused the space, so the caller reads such a copy (checked) instead."""
         with self.lock:
             for tier in self.tiers:
                 e = tier.lookup(key)
-                if e is not None and e.view is not None:
+                if e is not None and e.view is not None and (tier.stable_views or not stable):
                     tier.lease(e)
                     tier.touch(e)
                     tier.counters.hits += 1

@@ -198,7 +198,9 @@ class StorageEngine:
         ``with`` block (the bytes cannot be evicted or reused meanwhile). None on a miss.
         The view refuses in-place changes (``strata.store.readonly``): ``.clone()`` to change a copy.
         A copy found only in a lower tier is promoted first; one that no memory tier can take
-        (full of leased objects, or no memory tier at all) is yielded as a private copy."""
+        (full of leased objects, or no memory tier at all) is yielded as a private copy. So is a
+        copy in a region other processes share (cxl): a lease pins its bytes in this process only,
+        so it is read and checked, then promoted or copied, never handed out in place."""
         with self.lease_many([key]) as views:
             yield views[0]
 
@@ -207,9 +209,11 @@ class StorageEngine:
         """``lease`` of many keys at once: a list of views (None for each miss). What no memory
         tier holds is read from the tiers below in one batch (pipelined round trips to a remote
         tier), promoted, and leased, or yielded as a private copy; with ``copies=False`` such a key
-        is None instead (a caller that needs stored bytes at a fixed address: the static ring)."""
+        is None instead (a caller that needs stored bytes at a fixed address: the static ring),
+        and a view in a shared region is leased in place: another process must not delete or evict
+        those keys meanwhile (the static ring's keys are scoped to its process)."""
         encoded = [self._check_key(k).encoded for k in keys]
-        held = [self.chain.lease_view(k) for k in encoded]
+        held = [self.chain.lease_view(k, stable=copies) for k in encoded]
         views = [None if h is None else h[1].view for h in held]
         missing = [j for j, h in enumerate(held) if h is None]
         try:
@@ -217,7 +221,7 @@ class StorageEngine:
                 found = self.chain.read_many([encoded[j] for j in missing], self._chain_order, True)
                 for j, f in zip(missing, found):
                     if f is not None:  # promoted: lease it there; else the reader's own copy
-                        held[j] = self.chain.lease_view(encoded[j])
+                        held[j] = self.chain.lease_view(encoded[j], stable=copies)
                         views[j] = (f[1] if copies else None) if held[j] is None else held[j][1].view
             for key, view in zip(keys, views):
                 self._count(key.namespace, "misses" if view is None else "hits",

@@ -80,6 +80,9 @@ class Tier:
     remote = False  # True: a store that is its own index (capacity, eviction and what it holds are the store's)
     shared = False  # True: other processes add and remove objects; the chain asks discover() on index misses
     prefetchable = False  # True: worth reading ahead of use into the memory tiers above it (``prefetch``)
+    # False: another process may free and reuse the bytes under a view this process leased (a region
+    # shared between processes), so ``lease`` hands out no such view, only a checked private copy
+    stable_views = True
 
     def __init__(self, cfg: TierConfig, store_cfg: StoreConfig):
         self.cfg = cfg

@@ -26,7 +26,9 @@ it under the chain's lock (the process's reads would stall behind the other's wr
 reservation raises ``RegionBusy``, and the chain waits for the lock outside its own, then
 reserves again. Reads are zero-copy views of the mapping under the chain's lease, checked
 against the payload checksum, so an object another process freed and reused meanwhile
-is a miss, never wrong bytes. Objects of namespaces this process never registered (another
+is a miss, never wrong bytes. A lease pins a slot in this process only, so ``lease`` never
+hands out a view of the region (``stable_views``): it reads a checked copy, promoted to a tier
+above or private (the static ring alone leases in place, ``lease_many(copies=False)``). Objects of namespaces this process never registered (another
 process's) are indexed and evicted like any other, never cleared: only a slot whose record fails
 its header checksum or size is stale.
 
@@ -156,6 +158,7 @@ def _round(n: int, a: int) -> int:
 class CxlTier(MemoryTier):
     kind = "cxl"
     persistent = True
+    stable_views = False  # a lease pins a slot in this process only: another may free and reuse it
     # pin: register the mapping with CUDA when it is available ("auto"), always, or never;
     # reset: wipe the region's objects on open; numa_node: bind the region's pages to that node.
     config_keys = {"pin": pin_mode, "path": _region_path, "size": _region_size, "reset": bool,
