@@ -191,22 +191,22 @@ class StrataConnector(KVConnectorBase_V1):
         return StrataPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
 
-# The connectors of this process, held weakly: a connector vLLM let go of (and the store only it
-# used) is freed, and one shut down is forgotten at once, so neither lookup below returns it.
-_live: "list[weakref.ref[StrataConnector]]" = []
+# The connectors of this process (in the order they were made), held weakly: one vLLM let go of is
+# freed with what it holds, and one shut down is forgotten at once, so neither lookup below returns it.
+_live: "weakref.WeakKeyDictionary[StrataConnector, None]" = weakref.WeakKeyDictionary()
 
 
 def _track(connector: StrataConnector) -> None:
-    _live[:] = [r for r in _live if r() is not None] + [weakref.ref(connector)]
+    _live[connector] = None
 
 
 def _untrack(connector: StrataConnector) -> None:
-    _live[:] = [r for r in _live if r() is not None and r() is not connector]
+    _live.pop(connector, None)
 
 
 def connectors() -> "list[StrataConnector]":
     """The live connectors of this process, oldest first (for stats and for flushing saves in tests)."""
-    return [c for r in list(_live) if (c := r()) is not None]
+    return list(_live)
 
 
 def worker_connector() -> "StrataConnector | None":

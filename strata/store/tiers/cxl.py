@@ -28,9 +28,10 @@ reserves again. Reads are zero-copy views of the mapping under the chain's lease
 against the payload checksum, so an object another process freed and reused meanwhile
 is a miss, never wrong bytes. A lease pins a slot in this process only, so ``lease`` never
 hands out a view of the region (``stable_views``): it reads a checked copy, promoted to a tier
-above or private (the static ring alone leases in place, ``lease_many(copies=False)``). Objects of namespaces this process never registered (another
-process's) are indexed and evicted like any other, never cleared: only a slot whose record fails
-its header checksum or size is stale.
+above or private (the static ring alone leases in place, ``lease_many(copies=False)``).
+Objects of namespaces this process never registered (another process's) are indexed and
+evicted like any other, never cleared: only a slot whose record fails its header checksum or
+size is stale.
 
 Damage found while syncing is cleared and counted in ``discarded`` (stats), with one warning per
 open that found any: a record failing its header checksum or size, and a copy of another slot's
