@@ -127,6 +127,23 @@ def test_a_lease_keeps_its_bytes_while_another_process_reuses_the_space(tmp_path
         other.close()
 
 
+def test_contains_and_keys_see_what_another_process_put_and_deleted(tmp_path):
+    """The index of a shared region is brought up to date before ``contains`` answers (a KV
+    lookup of chunks another vLLM server saved), not only before a read."""
+    region = {"kind": "cxl", "path": str(tmp_path / "r"), "size": "4MiB"}
+    mine, other = strata.open_store({"tiers": [region]}), strata.open_store({"tiers": [region]})
+    try:
+        k = strata.Key("kv", "seen", "k")
+        assert not mine.contains(k)
+        assert other.put(k, torch.ones(64))
+        assert mine.contains(k) and mine.contains_many([k]) == [True] and mine.keys() == [k]
+        assert other.delete(k)
+        assert not mine.contains(k) and mine.keys() == []
+    finally:
+        mine.close()
+        other.close()
+
+
 def test_two_processes_share_one_region_bit_for_bit(tmp_path):
     path = str(tmp_path / "region")
     cfg = {"tiers": [{"kind": "cxl", "path": path, "size": "32MiB"}]}

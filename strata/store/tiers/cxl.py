@@ -500,10 +500,27 @@ class CxlTier(MemoryTier):
             return torch.empty(meta.shape, dtype=meta.dtype)
         return raw.view(meta.dtype).as_strided(meta.shape, contiguous_strides(meta.shape))
 
+    def _catch_up(self) -> None:
+        """``_sync`` for the calls that read the index without the chain lock (``exists_many``,
+        ``contents``): taken only where another process changed the region since the last look."""
+        if self.map is not None and self._gen() != self.generation:
+            with self.chain_lock or contextlib.nullcontext():
+                self._sync()
+
     # -- storage hooks (chain lock held for lookup/_alloc/_free) -----------------------------------
     def lookup(self, key: bytes) -> Entry | None:
         self._sync()
         return self.index.get(key)
+
+    def exists_many(self, keys: list[bytes]) -> list[bool]:
+        """From the index, brought up to date with the region first: what another process put
+        or deleted since this one last looked counts."""
+        self._catch_up()
+        return super().exists_many(keys)
+
+    def contents(self):
+        self._catch_up()
+        return super().contents()
 
     def stored_size(self, key: bytes, meta) -> int:
         return _round(header_size_for(key, meta), _PAYLOAD_ALIGN) + meta.nbytes
