@@ -142,3 +142,34 @@ def test_s3fifo_drops_one_hit_wonders_before_reused_objects():
         for i in range(40):  # a scan of objects read never
             store.put(Key("kv", "scan", str(i)), torch.zeros(4096, dtype=torch.uint8))
         assert all(store.contains(k) for k in hot)
+
+
+@given(st.lists(st.tuples(st.booleans(), st.integers(1, 8)), max_size=40), st.integers(0, 40), st.integers(0, 12))
+def test_take_removes_exactly_the_free_part_of_a_range_and_free_gives_it_back(ops, start, length):
+    """``ExtentAllocator.take`` (a range another process pins, kept out of an allocation's way):
+    nothing it takes is handed out again until freed, and every byte outside it stays free."""
+    from strata.store.allocator import ExtentAllocator
+    a = ExtentAllocator(64 * 16, alignment=16)
+    held: list[tuple[int, int]] = []
+    for alloc, units in ops:  # some allocations and frees, so free space is fragmented
+        if alloc or not held:
+            off = a.alloc(units * 16)
+            if off is not None:
+                held.append((off, units * 16))
+        else:
+            a.free(*held.pop(random.Random(units).randrange(len(held))))
+    used = {b for off, n in held for b in range(off, off + n, 16)}
+    free_before = a.free_bytes
+    lo, hi = start * 16, min(64, start + length) * 16 if length else 64 * 16
+    taken = a.take(start * 16, length * 16)
+    got = {b for off, n in taken for b in range(off, off + n, 16)}
+    assert got == {b for b in range(lo, hi, 16) if b not in used}
+    assert a.free_bytes == free_before - 16 * len(got)
+    while (off := a.alloc(16)) is not None:  # everything else is still there to allocate
+        assert off not in got and off not in used
+    for piece in taken:
+        a.free(*piece)
+    back = set()
+    while (off := a.alloc(16)) is not None:
+        back.add(off)
+    assert back == got

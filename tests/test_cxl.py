@@ -1,6 +1,7 @@
 """The cxl tier on a mapped file: crash consistency under SIGKILL, two processes on one
 region, and clear errors. (The engine's property test covers it alone and under a CPU tier.)"""
 
+import os
 import random
 import signal
 import subprocess
@@ -12,6 +13,7 @@ import torch
 
 import strata
 from strata import ConfigError
+from strata.store.tiers.pins import RangePins
 
 CHILD = r"""
 import sys, torch, strata
@@ -101,13 +103,29 @@ def test_objects_survive_sigkill_at_random_moments_and_nothing_torn_is_readable(
     assert kills == 10 and len(latest) >= 10
 
 
+def in_region(tier, view) -> bool:
+    start = tier.bytes.data_ptr()
+    return start <= view.data_ptr() < start + tier.bytes.numel()
+
+
+@pytest.fixture(params=[True, False], ids=["pins", "no-pins"])
+def pins(request, monkeypatch):
+    """Whether regions take cross-process pins; without (a file that refuses the locks), leases
+    of cxl objects must be copies."""
+    if not request.param:
+        monkeypatch.setattr(RangePins, "_probe", lambda self: (False, "refused by the test"))
+    elif not RangePins(os.open(os.devnull, os.O_RDONLY)).supported:
+        pytest.skip("this platform has no open file description locks")
+    return request.param
+
+
 @pytest.mark.parametrize("above", [False, True], ids=["cxl-only", "cpu-above"])
-def test_a_lease_keeps_its_bytes_while_another_process_reuses_the_space(tmp_path, above):
-    """A lease pins an object in its own process only: another process sharing the region may
-    delete it and put other bytes in its space. So a lease never hands out a view of the region:
-    the object is read and checked, then leased where it was promoted (a cpu tier above) or
-    yielded as a private copy. (Two stores on one region file act as two processes: the region
-    lock is per open file.)"""
+def test_a_lease_keeps_its_bytes_while_another_process_reuses_the_space(tmp_path, above, pins):
+    """Another process sharing the region may delete a leased object and put other bytes. With
+    pins the lease is a view of the region (zero-copy) whose record no other process's put
+    takes; without, it is a checked copy (promoted to the cpu tier above, or private). Either
+    way the view keeps its bytes. (Two stores on one region file act as two processes: the
+    region lock and the pins belong to an open file.)"""
     region = {"kind": "cxl", "path": str(tmp_path / "r"), "size": "4MiB"}
     mine = strata.open_store({"tiers": ([{"kind": "cpu", "capacity": "1MiB"}] if above else []) + [region]})
     other = strata.open_store({"tiers": [region]})
@@ -117,11 +135,132 @@ def test_a_lease_keeps_its_bytes_while_another_process_reuses_the_space(tmp_path
         assert other.put(k, want)  # in the region only
         with mine.lease(k) as view:
             assert torch.equal(view, want)
+            assert in_region(cxl_tier(mine), view) == pins
             assert other.delete(k)
-            assert other.put(k2, torch.full((4096,), 9, dtype=torch.int32))  # into the freed space
+            assert other.put(k2, torch.full((4096,), 9, dtype=torch.int32))  # freed space, unless pinned
             assert torch.equal(view, want)
         with mine.lease_many([k2]) as (view,):
             assert view is not None and int(view[0]) == 9
+        assert cxl_tier(mine).stats()["pins"]["held"] == 0
+    finally:
+        mine.close()
+        other.close()
+
+
+def test_space_a_lease_pins_is_not_reused_until_it_is_released(tmp_path):
+    """A put of another process that fits only where a deleted object is still leased is refused
+    (counted in ``passed_over``), and takes that space once the lease is given back."""
+    region = {"kind": "cxl", "path": str(tmp_path / "r"), "size": "1MiB"}
+    mine, other = strata.open_store({"tiers": [region]}), strata.open_store({"tiers": [region]})
+    try:
+        k, k2 = strata.Key("kv", "pin", "k"), strata.Key("kv", "pin", "k2")
+        big = torch.arange(600 << 10, dtype=torch.uint8)  # more than half the region: one fits
+        assert other.put(k, big)
+        with mine.lease(k) as view:
+            assert in_region(cxl_tier(mine), view)
+            assert other.delete(k)
+            assert not other.put(k2, torch.ones(600 << 10, dtype=torch.uint8))
+            assert cxl_tier(other).stats()["pins"]["passed_over"] >= 1
+            assert torch.equal(view, big)
+        assert other.put(k2, torch.ones(600 << 10, dtype=torch.uint8))
+        assert torch.equal(mine.get(k2), torch.ones(600 << 10, dtype=torch.uint8)) and mine.get(k) is None
+    finally:
+        mine.close()
+        other.close()
+
+
+@pytest.mark.parametrize("copies", [True, False], ids=["lease", "static-ring-lease"])
+def test_a_leased_object_deleted_here_is_gone_for_every_process_at_once_and_never_comes_back(
+        tmp_path, pins, copies):
+    """A delete of an object this process still leases takes it out of the region at once (its
+    bytes stay for the lease): another process no longer sees it, and this one's next look at
+    the slot table (after another process's change) does not index it again. (It did: the slot
+    stayed committed until the lease ended.)"""
+    region = {"kind": "cxl", "path": str(tmp_path / "r"), "size": "4MiB"}
+    mine, other = strata.open_store({"tiers": [region]}), strata.open_store({"tiers": [region]})
+    try:
+        k, x = strata.Key("kv", "gone", "k"), strata.Key("kv", "gone", "x")
+        want = torch.full((1000,), 7.0)
+        assert mine.put(k, want)
+        with mine.lease_many([k], copies=copies) as (view,):
+            assert mine.delete(k)
+            assert not other.contains(k) and other.get(k) is None
+            assert other.put(x, torch.ones(10))  # a change: mine re-reads the slot table
+            assert not mine.contains(k) and mine.get(k) is None and mine.keys() == [x]
+            if pins or copies:  # without pins another process may reuse bytes leased in place
+                assert torch.equal(view, want)
+        assert not mine.contains(k) and not other.contains(k)
+        assert mine.put(k, torch.full((1000,), 8.0)) and torch.equal(other.get(k), torch.full((1000,), 8.0))
+    finally:
+        mine.close()
+        other.close()
+
+
+def test_this_processs_puts_never_take_the_bytes_of_a_lease_another_process_removed(tmp_path, pins):
+    """Another process deletes an object this one leases in place (the static ring's way, which
+    leases in place with or without pins); once this process has seen the delete, its own puts
+    still leave those bytes alone until the lease ends."""
+    region = {"kind": "cxl", "path": str(tmp_path / "r"), "size": "1MiB"}
+    mine, other = strata.open_store({"tiers": [region]}), strata.open_store({"tiers": [region]})
+    try:
+        k, y = strata.Key("kv", "gone", "k"), strata.Key("kv", "gone", "y")
+        want = torch.arange(600 << 10, dtype=torch.uint8)
+        assert mine.put(k, want)
+        with mine.lease_many([k], copies=False) as (view,):
+            assert in_region(cxl_tier(mine), view)
+            assert other.delete(k)
+            assert not mine.contains(k)  # seen here
+            assert not mine.put(y, torch.ones(600 << 10, dtype=torch.uint8))  # only k's bytes would fit
+            assert torch.equal(view, want)
+        assert mine.put(y, torch.ones(600 << 10, dtype=torch.uint8))
+        assert torch.equal(other.get(y), torch.ones(600 << 10, dtype=torch.uint8))
+    finally:
+        mine.close()
+        other.close()
+
+
+LEASER = r"""
+import sys, time, strata
+store = strata.open_store({"tiers": [{"kind": "cxl", "path": sys.argv[1], "size": "1MiB"}]})
+with store.lease(strata.Key("kv", "pin", "k")) as view:
+    assert view is not None
+    print("leased", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_the_pins_of_a_killed_process_go_with_it(tmp_path):
+    """Pins are locks the kernel holds for the process: SIGKILL leaves none behind."""
+    path = str(tmp_path / "r")
+    with strata.open_store({"tiers": [{"kind": "cxl", "path": path, "size": "1MiB"}]}) as store:
+        k, k2 = strata.Key("kv", "pin", "k"), strata.Key("kv", "pin", "k2")
+        assert store.put(k, torch.arange(600 << 10, dtype=torch.uint8))
+        child = subprocess.Popen([sys.executable, "-c", LEASER, path], stdout=subprocess.PIPE, text=True)
+        try:
+            assert child.stdout.readline().strip() == "leased"
+            assert store.delete(k)
+            assert not store.put(k2, torch.ones(600 << 10, dtype=torch.uint8))  # the child's lease pins it
+        finally:
+            child.send_signal(signal.SIGKILL)
+            child.wait(timeout=60)
+        assert store.put(k2, torch.ones(600 << 10, dtype=torch.uint8))
+
+
+def test_an_object_removed_between_the_lookup_and_the_pin_is_a_miss_never_other_bytes(tmp_path, monkeypatch):
+    """The pin is taken, then the slot read again: an index that has not yet seen another
+    process replace an object (its sync held back here, as in the window between a lookup and
+    the pin) gives a miss, not the bytes now in that space."""
+    region = {"kind": "cxl", "path": str(tmp_path / "r"), "size": "4MiB"}
+    mine, other = strata.open_store({"tiers": [region]}), strata.open_store({"tiers": [region]})
+    try:
+        k, k2 = strata.Key("kv", "race", "k"), strata.Key("kv", "race", "k2")
+        assert other.put(k, torch.full((4096,), 7, dtype=torch.int32))
+        assert mine.contains(k)  # indexed here
+        assert other.delete(k) and other.put(k2, torch.full((4096,), 9, dtype=torch.int32))  # into its space
+        monkeypatch.setattr(cxl_tier(mine), "_sync", lambda force=False: 0)
+        with mine.lease(k) as view:
+            assert view is None
+        assert mine.get(k) is None or torch.equal(mine.get(k), torch.full((4096,), 7, dtype=torch.int32))
     finally:
         mine.close()
         other.close()

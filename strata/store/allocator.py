@@ -55,6 +55,23 @@ class ExtentAllocator:
             self._add(off + size, fsize - size)
         return off
 
+    def take(self, off: int, size: int) -> list[tuple[int, int]]:
+        """Take the free parts of ``[off, off + size)`` (widened to the alignment; ``size`` 0: to the
+        end) out of the free space, as if allocated; the pieces taken, each to ``free`` back."""
+        a = self.alignment
+        end = self.capacity if size == 0 else min(self.capacity, (off + size + a - 1) // a * a)
+        off = max(0, off - off % a)
+        taken = []
+        for start, n in [(s, n) for s, n in self._start.items() if s < end and s + n > off]:
+            lo, hi = max(start, off), min(start + n, end)
+            self._drop(start, n)
+            if start < lo:
+                self._add(start, lo - start)
+            if hi < start + n:
+                self._add(hi, start + n - hi)
+            taken.append((lo, hi - lo))
+        return taken
+
     def free(self, off: int, size: int) -> None:
         """Return an extent that ``alloc(size)`` handed out."""
         end = off + size

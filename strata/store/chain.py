@@ -240,14 +240,16 @@ class TierChain:
                         entries[j] = None
         return entries
 
-    def _hold_down(self, tier: Tier, e: Entry) -> None:
+    def _hold_down(self, tier: Tier, e: Entry) -> bool:
         """Lease ``e`` to write it to the tiers below (lock held), a write a delete waits for (so it
-        cannot land after the delete). One writer at a time: the flusher and a demotion must not
-        both write it (the one whose write lands after the other retired ``e`` would abort it,
-        taking back the copy the other published)."""
-        tier.lease(e)
+        cannot land after the delete); False where it cannot be leased (another process removed it).
+        One writer at a time: the flusher and a demotion must not both write it (the one whose write
+        lands after the other retired ``e`` would abort it, taking back the copy the other published)."""
+        if not tier.lease(e):
+            return False
         self._writing.begin(e.key)
         self._down.add(e)
+        return True
 
     def _let_go(self, tier: Tier, e: Entry) -> None:
         tier.release(e)
@@ -340,7 +342,8 @@ class TierChain:
                 busy.append(e)
                 return False
             if deferred[0] < want:
-                self._hold_down(t, e)
+                if not self._hold_down(t, e):
+                    return False  # cannot be leased to demote now: kept
                 victims.append(e)
                 deferred[0] += e.size
             return False
@@ -385,9 +388,13 @@ class TierChain:
         with self.lock:
             free = [self._await_down(e) for e in entries]
             skip = [not e.dirty or not tier.holds(e) for e in entries]
-            todo = [e for e, s, f in zip(entries, skip, free) if f and not s]
-            for e in todo:
-                self._hold_down(tier, e)
+            todo = []
+            for j, e in enumerate(entries):
+                if free[j] and not skip[j]:
+                    if self._hold_down(tier, e):
+                        todo.append(e)
+                    else:
+                        skip[j] = True  # another process removed it: nothing to flush
         oks: list[bool] = []
         try:
             oks = self._copy_down(i, todo)
@@ -499,10 +506,9 @@ class TierChain:
 
     @staticmethod
     def _lease_hit(tier: Tier, e: Entry | None) -> Entry | None:
-        if e is None:
+        if e is None or not tier.lease(e):
             tier.counters.misses += 1
             return None
-        tier.lease(e)
         tier.touch(e)
         return e
 
@@ -647,8 +653,7 @@ class TierChain:
         with self.lock:
             for tier in self.tiers:
                 e = tier.lookup(key)
-                if e is not None and e.view is not None and (tier.stable_views or not stable):
-                    tier.lease(e)
+                if e is not None and e.view is not None and (tier.stable_views or not stable) and tier.lease(e):
                     tier.touch(e)
                     tier.counters.hits += 1
                     return tier, e

@@ -198,9 +198,11 @@ class StorageEngine:
         ``with`` block (the bytes cannot be evicted or reused meanwhile). None on a miss.
         The view refuses in-place changes (``strata.store.readonly``): ``.clone()`` to change a copy.
         A copy found only in a lower tier is promoted first; one that no memory tier can take
-        (full of leased objects, or no memory tier at all) is yielded as a private copy. So is a
-        copy in a region other processes share (cxl): a lease pins its bytes in this process only,
-        so it is read and checked, then promoted or copied, never handed out in place."""
+        (full of leased objects, or no memory tier at all) is yielded as a private copy. A view of
+        a region other processes share (cxl) pins its bytes for them too: they may delete the
+        object, but never put other bytes there while the view is held. Where the region takes no
+        such pins (``pins`` in its stats), its object is read and checked, then promoted or
+        copied, never handed out in place."""
         with self.lease_many([key]) as views:
             yield views[0]
 
@@ -210,8 +212,9 @@ class StorageEngine:
         tier holds is read from the tiers below in one batch (pipelined round trips to a remote
         tier), promoted, and leased, or yielded as a private copy; with ``copies=False`` such a key
         is None instead (a caller that needs stored bytes at a fixed address: the static ring),
-        and a view in a shared region is leased in place: another process must not delete or evict
-        those keys meanwhile (the static ring's keys are scoped to its process)."""
+        and a view in a shared region is leased in place even where the region takes no pins:
+        there another process must not delete or evict those keys meanwhile (the static ring's
+        keys are scoped to its process)."""
         encoded = [self._check_key(k).encoded for k in keys]
         held = [self.chain.lease_view(k, stable=copies) for k in encoded]
         views = [None if h is None else h[1].view for h in held]

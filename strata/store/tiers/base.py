@@ -81,7 +81,8 @@ class Tier:
     shared = False  # True: other processes add and remove objects; the chain asks discover() on index misses
     prefetchable = False  # True: worth reading ahead of use into the memory tiers above it (``prefetch``)
     # False: another process may free and reuse the bytes under a view this process leased (a region
-    # shared between processes), so ``lease`` hands out no such view, only a checked private copy
+    # shared between processes that takes no cross-process pins), so ``lease`` hands out no such
+    # view, only a checked private copy
     stable_views = True
 
     def __init__(self, cfg: TierConfig, store_cfg: StoreConfig):
@@ -164,9 +165,12 @@ class Tier:
         return False
 
     # -- reading: lease, read, release -------------------------------------------------------
-    def lease(self, e: Entry) -> None:
-        """Keep ``e``'s bytes from being freed until ``release`` (lock)."""
+    def lease(self, e: Entry) -> bool:
+        """Keep ``e``'s bytes from being freed until ``release`` (lock); False (not leased) where
+        they are gone already: another process removed the object of a shared tier since the index
+        last looked (a miss)."""
         e.leases += 1
+        return True
 
     def release(self, e: Entry) -> None:
         e.leases -= 1

@@ -26,9 +26,18 @@ it under the chain's lock (the process's reads would stall behind the other's wr
 reservation raises ``RegionBusy``, and the chain waits for the lock outside its own, then
 reserves again. Reads are zero-copy views of the mapping under the chain's lease, checked
 against the payload checksum, so an object another process freed and reused meanwhile
-is a miss, never wrong bytes. A lease pins a slot in this process only, so ``lease`` never
-hands out a view of the region (``stable_views``): it reads a checked copy, promoted to a tier
-above or private (the static ring alone leases in place, ``lease_many(copies=False)``).
+is a miss, never wrong bytes. A lease also pins the object's record for every process
+(``strata.store.tiers.pins``: an open file description lock on its byte range, which the kernel
+drops when the process dies): another process may still delete or evict the object, but its
+allocator never hands out pinned bytes, so a view leased in place keeps its bytes (the
+``lease`` API and the static ring lease cxl objects in place). The pin is taken, then the slot
+is read again: an object removed between the lookup and the pin is a miss. Where the file
+refuses such locks (``pins`` in stats), a lease pins in this process only, so ``lease`` hands
+out no view of the region (``stable_views``): it reads a checked copy, promoted to a tier above
+or private (the static ring still leases in place there, ``lease_many(copies=False)``).
+Processes of Strata versions before pins do not honour them. A delete or eviction of an
+object this process still leases takes it out of the region at once (its slot cleared: gone for
+every process); its bytes stay this process's until the last release.
 Objects of namespaces this process never registered (another process's) are indexed and
 evicted like any other, never cleared: only a slot whose record fails its header checksum or
 size is stale.
@@ -73,6 +82,7 @@ from strata.store.codec import CorruptObject, checksum, header_size_for, pack_he
 from strata.store.tiers.base import CopiesInFlight, Entry
 from strata.store.tiers.memory import MemoryTier
 from strata.store.tiers.cpu import contiguous_strides, pin_mode
+from strata.store.tiers.pins import RangePins
 
 log = logging.getLogger("strata.cxl")
 
@@ -88,6 +98,7 @@ _PAYLOAD_ALIGN = 64
 _BYTES_PER_SLOT = 64 << 10  # one slot per 64 KiB of region (at least 256 slots)
 _NOT_A_KEY = "?"  # the namespace of a checksummed record whose key bytes are no Strata key (kept, never cleared)
 _NO_FALLOCATE = {errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL, errno.ENOSYS}  # the filesystem cannot reserve
+_PINNED_TRIES = 16  # pinned ranges one allocation steps around before it gives up (evicts or refuses)
 
 
 class RegionAbsent(StoreError):
@@ -159,7 +170,7 @@ def _round(n: int, a: int) -> int:
 class CxlTier(MemoryTier):
     kind = "cxl"
     persistent = True
-    stable_views = False  # a lease pins a slot in this process only: another may free and reuse it
+    stable_views = False  # unless the region takes cross-process pins (set per tier at open)
     # pin: register the mapping with CUDA when it is available ("auto"), always, or never;
     # reset: wipe the region's objects on open; numa_node: bind the region's pages to that node.
     config_keys = {"pin": pin_mode, "path": _region_path, "size": _region_size, "reset": bool,
@@ -198,6 +209,14 @@ class CxlTier(MemoryTier):
             if os.fstat(self._fd).st_size < size:
                 os.ftruncate(self._fd, size)
         self.map = mmap.mmap(self._fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        self._pins = RangePins(self._fd)
+        self.stable_views = self._pins.supported  # a leased view is pinned for every process
+        self._pin_spans: dict[Entry, tuple[int, int]] = {}  # leased entry -> the record range its pin covers
+        # leased entries whose object left the region (deleted or evicted here, removed by another
+        # process): (offset, bytes, _rebuilds then); the bytes stay this process's until the last release
+        self._lingering: dict[Entry, tuple[int, int, int]] = {}
+        self._rebuilds = 0  # how often the allocator was rebuilt from the slot table
+        self.pins_passed_over = 0  # ranges puts stepped around: another process's leases pin them
         self.bytes = torch.frombuffer(self.map, dtype=torch.uint8)
         self.numa = None
         if cfg.numa_node is not None:  # CXL memory as a CPU-less NUMA node: place the region's pages there
@@ -212,7 +231,8 @@ class CxlTier(MemoryTier):
             if not self.pinned and torch.cuda.is_available():
                 log.warning("tier %s: %s", cfg.name, why)
         self._locks = 0  # puts of this process in flight while it holds the region lock
-        self._unfreed: dict[int, tuple[int, int, int]] = {}  # slot -> (offset, seq, size) freed while another process held the lock
+        # slot -> (offset, seq, size, bytes kept for a lease) freed while another process held the lock
+        self._unfreed: dict[int, tuple[int, int, int, bool]] = {}
         self.region_waits = 0  # puts and frees that found another process's put holding the region lock
         self.discarded = 0  # records cleared as damaged (see the module docstring)
         foreign = absent = False
@@ -469,16 +489,23 @@ class CxlTier(MemoryTier):
         return added
 
     def _forget(self, e: Entry) -> None:
-        """Another process removed or replaced this object: drop it here without touching the region."""
+        """Another process removed or replaced this object: drop it here without touching the region
+        (a lease here keeps its bytes from this process's puts until the last release)."""
         self._slot_of.pop(e.key, None)
+        if e.leases and e.loc is not None:
+            self._linger(e)
         e.loc = None
         self.retire(e)
+
+    def _linger(self, e: Entry) -> None:
+        self._lingering[e] = (e.loc[1], self.allocator.rounded(e.size), self._rebuilds)
 
     def _rebuild_allocator(self) -> None:
         """Free space and free slots: everything no committed object and no put in flight holds."""
         held = [(e.loc[0], e.loc[1], e.size) for e in self.index.values() if e.loc is not None]
         held += [(slot, off, size) for slot, (off, size) in self._reserved.items()]
-        held += [(slot, off, size) for slot, (off, _, size) in self._unfreed.items()]
+        held += [(slot, off, size) for slot, (off, _, size, _) in self._unfreed.items()]
+        held += [(None, off, size) for off, size, _ in self._lingering.values()]
         alloc = ExtentAllocator(self.data_size, alignment=_ALIGN)
         alloc.take_all()
         cursor = 0
@@ -490,6 +517,7 @@ class CxlTier(MemoryTier):
         if cursor < alloc.capacity:
             alloc.free(cursor, alloc.capacity - cursor)
         self.allocator = alloc
+        self._rebuilds += 1
         used = {slot for slot, _, _ in held}
         self._free_slots = [i for i in range(self.nslots - 1, -1, -1) if i not in used]
 
@@ -547,7 +575,7 @@ class CxlTier(MemoryTier):
         self._sync()  # first: objects another process removed no longer count against the capacity
         size = self.allocator.rounded(e.size)
         fits = self.used + e.size <= self.capacity and self._free_slots
-        rel = self.allocator.alloc(size) if fits else None
+        rel = self._alloc_unpinned(size) if fits else None
         if rel is None:
             return False
         slot, off = self._free_slots.pop(), self.data_start + rel
@@ -558,6 +586,48 @@ class CxlTier(MemoryTier):
         e.view = self._view(off, e.key, e.meta)
         return True
 
+    def _alloc_unpinned(self, size: int) -> int | None:
+        """An extent of ``size`` free bytes that no other process pins (its lease of an object since
+        deleted): a pinned range met is taken out of the free space while looking, given back after."""
+        taken: list[tuple[int, int]] = []
+        try:
+            for _ in range(_PINNED_TRIES):
+                rel = self.allocator.alloc(size)
+                if rel is None or not self._pins.supported:
+                    return rel
+                pinned = self._pins.pinned_elsewhere(self.data_start + rel, size)
+                if pinned is None:
+                    return rel
+                self.pins_passed_over += 1
+                self.allocator.free(rel, size)
+                start, length = pinned
+                taken += self.allocator.take(start - self.data_start, length)
+            return None
+        finally:
+            for rel, n in taken:
+                self.allocator.free(rel, n)
+
+    # -- leases: pinned for every process where the region takes pins ---------------------------
+    def lease(self, e: Entry) -> bool:
+        """The first lease of an entry in this process pins its record for every process; then the
+        slot is read again, so an object another process removed before the pin is not leased."""
+        if e.leases == 0 and self.stable_views and e.loc is not None:
+            slot, off, seq = e.loc
+            span = (off, self.allocator.rounded(e.size))
+            if not self._pins.pin(*span):
+                return False
+            if self._read_slot(slot) != (off, e.size, seq):
+                self._pins.unpin(*span)
+                return False
+            self._pin_spans[e] = span
+        e.leases += 1
+        return True
+
+    def release(self, e: Entry) -> None:
+        super().release(e)
+        if e.leases == 0 and (rng := self._pin_spans.pop(e, None)) is not None:
+            self._pins.unpin(*rng)
+
     def write(self, e: Entry, data: torch.Tensor) -> bool:
         slot, off, seq = e.loc
         head = pack_header(e.key, e.meta)
@@ -567,6 +637,16 @@ class CxlTier(MemoryTier):
         self._flush(off, e.size)
         self._write_slot(slot, off, e.size, seq)
         return True
+
+    def retire(self, e: Entry) -> None:
+        """As for every tier; and an object leased here leaves the region at once (other processes
+        and this one's next look at the slot table see it gone), its bytes kept until the last
+        release."""
+        leased = e.leases > 0 and not e.dead and e.loc is not None
+        super().retire(e)
+        if leased:
+            self._linger(e)
+            self._drop_record(e, keep_bytes=True)
 
     def publish(self, e: Entry, count: bool = True) -> None:
         super().publish(e, count)
@@ -590,37 +670,58 @@ class CxlTier(MemoryTier):
             self._release()
 
     def _free(self, e: Entry) -> None:
-        if e.loc is None:
-            return  # already gone from the region: another process removed it
+        if e.loc is None:  # gone from the region already (removed, or retired while leased here)
+            self._end_linger(e)
+            return
+        self._drop_record(e, keep_bytes=False)
+
+    def _drop_record(self, e: Entry, keep_bytes: bool) -> None:
+        """Take ``e``'s object out of the region: its slot cleared and given back, its bytes too
+        unless ``keep_bytes`` (a lease here still reads them: ``_end_linger`` gives them back)."""
         slot, off, seq = e.loc
         if self._slot_of.get(e.key) == (slot, seq):
             del self._slot_of[e.key]
         e.loc = None
         if not self._try_acquire():  # another process's put holds the region: no wait under the chain lock
             self.region_waits += 1
-            self._unfreed[slot] = (off, seq, e.size)
+            self._unfreed[slot] = (off, seq, e.size, keep_bytes)
             self.after_unlock(self._free_when_unlocked)
             return
         try:
-            self._clear_record(slot, off, seq, e.size)
+            self._clear_record(slot, off, seq, e.size, keep_bytes)
         finally:
             self._release()
 
-    def _clear_record(self, slot: int, off: int, seq: int, size: int) -> None:
-        """Clear a retired object's slot if it still names it, and take its bytes back (region lock held)."""
+    def _end_linger(self, e: Entry) -> None:
+        """The last lease of an object that left the region went: its bytes come back. Without pins
+        another process may have put an object over them since the allocator was last rebuilt
+        (which then held both): the next look rebuilds it instead."""
+        span = self._lingering.pop(e, None)
+        if span is None or self.generation == -1:
+            return
+        off, size, rebuilds = span
+        if self._pins.supported or rebuilds == self._rebuilds:
+            self.allocator.free(off - self.data_start, size)
+        else:
+            self.generation = -1
+
+    def _clear_record(self, slot: int, off: int, seq: int, size: int, keep_bytes: bool) -> None:
+        """Clear a retired object's slot if it still names it, and take the slot and (unless
+        ``keep_bytes``) its bytes back (region lock held)."""
         cur = self._read_slot(slot)
         if cur is not None and cur[0] == off and cur[2] == seq:
             self._clear_slot(slot)
             self._bump()
         if self.generation != -1:  # else the next sync rebuilds free space from the region
-            self.allocator.free(off - self.data_start, self.allocator.rounded(size))
+            if not keep_bytes:
+                self.allocator.free(off - self.data_start, self.allocator.rounded(size))
             self._free_slots.append(slot)
 
     def _free_unfreed(self) -> None:
         """Clear what ``_free`` left while another process held the region (region and chain locks held)."""
         while self._unfreed:
-            slot, (off, seq, size) = self._unfreed.popitem()
-            self._clear_record(slot, off, seq, size)
+            slot, (off, seq, size, keep_bytes) = self._unfreed.popitem()
+            self._clear_record(slot, off, seq, size, keep_bytes)
 
     def _free_when_unlocked(self) -> None:
         """``_free``'s region work where another process held the region lock: the thread that freed
@@ -647,12 +748,21 @@ class CxlTier(MemoryTier):
         known = namespaces()
         out = {"path": self.path, "region_bytes": self.data_size, "recovered": self.recovered,
                "discarded": self.discarded, "region_waits": self.region_waits,
+               "pins": self._pin_stats(),
                "fragmentation": round(1 - largest / free, 4) if free else 0.0,
                "foreign_namespaces": sum(e.ns not in known for e in list(self.index.values()))}
         if self.numa is not None:
             out["numa"] = dict(self.numa)
         if self.cuda is not None:
             out["cuda"] = dict(self.cuda)
+        return out
+
+    def _pin_stats(self) -> dict:
+        """Leases pinned for every process: whether the region takes pins (why not, if not), how
+        many this process holds, and how many extents its puts passed over for others' pins."""
+        out = {"supported": self._pins.supported, "held": len(self._pin_spans), "passed_over": self.pins_passed_over}
+        if not self._pins.supported:
+            out["reason"] = self._pins.reason
         return out
 
     def close(self) -> None:
@@ -662,6 +772,8 @@ class CxlTier(MemoryTier):
             with self._region_lock():
                 self._free_unfreed()
         self.index.clear()
+        self._pin_spans.clear()  # closing the descriptor takes the pins back
+        self._lingering.clear()
         if self.pinned:
             self.seam.unregister_host(self.bytes.data_ptr())
             self.pinned = False
