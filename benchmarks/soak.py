@@ -7,7 +7,8 @@ keys of one store in a temporary directory: a small cpu tier (write-back, so evi
 a cxl region file and a file tier, all small, so eviction and demotion happen all the time. Every
 ``--kill-every`` seconds (on average) one worker is SIGKILLed and a new one takes its place.
 
-Every value is self-describing (``reliability.value_of``), so each read is checked on the spot:
+Every value is self-describing (``reliability.value_of``), so each read is checked on the spot
+(a lease twice: once more after holding it a moment while the others put and delete):
 since the processes share the persistent tiers, a read may return any version of that key that
 any writer ever put, or None; never other bytes. Afterwards each read's version is checked
 against every writer's log (written before each put starts). Prints ops/s and divergences, and
@@ -29,6 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import reliability  # noqa: E402
 from reliability import AppendLog, identify, key, raw_bytes, read_log, value_of  # noqa: E402
 
+_HOLD_S = 0.002  # a lease is held this long after its check, then checked again
 _PROGRESS_EVERY = 100  # a thread logs its op count this often (what a killed worker did is counted from it)
 
 
@@ -70,8 +72,13 @@ def _thread(store, wid: int, tid: int, names: list[str], seed: int, stop: str, l
                 store.delete(key(name))
             elif r < 0.60:
                 with store.lease(key(name)) as view:
-                    seen = None if view is None else identify_raw(name, raw_bytes(view))
+                    first = None if view is None else raw_bytes(view)
+                    seen = None if view is None else identify_raw(name, first)
                     hits += _record(log, reads, name, view, seen, "lease")
+                    if seen is not None:  # held while the other processes put and delete: must not change
+                        time.sleep(_HOLD_S)
+                        if raw_bytes(view) != first:
+                            log.line("X", name, "lease-held", seen, len(first), raw_bytes(view)[:40].hex())
             else:
                 got = store.get(key(name))
                 hits += _record(log, reads, name, got, None if got is None else identify(name, got), "get")
