@@ -648,8 +648,9 @@ class TierChain:
     def lease_view(self, key: bytes, stable: bool = True) -> tuple[Tier, Entry] | None:
         """Lease the topmost memory-tier copy of ``key`` (zero-copy view), or None. With ``stable``
         only in a tier whose views no other process can change (``Tier.stable_views``): a view of a
-        region shared between processes could show another object's bytes once that process freed
-        and reused the space, so the caller reads such a copy (checked) instead."""
+        region shared between processes that takes no cross-process pins could show another
+        object's bytes once that process freed and reused the space, so the caller reads such a
+        copy (checked) instead. A tier may refuse the lease (the object just left it): not there."""
         with self.lock:
             for tier in self.tiers:
                 e = tier.lookup(key)
