@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import weakref
 from collections import defaultdict
@@ -47,6 +48,7 @@ class StorageEngine:
         self._ns = defaultdict(lambda: defaultdict(int))
         self._ns_lock = threading.Lock()
         self._closed = False
+        self._pid = os.getpid()  # a forked child must open its own: see _check_open
         self._closing: list[weakref.WeakMethod] = []  # on_close callbacks
         self._labels = ScopeLabels(tiers)  # what scopes fingerprint, beside the objects (no I/O here)
 
@@ -58,6 +60,13 @@ class StorageEngine:
     def _check_open(self) -> None:
         if self._closed:
             raise StoreError("store: this StorageEngine is closed; allowed: open a new one (strata.open_store)")
+        if self._pid != os.getpid():
+            raise StoreError(self._forked())
+
+    def _forked(self) -> str:
+        return (f"store: opened in process {self._pid}, used in its fork {os.getpid()}, where its background "
+                "threads do not run and its open files, with the region lock and lease pins they hold, are the "
+                "parent's; allowed: open a store in the child (strata.open_store, or open it after the fork)")
 
     def _check_key(self, key: object) -> Key:
         self._check_open()
@@ -312,6 +321,9 @@ class StorageEngine:
         """Let clients take back what only lives here (``on_close``), drain background work and
         release the tiers. Safe to call twice."""
         if self._closed:
+            return
+        if self._pid != os.getpid():  # a forked child's copy: the parent's to close, nothing to let go here
+            self._closed = True
             return
         for ref in list(self._closing):
             callback = ref()
