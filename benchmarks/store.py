@@ -8,7 +8,8 @@ bytes, get vs a plain read into a preallocated buffer. CXL tier (a mapped file u
 ``/dev/shm``, or ``$STRATA_BENCH_CXL_DIR``): put and get_into vs a plain copy into and out of
 a mapping of the same kind, with the payload checksum (``verify``, the default) and
 without; with CUDA also ``get_into`` a GPU tensor from the registered mapping (``h2d``) vs
-a copy from pinned memory. Redis tier (a redis-server started on a free port of 127.0.0.1, or ``--redis-url``):
+a copy from pinned memory; and the re-read of the slot table after another process's put
+(``re-sync``) vs the same re-read parsing every header. Redis tier (a redis-server started on a free port of 127.0.0.1, or ``--redis-url``):
 put and get vs the plain ``redis`` client's ``set`` and ``get`` of the same bytes over the
 same connection settings, and ``get_many`` of 16 keys vs the same GETs in one client pipeline.
 Redis Cluster (``--tiers redis-cluster``: 3 primaries, ``--cluster-replicas`` replicas each,
@@ -147,6 +148,34 @@ def bench_cxl(size_name, nbytes, count, repeat, root):
     del views, plain
     plain_map.close()
     os.unlink(plain_path)
+
+
+def bench_cxl_sync(repeat, root, quick):
+    """What every process sharing a region pays once for each change another process made: the
+    re-read of the slot table (here by a ``contains`` after the other store's put), headers parsed
+    only for the slots that changed, vs the same re-read parsing every committed slot's header
+    (its cache dropped first, as every sync did before the cache). Timed in turn, median."""
+    size, n = ("256MiB", 1000) if quick else ("1GiB", 5000)
+    cfg = {"tiers": [{"kind": "cxl", "path": os.path.join(root, "region-sync"), "size": size}]}
+    with strata.open_store(cfg) as mine, strata.open_store(cfg) as other:
+        for i in range(n):
+            mine.put(Key("kv", "sync", f"k{i}"), torch.ones(64))
+        tier, probe = mine.tiers[0], Key("kv", "sync", "k0")
+
+        def resync(parse_all: bool) -> float:
+            other.put(Key("kv", "sync", "change"), torch.ones(64))  # a change ``mine`` has not seen
+            if parse_all:
+                tier._parsed = {}
+            t0 = time.perf_counter()
+            mine.contains(probe)
+            return time.perf_counter() - t0
+
+        resync(False)
+        pairs = [(resync(False), resync(True)) for _ in range(3 * repeat)]
+    os.unlink(cfg["tiers"][0]["path"])
+    t, base = statistics.median(p[0] for p in pairs), statistics.median(p[1] for p in pairs)
+    print(f"cxl   re-sync   {size} region, {n} objects {t * 1e3:8.2f} ms   baseline parse every header "
+          f"{base * 1e3:8.2f} ms   ratio {t / base:5.2f}x")
 
 
 def bench_cxl_h2d(size_name, nbytes, count, repeat, root, srcs, keys):
@@ -404,6 +433,8 @@ def main() -> None:
             if args.quick:
                 count = max(4, count // 8)
             bench_cxl(size_name, nbytes, count, repeat, root)
+        if "cxl" in which:
+            bench_cxl_sync(repeat, root, args.quick)
     if "redis-cluster" in which:
         run_redis_cluster(args, repeat)
     if "mooncake" in which:

@@ -69,6 +69,7 @@ import mmap
 import os
 import stat
 import struct
+from typing import Iterator
 
 import torch
 import xxhash
@@ -350,6 +351,7 @@ class CxlTier(MemoryTier):
         self.nslots, self.data_start, self.data_size = nslots, data_start, rsize - data_start
         self.generation = -1
         self._slot_of: dict[bytes, tuple[int, int]] = {}  # key -> (slot, seq) as last read
+        self._parsed: dict[int, tuple] = {}  # slot -> (its four words, its record) as the last sync parsed it
         self._reserved: dict[int, tuple[int, int]] = {}  # slot -> (offset, size) of this process's puts
 
     def _gen(self) -> int:
@@ -439,20 +441,8 @@ class CxlTier(MemoryTier):
         found: dict[bytes, tuple[int, int, int, int, object]] = {}
         stale: list[int] = []
         damaged = 0  # of the stale: failed header or size, or a copy of another record
-        for i in range(self.nslots):
-            if i in self._unfreed:
-                continue  # this process's, retired: cleared once the region lock is free
-            slot = self._read_slot(i)
-            if slot is None:
-                continue
-            off, length, seq = slot
-            try:
-                key, meta = unpack_header(self.map[off : off + min(length, 1 << 16)])
-            except CorruptObject:
-                stale.append(i)
-                damaged += 1
-                continue
-            if _round(header_size_for(key, meta), _PAYLOAD_ALIGN) + meta.nbytes != length:
+        for i, off, length, seq, key, meta in self._committed_records():
+            if key is None:  # its header fails its checksum, or disagrees with the slot's length
                 stale.append(i)
                 damaged += 1
                 continue
@@ -468,9 +458,8 @@ class CxlTier(MemoryTier):
             if now is None or (now[0], now[3]) != self._slot_of.get(key):
                 self._forget(self.index[key])  # removed or replaced by another process
         added = 0
-        for key, (i, off, length, seq, meta) in sorted(found.items(), key=lambda kv: kv[1][3]):
-            if key in self.index:
-                continue
+        new = [(key, rec) for key, rec in found.items() if key not in self.index]
+        for key, (i, off, length, seq, meta) in sorted(new, key=lambda kv: kv[1][3]):
             ns = key_namespace(key) or _NOT_A_KEY  # no registry: another process's namespaces stay
             e = Entry(key, ns, meta, length, (i, off, seq))
             e.view = self._view(off, key, meta)
@@ -487,6 +476,44 @@ class CxlTier(MemoryTier):
             self.generation = gen  # a change made meanwhile shows as a newer generation next time
         self._rebuild_allocator()
         return added
+
+    def _committed_records(self) -> Iterator[tuple[int, int, int, int, bytes | None, object]]:
+        """``(slot, offset, length, seq, key, meta)`` of every committed slot (but this process's
+        ``_unfreed``), ``key`` None for a record whose header fails its checksum or its slot's
+        length. The slot table is read in one copy; a slot's header is parsed again only where the
+        slot changed since the last scan (its four words differ), so a sync after another process's
+        put costs a pass over the committed slots, not a header parse for each."""
+        table = torch.frombuffer(self.map, dtype=torch.int64, count=self.nslots * 4, offset=_SLOTS_AT)
+        table = table.view(self.nslots, 4).clone()  # one consistent-enough copy: a torn slot fails its commit word
+        idx = (table[:, 0] != 0).nonzero().flatten()
+        parsed: dict[int, tuple] = {}
+        cache, unfreed = self._parsed, self._unfreed
+        for i, row in zip(idx.tolist(), table[idx].tolist()):
+            if i in unfreed:
+                continue  # this process's, retired: cleared once the region lock is free
+            rec = cache.get(i)
+            if rec is None or rec[0] != row:  # the commit word read signed: unsigned for the check
+                rec = (row, self._parse_record(row[0] & 0xFFFFFFFFFFFFFFFF, row[1], row[2], row[3]))
+            if rec[1] is not None:
+                parsed[i] = rec
+                yield (i, *rec[1])
+        self._parsed = parsed
+
+    def _parse_record(self, commit: int, off: int, length: int, seq: int) -> tuple | None:
+        """``(offset, length, seq, key, meta)`` of a committed slot's record (key and meta None
+        where the header is damaged), or None where the slot is not committed after all (a torn
+        or cleared slot: its commit word does not match its fields) or points outside the data."""
+        if commit != _commit_word(off, length, seq):
+            return None
+        if off < self.data_start or off + length > self.data_start + self.data_size:
+            return None
+        try:
+            key, meta = unpack_header(self.map[off : off + min(length, 1 << 16)])
+        except CorruptObject:
+            return off, length, seq, None, None
+        if _round(header_size_for(key, meta), _PAYLOAD_ALIGN) + meta.nbytes != length:
+            return off, length, seq, None, None
+        return off, length, seq, key, meta
 
     def _forget(self, e: Entry) -> None:
         """Another process removed or replaced this object: drop it here without touching the region
