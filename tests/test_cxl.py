@@ -581,6 +581,26 @@ def test_without_fallocate_the_free_space_is_checked_instead(small_tmpfs, monkey
         assert store.put(strata.Key("kv", "s", "x"), b"fits") and store.get(strata.Key("kv", "s", "x")) == b"fits"
 
 
+def test_a_region_in_memory_larger_than_the_ram_available_is_refused_not_oom_killed(tmp_path, monkeypatch):
+    """A region file under /dev/shm takes RAM when its space is reserved, and a tmpfs may be sized
+    above the RAM that is free: the cpu_cxl preset's 16 GiB region got a new user's process
+    OOM-killed on a 24 GiB machine with 13 GiB available. Refused at open instead, naming what fits
+    (the filesystem and the RAM available are stood in for here)."""
+    from strata.store import memfs
+
+    monkeypatch.setattr(memfs, "ram_backed", lambda path: "tmpfs")
+    monkeypatch.setattr(memfs, "available_ram", lambda: 600 << 20)
+    path = str(tmp_path / "region")
+    with pytest.raises(ConfigError, match=r"tiers\[cxl\]\.size: got 256\.0 MiB .*a file in memory \(tmpfs\)") as err:
+        strata.open_store({"tiers": [{"kind": "cxl", "path": path, "size": "256MiB"}]})
+    assert "600.0 MiB available" in str(err.value) and "at most 88.0 MiB" in str(err.value)
+    assert not os.path.exists(path)  # what this open created is removed
+    with strata.open_store({"tiers": [{"kind": "cxl", "path": path, "size": "64MiB"}]}) as store:
+        assert store.put(strata.Key("kv", "s", "x"), b"fits")
+    with strata.open_store({"tiers": [{"kind": "cxl", "path": path, "size": "64MiB"}]}) as store:
+        assert store.get(strata.Key("kv", "s", "x")) == b"fits"  # reserved already: nothing more to take
+
+
 def test_create_false_opens_an_existing_region_and_never_creates_one(tmp_path):
     import os
 

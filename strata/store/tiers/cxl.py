@@ -77,7 +77,7 @@ import xxhash
 from strata.config import format_size, parse_size
 from strata.errors import ConfigError, StoreError
 from strata.keys import key_namespace, namespaces
-from strata.store import numa
+from strata.store import memfs, numa
 from strata.store.allocator import ExtentAllocator
 from strata.store.codec import CorruptObject, checksum, header_size_for, pack_header, unpack_header
 from strata.store.tiers.base import CopiesInFlight, Entry
@@ -99,6 +99,7 @@ _PAYLOAD_ALIGN = 64
 _BYTES_PER_SLOT = 64 << 10  # one slot per 64 KiB of region (at least 256 slots)
 _NOT_A_KEY = "?"  # the namespace of a checksummed record whose key bytes are no Strata key (kept, never cleared)
 _NO_FALLOCATE = {errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL, errno.ENOSYS}  # the filesystem cannot reserve
+_RAM_HEADROOM = 512 << 20  # RAM a region file in memory leaves to everything else, at least
 _PINNED_TRIES = 16  # pinned ranges one allocation steps around before it gives up (evicts or refuses)
 
 
@@ -296,6 +297,8 @@ class CxlTier(MemoryTier):
         if this open created it) and the error says what fits."""
         st = os.fstat(self._fd)
         missing = max(0, size - st.st_blocks * 512)
+        if missing:
+            self._check_ram(size, missing, created)
         why = None
         try:
             os.posix_fallocate(self._fd, 0, size)
@@ -318,6 +321,25 @@ class CxlTier(MemoryTier):
             f"tiers[{self.name}].size: got {format_size(size)} ({size} bytes) for {self.path!r}, but its filesystem "
             f"cannot back it ({why}; {format_size(free)} free there); allowed: a size that fits in "
             f"{format_size(free + held)}, or a path on a larger filesystem or a DAX device")
+
+    def _check_ram(self, size: int, missing: int, created: bool) -> None:
+        """A region file on a filesystem in RAM (/dev/shm) takes ``missing`` bytes of memory once
+        reserved; more than the host has available would bring the out-of-memory killer, not an
+        error (a tmpfs may be sized above the free RAM). So that is refused here, naming what fits."""
+        fs = memfs.ram_backed(self.path)
+        ram = memfs.available_ram() if fs else None
+        if ram is None or missing <= ram - _RAM_HEADROOM:
+            return
+        os.close(self._fd)
+        if created:
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
+        fits = max(0, ram - _RAM_HEADROOM) + (size - missing)
+        raise ConfigError(
+            f"tiers[{self.name}].size: got {format_size(size)} ({size} bytes) for {self.path!r}, a file in memory "
+            f"({fs}): reserving it takes {format_size(missing)} more of RAM and the host has {format_size(ram)} "
+            f"available; allowed: at most {format_size(fits)} there (leaving {format_size(_RAM_HEADROOM)}), or a "
+            "DAX device or a path on disk")
 
     def _free_bytes(self) -> int:
         st = os.statvfs(os.path.dirname(os.path.abspath(self.path)))
