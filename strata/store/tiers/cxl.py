@@ -298,7 +298,7 @@ class CxlTier(MemoryTier):
         st = os.fstat(self._fd)
         missing = max(0, size - st.st_blocks * 512)
         if missing:
-            self._check_ram(size, missing, created)
+            self._check_ram(size, missing, created, st.st_size)
         why = None
         try:
             os.posix_fallocate(self._fd, 0, size)
@@ -308,13 +308,7 @@ class CxlTier(MemoryTier):
             why = self._free_space_short(missing) if e.errno in _NO_FALLOCATE else e.strerror
         if why is None:
             return
-        if not created and os.fstat(self._fd).st_size > st.st_size:
-            with contextlib.suppress(OSError):
-                os.ftruncate(self._fd, st.st_size)  # posix_fallocate may have grown it before it failed
-        os.close(self._fd)
-        if created:
-            with contextlib.suppress(OSError):
-                os.unlink(self.path)
+        self._leave_as_it_was(created, st.st_size)
         free = self._free_bytes()
         held = 0 if created else st.st_blocks * 512
         raise ConfigError(
@@ -322,7 +316,18 @@ class CxlTier(MemoryTier):
             f"cannot back it ({why}; {format_size(free)} free there); allowed: a size that fits in "
             f"{format_size(free + held)}, or a path on a larger filesystem or a DAX device")
 
-    def _check_ram(self, size: int, missing: int, created: bool) -> None:
+    def _leave_as_it_was(self, created: bool, old_size: int) -> None:
+        """A refused reservation: the file closed as it was before the open (removed if the open
+        created it; cut back to ``old_size`` if posix_fallocate grew it before it failed)."""
+        if not created and os.fstat(self._fd).st_size > old_size:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, old_size)
+        os.close(self._fd)
+        if created:
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
+
+    def _check_ram(self, size: int, missing: int, created: bool, old_size: int) -> None:
         """A region file on a filesystem in RAM (/dev/shm) takes ``missing`` bytes of memory once
         reserved; more than the host has available would bring the out-of-memory killer, not an
         error (a tmpfs may be sized above the free RAM). So that is refused here, naming what fits."""
@@ -330,10 +335,7 @@ class CxlTier(MemoryTier):
         ram = memfs.available_ram() if fs else None
         if ram is None or missing <= ram - _RAM_HEADROOM:
             return
-        os.close(self._fd)
-        if created:
-            with contextlib.suppress(OSError):
-                os.unlink(self.path)
+        self._leave_as_it_was(created, old_size)
         fits = max(0, ram - _RAM_HEADROOM) + (size - missing)
         raise ConfigError(
             f"tiers[{self.name}].size: got {format_size(size)} ({size} bytes) for {self.path!r}, a file in memory "
@@ -415,7 +417,11 @@ class CxlTier(MemoryTier):
             fcntl.flock(self._fd, fcntl.LOCK_UN)
 
     def _read_slot(self, i: int) -> tuple[int, int, int] | None:
-        commit, off, length, seq = _SLOT.unpack_from(self.map, _SLOTS_AT + i * _SLOT.size)
+        return self._committed(*_SLOT.unpack_from(self.map, _SLOTS_AT + i * _SLOT.size))
+
+    def _committed(self, commit: int, off: int, length: int, seq: int) -> tuple[int, int, int] | None:
+        """``(offset, length, seq)`` of a slot's words, or None unless they are committed (the
+        commit word matches the fields: not cleared, not torn) and name bytes of the data area."""
         if commit == 0 or commit != _commit_word(off, length, seq):
             return None
         if off < self.data_start or off + length > self.data_start + self.data_size:
@@ -525,9 +531,7 @@ class CxlTier(MemoryTier):
         """``(offset, length, seq, key, meta)`` of a committed slot's record (key and meta None
         where the header is damaged), or None where the slot is not committed after all (a torn
         or cleared slot: its commit word does not match its fields) or points outside the data."""
-        if commit != _commit_word(off, length, seq):
-            return None
-        if off < self.data_start or off + length > self.data_start + self.data_size:
+        if self._committed(commit, off, length, seq) is None:
             return None
         try:
             key, meta = unpack_header(self.map[off : off + min(length, 1 << 16)])
