@@ -168,3 +168,43 @@ def test_an_uncaught_exception_in_a_thread_fails_the_test(tmp_path):
     # test_raises errors at teardown (its call itself passed); test_ends_quietly passes clean
     assert "ERROR test_thread.py::test_raises" in out.stdout and "ZeroDivisionError" in out.stdout, out.stdout[-3000:]
     assert "test_ends_quietly" not in out.stdout and "1 error" in out.stdout, out.stdout[-3000:]
+
+
+def test_an_older_version_below_is_no_copy_an_eviction_may_drop_the_newer_one_for(tmp_path, monkeypatch):
+    """``evict: lower`` evicts an object only once a tier below holds it: the same version, not
+    merely the same key. A write-through put of v2 whose write to the file tier is still in flight
+    finds v1 there; an eviction of v2 meanwhile must demote v2 first (once it dropped v2 for the
+    stale v1, the put's own write lost its guard and the put returned False, or, under a
+    write-back tier above, its flush failed and the object was lost at close)."""
+    from strata.store.tiers.file import FileTier
+
+    k, other = Key("param", "m", "w"), Key("param", "m", "other")
+    real_write = FileTier.write
+    writing, release = threading.Event(), threading.Event()
+    held = []
+
+    def slow(self, e, data):  # the first write of v2 to the file tier waits for the test
+        if e.key == k.encoded and int(data.view(torch.int32)[0]) == 2 and not held:
+            held.append(e)
+            writing.set()
+            assert release.wait(30), "the test never released the held write"
+        return real_write(self, e, data)
+
+    monkeypatch.setattr(FileTier, "write", slow)
+    cfg = {"tiers": [{"kind": "cpu", "capacity": "6KiB", "write": "through"},  # one 4 KiB object
+                     {"kind": "file", "path": str(tmp_path), "capacity": "1MiB"}]}
+    with strata.open_store(cfg) as store:
+        assert store.put(k, torch.full((1024,), 1, dtype=torch.int32))
+        result = []
+        putter = threading.Thread(target=lambda: result.append(store.put(k, torch.full((1024,), 2, dtype=torch.int32))))
+        putter.start()
+        try:
+            assert writing.wait(10)
+            assert store.put(other, torch.full((1024,), 3, dtype=torch.int32))  # evicts v2 from the cpu tier
+        finally:
+            release.set()
+            putter.join(30)
+        assert result == [True], "v2 was refused although the file tier took it"
+        got = store.get(k)
+        assert got is not None and int(got[0]) == 2
+        assert int(store.get(k, mode="exact", tier="file")[0]) == 2

@@ -2,6 +2,7 @@
 
 import shutil
 
+import pytest
 import torch
 
 import strata
@@ -47,3 +48,27 @@ def test_write_back_to_a_failing_tier_keeps_serving_and_counts(tmp_path):
         assert s["writeback"]["failed"] > 0 and s["writeback"]["dropped_dirty"] > 0
         got = store.get(Key("kv", "m", "39"))
         assert got is not None and got[0].item() == 39
+
+
+@pytest.mark.parametrize("then", ["flush", "close"])
+def test_a_write_back_object_whose_flush_failed_is_written_by_the_next_flush_or_at_close(tmp_path, then):
+    """A flush that fails (the tier below refuses for a while) leaves the object dirty above; the
+    next ``flush()``, and ``close()``, write it down again, so a fault that passed loses nothing
+    acknowledged (it used to stay dirty in the cpu tier, out of every queue, and go with it)."""
+    cfg = chain(tmp_path, "back")
+    k, v = Key("param", "m", "x"), torch.arange(1000, dtype=torch.int32)
+    tmp = tmp_path / "t" / "tmp"
+    with strata.open_store(cfg) as store:
+        shutil.rmtree(tmp)
+        tmp.write_text("not a directory")  # the file tier's writes fail until it is a directory again
+        assert store.put(k, v)
+        store.flush()  # fails, and so does its second try
+        assert store.stats()["writeback"]["failed"] == 2
+        assert store.get(k, mode="exact", tier="file") is None
+        tmp.unlink()
+        tmp.mkdir()
+        if then == "flush":
+            store.flush()
+            assert torch.equal(store.get(k, mode="exact", tier="file"), v)
+    with strata.open_store(cfg) as store:
+        assert torch.equal(store.get(k), v)

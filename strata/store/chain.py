@@ -163,6 +163,8 @@ class TierChain:
                     p.data = p.data.cpu()
                 if tier.persistent and p.meta.checksum is None:
                     p.meta = p.meta.with_checksum(checksum(p.data.cpu()))
+                    for _, e in p.kept:  # the copies above name their version too (``_copy_below``)
+                        e.meta = p.meta
             write_back = tier.cfg.write == "back" and i + 1 < len(self.tiers)
             entries = self._write_many(tier, going, dirty=write_back)
             going = [p for p, e in zip(going, entries) if self._landed(i, tier, p, e, write_back, block)]
@@ -191,13 +193,15 @@ class TierChain:
 
     def _settle_put(self, kept: list[tuple[Tier, Entry]], refused: list[tuple[Tier, Entry]]) -> bool:
         """Whether some tier still holds a put's bytes: one that took them may have evicted them (or a
-        newer put replaced them) before a lower tier's write, which was then not published. If so,
-        the older versions left in tiers above that refused it go (they would be served first); if
-        not, they stay: the put failed and they are still the newest acknowledged version."""
-        if not refused:  # nothing to retire: a look at the index needs no lock (a dict read is atomic)
-            return any(t.holds(e) for t, e in kept)
+        newer put replaced them) before a lower tier's write, which was then not published; an
+        eviction that demoted them first left them below (``_copy_below``). If held, the older
+        versions left in tiers above that refused it go (they would be served first); if not, they
+        stay: the put failed and they are still the newest acknowledged version."""
+        if not refused and any(t.holds(e) for t, e in kept):  # a look at the index needs no lock
+            return True
         with self.lock:
-            held = any(t.holds(e) for t, e in kept)
+            held = any(t.holds(e) for t, e in kept) or any(
+                self._copy_below(self.tiers[self.tiers.index(t) + 1 :], e) for t, e in kept)
             for tier, old in refused if held else ():
                 if tier.holds(old):
                     tier.retire(old)
@@ -331,7 +335,7 @@ class TierChain:
 
         def evict(t: Tier, e: Entry) -> bool:
             pol = self.cfg.policy(e.ns)
-            if not (e.dirty or (pol.evict == "lower" and not any(b.lookup(e.key) for b in below))):
+            if not (e.dirty or (pol.evict == "lower" and not self._copy_below(below, e))):
                 return True  # clean, or a copy lives below already
             if not below:
                 if pol.evict == "drop":
@@ -349,6 +353,20 @@ class TierChain:
             return False
 
         return evict
+
+    @staticmethod
+    def _copy_below(below: list[Tier], e: Entry) -> bool:
+        """Whether a tier of ``below`` holds ``e``'s very version (lock held): its header, payload
+        checksum included. An older version of the key there (a write of this one still in flight)
+        is no copy: evicting ``e`` for it would lose the newer bytes. Without a checksum to tell,
+        no copy (a demotion writes it down again)."""
+        if e.meta.checksum is None:
+            return False
+        for b in below:
+            c = b.lookup(e.key)
+            if c is not None and c.meta == e.meta:
+                return True
+        return False
 
     def _demote(self, tier: Tier, victims: list[Entry]) -> None:
         """Write leased victims of ``tier`` to the tiers below (outside the lock, one batch per
@@ -686,14 +704,44 @@ class TierChain:
         return out
 
     # -- lifecycle ---------------------------------------------------------------------------
+    def _warn_unwritten(self) -> None:
+        """At close: the write-back objects no tier below took, even at the last try (they go with
+        a volatile tier), named per tier and namespace in one warning."""
+        with self.lock:
+            left = [(t, e) for t in self.tiers[:-1] if t.cfg.write == "back" for e in t.index.values() if e.dirty]
+        if not left:
+            return
+        by: dict[tuple[str, str], list[int]] = {}
+        for t, e in left:
+            n = by.setdefault((t.name, e.ns), [0, 0])
+            n[0] += 1
+            n[1] += e.size
+        what = ", ".join(f"tier {t} {ns}: {n} objects, {format_size(b)}" for (t, ns), (n, b) in sorted(by.items()))
+        log.warning("closing with write-back objects the tiers below did not take (%s); a persistent tier keeps "
+                    "them, a volatile one loses them (stats: writeback.failed)", what)
+
     def flush(self) -> None:
-        if self.writeback is not None:
+        """Wait until the write-back queue is empty, then queue again what is still dirty (a flush
+        that failed, the tier below refusing for a while, leaves its object dirty above and out of
+        the queue) and wait for that too: one more try each, not a loop on a tier that keeps failing."""
+        if self.writeback is None:
+            return
+        self.writeback.drain()
+        with self.lock:
+            dirty = [(i, e) for i, t in enumerate(self.tiers[:-1]) if t.cfg.write == "back"
+                     for e in list(t.index.values()) if e.dirty]
+        for i, e in dirty:
+            self.writeback.enqueue(i, e, block=False)
+        if dirty:
             self.writeback.drain()
 
     def close(self) -> None:
-        """Drain the write-back queue, wait for device copies out of the tiers (without the lock),
-        give their leases back, and close the tiers (a last flush or purge: I/O, without the lock)."""
+        """Flush (what is dirty gets one more try), saying what could still not be written down;
+        wait for device copies out of the tiers (without the lock), give their leases back, and
+        close the tiers (a last flush or purge: I/O, without the lock)."""
         if self.writeback is not None:
+            self.flush()
+            self._warn_unwritten()
             self.writeback.close()
         with self.lock:
             copies = [event for t in self.tiers for event in t.copies_in_flight()]

@@ -305,7 +305,8 @@ class StorageEngine:
 
     # -- lifecycle and stats -----------------------------------------------------------------
     def flush(self) -> None:
-        """Wait until every write-back object has reached the tier below."""
+        """Wait until every write-back object has reached the tier below; one whose flush failed is
+        tried once more, and one still refused stays dirty above (``writeback.failed``)."""
         self._check_open()
         self.chain.flush()
 
