@@ -783,6 +783,38 @@ def test_two_processes_putting_and_deleting_at_once_never_read_wrong_bytes(tmp_p
         assert_exact_accounting(cxl_tier(store))
 
 
+def test_a_put_is_never_refused_for_a_region_another_process_keeps_busy(tmp_path):
+    """Another process (a store of its own descriptor: the region lock excludes it as it would a
+    process) puts back to back from three threads, so the region lock is free only for moments:
+    a put here waits for it as long as it takes, never refused with the region near empty (it
+    was refused after 16 waits in a row, and a write-through to the region was lost with it)."""
+    import threading
+
+    cfg = {"tiers": [{"kind": "cxl", "path": str(tmp_path / "region"), "size": "16MiB"}]}
+    with strata.open_store(cfg) as mine, strata.open_store(cfg) as other:
+        stop = threading.Event()
+        theirs: list[bool] = []
+
+        def hammer(t):
+            i = 0
+            while not stop.is_set():
+                theirs.append(other.put(strata.Key("kv", f"other{t}", str(i % 40)), torch.full((1024,), i)))
+                i += 1
+
+        threads = [threading.Thread(target=hammer, args=(t,)) for t in range(3)]
+        for t in threads:
+            t.start()
+        try:
+            refused = [i for i in range(400) if not mine.put(strata.Key("kv", "mine", str(i % 40)), torch.full((1024,), i))]
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(60)
+        assert cxl_tier(mine).stats()["region_waits"] > 0  # the region was busy, and waited for
+        assert refused == [] and all(theirs), (refused, theirs.count(False))
+        assert cxl_tier(mine).stats()["rejected"] == 0
+
+
 def test_a_promotion_into_the_cxl_tier_syncs_its_index_under_the_chain_lock(tmp_path, monkeypatch):
     """A read that hits the file tier below promotes into the cxl tier above; looking the key up
     there brings the cxl index up to date with the region (``_sync``), which must hold the chain

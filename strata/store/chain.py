@@ -31,7 +31,7 @@ log = logging.getLogger("strata.chain")
 Guard = Callable[[], bool]
 T = TypeVar("T")
 _DEMOTION_ROUNDS = 4  # reserve, demote victims outside the lock, retry: at most this many times per write
-_DOWN_WAIT_S = 30.0  # the longest a flush or a reservation waits for another writer of the same entry
+_DOWN_WAIT_S = 30.0  # the longest a flush or a reservation waits for another writer (of the entry, or of a shared region)
 _COPY_WAITS = 16  # a reservation waits at most this many times for device copies holding a tier's room
 
 
@@ -281,6 +281,7 @@ class TierChain:
         tier still hold (``CopiesInFlight``) is waited for after the lock is let go, then retried."""
         entries: list[Entry | None] = [None] * len(items)
         rounds = waits = 0
+        deadline = time.monotonic() + _DOWN_WAIT_S
         while rounds < _DEMOTION_ROUNDS:
             victims: list[Entry] = []
             busy: list[Entry] = []  # victims the flusher is writing down: evictable once it is done
@@ -294,20 +295,20 @@ class TierChain:
                                 entries[j] = tier.reserve(item.key, item.ns, item.meta, evict)
                             except CopiesInFlight as exc:
                                 copies = exc.events
+                                waits += exc.counted
                                 break
                 except BaseException:  # victims set aside must not stay held (a delete would wait forever)
                     for e in victims:
                         self._let_go(tier, e)
                     raise
             if copies:  # waited for without the lock; the next reservation reaps them
-                waits += 1
                 for event in copies:
                     event.synchronize()
             if victims:
                 self._demote(tier, victims)
             if all(e is not None for e in entries):
                 break
-            if copies and waits < _COPY_WAITS:
+            if copies and waits < _COPY_WAITS and time.monotonic() < deadline:
                 continue
             rounds += 1
             if victims:

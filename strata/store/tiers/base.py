@@ -28,7 +28,12 @@ from strata.store.codec import ObjectMeta
 class CopiesInFlight(Exception):
     """``_alloc`` found no room while device copies out of the tier are in flight, holding bytes
     that come back when they complete. The chain waits for ``events`` outside its lock and
-    reserves again: waiting under it would stall every store call for as long as a copy runs."""
+    reserves again: waiting under it would stall every store call for as long as a copy runs.
+    ``counted``: each wait counts against a few tries (room that stays short after the copies
+    completed is no reason to wait more); False for a wait that always ends with the room free
+    to try (another process's put holding a shared region), retried until a deadline instead."""
+
+    counted = True
 
     def __init__(self, events: list):
         super().__init__(f"{len(events)} device copies in flight")

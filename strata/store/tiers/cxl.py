@@ -162,7 +162,10 @@ class _RegionUnlocked:
 
 
 class RegionBusy(CopiesInFlight):
-    """Another process holds the region lock: the chain waits for it outside its lock, then retries."""
+    """Another process holds the region lock: the chain waits for it outside its lock, then retries,
+    for as long as it takes (up to a deadline): a busy region is no reason to refuse a put."""
+
+    counted = False
 
 
 def _round(n: int, a: int) -> int:
