@@ -467,3 +467,35 @@ def test_a_delete_waits_for_a_write_back_of_the_key_in_flight(redis_url):
         # the delete returned only after the flush's SET: nothing of K is left anywhere
         assert not store.contains(K) and tier.client.exists(tier.prefix + K.encoded) == 0
         assert store.get(K) is None
+
+
+def test_two_write_downs_of_one_key_never_cross_at_the_server(redis_url, monkeypatch):
+    """The flusher writes v1 of a key down to Redis while a newer v2 replaces it above and is then
+    evicted, so a demotion writes v2 down too. Redis holds one value a key: the two writes used to
+    cross, and the flusher's, losing its guard, deleted the key (its write taken back), so v2 was
+    gone. A write down of a key now waits for the one in flight, and one whose version is no
+    longer current above is not made at all."""
+    from strata.store.tiers.backing import BackingTier
+
+    k, other = Key("param", "m", "w"), Key("param", "m", "other")
+    real = BackingTier.write_many
+    held, go = threading.Event(), threading.Event()
+
+    def slow(self, pairs):  # the flusher's write of v1 waits for the test
+        if any(e.key == k.encoded and int(d.view(torch.int32)[0]) == 1 for e, d in pairs):
+            held.set()
+            assert go.wait(30), "the test never released the held write"
+        return real(self, pairs)
+
+    monkeypatch.setattr(BackingTier, "write_many", slow)
+    cfg = cpu_redis(redis_url, write="back", cpu="8KiB")  # two 4 KiB objects
+    with strata.open_store(cfg) as store:
+        assert store.put(k, torch.full((1024,), 1, dtype=torch.int32))
+        assert held.wait(10)  # the flusher is writing v1 down
+        assert store.put(k, torch.full((1024,), 2, dtype=torch.int32))
+        threading.Timer(0.5, go.set).start()  # v1's write lands (and loses its guard) meanwhile
+        assert store.put(other, torch.full((1024,), 3, dtype=torch.int32))  # evicts v2: written down
+        store.flush()
+        got = store.get(k)
+        assert got is not None and int(got[0]) == 2
+        assert int(store.get(k, mode="exact", tier="redis")[0]) == 2

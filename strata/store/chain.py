@@ -194,14 +194,13 @@ class TierChain:
     def _settle_put(self, kept: list[tuple[Tier, Entry]], refused: list[tuple[Tier, Entry]]) -> bool:
         """Whether some tier still holds a put's bytes: one that took them may have evicted them (or a
         newer put replaced them) before a lower tier's write, which was then not published; an
-        eviction that demoted them first left them below (``_copy_below``). If held, the older
-        versions left in tiers above that refused it go (they would be served first); if not, they
-        stay: the put failed and they are still the newest acknowledged version."""
-        if not refused and any(t.holds(e) for t, e in kept):  # a look at the index needs no lock
-            return True
+        eviction that demoted them first (another thread's put) left them below (``copied``). If
+        held, the older versions left in tiers above that refused it go (they would be served
+        first); if not, they stay: the put failed and they are still the newest acknowledged version."""
+        if not refused:  # nothing to retire: a look at the index needs no lock (a dict read is atomic)
+            return any(t.holds(e) or e.copied for t, e in kept)
         with self.lock:
-            held = any(t.holds(e) for t, e in kept) or any(
-                self._copy_below(self.tiers[self.tiers.index(t) + 1 :], e) for t, e in kept)
+            held = any(t.holds(e) or e.copied for t, e in kept)
             for tier, old in refused if held else ():
                 if tier.holds(old):
                     tier.retire(old)
@@ -278,25 +277,36 @@ class TierChain:
         or ``evict: lower`` with no copy below) is not written there under it: it is leased and
         set aside, demoted after the lock is let go (``_demote``), and then its room is retried.
         Readers meanwhile find the victim whole where it was. Room that device copies out of the
-        tier still hold (``CopiesInFlight``) is waited for after the lock is let go, then retried."""
+        tier still hold (``CopiesInFlight``) is waited for after the lock is let go, then retried.
+        An item whose guard no longer holds (a write down of a version replaced above) is not
+        reserved at all: None, not counted as rejected."""
         entries: list[Entry | None] = [None] * len(items)
+        stale: set[int] = set()  # items whose version the tier above no longer holds: not written
         rounds = waits = 0
         deadline = time.monotonic() + _DOWN_WAIT_S
+        # A remote tier may make a put wait for another of its key (KeyBusy): every writer reserves
+        # its keys in one order, so two batches never wait for each other's.
+        order = sorted(range(len(items)), key=lambda j: items[j].key) if tier.remote else range(len(items))
         while rounds < _DEMOTION_ROUNDS:
             victims: list[Entry] = []
             busy: list[Entry] = []  # victims the flusher is writing down: evictable once it is done
             copies: list = []  # events of device copies holding room the tier is short of
             with self.lock:
                 try:
-                    for j, item in enumerate(items):
-                        if entries[j] is None:
-                            evict = self._evict_hook(tier, victims, tier.stored_size(item.key, item.meta), busy)
-                            try:
-                                entries[j] = tier.reserve(item.key, item.ns, item.meta, evict)
-                            except CopiesInFlight as exc:
-                                copies = exc.events
-                                waits += exc.counted
-                                break
+                    for j in order:
+                        item = items[j]
+                        if entries[j] is not None or j in stale:
+                            continue
+                        if item.guard is not None and not item.guard():
+                            stale.add(j)  # a write down of a version replaced above meanwhile
+                            continue
+                        evict = self._evict_hook(tier, victims, tier.stored_size(item.key, item.meta), busy)
+                        try:
+                            entries[j] = tier.reserve(item.key, item.ns, item.meta, evict)
+                        except CopiesInFlight as exc:
+                            copies = exc.events
+                            waits += exc.counted
+                            break
                 except BaseException:  # victims set aside must not stay held (a delete would wait forever)
                     for e in victims:
                         self._let_go(tier, e)
@@ -306,7 +316,7 @@ class TierChain:
                     event.synchronize()
             if victims:
                 self._demote(tier, victims)
-            if all(e is not None for e in entries):
+            if all(e is not None or j in stale for j, e in enumerate(entries)):
                 break
             if copies and waits < _COPY_WAITS and time.monotonic() < deadline:
                 continue
@@ -319,8 +329,8 @@ class TierChain:
                 self._await_down(busy[0])
         if None in entries:
             with self.lock:
-                for item, e in zip(items, entries):
-                    if e is None:
+                for j, (item, e) in enumerate(zip(items, entries)):
+                    if e is None and j not in stale:
                         tier.counters.rejected += 1
                         _warn_rejected(tier, item)
         return entries
@@ -380,7 +390,7 @@ class TierChain:
             with self.lock:
                 for e, ok in zip(victims, oks):
                     if ok:
-                        e.dirty = False
+                        e.dirty, e.copied = False, True
                     if tier.holds(e) and (ok or self.cfg.policy(e.ns).evict == "drop"):
                         self.dropped_dirty += e.dirty
                         tier.retire(e)
@@ -424,7 +434,7 @@ class TierChain:
         stored = {id(e) for e, ok in zip(todo, oks) if ok}
         for e in todo:
             if id(e) in stored:
-                e.dirty = False
+                e.dirty, e.copied = False, True
         return [f and (s or id(e) in stored) for e, s, f in zip(entries, skip, free)]
 
     def _copy_down(self, i: int, entries: list[Entry]) -> list[bool]:

@@ -44,7 +44,7 @@ from strata.keys import key_namespace
 from strata.store.codec import (CorruptObject, FIXED_HEADER_SIZE, checksum_buffer, flat_bytes, header_size,
                                 header_size_for, pack_header, unpack_header)
 from strata.store.inflight import KeysInFlight
-from strata.store.tiers.base import Entry, NotStored, Tier
+from strata.store.tiers.base import CopiesInFlight, Entry, NotStored, Tier
 
 log = logging.getLogger("strata.backing")
 T = TypeVar("T")
@@ -220,6 +220,25 @@ def _namespace(key: bytes) -> str:
     return key_namespace(key) or "?"
 
 
+class KeyBusy(CopiesInFlight):
+    """A put of the key is in flight to the store: the chain waits for it outside its lock, then
+    reserves again (for as long as it takes, up to a deadline: it always ends)."""
+
+    counted = False
+
+
+class _KeyWritten:
+    """What ``KeyBusy`` waits for: no put of ``key`` in flight in ``tier`` (its value published, or
+    taken back), waited for without the chain's lock."""
+
+    def __init__(self, tier: "BackingTier", key: bytes):
+        self.tier, self.key = tier, key
+
+    def synchronize(self) -> None:
+        with self.tier._state:
+            self.tier._writing.wait_out(self.key)
+
+
 class BackingTier(Tier):
     """A tier over a ``Backend``. Subclasses build the backend and say how a key is named there
     (``_name``, ``_key_of``); everything else is here."""
@@ -387,12 +406,17 @@ class BackingTier(Tier):
     def reserve(self, key: bytes, ns: str, meta, evict) -> Entry | None:
         """An entry for a put, or None where the value is over the store's ``max_value``: no room
         is kept here (capacity and eviction are the store's). Counted as a put in flight, which
-        a delete of its key waits for (``remove``)."""
+        a delete of its key waits for (``remove``). Where a put of the key is in flight already
+        (the flusher's, a demotion's), ``KeyBusy``: the store holds one value a key, so two writes
+        of it must not cross (the one that loses its guard takes its value back, which would take
+        the other's); the chain waits for it outside its lock and reserves again."""
         size = self.stored_size(key, meta)
         limit = self.features.max_value
         if limit is not None and size > limit:
             return None
         with self._state:
+            if key in self._writing:
+                raise KeyBusy([_KeyWritten(self, key)])
             self._writing.begin(key)
         return Entry(key, ns, meta, size, None)  # loc: the value's name on the store once written
 

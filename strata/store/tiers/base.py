@@ -47,13 +47,14 @@ class NotStored(LookupError):
 class Entry:
     """One object in one tier."""
 
-    __slots__ = ("key", "ns", "meta", "size", "loc", "leases", "dead", "dirty", "view")
+    __slots__ = ("key", "ns", "meta", "size", "loc", "leases", "dead", "dirty", "copied", "view")
 
     def __init__(self, key: bytes, ns: str, meta: ObjectMeta, size: int, loc: object):
         self.key, self.ns, self.meta, self.size, self.loc = key, ns, meta, size, loc
         self.leases = 0
         self.dead = False  # retired while leased: freed on the last release
         self.dirty = False  # write-back: not yet in the tier below
+        self.copied = False  # a flush or a demotion wrote this very version to a tier below
         self.view: torch.Tensor | None = None  # memory tiers: typed view of the payload in place
 
 
