@@ -31,7 +31,7 @@ log = logging.getLogger("strata.chain")
 Guard = Callable[[], bool]
 T = TypeVar("T")
 _DEMOTION_ROUNDS = 4  # reserve, demote victims outside the lock, retry: at most this many times per write
-_DOWN_WAIT_S = 30.0  # the longest a flush or a reservation waits for another writer (of the entry, or of a shared region)
+_DOWN_WAIT_S = 30.0  # the longest a flush or a reservation waits for another writer (of an entry, a key, a region)
 _COPY_WAITS = 16  # a reservation waits at most this many times for device copies holding a tier's room
 
 
@@ -715,16 +715,21 @@ class TierChain:
         return out
 
     # -- lifecycle ---------------------------------------------------------------------------
+    def _dirty(self) -> list[tuple[int, Entry]]:
+        """``(tier index, entry)`` of every write-back object not yet in the tier below it."""
+        with self.lock:
+            return [(i, e) for i, t in enumerate(self.tiers[:-1]) if t.cfg.write == "back"
+                    for e in list(t.index.values()) if e.dirty]
+
     def _warn_unwritten(self) -> None:
         """At close: the write-back objects no tier below took, even at the last try (they go with
         a volatile tier), named per tier and namespace in one warning."""
-        with self.lock:
-            left = [(t, e) for t in self.tiers[:-1] if t.cfg.write == "back" for e in t.index.values() if e.dirty]
+        left = self._dirty()
         if not left:
             return
         by: dict[tuple[str, str], list[int]] = {}
-        for t, e in left:
-            n = by.setdefault((t.name, e.ns), [0, 0])
+        for i, e in left:
+            n = by.setdefault((self.tiers[i].name, e.ns), [0, 0])
             n[0] += 1
             n[1] += e.size
         what = ", ".join(f"tier {t} {ns}: {n} objects, {format_size(b)}" for (t, ns), (n, b) in sorted(by.items()))
@@ -738,9 +743,7 @@ class TierChain:
         if self.writeback is None:
             return
         self.writeback.drain()
-        with self.lock:
-            dirty = [(i, e) for i, t in enumerate(self.tiers[:-1]) if t.cfg.write == "back"
-                     for e in list(t.index.values()) if e.dirty]
+        dirty = self._dirty()
         for i, e in dirty:
             self.writeback.enqueue(i, e, block=False)
         if dirty:

@@ -30,8 +30,9 @@ class CopiesInFlight(Exception):
     that come back when they complete. The chain waits for ``events`` outside its lock and
     reserves again: waiting under it would stall every store call for as long as a copy runs.
     ``counted``: each wait counts against a few tries (room that stays short after the copies
-    completed is no reason to wait more); False for a wait that always ends with the room free
-    to try (another process's put holding a shared region), retried until a deadline instead."""
+    completed is no reason to wait more); False for a wait that always ends with the reservation
+    free to try again (another process's put holding a shared region, ``RegionBusy``; a put of the
+    same key in flight to a remote store, ``KeyBusy``), retried until a deadline instead."""
 
     counted = True
 
