@@ -499,3 +499,42 @@ def test_two_write_downs_of_one_key_never_cross_at_the_server(redis_url, monkeyp
         got = store.get(k)
         assert got is not None and int(got[0]) == 2
         assert int(store.get(k, mode="exact", tier="redis")[0]) == 2
+
+
+def test_a_flush_racing_puts_queues_each_object_once_and_ends(redis_url, monkeypatch):
+    """``flush`` queues again what is still dirty once the queue drained. A put made meanwhile has its
+    object queued already: queued twice, both landed in one flusher batch, and the batch's second
+    write of the key waited for its first, its own, in Redis: the flusher, then every put behind
+    it, hung for good. An object is queued once, and the flush ends."""
+    from strata.store.chain import TierChain
+
+    real_dirty, real_flush = TierChain._dirty, TierChain._flush_many
+    hold, held, batches = threading.Event(), threading.Event(), []
+
+    def flush_many(self, items):  # the flusher waits for the test while the test holds it
+        if hold.is_set():
+            held.set()
+            assert hold_until.wait(30), "the test never let the flusher go"
+        batches.append([e.key for _, e in items])
+        return real_flush(self, items)
+
+    hold_until = threading.Event()
+
+    def dirty(self):  # between the drain and flush's look at what is dirty, two puts queue objects
+        if not hold.is_set():
+            hold.set()
+            assert store.put(Key("kv", "m", "a"), torch.ones(256))
+            assert held.wait(10)  # the flusher holds a's batch; b waits in the queue
+            assert store.put(Key("kv", "m", "b"), torch.ones(256))
+            threading.Timer(0.3, hold_until.set).start()
+        return real_dirty(self)
+
+    monkeypatch.setattr(TierChain, "_flush_many", flush_many)
+    monkeypatch.setattr(TierChain, "_dirty", dirty)
+    with strata.open_store(cpu_redis(redis_url, write="back")) as store:
+        done = threading.Thread(target=store.flush, daemon=True)
+        done.start()
+        done.join(20)
+        assert not done.is_alive(), "flush hung"
+        assert all(len(b) == len(set(b)) for b in batches), batches
+        assert store.get(Key("kv", "m", "b"), mode="exact", tier="redis") is not None

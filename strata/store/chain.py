@@ -287,46 +287,53 @@ class TierChain:
         # A remote tier may make a put wait for another of its key (KeyBusy): every writer reserves
         # its keys in one order, so two batches never wait for each other's.
         order = sorted(range(len(items)), key=lambda j: items[j].key) if tier.remote else range(len(items))
-        while rounds < _DEMOTION_ROUNDS:
-            victims: list[Entry] = []
-            busy: list[Entry] = []  # victims the flusher is writing down: evictable once it is done
-            copies: list = []  # events of device copies holding room the tier is short of
+        try:
+            while rounds < _DEMOTION_ROUNDS:
+                victims: list[Entry] = []
+                busy: list[Entry] = []  # victims the flusher is writing down: evictable once it is done
+                copies: list = []  # events of device copies holding room the tier is short of
+                with self.lock:
+                    try:
+                        for j in order:
+                            item = items[j]
+                            if entries[j] is not None or j in stale:
+                                continue
+                            if item.guard is not None and not item.guard():
+                                stale.add(j)  # a write down of a version replaced above meanwhile
+                                continue
+                            evict = self._evict_hook(tier, victims, tier.stored_size(item.key, item.meta), busy)
+                            try:
+                                entries[j] = tier.reserve(item.key, item.ns, item.meta, evict)
+                            except CopiesInFlight as exc:
+                                copies = exc.events
+                                waits += exc.counted
+                                break
+                    except BaseException:  # victims set aside must not stay held (a delete would wait forever)
+                        for e in victims:
+                            self._let_go(tier, e)
+                        raise
+                if copies:  # waited for without the lock; the next reservation reaps them
+                    for event in copies:
+                        event.synchronize()
+                if victims:
+                    self._demote(tier, victims)
+                if all(e is not None or j in stale for j, e in enumerate(entries)):
+                    break
+                if copies and waits < _COPY_WAITS and time.monotonic() < deadline:
+                    continue
+                rounds += 1
+                if victims:
+                    continue
+                if not busy:
+                    break
+                with self.lock:  # the flusher's write of a victim ends with it clean, evictable
+                    self._await_down(busy[0])
+        except BaseException:  # reservations made must not stay (a put of their keys would wait for them)
             with self.lock:
-                try:
-                    for j in order:
-                        item = items[j]
-                        if entries[j] is not None or j in stale:
-                            continue
-                        if item.guard is not None and not item.guard():
-                            stale.add(j)  # a write down of a version replaced above meanwhile
-                            continue
-                        evict = self._evict_hook(tier, victims, tier.stored_size(item.key, item.meta), busy)
-                        try:
-                            entries[j] = tier.reserve(item.key, item.ns, item.meta, evict)
-                        except CopiesInFlight as exc:
-                            copies = exc.events
-                            waits += exc.counted
-                            break
-                except BaseException:  # victims set aside must not stay held (a delete would wait forever)
-                    for e in victims:
-                        self._let_go(tier, e)
-                    raise
-            if copies:  # waited for without the lock; the next reservation reaps them
-                for event in copies:
-                    event.synchronize()
-            if victims:
-                self._demote(tier, victims)
-            if all(e is not None or j in stale for j, e in enumerate(entries)):
-                break
-            if copies and waits < _COPY_WAITS and time.monotonic() < deadline:
-                continue
-            rounds += 1
-            if victims:
-                continue
-            if not busy:
-                break
-            with self.lock:  # the flusher's write of a victim ends with it clean, evictable
-                self._await_down(busy[0])
+                for e in entries:
+                    if e is not None:
+                        tier.abort(e)
+            raise
         if None in entries:
             with self.lock:
                 for j, (item, e) in enumerate(zip(items, entries)):

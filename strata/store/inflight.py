@@ -29,7 +29,7 @@ class KeysInFlight:
             del self._n[key]
             self._cond.notify_all()
 
-    def wait_out(self, key: bytes) -> None:
-        """Wait until no write of ``key`` is under way."""
-        while key in self._n:
-            self._cond.wait()
+    def wait_out(self, key: bytes, timeout: float | None = None) -> bool:
+        """Wait until no write of ``key`` is under way (at most ``timeout`` seconds): whether none is."""
+        return self._cond.wait_for(lambda: key not in self._n, timeout)
+

@@ -25,6 +25,8 @@ class WriteBack:
         self.max_pending_bytes = max_pending_bytes
         self._cond = threading.Condition()
         self._queue: deque = deque()
+        self._queued: set = set()  # the entries in the queue: one is queued once (a flush of it twice
+        # in one batch would make it wait for its own write of the key)
         self._pending_bytes = 0
         self._busy = 0
         self._stop = False
@@ -46,6 +48,9 @@ class WriteBack:
                     waited = True
                     self._cond.wait()
                 self.waits += waited
+            if entry in self._queued:  # queued already (``flush`` queues again what is still dirty)
+                return
+            self._queued.add(entry)
             self._queue.append((tier_index, entry))
             self._pending_bytes += entry.size
             self._cond.notify_all()
@@ -58,6 +63,7 @@ class WriteBack:
                 if not self._queue:
                     return
                 batch = [self._queue.popleft() for _ in range(min(len(self._queue), BATCH))]
+                self._queued.difference_update(entry for _, entry in batch)
                 self._busy += len(batch)
             done = [False] * len(batch)
             try:

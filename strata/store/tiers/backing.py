@@ -54,6 +54,7 @@ CALL_BOUND = 4  # a whole call (a batch included) ends within this many timeout_
 STALE_MAX = 1 << 16  # keys remembered as stale on the store (a delete or a newer put it missed)
 PURGE_BATCH = 1000  # stale names deleted per round trip
 ALIGN = 16  # the payload starts this far into a value: a tensor over it is aligned for any dtype
+KEY_WAIT_S = 1.0  # a put that finds another of its key in flight waits this long, then reserves again
 LABELS_KEY = b"__scope_labels__"  # after the prefix: where scope labels live (strata.store.labels), no object
 
 
@@ -229,14 +230,15 @@ class KeyBusy(CopiesInFlight):
 
 class _KeyWritten:
     """What ``KeyBusy`` waits for: no put of ``key`` in flight in ``tier`` (its value published, or
-    taken back), waited for without the chain's lock."""
+    taken back), waited for without the chain's lock, a second at a time (the chain reserves again
+    after each, until its own deadline: a put that never ends stalls a write, never hangs it)."""
 
     def __init__(self, tier: "BackingTier", key: bytes):
         self.tier, self.key = tier, key
 
     def synchronize(self) -> None:
         with self.tier._state:
-            self.tier._writing.wait_out(self.key)
+            self.tier._writing.wait_out(self.key, KEY_WAIT_S)
 
 
 class BackingTier(Tier):
