@@ -6,6 +6,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -175,7 +176,8 @@ def test_an_older_version_below_is_no_copy_an_eviction_may_drop_the_newer_one_fo
     merely the same key. A write-through put of v2 whose write to the file tier is still in flight
     finds v1 there; an eviction of v2 meanwhile must demote v2 first (once it dropped v2 for the
     stale v1, the put's own write lost its guard and the put returned False, or, under a
-    write-back tier above, its flush failed and the object was lost at close)."""
+    write-back tier above, its flush failed and the object was lost at close). The eviction waits
+    for the put's own write of v2 (a demotion alongside it would race it)."""
     from strata.store.tiers.file import FileTier
 
     k, other = Key("param", "m", "w"), Key("param", "m", "other")
@@ -200,6 +202,7 @@ def test_an_older_version_below_is_no_copy_an_eviction_may_drop_the_newer_one_fo
         putter.start()
         try:
             assert writing.wait(10)
+            threading.Timer(0.3, release.set).start()  # v2's write lands while the eviction below waits
             assert store.put(other, torch.full((1024,), 3, dtype=torch.int32))  # evicts v2 from the cpu tier
         finally:
             release.set()
@@ -208,3 +211,121 @@ def test_an_older_version_below_is_no_copy_an_eviction_may_drop_the_newer_one_fo
         got = store.get(k)
         assert got is not None and int(got[0]) == 2
         assert int(store.get(k, mode="exact", tier="file")[0]) == 2
+
+
+@pytest.mark.parametrize("below", ["redis", "file"])
+@pytest.mark.parametrize("write", ["through", "back"])
+def test_an_older_version_written_down_never_overwrites_a_newer_put_that_went_past_the_tier(
+        request, tmp_path, monkeypatch, write, below):
+    """v2 of a key is too big for the cpu tier, which still holds v1: the put goes straight to the
+    tier below and retires v1 above once that took v2. Between the two, another thread wrote v1 down
+    (an eviction's demotion with ``evict: lower``, or the write-back flusher): its version was still
+    current above, so it overwrote v2 below and v2, acknowledged, was gone. A version that a
+    newer put overtook is never written down."""
+    from strata.store.chain import TierChain
+    from strata.store.codec import describe
+
+    k, other = Key("param", "m", "w"), Key("param", "m", "other")
+    lower = ({"kind": "redis", "url": request.getfixturevalue("redis_url"), "key_prefix": f"t-{uuid.uuid4().hex}:"}
+             if below == "redis" else {"kind": "file", "path": str(tmp_path / "f"), "capacity": "1MiB"})
+    cfg = {"tiers": [{"kind": "cpu", "capacity": "8KiB", "write": write}, lower],
+           "namespaces": {"param": {"evict": "lower"}}}
+    released = threading.Event()
+    if write == "back":  # the flusher takes v1 only when the test says
+        real_flush = TierChain._flush_many
+        monkeypatch.setattr(TierChain, "_flush_many",
+                            lambda self, items: (released.wait(30), real_flush(self, items))[1])
+    real_settle, interleaved = TierChain._settle_put, []
+
+    def settle(self, kept, refused):  # v2 is in Redis, v1 still above: another thread writes v1 down now
+        if not interleaved and any(old.key == k.encoded for _, old in refused):
+            interleaved.append(True)
+            released.set()
+            if write == "back":
+                self.flush()
+            else:  # another put evicts v1, which is demoted
+                self.put(other.encoded, "param", *describe(torch.full((1536,), 3, dtype=torch.int32)))
+        return real_settle(self, kept, refused)
+
+    monkeypatch.setattr(TierChain, "_settle_put", settle)
+    with strata.open_store(cfg) as store:
+        assert store.put(k, torch.full((1024,), 1, dtype=torch.int32))
+        assert store.put(k, torch.full((4096,), 2, dtype=torch.int32))  # 16 KiB: the cpu tier refuses it
+        assert interleaved
+        store.flush()
+        got = store.get(k)
+        assert got is not None and got.shape == (4096,) and int(got[0]) == 2
+        got = store.get(k, mode="exact", tier=below)
+        assert got is not None and got.shape == (4096,) and int(got[0]) == 2
+    with strata.open_store(cfg) as store:  # and what the tier below keeps is v2
+        got = store.get(k)
+        assert got is not None and got.shape == (4096,) and int(got[0]) == 2
+
+
+def test_the_flusher_never_writes_down_an_object_an_eviction_is_writing_down(tmp_path, monkeypatch):
+    """The flusher's batch [a, b]: b is being demoted by an eviction, so the flusher waits for it,
+    and the lock goes meanwhile. Another eviction took a then and demoted it; the flusher, done
+    waiting, wrote a as well: two writers of one object (below a Redis tier, the one whose write
+    lost its guard deleted the other's copy). The flusher holds each object as soon as it is free,
+    so an eviction finds it busy."""
+    from strata.store.chain import TierChain
+    from strata.store.tiers.file import FileTier
+
+    z, a, b, c, d = (Key("param", "m", n) for n in "zabcd")
+    start = threading.Event()
+    held = {k.encoded: (threading.Event(), threading.Event()) for k in (a, b)}  # (entered, go)
+    real_flush, real_write, real_hold = TierChain._flush_many, FileTier.write, TierChain._hold_down
+
+    def flush_many(self, items):  # the flusher starts when the test says
+        assert start.wait(30), "the test never started the flusher"
+        return real_flush(self, items)
+
+    def write(self, e, data):  # the evictions' writes of a and b wait for the test
+        if e.key in held and threading.current_thread().name != "strata-writeback":
+            entered, go = held[e.key]
+            entered.set()
+            assert go.wait(30), "the test never released a held write"
+        return real_write(self, e, data)
+
+    doubled = []
+
+    def hold_down(self, tier, e):
+        if e in self._down:
+            doubled.append(e.key)
+        return real_hold(self, tier, e)
+
+    monkeypatch.setattr(TierChain, "_flush_many", flush_many)
+    monkeypatch.setattr(FileTier, "write", write)
+    monkeypatch.setattr(TierChain, "_hold_down", hold_down)
+    cfg = {"tiers": [{"kind": "cpu", "capacity": "14KiB", "write": "back", "policy": "lru"},  # three 4 KiB objects
+                     {"kind": "file", "path": str(tmp_path), "capacity": "1MiB"}],
+           "namespaces": {"param": {"evict": "lower"}}}
+    v = {k: torch.full((1024,), n, dtype=torch.int32) for n, k in enumerate((z, a, b, c, d))}
+    with strata.open_store(cfg) as store:
+        threads = []
+        try:
+            assert store.put(z, v[z])  # the flusher takes z alone, and waits
+            assert store.put(a, v[a]) and store.put(b, v[b])  # queued: the flusher's next batch is [a, b]
+            with store.lease(z):  # z stays
+                assert store.get(a) is not None  # b is the least recently used
+                threads.append(threading.Thread(target=store.put, args=(c, v[c])))  # evicts b: its write waits
+                threads[-1].start()
+                assert held[b.encoded][0].wait(10)
+                start.set()  # the flusher writes z, then waits for b
+                time.sleep(0.3)
+                threads.append(threading.Thread(target=store.put, args=(d, v[d])))  # evicts a
+                threads[-1].start()
+                held[a.encoded][0].wait(0.5)  # a's demotion began (or the eviction waits for the flusher)
+                held[b.encoded][1].set()  # b's write lands: the flusher goes on
+                time.sleep(0.3)
+        finally:
+            start.set()
+            for _, go in held.values():
+                go.set()
+            for t in threads:
+                t.join(30)
+        assert doubled == [], "an object was written down by two writers at once"
+        store.flush()
+        for k, t in v.items():
+            got = store.get(k)
+            assert got is not None and torch.equal(got, t), k

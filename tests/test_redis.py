@@ -538,3 +538,50 @@ def test_a_flush_racing_puts_queues_each_object_once_and_ends(redis_url, monkeyp
         assert not done.is_alive(), "flush hung"
         assert all(len(b) == len(set(b)) for b in batches), batches
         assert store.get(Key("kv", "m", "b"), mode="exact", tier="redis") is not None
+
+
+def test_an_eviction_never_writes_down_an_object_its_own_put_is_still_writing(redis_url, monkeypatch):
+    """A write-through put of k is in the cpu tier, on its way to Redis, when another put evicts it
+    (``evict: lower``): the eviction's demotion wrote k to Redis and dropped it above, and the put's
+    own write, reserved in between, lost its guard as it landed and took its value back with a DEL,
+    which took the demotion's copy: k, acknowledged, was gone. The eviction now waits for the put's
+    own write instead of writing k alongside it."""
+    from strata.store.chain import TierChain
+    from strata.store.tiers.backing import BackingTier
+
+    k, other = Key("param", "m", "w"), Key("param", "m", "other")
+    go, reserved = threading.Event(), threading.Event()
+    real_landed, real_settle, real_write = TierChain._landed, TierChain._settle_put, BackingTier.write_many
+
+    def landed(self, i, tier, p, e, write_back, block):  # the put pauses between the cpu tier and Redis
+        if threading.current_thread().name == "putter" and i == 0 and p.key == k.encoded:
+            go.wait(2)
+        return real_landed(self, i, tier, p, e, write_back, block)
+
+    def settle(self, kept, refused):  # the demotion's copy is in Redis: the put reserves its write now
+        if threading.current_thread().name != "putter" and any(e.key == k.encoded for _, e in kept) and not go.is_set():
+            go.set()
+            reserved.wait(2)
+        return real_settle(self, kept, refused)
+
+    def write(self, pairs):
+        if threading.current_thread().name == "putter":
+            reserved.set()
+        return real_write(self, pairs)
+
+    monkeypatch.setattr(TierChain, "_landed", landed)
+    monkeypatch.setattr(TierChain, "_settle_put", settle)
+    monkeypatch.setattr(BackingTier, "write_many", write)
+    cfg = cpu_redis(redis_url, cpu="6KiB")  # one 4 KiB object
+    cfg["namespaces"] = {"param": {"evict": "lower"}}
+    with strata.open_store(cfg) as store:
+        result = []
+        putter = threading.Thread(target=lambda: result.append(store.put(k, torch.full((1024,), 1, dtype=torch.int32))),
+                                  name="putter")
+        putter.start()
+        time.sleep(0.2)  # the put of k is in the cpu tier, held before Redis
+        assert store.put(other, torch.full((1024,), 2, dtype=torch.int32))  # evicts k
+        putter.join(30)
+        assert result == [True]
+        got = store.get(k)
+        assert got is not None and int(got[0]) == 1, "an acknowledged put was lost"

@@ -124,7 +124,7 @@ class TierChain:
             t.chain_lock = self.lock
         self._writes_done = threading.Condition(self.lock)
         self._writing = KeysInFlight(self._writes_done)  # keys with a flush or a demotion in flight
-        self._down: set[Entry] = set()  # entries a flush or a demotion is writing down: one writer each
+        self._down: set[Entry] = set()  # entries a flush, a demotion or their put is writing down: one writer each
         self.dropped_dirty = 0  # write-back objects evicted before reaching the tier below
         self.writeback = None
         if any(t.cfg.write == "back" for t in tiers[:-1]):
@@ -151,24 +151,40 @@ class TierChain:
 
     def _put_many_from(self, i: int, puts: list["_Put"], block: bool) -> list[bool]:
         """Write ``puts`` into tier ``i`` and those below it, as far as each goes (``_landed``), one
-        ``write_many`` per tier for all of them."""
+        ``write_many`` per tier for all of them. An entry a write-through tier took is being written
+        down by this put until it ends (in ``_down``): an eviction meanwhile waits for it rather than
+        demote it alongside (the write that lost the race, its guard gone, took back the other's copy)."""
         going = puts
-        while i < len(self.tiers) and going:
-            tier = self.tiers[i]
-            if not tier.writable:
+        passing: list[Entry] = []
+        try:
+            while i < len(self.tiers) and going:
+                tier = self.tiers[i]
+                if not tier.writable:
+                    i += 1
+                    continue
+                for p in going:
+                    if i > 0 and p.data.device.type != "cpu":
+                        p.data = p.data.cpu()
+                    if tier.persistent and p.meta.checksum is None:
+                        p.meta = p.meta.with_checksum(checksum(p.data.cpu()))
+                        for _, e in p.kept:  # the copies above name their version too (``_copy_below``)
+                            e.meta = p.meta
+                write_back = tier.cfg.write == "back" and i + 1 < len(self.tiers)
+                below = not write_back and any(t.writable for t in self.tiers[i + 1:])
+                entries = self._write_many(tier, going, dirty=write_back, passing=passing if below else None)
+                going = [p for p, e in zip(going, entries) if self._landed(i, tier, p, e, write_back, block)]
                 i += 1
-                continue
-            for p in going:
-                if i > 0 and p.data.device.type != "cpu":
-                    p.data = p.data.cpu()
-                if tier.persistent and p.meta.checksum is None:
-                    p.meta = p.meta.with_checksum(checksum(p.data.cpu()))
-                    for _, e in p.kept:  # the copies above name their version too (``_copy_below``)
-                        e.meta = p.meta
-            write_back = tier.cfg.write == "back" and i + 1 < len(self.tiers)
-            entries = self._write_many(tier, going, dirty=write_back)
-            going = [p for p, e in zip(going, entries) if self._landed(i, tier, p, e, write_back, block)]
-            i += 1
+        except BaseException:  # the older versions this put overtook are theirs to write down again
+            with self.lock:
+                for p in puts:
+                    for _, old in p.refused:
+                        old.overtaken -= 1
+            raise
+        finally:
+            if passing:
+                with self.lock:
+                    self._down.difference_update(passing)
+                    self._writes_done.notify_all()
         return [self._settle_put(p.kept, p.refused) for p in puts]
 
     def _landed(self, i: int, tier: Tier, p: "_Put", e: Entry | None, write_back: bool, block: bool) -> bool:
@@ -177,11 +193,12 @@ class TierChain:
         it passes it on, guarded by its own entry there (a newer put above wins)."""
         if e is None and p.guard is not None:  # refused, the new version above: drop the older one here
             self._drop_older(tier, p.key, p.guard)
-        elif e is None:  # nothing above holds it: the older version here goes once a tier below takes it
-            with self.lock:
+        elif e is None:  # nothing above holds it: the older version here goes once a tier below takes it,
+            with self.lock:  # and is never written down meanwhile (it would land over the newer one)
                 old = tier.lookup(p.key)
-            if old is not None:
-                p.refused.append((tier, old))
+                if old is not None:
+                    old.overtaken += 1
+                    p.refused.append((tier, old))
         if e is None:
             return True
         p.kept.append((tier, e))
@@ -196,13 +213,15 @@ class TierChain:
         newer put replaced them) before a lower tier's write, which was then not published; an
         eviction that demoted them first (another thread's put) left them below (``copied``). If
         held, the older versions left in tiers above that refused it go (they would be served
-        first); if not, they stay: the put failed and they are still the newest acknowledged version."""
+        first); if not, they stay: the put failed and they are still the newest acknowledged version
+        (which may be written down again)."""
         if not refused:  # nothing to retire: a look at the index needs no lock (a dict read is atomic)
             return any(t.holds(e) or e.copied for t, e in kept)
         with self.lock:
             held = any(t.holds(e) or e.copied for t, e in kept)
-            for tier, old in refused if held else ():
-                if tier.holds(old):
+            for tier, old in refused:
+                old.overtaken -= 1
+                if held and tier.holds(old):
                     tier.retire(old)
             return held
 
@@ -219,10 +238,12 @@ class TierChain:
                    guard: Guard | None, dirty: bool = False) -> Entry | None:
         return self._write_many(tier, [_Put(key, ns, meta, data, guard)], dirty)[0]
 
-    def _write_many(self, tier: Tier, items: list[_Put], dirty: bool = False) -> list[Entry | None]:
+    def _write_many(self, tier: Tier, items: list[_Put], dirty: bool = False,
+                    passing: list[Entry] | None = None) -> list[Entry | None]:
         """Write items into ``tier`` (a backing tier batches them): per item the published entry,
         or None where it was rejected, failed or lost to a newer put of its key (a guard that no
-        longer holds)."""
+        longer holds). With ``passing`` the entries published are marked as being written down
+        (``_down``) as they are published, and listed there."""
         entries = self._reserve(tier, items)
         reserved = [(e, item.data) for e, item in zip(entries, items) if e is not None]
         written: list[bool] = []
@@ -238,6 +259,9 @@ class TierChain:
                     if next(ok, False) and (item.guard is None or item.guard()):
                         e.dirty = dirty
                         tier.publish(e)
+                        if passing is not None:
+                            self._down.add(e)
+                            passing.append(e)
                     else:
                         tier.abort(e)
                         entries[j] = None
@@ -363,6 +387,8 @@ class TierChain:
             if e in self._down:
                 busy.append(e)
                 return False
+            if e.overtaken:  # a newer version is on its way below: this one must not follow it there
+                return False
             if deferred[0] < want:
                 if not self._hold_down(t, e):
                     return False  # cannot be leased to demote now: kept
@@ -421,39 +447,39 @@ class TierChain:
         one down goes first) and copied down (``_copy_down``). Per entry whether it is clean now
         (True too for one replaced, deleted or already clean)."""
         tier = self.tiers[i]
+        free, skip, todo = [], [], []
         with self.lock:
-            free = [self._await_down(e) for e in entries]
-            skip = [not e.dirty or not tier.holds(e) for e in entries]
-            todo = []
-            for j, e in enumerate(entries):
-                if free[j] and not skip[j]:
+            for e in entries:  # each held as soon as it is free (a wait for the next lets the lock go)
+                free.append(self._await_down(e))
+                skip.append(not e.dirty or not tier.holds(e))
+                if free[-1] and not skip[-1]:
                     if self._hold_down(tier, e):
                         todo.append(e)
                     else:
-                        skip[j] = True  # another process removed it: nothing to flush
+                        skip[-1] = True  # another process removed it: nothing to flush
         oks: list[bool] = []
         try:
             oks = self._copy_down(i, todo)
         finally:
+            stored = {id(e) for e, ok in zip(todo, oks) if ok}
             with self.lock:
                 for e in todo:
+                    if id(e) in stored:  # clean before it is let go: no eviction writes it down again
+                        e.dirty, e.copied = False, True
                     self._let_go(tier, e)
-        stored = {id(e) for e, ok in zip(todo, oks) if ok}
-        for e in todo:
-            if id(e) in stored:
-                e.dirty, e.copied = False, True
         return [f and (s or id(e) in stored) for e, s, f in zip(entries, skip, free)]
 
     def _copy_down(self, i: int, entries: list[Entry]) -> list[bool]:
         """Write ``entries``, leased in tier ``i``, to the tiers below it (outside the lock, one
         batch per tier), each published there only while it is still the current version in tier
-        ``i`` (a newer put writes its own). Per entry whether a tier below holds it."""
+        ``i`` (a newer put writes its own, into tier ``i`` or, where that refused it, past it:
+        ``overtaken``). Per entry whether a tier below holds it."""
         tier = self.tiers[i]
         puts, at = [], []
         for j, e in enumerate(entries):
             data = self._payload(tier, e)
             if data is not None:
-                guard = (lambda e=e: tier.holds(e))
+                guard = (lambda e=e: tier.holds(e) and not e.overtaken)
                 puts.append(_Put(e.key, e.ns, self._with_checksum(e, data), data, guard))
                 at.append(j)
         ok = [False] * len(entries)

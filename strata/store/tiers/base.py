@@ -48,7 +48,7 @@ class NotStored(LookupError):
 class Entry:
     """One object in one tier."""
 
-    __slots__ = ("key", "ns", "meta", "size", "loc", "leases", "dead", "dirty", "copied", "view")
+    __slots__ = ("key", "ns", "meta", "size", "loc", "leases", "dead", "dirty", "copied", "overtaken", "view")
 
     def __init__(self, key: bytes, ns: str, meta: ObjectMeta, size: int, loc: object):
         self.key, self.ns, self.meta, self.size, self.loc = key, ns, meta, size, loc
@@ -56,6 +56,7 @@ class Entry:
         self.dead = False  # retired while leased: freed on the last release
         self.dirty = False  # write-back: not yet in the tier below
         self.copied = False  # a flush or a demotion wrote this very version to a tier below
+        self.overtaken = 0  # newer puts of the key on their way to the tiers below (this tier refused them)
         self.view: torch.Tensor | None = None  # memory tiers: typed view of the payload in place
 
 
