@@ -262,6 +262,45 @@ def test_an_older_version_written_down_never_overwrites_a_newer_put_that_went_pa
         assert got is not None and got.shape == (4096,) and int(got[0]) == 2
 
 
+@pytest.mark.parametrize("below", ["redis", "file"])
+def test_a_read_promoting_an_older_version_never_lands_over_a_put_made_meanwhile(request, tmp_path, monkeypatch, below):
+    """A read of v1 from the tier below promotes it into the cpu tier, which had no copy when the read
+    looked. A put of v2 that lands in the cpu tier before the promotion's write must win: the
+    promotion used to publish v1 over it, so every later read (and a demotion) had v1 back."""
+    from strata.store.tiers.cpu import CpuTier
+
+    k, other = Key("param", "m", "w"), Key("param", "m", "other")
+    lower = ({"kind": "redis", "url": request.getfixturevalue("redis_url"), "key_prefix": f"t-{uuid.uuid4().hex}:"}
+             if below == "redis" else {"kind": "file", "path": str(tmp_path / "f"), "capacity": "1MiB"})
+    cfg = {"tiers": [{"kind": "cpu", "capacity": "6KiB", "write": "through"}, lower]}  # one 4 KiB object
+    real_write = CpuTier.write_many
+    writing, release = threading.Event(), threading.Event()
+
+    def slow(self, pairs):  # the promotion's write of v1 waits for the test
+        if threading.current_thread().name == "reader" and any(e.key == k.encoded for e, _ in pairs):
+            writing.set()
+            assert release.wait(30), "the test never released the held write"
+        return real_write(self, pairs)
+
+    monkeypatch.setattr(CpuTier, "write_many", slow)
+    with strata.open_store(cfg) as store:
+        assert store.put(k, torch.full((1024,), 1, dtype=torch.int32))
+        assert store.put(other, torch.full((1024,), 3, dtype=torch.int32))  # v1 leaves the cpu tier
+        got = []
+        reader = threading.Thread(target=lambda: got.append(store.get(k)), name="reader")
+        reader.start()
+        try:
+            assert writing.wait(10)
+            assert store.put(k, torch.full((1024,), 2, dtype=torch.int32))
+        finally:
+            release.set()
+            reader.join(30)
+        assert int(got[0][0]) in (1, 2)  # a read that overlaps a put sees either version
+        v = store.get(k)
+        assert v is not None and int(v[0]) == 2, "a read after the put returned served the older version"
+        assert int(store.get(k, mode="exact", tier=below)[0]) == 2
+
+
 def test_the_flusher_never_writes_down_an_object_an_eviction_is_writing_down(tmp_path, monkeypatch):
     """The flusher's batch [a, b]: b is being demoted by an eviction, so the flusher waits for it,
     and the lock goes meanwhile. Another eviction took a then and demoted it; the flusher, done

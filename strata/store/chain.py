@@ -13,6 +13,7 @@ fails (an I/O error, a checksum mismatch) degrades to a miss and a counter.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import _thread
 import threading
@@ -23,7 +24,7 @@ import torch
 
 from strata.config import StoreConfig, format_size
 from strata.store.codec import CorruptObject, ObjectMeta, checksum, fit_out
-from strata.store.inflight import KeysInFlight
+from strata.store.inflight import KeyChanges, KeysInFlight
 from strata.store.tiers.base import CopiesInFlight, Entry, NotStored, Tier
 from strata.store.writeback import WriteBack
 
@@ -125,6 +126,8 @@ class TierChain:
         self._writes_done = threading.Condition(self.lock)
         self._writing = KeysInFlight(self._writes_done)  # keys with a flush or a demotion in flight
         self._down: set[Entry] = set()  # entries a flush, a demotion or their put is writing down: one writer each
+        # puts and deletes, for promotions (``_promote``): none where no tier has one above it
+        self._changes = KeyChanges() if len(tiers) > 1 else None
         self.dropped_dirty = 0  # write-back objects evicted before reaching the tier below
         self.writeback = None
         if any(t.cfg.write == "back" for t in tiers[:-1]):
@@ -133,7 +136,10 @@ class TierChain:
 
     # -- writes ------------------------------------------------------------------------------
     def put(self, key: bytes, ns: str, meta: ObjectMeta, data: torch.Tensor) -> bool:
-        return self._put_many_from(0, [_Put(key, ns, meta, data, None)], block=True)[0]
+        if self._changes is None:
+            return self._put_many_from(0, [_Put(key, ns, meta, data, None)], block=True)[0]
+        with self._changing((key,)):
+            return self._put_many_from(0, [_Put(key, ns, meta, data, None)], block=True)[0]
 
     def put_many(self, items: list[tuple[bytes, str, ObjectMeta, torch.Tensor]]) -> list[bool]:
         """``put`` of many objects, tier by tier: each tier takes the batch in one ``write_many``
@@ -141,13 +147,29 @@ class TierChain:
         out: list[bool] = []
         batch: list[_Put] = []
         seen: set[bytes] = set()
-        for k, ns, meta, data in items:
-            if k in seen:  # a key twice: its puts in order, as one at a time would make them
-                out += self._put_many_from(0, batch, block=True)
-                batch, seen = [], set()
-            batch.append(_Put(k, ns, meta, data, None))
-            seen.add(k)
-        return out + (self._put_many_from(0, batch, block=True) if batch else [])
+        with self._changing([k for k, _, _, _ in items] if self._changes else ()):
+            for k, ns, meta, data in items:
+                if k in seen:  # a key twice: its puts in order, as one at a time would make them
+                    out += self._put_many_from(0, batch, block=True)
+                    batch, seen = [], set()
+                batch.append(_Put(k, ns, meta, data, None))
+                seen.add(k)
+            return out + (self._put_many_from(0, batch, block=True) if batch else [])
+
+    @contextlib.contextmanager
+    def _changing(self, keys):
+        """A put or delete of ``keys`` under way: a promotion of them read before it ends is not
+        published (``KeyChanges``)."""
+        if self._changes is None:
+            yield
+            return
+        with self.lock:
+            self._changes.begin(keys)
+        try:
+            yield
+        finally:
+            with self.lock:
+                self._changes.end(keys)
 
     def _put_many_from(self, i: int, puts: list["_Put"], block: bool) -> list[bool]:
         """Write ``puts`` into tier ``i`` and those below it, as far as each goes (``_landed``), one
@@ -514,6 +536,7 @@ class TierChain:
         for i in order:
             tier = self.tiers[i]
             for _ in range(2 if tier.shared else 1):  # once more where another process replaced the file
+                since = self._changes.now() if i else 0
                 e = self._open(tier, key)
                 if e is None:
                     break
@@ -521,7 +544,7 @@ class TierChain:
                 if got is not None:
                     data, host_copy = got
                     if promote and i > 0 and host_copy is not None:
-                        self._promote(i, key, e, host_copy)
+                        self._promote(i, key, e, host_copy, since)
                     return e.meta, data
                 if not e.dead:
                     break
@@ -536,6 +559,7 @@ class TierChain:
             if not todo:
                 break
             tier = self.tiers[i]
+            since = self._changes.now() if i else 0
             opened = [(j, e) for j in todo if (e := self._open(tier, keys[j])) is not None]
             try:
                 fetched = tier.read_many([e for _, e in opened])
@@ -551,7 +575,7 @@ class TierChain:
                         found[j] = self.read(keys[j], [i], promote)
                     continue
                 if promote and i > 0:
-                    self._promote(i, keys[j], e, data)
+                    self._promote(i, keys[j], e, data, since)
                 found[j] = (e.meta, data)
         return found
 
@@ -643,7 +667,11 @@ class TierChain:
         dev.copy(target, buf)
         return target, buf
 
-    def _promote(self, i: int, key: bytes, e: Entry, data: torch.Tensor) -> None:
+    def _promote(self, i: int, key: bytes, e: Entry, data: torch.Tensor, since: int) -> None:
+        """Write what a read found in tier ``i`` into the writable tiers above it that lack the key,
+        each published only if no put or delete of the key was under way or ended ``since`` the
+        read looked (it would land over the newer version, or bring a deleted one back)."""
+        unchanged = (lambda: self._changes.unchanged(key, since))
         for j in range(i):
             upper = self.tiers[j]
             if not upper.writable:
@@ -652,7 +680,7 @@ class TierChain:
                 there = upper.lookup(key) is not None
             if there:
                 continue
-            if self._write_one(upper, key, e.ns, e.meta, data, None) is not None:
+            if self._write_one(upper, key, e.ns, e.meta, data, unchanged) is not None:
                 with self.lock:
                     upper.counters.promotions += 1
 
@@ -727,17 +755,18 @@ class TierChain:
             tier.release(e)
 
     def delete(self, key: bytes) -> bool:
-        found = False
-        with self.lock:
-            for tier in self.tiers:
-                e = tier.lookup(key)
-                if e is not None:
-                    tier.retire(e)
-                    found = True
-            self._writing.wait_out(key)  # a write in flight (a write-back flush) would land after the DEL
-        for tier in self.tiers:  # what the indexes do not know: a store's value, other processes' files
-            found = tier.remove(key) or found
-        return found
+        with self._changing([key]):
+            found = False
+            with self.lock:
+                for tier in self.tiers:
+                    e = tier.lookup(key)
+                    if e is not None:
+                        tier.retire(e)
+                        found = True
+                self._writing.wait_out(key)  # a write in flight (a write-back flush) would land after the DEL
+            for tier in self.tiers:  # what the indexes do not know: a store's value, other processes' files
+                found = tier.remove(key) or found
+            return found
 
     def keys(self) -> set[bytes]:
         """Every key some tier holds: top tier first, so an object a demotion moves meanwhile (written
