@@ -1,6 +1,8 @@
 """Capacity is a hard bound: random workloads on small tiers, quotas, pinning, priorities."""
 
 import random
+import threading
+import uuid
 
 import pytest
 import torch
@@ -180,6 +182,93 @@ def test_with_room_below_and_evict_lower_nothing_acknowledged_is_lost(tmp_path_f
             assert same(store.get(k), v), k
     finally:
         store.close()
+
+
+def _racer(store, tid: int, seed: int, last: dict, errors: list) -> None:
+    """One thread of ``test_threads_...``: its own keys, checked against the last version it put."""
+    rng = random.Random(seed * 100 + tid)
+
+    def key():
+        return Key(rng.choice(["kv", "param"]), f"t{tid}", str(rng.randrange(12)))
+
+    def value(n):
+        return torch.full((rng.randrange(1, 4096),), n, dtype=torch.int32)
+
+    def check(what, k, got, step):
+        if not same(got, last.get(k)):
+            errors.append(f"thread {tid} step {step}: {what} {k}: got {None if got is None else int(got[0])}, "
+                          f"want {None if k not in last else int(last[k][0])}")
+        return not errors
+
+    try:
+        for step in range(150):
+            k, op = key(), rng.random()
+            if op < 0.35:
+                v = value(step)
+                if store.put(k, v):
+                    last[k] = v
+            elif op < 0.42:
+                items = [(key(), value(step * 10 + j)) for j in range(3)]
+                for (kk, v), ok in zip(items, store.put_many(items)):
+                    if ok:
+                        last[kk] = v
+            elif op < 0.65:
+                if not check("get", k, store.get(k), step):
+                    return
+            elif op < 0.72:
+                ks = [key() for _ in range(4)]
+                if not all(check("get_many", kk, got, step) for kk, got in zip(ks, store.get_many(ks))):
+                    return
+            elif op < 0.78:
+                with store.lease(k) as view:
+                    if not check("lease", k, None if view is None else view.clone(), step):
+                        return
+            elif op < 0.93:
+                if store.delete(k) != (k in last):
+                    errors.append(f"thread {tid} step {step}: delete {k} said {k not in last}")
+                    return
+                last.pop(k, None)
+            elif op < 0.97:
+                if store.contains(k) != (k in last):
+                    errors.append(f"thread {tid} step {step}: contains {k} said {k not in last}")
+                    return
+            else:
+                store.flush()
+    except Exception as e:  # noqa: BLE001 - reported by the test
+        errors.append(f"thread {tid}: {e!r}")
+
+
+@pytest.mark.parametrize("seed", range(12))
+@pytest.mark.parametrize("shape", ["cpu-file", "cpu-cxl", "cpu-cxl-file", "cpu-redis"])
+def test_threads_racing_on_one_store_never_lose_or_go_back_on_an_acknowledged_put(request, tmp_path, shape, seed):
+    """Four threads, each on its own keys, put, read, lease and delete through small upper tiers
+    that evict into one another all the time (``evict: lower``; demotions, flushes, promotions and
+    write-throughs of one key in different threads at once): each thread reads back what it last
+    put, and so does the next process. Threads order nothing, so this samples interleavings: the
+    races it found each have a deterministic test (test_concurrency, test_redis)."""
+    rng = random.Random(seed)
+    if shape == "cpu-redis":
+        cfg = {"tiers": [{"kind": "cpu", "capacity": "64KiB", "write": rng.choice(["through", "back"]),
+                          "policy": rng.choice(["lru", "s3fifo"])},
+                         {"kind": "redis", "url": request.getfixturevalue("redis_url"),
+                          "key_prefix": f"race-{uuid.uuid4().hex}:", "timeout_ms": 5000}],
+               "namespaces": {"kv": {"evict": "lower"}, "param": {"evict": "lower"}},
+               "writeback": {"max_pending": rng.choice([1, 3, 64])}}
+    else:
+        cfg = _lower_chain(tmp_path, rng, shape)
+    lasts, errors = [{} for _ in range(4)], []
+    with strata.open_store(cfg) as store:
+        threads = [threading.Thread(target=_racer, args=(store, t, seed, lasts[t], errors)) for t in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert not any(t.is_alive() for t in threads), "a thread hung"
+        assert not errors, errors
+    with strata.open_store(cfg) as store:
+        for last in lasts:
+            for k, v in last.items():
+                assert same(store.get(k), v), k
 
 
 def test_quota_keeps_a_namespace_inside_its_share():
