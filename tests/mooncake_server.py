@@ -109,8 +109,16 @@ class MooncakeMaster:
         return self.start()
 
     def pause(self) -> None:
-        """SIGSTOP: its sockets stay open and nothing answers (a hung master, not a dead one)."""
+        """SIGSTOP: its sockets stay open and nothing answers (a hung master, not a dead one). Returns
+        once the kernel shows it stopped: the signal is delivered when the process is next scheduled,
+        and until then a busy machine lets it answer a request more."""
         os.kill(self.proc.pid, signal.SIGSTOP)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with open(f"/proc/{self.proc.pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] in ("T", "t"):
+                    return
+            time.sleep(0.005)
 
     def resume(self) -> None:
         os.kill(self.proc.pid, signal.SIGCONT)
