@@ -115,6 +115,33 @@ def test_lower_policy_demotes_to_the_tier_below_before_evicting(tmp_path):
         assert store.contains(Key("param", "m", "a"))
 
 
+_SHARED_OPS = 0.78  # a draw below this is one of ``_shared_op``'s
+
+
+def _shared_op(store, op: float, k, step: int, key, value, last: dict, check) -> bool:
+    """The ops both random workloads draw with ``op`` below ``_SHARED_OPS``: a put, a batch of three,
+    a get, a get_many of four, a lease; each read handed to ``check(what, key, got, step)``. False
+    where a check said stop."""
+    if op < 0.35:
+        v = value(step)
+        if store.put(k, v):
+            last[k] = v
+    elif op < 0.42:
+        items = [(key(), value(step * 10 + j)) for j in range(3)]
+        for (kk, v), ok in zip(items, store.put_many(items)):
+            if ok:
+                last[kk] = v
+    elif op < 0.65:
+        return check("get", k, store.get(k), step)
+    elif op < 0.72:
+        ks = [key() for _ in range(4)]
+        return all(check("get_many", kk, got, step) for kk, got in zip(ks, store.get_many(ks)))
+    else:
+        with store.lease(k) as view:
+            return check("lease", k, None if view is None else view.clone(), step)
+    return True
+
+
 def _lower_chain(d, rng, shape):
     """Small tiers over a lowest one with room for every key: ``evict: lower`` may never lose a byte."""
     pol = rng.choice(["lru", "s3fifo"])
@@ -146,28 +173,16 @@ def test_with_room_below_and_evict_lower_nothing_acknowledged_is_lost(tmp_path_f
     def value(n):
         return torch.full((rng.randrange(1, 4096),), n, dtype=torch.int32)
 
+    def check(what, k, got, step):
+        assert same(got, last.get(k)), (what, k, step)
+        return True
+
     store = strata.open_store(cfg)
     try:
         for step in range(150):
             k, op = key(), rng.random()
-            if op < 0.35:
-                v = value(step)
-                if store.put(k, v):
-                    last[k] = v
-            elif op < 0.42:
-                items = [(key(), value(step * 10 + j)) for j in range(3)]
-                for (kk, v), ok in zip(items, store.put_many(items)):
-                    if ok:
-                        last[kk] = v
-            elif op < 0.65:
-                assert same(store.get(k), last.get(k)), (k, step)
-            elif op < 0.72:
-                ks = [key() for _ in range(4)]
-                for kk, got in zip(ks, store.get_many(ks)):
-                    assert same(got, last.get(kk)), (kk, step)
-            elif op < 0.78:
-                with store.lease(k) as view:
-                    assert same(None if view is None else view.clone(), last.get(k)), (k, step)
+            if op < _SHARED_OPS:
+                _shared_op(store, op, k, step, key, value, last, check)
             elif op < 0.92:
                 assert store.delete(k) == (k in last), (k, step)
                 last.pop(k, None)
@@ -203,26 +218,9 @@ def _racer(store, tid: int, seed: int, last: dict, errors: list) -> None:
     try:
         for step in range(150):
             k, op = key(), rng.random()
-            if op < 0.35:
-                v = value(step)
-                if store.put(k, v):
-                    last[k] = v
-            elif op < 0.42:
-                items = [(key(), value(step * 10 + j)) for j in range(3)]
-                for (kk, v), ok in zip(items, store.put_many(items)):
-                    if ok:
-                        last[kk] = v
-            elif op < 0.65:
-                if not check("get", k, store.get(k), step):
+            if op < _SHARED_OPS:
+                if not _shared_op(store, op, k, step, key, value, last, check):
                     return
-            elif op < 0.72:
-                ks = [key() for _ in range(4)]
-                if not all(check("get_many", kk, got, step) for kk, got in zip(ks, store.get_many(ks))):
-                    return
-            elif op < 0.78:
-                with store.lease(k) as view:
-                    if not check("lease", k, None if view is None else view.clone(), step):
-                        return
             elif op < 0.93:
                 if store.delete(k) != (k in last):
                     errors.append(f"thread {tid} step {step}: delete {k} said {k not in last}")

@@ -147,7 +147,7 @@ class TierChain:
         out: list[bool] = []
         batch: list[_Put] = []
         seen: set[bytes] = set()
-        with self._changing([k for k, _, _, _ in items] if self._changes else ()):
+        with self._changing([k for k, _, _, _ in items]):
             for k, ns, meta, data in items:
                 if k in seen:  # a key twice: its puts in order, as one at a time would make them
                     out += self._put_many_from(0, batch, block=True)
