@@ -254,15 +254,35 @@ def test_threads_racing_on_one_store_never_lose_or_go_back_on_an_acknowledged_pu
                "writeback": {"max_pending": rng.choice([1, 3, 64])}}
     else:
         cfg = _lower_chain(tmp_path, rng, shape)
+    _race(cfg, [strata.open_store(cfg)], seed)
+
+
+@pytest.mark.parametrize("seed", range(16))
+def test_processes_sharing_a_region_over_a_file_tier_never_lose_or_go_back_on_an_acknowledged_put(tmp_path, seed):
+    """As above, with the four threads on two stores (two processes, as far as the region and the
+    files can tell: descriptors, locks and indexes of their own) over one cxl region and one file
+    directory: each evicts the other's objects from the region, and only the process that put an
+    object writes it down (another's write of it was not ordered with the owner's)."""
+    cfg = _lower_chain(tmp_path, random.Random(seed), "cpu-cxl-file")
+    _race(cfg, [strata.open_store(cfg), strata.open_store(cfg)], seed)
+
+
+def _race(cfg: dict, stores: list, seed: int) -> None:
+    """Four ``_racer`` threads spread over ``stores`` (closed here): none hangs or reads a wrong
+    version, and a store opened afterwards reads each thread's last puts."""
     lasts, errors = [{} for _ in range(4)], []
-    with strata.open_store(cfg) as store:
-        threads = [threading.Thread(target=_racer, args=(store, t, seed, lasts[t], errors)) for t in range(4)]
+    try:
+        threads = [threading.Thread(target=_racer, args=(stores[t % len(stores)], t, seed, lasts[t], errors))
+                   for t in range(4)]
         for t in threads:
             t.start()
         for t in threads:
             t.join(120)
         assert not any(t.is_alive() for t in threads), "a thread hung"
         assert not errors, errors
+    finally:
+        for store in stores:
+            store.close()
     with strata.open_store(cfg) as store:
         for last in lasts:
             for k, v in last.items():

@@ -6,6 +6,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -839,3 +840,91 @@ def test_a_promotion_into_the_cxl_tier_syncs_its_index_under_the_chain_lock(tmp_
         assert torch.equal(store.get(k), value(1))
         assert unlocked == [] and tier.counters.promotions == 1
         assert torch.equal(store.get(k, mode="exact", tier="cxl"), value(1))
+
+
+# -- processes sharing a region over a file tier they share too: writes down are the owner's ------
+
+def _over_files(tmp_path) -> dict:
+    """A small write-back region over a file tier with room for everything (``evict: lower``)."""
+    return {"tiers": [{"kind": "cxl", "path": str(tmp_path / "region"), "size": "1MiB", "write": "back"},
+                      {"kind": "file", "path": str(tmp_path / "files"), "capacity": "64MiB"}],
+            "namespaces": {"kv": {"evict": "lower"}}}
+
+
+def _fill(store, name: str, n: int) -> None:
+    """Puts of ``n`` 100 KB objects: the 1 MiB region evicts all the time."""
+    for i in range(n):
+        assert store.put(strata.Key("kv", name, str(i)), torch.full((25_000,), float(i)))
+
+
+def _in_region(store, key) -> bool:
+    with store.chain.lock:
+        return cxl_tier(store).lookup(key.encoded) is not None
+
+
+def test_another_processs_object_not_yet_written_below_is_left_to_it_then_evicted_unwritten(tmp_path):
+    """Store ``b`` (a process of its own: its own descriptor, locks and index) needs the room that
+    ``a``'s object takes, which ``a``'s flusher has not written to the files yet: ``b`` keeps it
+    rather than write it down itself (unordered with ``a``'s own writes of the key, that write
+    landed an older version over a newer one, or brought back a deleted object). Once ``a`` wrote
+    it and marked it so, ``b`` evicts it without writing it again."""
+    cfg = _over_files(tmp_path)
+    with strata.open_store(cfg) as a, strata.open_store(cfg) as b, \
+            strata.open_store({"tiers": [cfg["tiers"][1]]}) as files:
+        go = threading.Event()
+        flush = a.chain.writeback._flush_many
+        a.chain.writeback._flush_many = lambda batch: (go.wait(60), flush(batch))[1]
+        x = strata.Key("kv", "a", "x")
+        try:
+            assert a.put(x, value(1))  # dirty in the region until a's flusher goes on
+            _fill(b, "b", 30)
+            assert _in_region(b, x) and not files.contains(x)
+            assert cxl_tier(a).stats()["unwritten_owned"] == 1
+        finally:
+            go.set()
+        a.flush()
+        assert files.contains(x) and cxl_tier(a).stats()["unwritten_owned"] == 0
+        with b.chain.lock:
+            assert cxl_tier(b).written_below(cxl_tier(b).lookup(x.encoded))
+        written = b.tiers[1].counters.puts
+        _fill(b, "b2", 30)
+        assert not _in_region(b, x)
+        assert b.tiers[1].counters.puts - written <= 30  # b's own objects at most, never x again
+        assert torch.equal(b.get(x), value(1)) and torch.equal(a.get(x), value(1))
+
+
+OWNER = r"""
+import sys, time, torch, strata
+cfg = {"tiers": [{"kind": "cxl", "path": sys.argv[1] + "/region", "size": "1MiB", "write": "back"},
+                 {"kind": "file", "path": sys.argv[1] + "/files", "capacity": "64MiB"}],
+       "namespaces": {"kv": {"evict": "lower"}}}
+store = strata.open_store(cfg)
+store.chain.writeback._flush_many = lambda batch: time.sleep(3600)  # never written down
+assert store.put(strata.Key("kv", "owner", "x"), torch.arange(20_000, dtype=torch.float32))
+print("put", flush=True)
+time.sleep(3600)
+"""
+
+
+def test_what_a_killed_process_never_wrote_below_is_written_down_by_the_process_that_evicts_it(tmp_path):
+    """The owner's claim on an object it has not written below is a lock the kernel drops with the
+    process: while it lives another process leaves the object to it; once it is killed, the process
+    that evicts the object writes it down itself, so nothing of the dead process is lost."""
+    cfg = _over_files(tmp_path)
+    x = strata.Key("kv", "owner", "x")
+    owner = subprocess.Popen([sys.executable, "-c", OWNER, str(tmp_path)], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        assert owner.stdout.readline().split() == ["put"], owner.stderr.read()[-3000:]
+        with strata.open_store(cfg) as b, strata.open_store({"tiers": [cfg["tiers"][1]]}) as files:
+            _fill(b, "b", 30)
+            assert _in_region(b, x) and not files.contains(x)  # its owner lives: left to it
+            owner.kill()
+            owner.wait(60)
+            _fill(b, "b2", 30)
+            assert not _in_region(b, x) and files.contains(x)
+            assert torch.equal(b.get(x), torch.arange(20_000, dtype=torch.float32))
+    finally:
+        if owner.poll() is None:
+            owner.kill()
+            owner.wait()

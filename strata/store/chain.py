@@ -121,8 +121,9 @@ class TierChain:
         self.tiers = tiers
         self.cfg = cfg
         self.lock = ChainLock()
-        for t in tiers:
+        for i, t in enumerate(tiers):
             t.chain_lock = self.lock
+            t.writes_down = any(u.writable for u in tiers[i + 1:])
         self._writes_done = threading.Condition(self.lock)
         self._writing = KeysInFlight(self._writes_done)  # keys with a flush or a demotion in flight
         self._down: set[Entry] = set()  # entries a flush, a demotion or their put is writing down: one writer each
@@ -223,12 +224,23 @@ class TierChain:
                     p.refused.append((tier, old))
         if e is None:
             return True
+        self._mark_written_below(p.kept)
         p.kept.append((tier, e))
         if write_back:
             self.writeback.enqueue(i, e, block=block)
             return False
         p.guard = (lambda t=tier, ent=e: t.holds(ent))
         return True
+
+    def _mark_written_below(self, kept: list[tuple[Tier, Entry]]) -> None:
+        """A tier below took a put that the write-through tiers above (``kept``) passed on: those
+        that tell other processes (``Tier.marks_below``) mark their copy written below."""
+        marking = [(t, e) for t, e in kept if t.marks_below]
+        if marking:
+            with self.lock:
+                for t, e in marking:
+                    if t.holds(e):
+                        t.mark_written_below(e)
 
     def _settle_put(self, kept: list[tuple[Tier, Entry]], refused: list[tuple[Tier, Entry]]) -> bool:
         """Whether some tier still holds a put's bytes: one that took them may have evicted them (or a
@@ -399,7 +411,9 @@ class TierChain:
 
         def evict(t: Tier, e: Entry) -> bool:
             pol = self.cfg.policy(e.ns)
-            if not (e.dirty or (pol.evict == "lower" and not self._copy_below(below, e))):
+            if below and t.owned_elsewhere(e):
+                return False  # another process's, not yet written below: only it writes it down
+            if not (e.dirty or (pol.evict == "lower" and not (t.written_below(e) or self._copy_below(below, e)))):
                 return True  # clean, or a copy lives below already
             if not below:
                 if pol.evict == "drop":
@@ -488,6 +502,7 @@ class TierChain:
                 for e in todo:
                     if id(e) in stored:  # clean before it is let go: no eviction writes it down again
                         e.dirty, e.copied = False, True
+                        tier.mark_written_below(e)
                     self._let_go(tier, e)
         return [f and (s or id(e) in stored) for e, s, f in zip(entries, skip, free)]
 
@@ -680,9 +695,12 @@ class TierChain:
                 there = upper.lookup(key) is not None
             if there:
                 continue
-            if self._write_one(upper, key, e.ns, e.meta, data, unchanged) is not None:
+            promoted = self._write_one(upper, key, e.ns, e.meta, data, unchanged)
+            if promoted is not None:
                 with self.lock:
                     upper.counters.promotions += 1
+                    if upper.holds(promoted):  # its very version lives below, where it was read
+                        upper.mark_written_below(promoted)
 
     # -- lookups and deletes -------------------------------------------------------------------
     def where_many(self, keys: list[bytes], order: list[int]) -> list[int | None]:

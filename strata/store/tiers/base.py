@@ -235,6 +235,28 @@ class Tier:
         """Drop an entry whose object another process removed (lock)."""
         self.retire(e)
 
+    # -- writes down of objects other processes put (a region they share) ------------------------
+    # True (a cxl region that takes cross-process locks, with a writable tier below it): another
+    # process may evict this process's objects, so it marks each as written below once it is
+    # (``mark_written_below``); until then only this process writes it down
+    marks_below = False
+    writes_down = False  # set by the chain: a writable tier lies below this one
+
+    def owned_elsewhere(self, e: Entry) -> bool:
+        """Whether another live process put ``e`` and has not yet written it to the tiers below
+        (lock): only that process may write it down, since its writes of the key are ordered with
+        each other and another process's would not be. Evicted once it is marked written below."""
+        return False
+
+    def written_below(self, e: Entry) -> bool:
+        """Whether the process that put ``e`` marked it written to a tier below (lock): it may be
+        evicted without writing it again."""
+        return False
+
+    def mark_written_below(self, e: Entry) -> None:
+        """``e``, put by this process, now has its very version in a tier below (lock): other
+        processes may evict it without writing it down (``marks_below`` tiers)."""
+
     # -- reporting and lifecycle ----------------------------------------------------------
     def stats_extra(self) -> dict:
         return {}

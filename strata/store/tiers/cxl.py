@@ -38,6 +38,16 @@ or private (the static ring still leases in place there, ``lease_many(copies=Fal
 Processes of Strata versions before pins do not honour them. A delete or eviction of an
 object this process still leases takes it out of the region at once (its slot cleared: gone for
 every process); its bytes stay this process's until the last release.
+Over a tier below (a file tier the processes share too), an object is written down only by the
+process that put it: its writes of a key are ordered with each other, another process's would not
+be (an older version landing over a newer one, a deleted object brought back). A put claims its
+object with a lock on byte ``_OWNED_AT + seq`` of the region file (an open file description lock,
+as a pin: gone with the process) until the object is written below; then its slot's commit word
+takes its written-below form (``_WRITTEN_BELOW``) and the claim is let go. Another process never
+evicts an object a live owner claims (``owned_elsewhere``: it evicts others, or refuses the put);
+one marked written below it evicts without writing it again; one neither claimed nor marked (its
+owner died first) it writes down itself. Where the file refuses such locks, every process writes
+down what it evicts.
 Objects of namespaces this process never registered (another process's) are indexed and
 evicted like any other, never cleared: only a slot whose record fails its header checksum or
 size is stale.
@@ -101,6 +111,8 @@ _NOT_A_KEY = "?"  # the namespace of a checksummed record whose key bytes are no
 _NO_FALLOCATE = {errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL, errno.ENOSYS}  # the filesystem cannot reserve
 _RAM_HEADROOM = 512 << 20  # RAM a region file in memory leaves to everything else, at least
 _PINNED_TRIES = 16  # pinned ranges one allocation steps around before it gives up (evicts or refuses)
+_WRITTEN_BELOW = 2  # flipped in a slot's commit word: its owner wrote the object to the tiers below
+_OWNED_AT = 1 << 62  # the byte ``_OWNED_AT + seq`` of the region file: locked by the process that put ``seq``
 
 
 class RegionAbsent(StoreError):
@@ -109,6 +121,8 @@ class RegionAbsent(StoreError):
 
 
 def _commit_word(offset: int, length: int, seq: int) -> int:
+    """A committed slot's first word (never 0); with ``_WRITTEN_BELOW`` flipped, the same object
+    marked written to the tiers below."""
     return xxhash.xxh3_64_intdigest(struct.pack("<QQQ", offset, length, seq)) | 1
 
 
@@ -238,7 +252,10 @@ class CxlTier(MemoryTier):
         self._locks = 0  # puts of this process in flight while it holds the region lock
         # slot -> (offset, seq, size, bytes kept for a lease) freed while another process held the lock
         self._unfreed: dict[int, tuple[int, int, int, bool]] = {}
-        self.region_waits = 0  # puts and frees that found another process's put holding the region lock
+        # seqs this process put that are not yet marked written below (each locked at ``_OWNED_AT + seq``)
+        self._owned: set[int] = set()
+        self._unmarked: dict[int, tuple[int, int, int]] = {}  # slot -> (offset, size, seq) to mark when unlocked
+        self.region_waits = 0  # puts, frees and marks that found another process's put holding the region lock
         self.discarded = 0  # records cleared as damaged (see the module docstring)
         foreign = absent = False
         with self._region_lock():
@@ -425,7 +442,8 @@ class CxlTier(MemoryTier):
     def _committed(self, commit: int, off: int, length: int, seq: int) -> tuple[int, int, int] | None:
         """``(offset, length, seq)`` of a slot's words, or None unless they are committed (the
         commit word matches the fields: not cleared, not torn) and name bytes of the data area."""
-        if commit == 0 or commit != _commit_word(off, length, seq):
+        word = _commit_word(off, length, seq)
+        if commit != word and commit != word ^ _WRITTEN_BELOW:
             return None
         if off < self.data_start or off + length > self.data_start + self.data_size:
             return None
@@ -548,8 +566,10 @@ class CxlTier(MemoryTier):
         """Another process removed or replaced this object: drop it here without touching the region
         (a lease here keeps its bytes from this process's puts until the last release)."""
         self._slot_of.pop(e.key, None)
-        if e.leases and e.loc is not None:
-            self._linger(e)
+        if e.loc is not None:
+            self._disown(e.loc[2])
+            if e.leases:
+                self._linger(e)
         e.loc = None
         self.retire(e)
 
@@ -639,6 +659,8 @@ class CxlTier(MemoryTier):
         seq = struct.unpack_from("<Q", self.map, _SEQ_AT)[0] + 1
         struct.pack_into("<Q", self.map, _SEQ_AT, seq)
         e.loc = (slot, off, seq)
+        if self.marks_below and self._pins.pin(_OWNED_AT + seq, 1):  # this process's to write down
+            self._owned.add(seq)
         e.view = self._view(off, e.key, e.meta)
         return True
 
@@ -764,6 +786,7 @@ class CxlTier(MemoryTier):
     def _clear_record(self, slot: int, off: int, seq: int, size: int, keep_bytes: bool) -> None:
         """Clear a retired object's slot if it still names it, and take the slot and (unless
         ``keep_bytes``) its bytes back (region lock held)."""
+        self._disown(seq)
         cur = self._read_slot(slot)
         if cur is not None and cur[0] == off and cur[2] == seq:
             self._clear_slot(slot)
@@ -774,17 +797,21 @@ class CxlTier(MemoryTier):
             self._free_slots.append(slot)
 
     def _free_unfreed(self) -> None:
-        """Clear what ``_free`` left while another process held the region (region and chain locks held)."""
+        """Clear what ``_free`` left, and mark what ``mark_written_below`` left, while another
+        process held the region (region and chain locks held)."""
         while self._unfreed:
             slot, (off, seq, size, keep_bytes) = self._unfreed.popitem()
             self._clear_record(slot, off, seq, size, keep_bytes)
+        while self._unmarked:
+            slot, (off, size, seq) = self._unmarked.popitem()
+            self._mark(slot, off, size, seq)
 
     def _free_when_unlocked(self) -> None:
         """``_free``'s region work where another process held the region lock: the thread that freed
         waits for the lock without the chain's, then does it, before its store call returns (a put
         that takes the lock first does it then). Meanwhile the slot stays committed, its bytes
         held, and this process never indexes it again (``_sync`` skips it)."""
-        while self._unfreed and self.map is not None:
+        while (self._unfreed or self._unmarked) and self.map is not None:
             _RegionUnlocked(self.path).synchronize()
             with self.chain_lock or contextlib.nullcontext():
                 if self.map is not None and self._try_acquire():
@@ -792,6 +819,57 @@ class CxlTier(MemoryTier):
                         self._free_unfreed()
                     finally:
                         self._release()
+
+    # -- writes down: by the process that put the object, marked in its slot once done -------------
+    @property
+    def marks_below(self) -> bool:
+        return self.writes_down and self._pins.supported
+
+    def owned_elsewhere(self, e: Entry) -> bool:
+        """Another process put ``e`` and holds its owner lock (``_OWNED_AT + seq``, gone with the
+        process): not yet written below by it. A process that died leaves none: what it did not
+        write down, whoever evicts it does."""
+        if not self.marks_below or e.loc is None or e.loc[2] in self._owned:
+            return False
+        return self._pins.pinned_elsewhere(_OWNED_AT + e.loc[2], 1) is not None
+
+    def written_below(self, e: Entry) -> bool:
+        if e.loc is None or self.map is None:
+            return False
+        slot, off, seq = e.loc
+        commit = struct.unpack_from("<Q", self.map, _SLOTS_AT + slot * _SLOT.size)[0]
+        return commit == _commit_word(off, e.size, seq) ^ _WRITTEN_BELOW
+
+    def mark_written_below(self, e: Entry) -> None:
+        """Flip the slot's commit word to say so, then let the owner lock go (in that order: an
+        unlocked, unmarked object reads as a dead process's, which another process writes down
+        itself). Under the region lock, as every change of a slot; where another process's put
+        holds it, once it is free, before the store call returns."""
+        if e.loc is None or e.loc[2] not in self._owned:
+            return
+        slot, off, seq = e.loc
+        if self._try_acquire():
+            try:
+                self._mark(slot, off, e.size, seq)
+            finally:
+                self._release()
+        else:
+            self.region_waits += 1
+            self._unmarked[slot] = (off, e.size, seq)
+            self.after_unlock(self._free_when_unlocked)
+
+    def _mark(self, slot: int, off: int, size: int, seq: int) -> None:
+        """``mark_written_below``'s region work (region lock held), where the slot still names the object."""
+        if self._read_slot(slot) == (off, size, seq):  # unflushed: a mark a crash of the host loses is a
+            word = _commit_word(off, size, seq) ^ _WRITTEN_BELOW  # write down made again, never a loss
+            struct.pack_into("<Q", self.map, _SLOTS_AT + slot * _SLOT.size, word)
+        self._disown(seq)
+
+    def _disown(self, seq: int) -> None:
+        """Let go of the owner lock of ``seq``, if this process holds it."""
+        if seq in self._owned:
+            self._owned.discard(seq)
+            self._pins.unpin(_OWNED_AT + seq, 1)
 
     def read_into(self, e: Entry, out: torch.Tensor) -> None:
         out.copy_(e.view)
@@ -804,7 +882,7 @@ class CxlTier(MemoryTier):
         known = namespaces()
         out = {"path": self.path, "region_bytes": self.data_size, "recovered": self.recovered,
                "discarded": self.discarded, "region_waits": self.region_waits,
-               "pins": self._pin_stats(),
+               "pins": self._pin_stats(), "unwritten_owned": len(self._owned),
                "fragmentation": round(1 - largest / free, 4) if free else 0.0,
                "foreign_namespaces": sum(e.ns not in known for e in list(self.index.values()))}
         if self.numa is not None:
@@ -824,7 +902,7 @@ class CxlTier(MemoryTier):
     def close(self) -> None:
         if self.map is None:
             return
-        if self._unfreed:  # a retired object's slot not yet cleared: it must not come back at the next open
+        if self._unfreed or self._unmarked:  # a retired object's slot not yet cleared: it must not come back
             with self._region_lock():
                 self._free_unfreed()
         self.index.clear()
