@@ -807,10 +807,11 @@ class CxlTier(MemoryTier):
             self._mark(slot, off, size, seq)
 
     def _free_when_unlocked(self) -> None:
-        """``_free``'s region work where another process held the region lock: the thread that freed
-        waits for the lock without the chain's, then does it, before its store call returns (a put
-        that takes the lock first does it then). Meanwhile the slot stays committed, its bytes
-        held, and this process never indexes it again (``_sync`` skips it)."""
+        """``_free``'s and ``mark_written_below``'s region work where another process held the region
+        lock: the thread that freed or marked waits for the lock without the chain's, then does it,
+        before its store call returns (a put that takes the lock first does it then). Meanwhile a
+        freed slot stays committed, its bytes held, and this process never indexes it again
+        (``_sync`` skips it); an object to mark stays claimed by this process."""
         while (self._unfreed or self._unmarked) and self.map is not None:
             _RegionUnlocked(self.path).synchronize()
             with self.chain_lock or contextlib.nullcontext():
