@@ -928,3 +928,34 @@ def test_what_a_killed_process_never_wrote_below_is_written_down_by_the_process_
         if owner.poll() is None:
             owner.kill()
             owner.wait()
+
+
+@pytest.mark.parametrize("whole", [False, True], ids=["changed-slots", "whole-table"])
+def test_a_put_committed_but_not_yet_published_is_never_indexed_by_another_threads_sync(tmp_path, whole):
+    """A put's record is committed in the region before the put publishes it, and the threads of a
+    process share its hold of the region lock, so another thread may sync in that window. A sync
+    that read the whole table took the record for another process's object and indexed it; the
+    put's publish then retired that copy, which cleared the put's own slot: the put returned True
+    and its object was gone for every other process and after a restart."""
+    cfg = {"tiers": [{"kind": "cxl", "path": str(tmp_path / "region"), "size": "4MiB"}]}
+    k, want = strata.Key("kv", "window", "k"), torch.arange(1000.0)
+    with strata.open_store(cfg) as mine, strata.open_store(cfg) as other:
+        tier, written, go = cxl_tier(mine), threading.Event(), threading.Event()
+        write = tier.write
+        tier.write = lambda e, data: (write(e, data), written.set(), go.wait(30))[0]
+        putter = threading.Thread(target=lambda: mine.put(k, want))
+        putter.start()
+        try:
+            assert written.wait(30)
+            with mine.chain.lock:  # a change this process has not followed yet (another thread's, say)
+                if whole:
+                    tier.generation = -1  # lost track: the next sync reads every slot
+                else:
+                    tier.generation -= 1
+            assert not mine.contains(strata.Key("kv", "window", "absent"))  # the sync, in the window
+        finally:
+            go.set()
+            putter.join(30)
+        assert other.contains(k) and torch.equal(other.get(k), want)
+    with strata.open_store(cfg) as again:
+        assert torch.equal(again.get(k), want)

@@ -527,19 +527,19 @@ class CxlTier(MemoryTier):
         return added
 
     def _committed_records(self) -> Iterator[tuple[int, int, int, int, bytes | None, object]]:
-        """``(slot, offset, length, seq, key, meta)`` of every committed slot (but this process's
-        ``_unfreed``), ``key`` None for a record whose header fails its checksum or its slot's
-        length. The slot table is read in one copy; a slot's header is parsed again only where the
+        """``(slot, offset, length, seq, key, meta)`` of every committed slot but this process's
+        ``_unfreed`` and ``_reserved`` (a put in flight is indexed by its own publish), ``key``
+        None for a record whose header fails its checksum or its slot's length. The slot table is read in one copy; a slot's header is parsed again only where the
         slot changed since the last scan (its four words differ), so a sync after another process's
         put costs a pass over the committed slots, not a header parse for each."""
         table = torch.frombuffer(self.map, dtype=torch.int64, count=self.nslots * 4, offset=_SLOTS_AT)
         table = table.view(self.nslots, 4).clone()  # one consistent-enough copy: a torn slot fails its commit word
         idx = (table[:, 0] != 0).nonzero().flatten()
         parsed: dict[int, tuple] = {}
-        cache, unfreed = self._parsed, self._unfreed
+        cache, unfreed, reserved = self._parsed, self._unfreed, self._reserved
         for i, row in zip(idx.tolist(), table[idx].tolist()):
-            if i in unfreed:
-                continue  # this process's, retired: cleared once the region lock is free
+            if i in unfreed or i in reserved:
+                continue  # this process's: retired (cleared once the region lock is free), or a put in flight
             rec = cache.get(i)
             if rec is None or rec[0] != row:  # the commit word read signed: unsigned for the check
                 rec = (row, self._parse_record(row[0] & 0xFFFFFFFFFFFFFFFF, row[1], row[2], row[3]))
