@@ -2,6 +2,7 @@
 
 import random
 import threading
+import traceback
 import uuid
 
 import pytest
@@ -232,8 +233,8 @@ def _racer(store, tid: int, seed: int, last: dict, errors: list) -> None:
                     return
             else:
                 store.flush()
-    except Exception as e:  # noqa: BLE001 - reported by the test
-        errors.append(f"thread {tid}: {e!r}")
+    except Exception:  # noqa: BLE001 - reported by the test, with where it was raised
+        errors.append(f"thread {tid}: {traceback.format_exc()}")
 
 
 @pytest.mark.parametrize("seed", range(12))

@@ -20,8 +20,9 @@ warning and a ``numa`` entry in stats, never a crash.
 
 Processes share the region through a file lock: a writer holds it from reserving space
 until its put is committed or aborted, and every change bumps the generation; a process
-that sees another generation re-reads the slot table before it looks anything up or
-allocates. A put that finds the lock held by another process's put in flight does not wait for
+that sees another generation reads the slot table again before it looks anything up or
+allocates, and indexes the slots that changed since it last read it (one copy of the table and
+a comparison, in C; Python work only for what changed). A put that finds the lock held by another process's put in flight does not wait for
 it under the chain's lock (the process's reads would stall behind the other's write): the
 reservation raises ``RegionBusy``, and the chain waits for the lock outside its own, then
 reserves again. Reads are zero-copy views of the mapping under the chain's lease, checked
@@ -112,6 +113,7 @@ _NO_FALLOCATE = {errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL, errno.ENOSYS}  #
 _RAM_HEADROOM = 512 << 20  # RAM a region file in memory leaves to everything else, at least
 _PINNED_TRIES = 16  # pinned ranges one allocation steps around before it gives up (evicts or refuses)
 _WRITTEN_BELOW = 2  # flipped in a slot's commit word: its owner wrote the object to the tiers below
+_U64 = 0xFFFFFFFFFFFFFFFF  # the slot table is read as signed words: a commit word's unsigned value
 _OWNED_AT = 1 << 62  # the byte ``_OWNED_AT + seq`` of the region file: locked by the process that put ``seq``
 
 
@@ -394,8 +396,10 @@ class CxlTier(MemoryTier):
                               f"(version {version}, {rsize} bytes); set reset: true to wipe it")
         self.nslots, self.data_start, self.data_size = nslots, data_start, rsize - data_start
         self.generation = -1
-        self._slot_of: dict[bytes, tuple[int, int]] = {}  # key -> (slot, seq) as last read
+        self._slot_of: dict[bytes, tuple[int, int]] = {}  # key -> (slot, seq) of the entry indexed
+        self._key_at: dict[int, bytes] = {}  # slot -> the key of the entry indexed there
         self._parsed: dict[int, tuple] = {}  # slot -> (its four words, its record) as the last sync parsed it
+        self._table: torch.Tensor | None = None  # the slot table as the last sync read it
         self._reserved: dict[int, tuple[int, int]] = {}  # slot -> (offset, size) of this process's puts
 
     def _gen(self) -> int:
@@ -479,18 +483,45 @@ class CxlTier(MemoryTier):
 
     # -- sharing: re-read the slot table when another process changed it -----------------------
     def _sync(self, force: bool = False) -> int:
-        """Bring the index and the allocator up to the region (caller holds the chain lock). Only a
-        slot whose record fails its header checksum or size, or the older of two records of a key,
-        is stale; objects of namespaces this process never registered are kept and indexed. Stale
-        slots are cleared only under the region lock, and the damaged among them counted then
-        (once: a cleared slot is never read again)."""
+        """Bring the index and the allocator up to the region (caller holds the chain lock); the
+        number of objects newly indexed. Only a slot whose record fails its header checksum or size,
+        or the older of two records of a key, is stale; objects of namespaces this process never
+        registered are kept and indexed. Stale slots are cleared only under the region lock, and
+        the damaged among them counted then (once: a cleared slot is never read again).
+
+        The slot table is read in one copy and compared with the copy the last sync read: only the
+        slots that changed are parsed and indexed, and the allocator takes and frees their extents
+        (``_index_changed``), so a sync after another process's put costs a pass over the table in
+        C, not a pass in Python over every object. The first sync, and one after this process lost
+        track (``generation`` -1, or a region without cross-process pins, where bytes a lease here
+        kept may have been reused), index every slot and rebuild the allocator (``_index_all``)."""
         gen = self._gen()
         if gen == self.generation and not force:
             return 0
+        table = torch.frombuffer(self.map, dtype=torch.int64, count=self.nslots * 4, offset=_SLOTS_AT)
+        table = table.view(self.nslots, 4).clone()  # one consistent-enough copy: a torn slot fails its commit word
+        prev, self._table = self._table, table
+        if force or prev is None or self.generation == -1 or not self._pins.supported:
+            added, stale, damaged = self._index_all(table)
+            self._rebuild_allocator()
+        else:
+            added, stale, damaged = self._index_changed(table, prev)
+        self.generation = gen  # a change made meanwhile shows as a newer generation next time
+        if stale and self._locks:
+            for i in stale:
+                self._clear_slot(i)
+            self._bump()
+            self.discarded += damaged
+        elif stale:  # looked at again by every sync until one holding the region lock clears them
+            table[stale] = -1
+        return added
+
+    def _index_all(self, table: torch.Tensor) -> tuple[int, list[int], int]:
+        """Index every committed record of ``table``: (objects added, stale slots, damaged among them)."""
         found: dict[bytes, tuple[int, int, int, int, object]] = {}
         stale: list[int] = []
         damaged = 0  # of the stale: failed header or size, or a copy of another record
-        for i, off, length, seq, key, meta in self._committed_records():
+        for i, off, length, seq, key, meta in self._committed_records(table):
             if key is None:  # its header fails its checksum, or disagrees with the slot's length
                 stale.append(i)
                 damaged += 1
@@ -506,34 +537,100 @@ class CxlTier(MemoryTier):
             now = found.get(key)
             if now is None or (now[0], now[3]) != self._slot_of.get(key):
                 self._forget(self.index[key])  # removed or replaced by another process
-        added = 0
         new = [(key, rec) for key, rec in found.items() if key not in self.index]
+        return self._index_new(new), stale, damaged
+
+    def _index_changed(self, table: torch.Tensor, prev: torch.Tensor) -> tuple[int, list[int], int]:
+        """``_index_all`` for the slots whose words differ from ``prev`` alone: an object indexed in
+        one whose record left is forgotten (its bytes and slot freed, unless a lease here still
+        reads the bytes); a record that came is indexed (its extent and slot taken) unless the
+        index holds a newer one of its key. Where an extent to take is not wholly free here (a
+        disagreement with the region that should not happen), the allocator is rebuilt."""
+        changed = (table != prev).any(dim=1).nonzero().flatten().tolist()
+        if not changed:
+            return 0, [], 0
+        rows = table[changed].tolist()
+        parsed = self._parsed
+        for i, row in zip(changed, rows):  # what left first: its bytes may be a new record's
+            e = self.index.get(self._key_at.get(i))
+            if e is None or e.loc is None or e.loc[0] != i:
+                continue  # nothing indexed there
+            _, off, seq = e.loc
+            if row[1:] != [off, e.size, seq] or self._committed(row[0] & _U64, off, e.size, seq) is None:
+                self._forget_freeing(e)  # else the same record (its mark flipped)
+        stale: list[int] = []
+        damaged = 0
+        new: dict[bytes, tuple[int, int, int, int, object]] = {}  # the newest record of each key that came
+        for i, row in zip(changed, rows):
+            if i in self._unfreed or i in self._reserved:  # this process's: retired, or a put in flight
+                parsed.pop(i, None)
+                continue
+            rec = self._parse_record(row[0] & _U64, row[1], row[2], row[3])
+            if rec is None:  # cleared, or torn
+                parsed.pop(i, None)
+                continue
+            parsed[i] = (row, rec)
+            off, length, seq, key, meta = rec
+            if key is None:
+                stale.append(i)
+                damaged += 1
+                continue
+            cur = self._slot_of.get(key)
+            if cur == (i, seq):
+                continue  # indexed already: this process's put
+            e, came = self.index.get(key), new.get(key)
+            if e is not None and cur is not None:
+                older = cur[1] > seq
+                stale.append(i if older else cur[0])
+                damaged += _is_copy(e.meta, meta)
+                if older:
+                    continue
+                self._forget_freeing(e)
+            elif came is not None:  # two records of the key came: the older is stale
+                older = came[3] > seq
+                stale.append(i if older else came[0])
+                damaged += _is_copy(came[4], meta)
+                if older:
+                    continue
+            new[key] = (i, off, length, seq, meta)
+        added = self._index_new(list(new.items()))
+        whole = True
+        for i, off, length, _, _ in new.values():
+            size = self.allocator.rounded(length)
+            whole &= sum(n for _, n in self.allocator.take(off - self.data_start, size)) == size
+            self._free_slots.discard(i)
+        if not whole:
+            self._rebuild_allocator()
+        return added, stale, damaged
+
+    def _index_new(self, new: list) -> int:
+        """Index records another process put (``(key, (slot, offset, length, seq, meta))``), oldest
+        first so that eviction order follows put order."""
         for key, (i, off, length, seq, meta) in sorted(new, key=lambda kv: kv[1][3]):
             ns = key_namespace(key) or _NOT_A_KEY  # no registry: another process's namespaces stay
             e = Entry(key, ns, meta, length, (i, off, seq))
             e.view = self._view(off, key, meta)
             self._account(e, +1)
             self.publish(e, count=False)
-            self._slot_of[key] = (i, seq)
-            added += 1
-        if stale and self._locks:
-            for i in stale:
-                self._clear_slot(i)
-            self._bump()
-            self.discarded += damaged
-        else:
-            self.generation = gen  # a change made meanwhile shows as a newer generation next time
-        self._rebuild_allocator()
-        return added
+            self._name(key, i, seq)
+        return len(new)
 
-    def _committed_records(self) -> Iterator[tuple[int, int, int, int, bytes | None, object]]:
-        """``(slot, offset, length, seq, key, meta)`` of every committed slot but this process's
-        ``_unfreed`` and ``_reserved`` (a put in flight is indexed by its own publish), ``key``
-        None for a record whose header fails its checksum or its slot's length. The slot table is read in one copy; a slot's header is parsed again only where the
-        slot changed since the last scan (its four words differ), so a sync after another process's
-        put costs a pass over the committed slots, not a header parse for each."""
-        table = torch.frombuffer(self.map, dtype=torch.int64, count=self.nslots * 4, offset=_SLOTS_AT)
-        table = table.view(self.nslots, 4).clone()  # one consistent-enough copy: a torn slot fails its commit word
+    def _forget_freeing(self, e: Entry) -> None:
+        """``_forget``, and give back the slot and (unless a lease here still reads them) the bytes
+        the allocator held for ``e`` (``_index_changed``; ``_rebuild_allocator`` does it in bulk)."""
+        slot, off, _ = e.loc
+        leased = e.leases > 0
+        self._forget(e)
+        if not leased:
+            self.allocator.free(off - self.data_start, self.allocator.rounded(e.size))
+        self._free_slots.add(slot)
+
+    def _committed_records(self, table: torch.Tensor) -> Iterator[tuple[int, int, int, int, bytes | None, object]]:
+        """``(slot, offset, length, seq, key, meta)`` of every committed slot of ``table`` but this
+        process's ``_unfreed`` and ``_reserved`` (a put in flight is indexed by its own publish),
+        ``key`` None for a record whose header fails its checksum or its slot's length. A slot's
+        header is parsed again only where the slot changed since the last scan (its four words
+        differ)."""
         idx = (table[:, 0] != 0).nonzero().flatten()
         parsed: dict[int, tuple] = {}
         cache, unfreed, reserved = self._parsed, self._unfreed, self._reserved
@@ -542,7 +639,7 @@ class CxlTier(MemoryTier):
                 continue  # this process's: retired (cleared once the region lock is free), or a put in flight
             rec = cache.get(i)
             if rec is None or rec[0] != row:  # the commit word read signed: unsigned for the check
-                rec = (row, self._parse_record(row[0] & 0xFFFFFFFFFFFFFFFF, row[1], row[2], row[3]))
+                rec = (row, self._parse_record(row[0] & _U64, row[1], row[2], row[3]))
             if rec[1] is not None:
                 parsed[i] = rec
                 yield (i, *rec[1])
@@ -562,11 +659,24 @@ class CxlTier(MemoryTier):
             return off, length, seq, None, None
         return off, length, seq, key, meta
 
+    def _name(self, key: bytes, slot: int, seq: int) -> None:
+        """``key``'s entry is the record in ``slot`` with ``seq``."""
+        self._slot_of[key] = (slot, seq)
+        self._key_at[slot] = key
+
+    def _unname(self, key: bytes, slot: int, seq: int) -> None:
+        """``key``'s entry in ``slot`` with ``seq`` is no longer indexed."""
+        if self._slot_of.get(key) == (slot, seq):
+            del self._slot_of[key]
+        if self._key_at.get(slot) == key:
+            del self._key_at[slot]
+
     def _forget(self, e: Entry) -> None:
         """Another process removed or replaced this object: drop it here without touching the region
         (a lease here keeps its bytes from this process's puts until the last release)."""
         self._slot_of.pop(e.key, None)
         if e.loc is not None:
+            self._unname(e.key, e.loc[0], e.loc[2])
             self._disown(e.loc[2])
             if e.leases:
                 self._linger(e)
@@ -595,7 +705,7 @@ class CxlTier(MemoryTier):
         self.allocator = alloc
         self._rebuilds += 1
         used = {slot for slot, _, _ in held}
-        self._free_slots = [i for i in range(self.nslots - 1, -1, -1) if i not in used]
+        self._free_slots = set(range(self.nslots)) - used
 
     def _view(self, off: int, key: bytes, meta) -> torch.Tensor:
         start = off + _round(header_size_for(key, meta), _PAYLOAD_ALIGN)
@@ -731,7 +841,7 @@ class CxlTier(MemoryTier):
         if count:  # a put of this process, committed in write(): visible now
             slot, _, seq = e.loc
             self._reserved.pop(slot, None)
-            self._slot_of[e.key] = (slot, seq)
+            self._name(e.key, slot, seq)
             self._bump()
             self._release()
 
@@ -757,8 +867,7 @@ class CxlTier(MemoryTier):
         """Take ``e``'s object out of the region: its slot cleared and given back, its bytes too
         unless ``keep_bytes`` (a lease here still reads them: ``_end_linger`` gives them back)."""
         slot, off, seq = e.loc
-        if self._slot_of.get(e.key) == (slot, seq):
-            del self._slot_of[e.key]
+        self._unname(e.key, slot, seq)
         e.loc = None
         if not self._try_acquire():  # another process's put holds the region: no wait under the chain lock
             self.region_waits += 1
@@ -785,16 +894,20 @@ class CxlTier(MemoryTier):
 
     def _clear_record(self, slot: int, off: int, seq: int, size: int, keep_bytes: bool) -> None:
         """Clear a retired object's slot if it still names it, and take the slot and (unless
-        ``keep_bytes``) its bytes back (region lock held)."""
+        ``keep_bytes``) its bytes back (region lock held). Where another process removed it first
+        (and may have put another object in its slot or bytes since), nothing is taken back here:
+        the next look rebuilds free space and slots from the region."""
         self._disown(seq)
         cur = self._read_slot(slot)
-        if cur is not None and cur[0] == off and cur[2] == seq:
-            self._clear_slot(slot)
-            self._bump()
+        if cur is None or cur[0] != off or cur[2] != seq:
+            self.generation = -1
+            return
+        self._clear_slot(slot)
+        self._bump()
         if self.generation != -1:  # else the next sync rebuilds free space from the region
             if not keep_bytes:
                 self.allocator.free(off - self.data_start, self.allocator.rounded(size))
-            self._free_slots.append(slot)
+            self._free_slots.add(slot)
 
     def _free_unfreed(self) -> None:
         """Clear what ``_free`` left, and mark what ``mark_written_below`` left, while another
