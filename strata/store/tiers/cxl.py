@@ -18,38 +18,37 @@ With ``numa_node`` the region's pages are bound to that node (``mbind`` through 
 for CXL memory that the host shows as a CPU-less NUMA node; a missing node or libnuma is a
 warning and a ``numa`` entry in stats, never a crash.
 
-Processes share the region through a file lock: a writer holds it from reserving space
-until its put is committed or aborted, and every change bumps the generation; a process
-that sees another generation reads the slot table again before it looks anything up or
-allocates, and indexes the slots that changed since it last read it (one copy of the table and
-a comparison, in C; Python work only for what changed). A put that finds the lock held by another process's put in flight does not wait for
-it under the chain's lock (the process's reads would stall behind the other's write): the
-reservation raises ``RegionBusy``, and the chain waits for the lock outside its own, then
-reserves again. Reads are zero-copy views of the mapping under the chain's lease, checked
-against the payload checksum, so an object another process freed and reused meanwhile
-is a miss, never wrong bytes. A lease also pins the object's record for every process
+Processes share the region through a file lock: a writer holds it from reserving space until its
+put is committed or aborted, and every change bumps the generation; a process that sees another
+generation reads the slot table again before it looks anything up or allocates, and indexes the
+slots that changed since it last read it (one copy of the table and a comparison, in C; Python
+work only for what changed). A put that finds the lock held by another process's put in flight
+does not wait for it under the chain's lock (the process's reads would stall behind the other's
+write): the reservation raises ``RegionBusy``, and the chain waits for the lock outside its own,
+then reserves again. Reads are zero-copy views of the mapping under the chain's lease, checked
+against the payload checksum, so an object another process freed and reused meanwhile is a miss,
+never wrong bytes. A lease also pins the object's record for every process
 (``strata.store.tiers.pins``: an open file description lock on its byte range, which the kernel
 drops when the process dies): another process may still delete or evict the object, but its
-allocator never hands out pinned bytes, so a view leased in place keeps its bytes (the
-``lease`` API and the static ring lease cxl objects in place). The pin is taken, then the slot
-is read again: an object removed between the lookup and the pin is a miss. Where the file
-refuses such locks (``pins`` in stats), a lease pins in this process only, so ``lease`` hands
-out no view of the region (``stable_views``): it reads a checked copy, promoted to a tier above
-or private (the static ring still leases in place there, ``lease_many(copies=False)``).
-Processes of Strata versions before pins do not honour them. A delete or eviction of an
-object this process still leases takes it out of the region at once (its slot cleared: gone for
-every process); its bytes stay this process's until the last release.
-Over a tier below (a file tier the processes share too), an object is written down only by the
-process that put it: its writes of a key are ordered with each other, another process's would not
-be (an older version landing over a newer one, a deleted object brought back). A put claims its
-object with a lock on byte ``_OWNED_AT + seq`` of the region file (an open file description lock,
-as a pin: gone with the process) until the object is written below; then its slot's commit word
-takes its written-below form (``_WRITTEN_BELOW``) and the claim is let go. Another process never
-evicts an object a live owner claims (``owned_elsewhere``: it evicts others, or refuses the put);
-one marked written below it evicts without writing it again; one neither claimed nor marked (its
-owner died first) it writes down itself. Where the file refuses such locks, every process writes
-down what it evicts.
-Objects of namespaces this process never registered (another process's) are indexed and
+allocator never hands out pinned bytes, so a view leased in place keeps its bytes (the ``lease``
+API and the static ring lease cxl objects in place). The pin is taken, then the slot is read
+again: an object removed between the lookup and the pin is a miss. Where the file refuses such
+locks (``pins`` in stats), a lease pins in this process only, so ``lease`` hands out no view of
+the region (``stable_views``): it reads a checked copy, promoted to a tier above or private (the
+static ring still leases in place there, ``lease_many(copies=False)``). Processes of Strata
+versions before pins do not honour them. A delete or eviction of an object this process still
+leases takes it out of the region at once (its slot cleared: gone for every process); its bytes
+stay this process's until the last release. Over a tier below (a file tier the processes share
+too), an object is written down only by the process that put it: its writes of a key are ordered
+with each other, another process's would not be (an older version landing over a newer one, a
+deleted object brought back). A put claims its object with a lock on byte ``_OWNED_AT + seq`` of
+the region file (an open file description lock, as a pin: gone with the process) until the
+object is written below; then its slot's commit word takes its written-below form
+(``_WRITTEN_BELOW``) and the claim is let go. Another process never evicts an object a live
+owner claims (``owned_elsewhere``: it evicts others, or refuses the put); one marked written
+below it evicts without writing it again; one neither claimed nor marked (its owner died first)
+it writes down itself. Where the file refuses such locks, every process writes down what it
+evicts. Objects of namespaces this process never registered (another process's) are indexed and
 evicted like any other, never cleared: only a slot whose record fails its header checksum or
 size is stale.
 
