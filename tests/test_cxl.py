@@ -943,12 +943,13 @@ def _synced_state(tier) -> tuple:
 
 
 @settings(max_examples=60, deadline=None)
-@given(ops=st.lists(st.tuples(st.sampled_from(["put", "put", "put", "delete", "lease", "release", "get"]),
+@given(ops=st.lists(st.tuples(st.sampled_from(["put", "put", "put", "delete", "lease", "release", "get", "burst"]),
                               st.integers(0, 1), st.integers(0, 11), st.integers(1, 60_000)), min_size=10, max_size=80))
 def test_a_sync_of_the_changed_slots_alone_agrees_with_a_whole_rescan(tmp_path_factory, ops):
     """Two processes (stores of their own descriptors) put, replace, delete, lease and read keys of
-    one small region, so each put evicts the other's objects too and leases keep removed bytes.
-    After every step each store syncs the slots that changed since its last sync (``_index_changed``);
+    one small region, so each put evicts the other's objects too and leases keep removed bytes
+    (and now and then makes more changes than the change log keeps, 300 puts). After every step each
+    store syncs the slots that changed since its last sync (``_index_slots``);
     at about one step in three (so that such syncs also build on one another) that is checked to
     leave the index, the bytes held, the free extents and the free slots exactly as a rescan of the
     whole table and a rebuild of the allocator (``_sync(force=True)``) then find them."""
@@ -971,6 +972,9 @@ def test_a_sync_of_the_changed_slots_alone_agrees_with_a_whole_rescan(tmp_path_f
             elif op == "get":
                 got = store.get(key)
                 assert got is None or bool((got == got[0]).all())
+            elif op == "burst":  # more changes than the region's change log keeps
+                for i in range(300):
+                    store.put(strata.Key("kv", f"burst{who}", str(i)), torch.full((16,), float(i)))
             for s in stores:
                 tier = cxl_tier(s)
                 with s.chain.lock:

@@ -1,14 +1,14 @@
 """The CXL tier: objects in one mapped region (a DAX device such as ``/dev/dax0.0``, or a
 file, e.g. under ``/dev/shm``, where no CXL hardware exists), persistent and shared.
 
-Region layout: a superblock (magic, geometry, a generation counter), a table of slots,
-then the data area. An object is a record in the data area, Strata's checksummed header
-then the payload (aligned), and a slot ``(commit, offset, length, seq)`` naming it. A put
-writes and flushes the record, then the slot's fields, then its commit word last (a
-hash of the fields, so neither a torn slot nor a stale word looks committed), and
-flushes again. After a crash only committed slots exist: an interrupted put is never
-readable and its bytes are free, because the allocator is rebuilt from the committed
-slots on open. The newest ``seq`` of a key wins.
+Region layout: a superblock (magic, geometry, a generation counter, a log of the slots the last
+256 generations changed), a table of slots, then the data area. An object is a record in the
+data area, Strata's checksummed header then the payload (aligned), and a slot ``(commit, offset,
+length, seq)`` naming it. A put writes and flushes the record, then the slot's fields, then its
+commit word last (a hash of the fields, so neither a torn slot nor a stale word looks
+committed), and flushes again. After a crash only committed slots exist: an interrupted put is
+never readable and its bytes are free, because the allocator is rebuilt from the committed slots
+on open. The newest ``seq`` of a key wins.
 
 Where CUDA is present (``pin: auto``, the default) the mapping is registered with CUDA
 (``cudaHostRegister``), so copies to the GPU run from it at pinned speed, asynchronously;
@@ -20,12 +20,13 @@ warning and a ``numa`` entry in stats, never a crash.
 
 Processes share the region through a file lock: a writer holds it from reserving space until its
 put is committed or aborted, and every change bumps the generation; a process that sees another
-generation reads the slot table again before it looks anything up or allocates, and indexes the
-slots that changed since it last read it (one copy of the table and a comparison, in C; Python
-work only for what changed). A put that finds the lock held by another process's put in flight
-does not wait for it under the chain's lock (the process's reads would stall behind the other's
-write): the reservation raises ``RegionBusy``, and the chain waits for the lock outside its own,
-then reserves again. Reads are zero-copy views of the mapping under the chain's lease, checked
+generation reads the slot table again before it looks anything up or allocates: it indexes the
+slots the change log names since it last looked (where more changed than the log keeps, those
+whose words differ from its last copy of the table), so following another process costs what
+that process changed. A put that finds the lock held by another process's put in flight does not
+wait for it under the chain's lock (the process's reads would stall behind the other's write):
+the reservation raises ``RegionBusy``, and the chain waits for the lock outside its own, then
+reserves again. Reads are zero-copy views of the mapping under the chain's lease, checked
 against the payload checksum, so an object another process freed and reused meanwhile is a miss,
 never wrong bytes. A lease also pins the object's record for every process
 (``strata.store.tiers.pins``: an open file description lock on its byte range, which the kernel
@@ -102,6 +103,8 @@ _VERSION = 1
 _SUPER = struct.Struct("<8sIIQQQ")  # magic, version, slot size, region size, slots, data start
 _GEN_AT = 64  # the generation counter: its own 8 bytes
 _SEQ_AT = 72  # the last put sequence number handed out
+_LOG_AT = 2048  # the change log: the slot each of the last ``_LOG_LEN`` generations changed, at gen % _LOG_LEN
+_LOG_LEN = 256
 _SLOT = struct.Struct("<QQQQ")  # commit, offset, length, seq
 _SLOTS_AT = 4096
 _ALIGN = 256  # records start here; payloads at a 64-byte boundary after the header
@@ -399,17 +402,21 @@ class CxlTier(MemoryTier):
         self._key_at: dict[int, bytes] = {}  # slot -> the key of the entry indexed there
         self._parsed: dict[int, tuple] = {}  # slot -> (its four words, its record) as the last sync parsed it
         self._table: torch.Tensor | None = None  # the slot table as the last sync read it
+        self._recheck: set[int] = set()  # stale slots the next sync looks at again (to clear them)
         self._reserved: dict[int, tuple[int, int]] = {}  # slot -> (offset, size) of this process's puts
 
     def _gen(self) -> int:
         return struct.unpack_from("<Q", self.map, _GEN_AT)[0]
 
-    def _bump(self) -> None:
-        """Record a change (region lock held). If another process changed the region since this
-        one last read it, the next lookup re-reads it whole."""
+    def _bump(self, slots: list[int]) -> None:
+        """Record changes of ``slots`` (region lock held): a generation each, its slot written to the
+        change log before the counter moves past it. If another process changed the region since
+        this one last read it, the next lookup re-reads it whole."""
         gen = self._gen()
-        struct.pack_into("<Q", self.map, _GEN_AT, gen + 1)
-        self.generation = gen + 1 if gen == self.generation else -1
+        for n, slot in enumerate(slots, 1):
+            struct.pack_into("<Q", self.map, _LOG_AT + (gen + n) % _LOG_LEN * 8, slot)
+        struct.pack_into("<Q", self.map, _GEN_AT, gen + len(slots))
+        self.generation = gen + len(slots) if gen == self.generation else -1
 
     @contextlib.contextmanager
     def _region_lock(self):
@@ -488,32 +495,59 @@ class CxlTier(MemoryTier):
         registered are kept and indexed. Stale slots are cleared only under the region lock, and
         the damaged among them counted then (once: a cleared slot is never read again).
 
-        The slot table is read in one copy and compared with the copy the last sync read: only the
-        slots that changed are parsed and indexed, and the allocator takes and frees their extents
-        (``_index_changed``), so a sync after another process's put costs a pass over the table in
-        C, not a pass in Python over every object. The first sync, and one after this process lost
-        track (``generation`` -1, or a region without cross-process pins, where bytes a lease here
-        kept may have been reused), index every slot and rebuild the allocator (``_index_all``)."""
+        Only the slots that changed are read, parsed and indexed, and the allocator takes and frees
+        their extents (``_index_slots``): those the region's change log names for the generations
+        since the last sync (``_logged``), or, where more changed than the log keeps, those whose
+        words differ from the copy of the table the last sync read. So a sync after another
+        process's put costs what that put changed, not a pass over every object. The first sync,
+        and one after this process lost track (``generation`` -1, or a region without cross-process
+        pins, where bytes a lease here kept may have been reused), index every slot and rebuild the
+        allocator (``_index_all``)."""
         gen = self._gen()
         if gen == self.generation and not force:
             return 0
-        table = torch.frombuffer(self.map, dtype=torch.int64, count=self.nslots * 4, offset=_SLOTS_AT)
-        table = table.view(self.nslots, 4).clone()  # one consistent-enough copy: a torn slot fails its commit word
-        prev, self._table = self._table, table
-        if force or prev is None or self.generation == -1 or not self._pins.supported:
-            added, stale, damaged = self._index_all(table)
-            self._rebuild_allocator()
+        live = torch.frombuffer(self.map, dtype=torch.int64, count=self.nslots * 4, offset=_SLOTS_AT)
+        live = live.view(self.nslots, 4)
+        whole = force or self._table is None or self.generation == -1 or not self._pins.supported
+        logged = None if whole else self._logged(gen)
+        if logged is not None:  # the slots the change log names, and those to look at again
+            slots = sorted(set(logged) | self._recheck)
+            rows = live[slots]  # a copy: a torn slot fails its commit word
+            self._table[slots] = rows
+            added, stale, damaged = self._index_slots(slots, rows.tolist())
         else:
-            added, stale, damaged = self._index_changed(table, prev)
+            table = live.clone()  # one consistent-enough copy
+            prev, self._table = self._table, table
+            if whole:
+                added, stale, damaged = self._index_all(table)
+                self._rebuild_allocator()
+            else:
+                changed = (table != prev).any(dim=1).nonzero().flatten().tolist()
+                added, stale, damaged = self._index_slots(changed, table[changed].tolist())
+        self._recheck = set()
         self.generation = gen  # a change made meanwhile shows as a newer generation next time
         if stale and self._locks:
             for i in stale:
                 self._clear_slot(i)
-            self._bump()
+            self._bump(stale)
             self.discarded += damaged
         elif stale:  # looked at again by every sync until one holding the region lock clears them
-            table[stale] = -1
+            self._table[stale] = -1
+            self._recheck = set(stale)
         return added
+
+    def _logged(self, gen: int) -> list[int] | None:
+        """The slots changed in the generations since this process's last look, up to ``gen``, from
+        the change log; None where it no longer holds them all (more changes than it keeps, or
+        overwritten while read): the slot table is then compared whole with the last copy."""
+        first = self.generation + 1
+        if not 0 <= gen - first < _LOG_LEN:
+            return None
+        log = torch.frombuffer(self.map, dtype=torch.int64, count=_LOG_LEN, offset=_LOG_AT).tolist()
+        if self._gen() - first >= _LOG_LEN:
+            return None
+        slots = [log[g % _LOG_LEN] for g in range(first, gen + 1)]
+        return slots if all(0 <= i < self.nslots for i in slots) else None
 
     def _index_all(self, table: torch.Tensor) -> tuple[int, list[int], int]:
         """Index every committed record of ``table``: (objects added, stale slots, damaged among them)."""
@@ -539,16 +573,15 @@ class CxlTier(MemoryTier):
         new = [(key, rec) for key, rec in found.items() if key not in self.index]
         return self._index_new(new), stale, damaged
 
-    def _index_changed(self, table: torch.Tensor, prev: torch.Tensor) -> tuple[int, list[int], int]:
-        """``_index_all`` for the slots whose words differ from ``prev`` alone: an object indexed in
-        one whose record left is forgotten (its bytes and slot freed, unless a lease here still
-        reads the bytes); a record that came is indexed (its extent and slot taken) unless the
-        index holds a newer one of its key. Where an extent to take is not wholly free here (a
-        disagreement with the region that should not happen), the allocator is rebuilt."""
-        changed = (table != prev).any(dim=1).nonzero().flatten().tolist()
+    def _index_slots(self, changed: list[int], rows: list[list[int]]) -> tuple[int, list[int], int]:
+        """``_index_all`` for the slots ``changed`` alone (``rows``: their four words now): an
+        object indexed in one whose record left is forgotten (its bytes and slot freed, unless a
+        lease here still reads the bytes); a record that came is indexed (its extent and slot
+        taken) unless the index holds a newer one of its key. Where an extent to take is not
+        wholly free here (a disagreement with the region that should not happen), the allocator
+        is rebuilt. A slot that did not change after all is looked at and left as it is."""
         if not changed:
             return 0, [], 0
-        rows = table[changed].tolist()
         parsed = self._parsed
         for i, row in zip(changed, rows):  # what left first: its bytes may be a new record's
             e = self.index.get(self._key_at.get(i))
@@ -616,7 +649,7 @@ class CxlTier(MemoryTier):
 
     def _forget_freeing(self, e: Entry) -> None:
         """``_forget``, and give back the slot and (unless a lease here still reads them) the bytes
-        the allocator held for ``e`` (``_index_changed``; ``_rebuild_allocator`` does it in bulk)."""
+        the allocator held for ``e`` (``_index_slots``; ``_rebuild_allocator`` does it in bulk)."""
         slot, off, _ = e.loc
         leased = e.leases > 0
         self._forget(e)
@@ -841,7 +874,7 @@ class CxlTier(MemoryTier):
             slot, _, seq = e.loc
             self._reserved.pop(slot, None)
             self._name(e.key, slot, seq)
-            self._bump()
+            self._bump([slot])
             self._release()
 
     def abort(self, e: Entry) -> None:
@@ -851,7 +884,7 @@ class CxlTier(MemoryTier):
             self._reserved.pop(slot)
             if self._read_slot(slot) is not None:  # written, then lost to a newer put of the same key
                 self._clear_slot(slot)
-                self._bump()
+                self._bump([slot])
         super().abort(e)  # frees the bytes (and the slot) through _free
         if mine:
             self._release()
@@ -902,7 +935,7 @@ class CxlTier(MemoryTier):
             self.generation = -1
             return
         self._clear_slot(slot)
-        self._bump()
+        self._bump([slot])
         if self.generation != -1:  # else the next sync rebuilds free space from the region
             if not keep_bytes:
                 self.allocator.free(off - self.data_start, self.allocator.rounded(size))
