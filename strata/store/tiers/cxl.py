@@ -137,6 +137,15 @@ def _is_copy(a, b) -> bool:
     return a == b
 
 
+def _older_of_two(old: tuple[int, int, object], slot: int, seq: int, meta, stale: list[int]) -> tuple[bool, int]:
+    """Two committed records of one key: ``old`` (slot, seq, header) met first, then the one in
+    ``slot``. The older goes to ``stale`` (on a tie, which no put makes, the one met first); whether
+    the one met first is the newer, and 1 where both carry the same header (a copy: damage) else 0."""
+    first_newer = old[1] > seq
+    stale.append(slot if first_newer else old[0])
+    return first_newer, int(_is_copy(old[2], meta))
+
+
 def _region_path(value: object, where: str) -> str:
     """a DAX device (/dev/daxX.Y) or a file path (e.g. under /dev/shm) to map."""
     if not isinstance(value, str) or not value:
@@ -561,9 +570,9 @@ class CxlTier(MemoryTier):
                 continue
             old = found.get(key)
             if old is not None:
-                stale.append(old[0] if old[3] < seq else i)
-                damaged += _is_copy(old[4], meta)
-                if old[3] > seq:
+                first_newer, copy = _older_of_two((old[0], old[3], old[4]), i, seq, meta, stale)
+                damaged += copy
+                if first_newer:
                     continue
             found[key] = (i, off, length, seq, meta)
         for key in list(self.index):
@@ -611,19 +620,15 @@ class CxlTier(MemoryTier):
             if cur == (i, seq):
                 continue  # indexed already: this process's put
             e, came = self.index.get(key), new.get(key)
-            if e is not None and cur is not None:
-                older = cur[1] > seq
-                stale.append(i if older else cur[0])
-                damaged += _is_copy(e.meta, meta)
-                if older:
+            indexed = e is not None and cur is not None
+            if indexed or came is not None:  # the record indexed, or another that came, of the key
+                old = (cur[0], cur[1], e.meta) if indexed else (came[0], came[3], came[4])
+                first_newer, copy = _older_of_two(old, i, seq, meta, stale)
+                damaged += copy
+                if first_newer:
                     continue
-                self._forget_freeing(e)
-            elif came is not None:  # two records of the key came: the older is stale
-                older = came[3] > seq
-                stale.append(i if older else came[0])
-                damaged += _is_copy(came[4], meta)
-                if older:
-                    continue
+                if indexed:
+                    self._forget_freeing(e)
             new[key] = (i, off, length, seq, meta)
         added = self._index_new(list(new.items()))
         whole = True
