@@ -21,10 +21,11 @@ warning and a ``numa`` entry in stats, never a crash.
 Processes share the region through a file lock: a writer holds it from reserving space until its
 put is committed or aborted, and every change bumps the generation; a process that sees another
 generation reads the slot table again before it looks anything up or allocates: it indexes the
-slots the change log names since it last looked (where more changed than the log keeps, those
-whose words differ from its last copy of the table), so following another process costs what
-that process changed. A put that finds the lock held by another process's put in flight does not
-wait for it under the chain's lock (the process's reads would stall behind the other's write):
+slots the change log names since it last looked (where more changed than the log keeps, or an
+entry names another generation than the one it stands for, those whose words differ from its
+last copy of the table), so following another process costs what that process changed. A put
+that finds the lock held by another process's put in flight does not wait for it under the
+chain's lock (the process's reads would stall behind the other's write):
 the reservation raises ``RegionBusy``, and the chain waits for the lock outside its own, then
 reserves again. Reads are zero-copy views of the mapping under the chain's lease, checked
 against the payload checksum, so an object another process freed and reused meanwhile is a miss,
@@ -52,6 +53,12 @@ it writes down itself. Where the file refuses such locks, every process writes d
 evicts. Objects of namespaces this process never registered (another process's) are indexed and
 evicted like any other, never cleared: only a slot whose record fails its header checksum or
 size is stale.
+
+A region of format version 1 (Strata before the change log and the marks) opens as it is and is
+marked version 2 from then on, which older Strata refuses to open. An older process still on it
+bumps generations without logging them (each entry names its generation, so such a gap is never
+taken for another's slots: the table is compared instead), and neither claims nor marks objects:
+processes sharing a region over a tier below run one version.
 
 Damage found while syncing is cleared and counted in ``discarded`` (stats), with one warning per
 open that found any: a record failing its header checksum or size, and a copy of another slot's
@@ -99,12 +106,14 @@ from strata.store.tiers.pins import RangePins
 log = logging.getLogger("strata.cxl")
 
 _MAGIC = b"STRATCXL"
-_VERSION = 1
+_VERSION = 2  # 2: the change log and the written-below marks; a region of version 1 is taken and marked 2
+_READS = (1, _VERSION)  # versions of a region this code opens (their layout is the same)
 _SUPER = struct.Struct("<8sIIQQQ")  # magic, version, slot size, region size, slots, data start
 _GEN_AT = 64  # the generation counter: its own 8 bytes
 _SEQ_AT = 72  # the last put sequence number handed out
 _LOG_AT = 2048  # the change log: the slot each of the last ``_LOG_LEN`` generations changed, at gen % _LOG_LEN
 _LOG_LEN = 256
+_LOG_TAG = 0x7FFFFFFF  # a log entry is ``(gen & _LOG_TAG) << 32 | slot``: an entry names its generation
 _SLOT = struct.Struct("<QQQQ")  # commit, offset, length, seq
 _SLOTS_AT = 4096
 _ALIGN = 256  # records start here; payloads at a 64-byte boundary after the header
@@ -402,9 +411,12 @@ class CxlTier(MemoryTier):
 
     def _open_super(self, size: int) -> None:
         magic, version, slot_size, rsize, nslots, data_start = _SUPER.unpack_from(self.map)
-        if magic != _MAGIC or version != _VERSION or slot_size != _SLOT.size or rsize > size:
+        if magic != _MAGIC or version not in _READS or slot_size != _SLOT.size or rsize > size:
             raise ConfigError(f"tiers[{self.name}].path: {self.path!r} holds a region of another format or size "
                               f"(version {version}, {rsize} bytes); set reset: true to wipe it")
+        if version != _VERSION:  # from now on a process of an older Strata refuses it (it ignores log and marks)
+            struct.pack_into("<I", self.map, 8, _VERSION)
+            self._flush(8, 4)
         self.nslots, self.data_start, self.data_size = nslots, data_start, rsize - data_start
         self.generation = -1
         self._slot_of: dict[bytes, tuple[int, int]] = {}  # key -> (slot, seq) of the entry indexed
@@ -423,7 +435,7 @@ class CxlTier(MemoryTier):
         this one last read it, the next lookup re-reads it whole."""
         gen = self._gen()
         for n, slot in enumerate(slots, 1):
-            struct.pack_into("<Q", self.map, _LOG_AT + (gen + n) % _LOG_LEN * 8, slot)
+            struct.pack_into("<Q", self.map, _LOG_AT + (gen + n) % _LOG_LEN * 8, (gen + n & _LOG_TAG) << 32 | slot)
         struct.pack_into("<Q", self.map, _GEN_AT, gen + len(slots))
         self.generation = gen + len(slots) if gen == self.generation else -1
 
@@ -555,8 +567,13 @@ class CxlTier(MemoryTier):
         log = torch.frombuffer(self.map, dtype=torch.int64, count=_LOG_LEN, offset=_LOG_AT).tolist()
         if self._gen() - first >= _LOG_LEN:
             return None
-        slots = [log[g % _LOG_LEN] for g in range(first, gen + 1)]
-        return slots if all(0 <= i < self.nslots for i in slots) else None
+        slots = []
+        for g in range(first, gen + 1):
+            entry = log[g % _LOG_LEN]
+            if entry >> 32 != g & _LOG_TAG or not 0 <= entry & 0xFFFFFFFF < self.nslots:
+                return None  # a generation no log entry names: bumped by a process that writes none
+            slots.append(entry & 0xFFFFFFFF)
+        return slots
 
     def _index_all(self, table: torch.Tensor) -> tuple[int, list[int], int]:
         """Index every committed record of ``table``: (objects added, stale slots, damaged among them)."""
