@@ -11,7 +11,9 @@ without; with CUDA also ``get_into`` a GPU tensor from the registered mapping (`
 a copy from pinned memory; and the re-read of the slot table after another process's put
 (``re-sync``) vs the same re-read parsing every header. Redis tier (a redis-server started on a free port of 127.0.0.1, or ``--redis-url``):
 put and get vs the plain ``redis`` client's ``set`` and ``get`` of the same bytes over the
-same connection settings, and ``get_many`` of 16 keys vs the same GETs in one client pipeline.
+same connection settings, and ``get_many`` of 16 keys vs the same GETs in one client pipeline;
+and weights streamed through a CPU tier a third their size (``streamed``: a pass of ``get_into``,
+each a miss read from Redis and promoted) vs the client's GETs of the same bytes.
 Redis Cluster (``--tiers redis-cluster``: 3 primaries, ``--cluster-replicas`` replicas each,
 redis-server processes started on loopback, and one more single redis-server in the same run):
 ``put_many`` and ``get_many`` of 1 MiB and 32 MiB values through a redis tier with ``cluster:
@@ -247,6 +249,35 @@ def bench_redis(size_name, nbytes, count, repeat, url):
     plain.close()
 
 
+def bench_redis_stream(size_name, nbytes, count, repeat, url):
+    """Weights streamed through a CPU tier a third their size over Redis (``evict: lower``, write
+    through): a pass of ``get_into`` over all of them in order, each a CPU miss read from Redis and
+    promoted while another is evicted, vs the plain client's GETs of the same bytes; and how many
+    objects a pass wrote to Redis (those evicted are still there: none)."""
+    import redis
+
+    srcs = [torch.randint(0, 255, (nbytes,), dtype=torch.uint8) for _ in range(count)]
+    dst = torch.empty(nbytes, dtype=torch.uint8)
+    keys = [Key("param", "bench-stream", f"{size_name}-{i}") for i in range(count)]
+    plain = redis.Redis.from_url(url, socket_timeout=5)
+    names = [f"plain-stream:{size_name}:{i}".encode() for i in range(count)]
+    idx = list(range(count))
+    cfg = {"tiers": [{"kind": "cpu", "capacity": count // 3 * (nbytes + 4096), "write": "through"},
+                     {"kind": "redis", "url": url, "timeout_ms": 5000, "key_prefix": "bench-stream:"}],
+           "namespaces": {"param": {"evict": "lower"}}}
+    with strata.open_store(cfg) as store:
+        for i in idx:
+            plain.set(names[i], srcs[i].numpy().tobytes())
+            store.put(keys[i], srcs[i])
+        puts = store.stats()["tiers"]["redis"]["puts"]
+        base = timed(lambda i: plain.get(names[i]), idx, repeat)
+        got = timed(lambda i: store.get_into(keys[i], dst), idx, repeat)
+        written = (store.stats()["tiers"]["redis"]["puts"] - puts) / repeat
+        row("redis", "streamed", size_name, nbytes, got, base, "client get")
+        print(f"      (a pass over {count} weights through a CPU tier a third their size wrote {written:g} to Redis)")
+    plain.close()
+
+
 def timed_in_turn(fns, items, repeat):
     """Per function, the median seconds per item of ``fn(item)`` over ``repeat`` passes, the
     functions' passes interleaved (A, B, A, B, ...): a comparison on shared cores, where the
@@ -453,6 +484,9 @@ def main() -> None:
                     if args.quick:
                         count = max(4, count // 8)
                     bench_redis(size_name, nbytes, count, repeat, args.redis_url or server.url)
+                for size_name, nbytes in SIZES.items():
+                    count = max(6, min(48, (96 << 20) // nbytes))
+                    bench_redis_stream(size_name, nbytes, count, repeat, args.redis_url or server.url)
             finally:
                 if server is not None:
                     server.stop()

@@ -540,6 +540,40 @@ def test_a_flush_racing_puts_queues_each_object_once_and_ends(redis_url, monkeyp
         assert store.get(Key("kv", "m", "b"), mode="exact", tier="redis") is not None
 
 
+@pytest.mark.parametrize("write", ["through", "back"])
+def test_an_eviction_writes_to_redis_again_only_what_redis_let_go(redis_url, write):
+    """``evict: lower`` over Redis: every eviction of a clean object wrote it to Redis again, so a
+    weight streamed through a CPU tier smaller than the model crossed the network twice per pass
+    (read, then written back as it made room for the next). A clean object whose very version
+    reached Redis (written through, flushed, or promoted from there) is now evicted once Redis
+    says it still holds the key (one EXISTS round trip); one Redis let go meanwhile (its own
+    eviction) is written down again, never lost."""
+    cfg = cpu_redis(redis_url, write=write, cpu="1MiB")  # three of the eight objects
+    cfg["namespaces"] = {"param": {"evict": "lower"}}
+    keys = [Key("param", "m", f"w{i}") for i in range(8)]
+    want = [torch.full((65536,), float(i)) for i in range(8)]
+    with strata.open_store(cfg) as store:
+        redis = store.tiers[1]
+        for k, v in zip(keys, want):
+            assert store.put(k, v)
+        store.flush()
+        assert store.stats()["tiers"]["redis"]["puts"] == 8
+        for _ in range(3):  # three passes over the weights, each read promoted, evicting another
+            for k, v in zip(keys, want):
+                assert torch.equal(store.get(k), v)
+        s = store.stats()["tiers"]
+        assert s["cpu"]["promotions"] >= 20 and s["cpu"]["evictions"] >= 20
+        assert s["redis"]["puts"] == 8, "clean objects Redis holds were written to it again"
+        assert torch.equal(store.get(keys[0]), want[0]) and store.contains(keys[0], mode="exact", tier="cpu")
+        redis.client.delete(redis.prefix + keys[0].encoded)  # Redis evicts it while the CPU tier holds it
+        for k, v in zip(keys[1:], want[1:]):
+            assert torch.equal(store.get(k), v)
+        assert not store.contains(keys[0], mode="exact", tier="cpu")
+        assert redis.client.exists(redis.prefix + keys[0].encoded) == 1
+        assert store.stats()["tiers"]["redis"]["puts"] == 9
+        assert torch.equal(store.get(keys[0]), want[0])
+
+
 def test_an_eviction_never_writes_down_an_object_its_own_put_is_still_writing(redis_url, monkeypatch):
     """A write-through put of k is in the cpu tier, on its way to Redis, when another put evicts it
     (``evict: lower``): the eviction's demotion wrote k to Redis and dropped it above, and the put's

@@ -233,8 +233,11 @@ class TierChain:
         return True
 
     def _mark_written_below(self, kept: list[tuple[Tier, Entry]]) -> None:
-        """A tier below took a put that the write-through tiers above (``kept``) passed on: those
-        that tell other processes (``Tier.marks_below``) mark their copy written below."""
+        """A tier below took a put that the write-through tiers above (``kept``) passed on: their
+        copies are of a version a tier below holds (``copied``), and those that tell other processes
+        (``Tier.marks_below``) mark theirs written below."""
+        for _, e in kept:
+            e.copied = True
         marking = [(t, e) for t, e in kept if t.marks_below]
         if marking:
             with self.lock:
@@ -450,11 +453,15 @@ class TierChain:
 
     def _demote(self, tier: Tier, victims: list[Entry]) -> None:
         """Write leased victims of ``tier`` to the tiers below (outside the lock, one batch per
-        tier), then evict those that made it (or may be dropped), unless a newer put replaced
-        them meanwhile."""
+        tier), but those a store below still holds (``_held_below``), then evict those that made
+        it (or may be dropped), unless a newer put replaced them meanwhile."""
         oks = [False] * len(victims)
         try:
-            oks = self._copy_down(self.tiers.index(tier), victims)
+            i = self.tiers.index(tier)
+            oks = self._held_below(i, victims)
+            todo = [j for j, held in enumerate(oks) if not held]
+            for j, ok in zip(todo, self._copy_down(i, [victims[j] for j in todo])):
+                oks[j] = ok
         finally:
             with self.lock:
                 for e, ok in zip(victims, oks):
@@ -465,6 +472,24 @@ class TierChain:
                         tier.retire(e)
                         tier.counters.evictions += 1
                     self._let_go(tier, e)
+
+    def _held_below(self, i: int, entries: list[Entry]) -> list[bool]:
+        """Per leased entry of tier ``i``, whether a store below it (a backing tier, which keeps no
+        index to look in under the lock as ``_copy_below`` does) still holds the key of a clean
+        entry whose version reached the tiers below (``copied``: written through, flushed,
+        demoted, or promoted from there). Asked outside the lock, one round trip per store: such
+        an entry is evicted without writing it again (each eviction of a weight promoted from
+        Redis wrote it back over the network), and one the store let go is written down."""
+        held = [False] * len(entries)
+        asked = [j for j, e in enumerate(entries) if e.copied and not e.dirty]
+        for t in self.tiers[i + 1 :]:
+            if not asked:
+                break
+            if t.remote:
+                for j, h in zip(asked, t.exists_many([entries[j].key for j in asked])):
+                    held[j] = h
+                asked = [j for j in asked if not held[j]]
+        return held
 
     def _flush_many(self, items: list[tuple[int, Entry]]) -> list[bool]:
         """Write dirty entries (``(tier index, entry)``, the write-back queue's) to the tiers below
@@ -697,6 +722,7 @@ class TierChain:
                 continue
             promoted = self._write_one(upper, key, e.ns, e.meta, data, unchanged)
             if promoted is not None:
+                promoted.copied = True  # its very version lives below, where it was read
                 with self.lock:
                     upper.counters.promotions += 1
                     if upper.holds(promoted):  # its very version lives below, where it was read
