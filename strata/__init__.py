@@ -1,6 +1,7 @@
 """Strata: one tiered tensor store for offloaded weights and reusable KV cache."""
 
-from strata.config import StoreConfig, load_config, parse_size, presets
+from strata.config import StoreConfig, parse_size
+from strata.config_load import load_config, presets
 from strata.errors import ConfigError, StoreError, StrataError
 from strata.keys import Key, make_scope, namespaces, register_namespace
 from strata.offload import OffloadError, OffloadHandle, handle_of, offload

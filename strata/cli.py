@@ -12,7 +12,8 @@ import sys
 from importlib import resources
 from pathlib import Path
 
-from strata.config import format_size, presets
+from strata.config import format_size
+from strata.config_load import presets
 from strata.errors import ConfigError, StrataError, allowed
 from strata.report import format_contents, format_stats
 

@@ -26,7 +26,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from strata.config import format_size, load_config, parse_size
+from strata.config import format_size, parse_size
+from strata.config_load import load_config
 from strata.errors import ConfigError, allowed
 from strata.integrations.vllm_plugin import kv_transfer_config
 from strata.integrations.vllm_version import check_vllm

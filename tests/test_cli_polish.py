@@ -117,7 +117,7 @@ def test_looking_at_a_file_tier_config_creates_nothing(tmp_path, capsys, cmd):
 
 
 def test_a_file_tier_opened_without_create_refuses_a_missing_directory(tmp_path):
-    from strata.config import load_config
+    from strata.config_load import load_config
     from strata.store.tiers import RegionAbsent, build_tier
 
     store_cfg = load_config({"tiers": [{"kind": "file", "path": str(tmp_path / "missing"), "capacity": "1MiB"}]})

@@ -608,7 +608,7 @@ def test_a_region_in_memory_larger_than_the_ram_available_is_refused_not_oom_kil
 def test_create_false_opens_an_existing_region_and_never_creates_one(tmp_path):
     import os
 
-    from strata.config import load_config
+    from strata.config_load import load_config
     from strata.store.tiers import build_tier
     from strata.store.tiers.cxl import CxlTier, RegionAbsent
 

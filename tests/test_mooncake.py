@@ -137,4 +137,4 @@ def test_a_value_another_client_overwrote_is_a_miss_and_dropped(master, holder):
 ])
 def test_bad_config_names_the_field_and_what_is_allowed(tier, says):
     with pytest.raises(strata.ConfigError, match=says):
-        strata.config.load_config({"tiers": [tier]})
+        strata.load_config({"tiers": [tier]})

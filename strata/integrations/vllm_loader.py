@@ -41,7 +41,8 @@ from vllm.config import CompilationMode, CUDAGraphMode
 from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
 from vllm.platforms import current_platform
 
-from strata.config import load_config, parse_size
+from strata.config import parse_size
+from strata.config_load import load_config
 from strata.errors import ConfigError
 from strata.integrations.vllm_version import check_vllm
 from strata.offload import OffloadError, OffloadHandle, find_blocks, offload

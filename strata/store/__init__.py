@@ -1,5 +1,2 @@
-"""The tiered tensor store. Knows nothing of models or vLLM."""
-
-from strata.store.engine import StorageEngine, open_store
-
-__all__ = ["StorageEngine", "open_store"]
+"""The tiered tensor store. Knows nothing of models or vLLM. Its public names (``open_store``,
+``StorageEngine``) are ``strata``'s; importing a module of this package imports no other."""

@@ -11,7 +11,8 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 
-from strata.config import StoreConfig, format_size, load_config
+from strata.config import StoreConfig, format_size
+from strata.config_load import load_config
 from strata.errors import StoreError, allowed
 from strata.keys import Key
 from strata.store.chain import TierChain

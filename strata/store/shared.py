@@ -12,7 +12,8 @@ import json
 import os
 import threading
 
-from strata.config import StoreConfig, load_config
+from strata.config import StoreConfig
+from strata.config_load import load_config
 from strata.store.engine import StorageEngine
 
 _lock = threading.Lock()

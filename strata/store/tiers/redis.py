@@ -35,7 +35,7 @@ BATCH_BYTES = 16 << 20  # bytes of values sent in one round trip: each must go w
 TAG_LEN = 18  # hash_tag: scope: b"{" + 16 hex digits + b"}" after the prefix (redis_cluster.scope_tag)
 
 
-# -- config: the keys of a redis tier, checked by strata.config through RedisTier's declarations
+# -- config: the keys of a redis tier, checked by strata.config_load through RedisTier's declarations
 
 SCHEMES = ("redis://", "rediss://", "unix://")
 MEMORY_POLICIES = ("allkeys-lru", "allkeys-lfu", "allkeys-random", "volatile-lru", "volatile-lfu", "volatile-random",

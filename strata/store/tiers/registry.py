@@ -3,7 +3,7 @@
 A distribution adds a tier kind by declaring an entry point in the group ``strata.tiers``:
 the name is the kind users write in a config (``kind: sqlite``), the value ``module:Class``
 names a ``Tier`` subclass. Nothing of a plugin is imported until a config names a kind that is
-not built in: ``strata.config`` asks this module then, and only then. The class declares the
+not built in: ``strata.config_load`` asks this module then, and only then. The class declares the
 keys it takes beside the common ones (``COMMON_KEYS``, validated by Strata as for every tier):
 
 - ``config_keys``: ``{key: spec}``, where a spec is a type (``str``, ``int``, ``float``,
@@ -44,7 +44,7 @@ from strata.errors import ConfigError
 from strata.store.tiers.base import Tier
 
 GROUP = "strata.tiers"
-# Keys every tier takes, validated by strata.config; a plugin declares only its own beside them.
+# Keys every tier takes, validated by strata.config_load; a plugin declares only its own beside them.
 COMMON_KEYS = frozenset({"kind", "name", "capacity", "policy", "write", "verify"})
 
 
