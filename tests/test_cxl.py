@@ -1073,3 +1073,30 @@ def test_generations_an_older_process_bumped_without_logging_them_are_never_read
         assert new.get(keys[4]) is None and not new.contains(keys[4])
         assert torch.equal(new.get(keys[2]), torch.zeros(10))
         assert_exact_accounting(cxl_tier(new))
+
+
+def test_the_bytes_of_a_leased_object_whose_slot_is_not_cleared_yet_go_back_with_the_slot(tmp_path):
+    """A leased object deleted while another process held the region lock: its slot is left to
+    clear later (``_unfreed``) and its bytes kept for the lease. The last release gave the bytes
+    back while the slot still named them; an allocator rebuilt meanwhile held them again for the
+    slot, and clearing the slot (bytes kept for the lease, it said) never gave them back."""
+    cfg = {"tiers": [{"kind": "cxl", "path": str(tmp_path / "region"), "size": "1MiB"}]}
+    k = strata.Key("kv", "linger", "k")
+    with strata.open_store(cfg) as a:
+        ta = cxl_tier(a)
+        assert a.put(k, torch.full((4000,), 1.0))
+        lease = a.lease(k)
+        assert lease.__enter__() is not None
+        ta._try_acquire = lambda: False  # another process's put holds the region lock
+        ta.after_unlock = lambda fn: None  # and the clear waits for the next put
+        try:
+            assert a.delete(k)
+            assert ta._unfreed
+            lease.__exit__(None, None, None)
+            with a.chain.lock:
+                ta._rebuild_allocator()  # a sync meanwhile rebuilds the free space
+        finally:
+            del ta._try_acquire, ta.after_unlock
+        assert a.put(strata.Key("kv", "linger", "next"), torch.full((10,), 2.0))  # clears the slot first
+        assert not ta._unfreed
+        assert_exact_accounting(ta)

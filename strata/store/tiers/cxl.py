@@ -941,6 +941,10 @@ class CxlTier(MemoryTier):
         if span is None or self.generation == -1:
             return
         off, size, rebuilds = span
+        for slot, (at, seq, n, keep) in self._unfreed.items():
+            if at == off and keep:  # its slot is not cleared yet (``_drop_record``): the bytes go back with it
+                self._unfreed[slot] = (at, seq, n, False)
+                return
         if self._pins.supported or rebuilds == self._rebuilds:
             self.allocator.free(off - self.data_start, size)
         else:
