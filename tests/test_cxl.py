@@ -1075,6 +1075,57 @@ def test_generations_an_older_process_bumped_without_logging_them_are_never_read
         assert_exact_accounting(cxl_tier(new))
 
 
+# -- a sync reads what the slots hold as of one generation ------------------------------------------
+
+class _FirstOf(set):
+    """A set of free slots whose ``pop`` hands out ``first`` while it is there (a put into that slot)."""
+
+    def __init__(self, items, first):
+        super().__init__(items)
+        self.first = first
+
+    def pop(self):
+        if self.first in self:
+            self.discard(self.first)
+            return self.first
+        return super().pop()
+
+
+def test_a_sync_never_indexes_a_record_newer_than_the_generation_it_read(tmp_path):
+    """A sync reads the generation and the change log, then the slots the log names, without the
+    region lock. Another process deleting q and putting r over q's bytes in between (into a slot
+    the log named already) was seen half: r indexed, q's removal (a later generation) not, and
+    forgetting q at the next sync freed r's bytes: this process's next put went over r. A read
+    during which the generation moved is made again."""
+    cfg = {"tiers": [{"kind": "cxl", "path": str(tmp_path / "region"), "size": "1MiB"}]}
+    q, x, r = (strata.Key("kv", "future", n) for n in ("q", "x", "r"))
+    with strata.open_store(cfg) as a, strata.open_store(cfg) as b:
+        ta, tb = cxl_tier(a), cxl_tier(b)
+        assert b.put(q, torch.full((4000,), 1.0)) and a.contains(q)
+        assert b.put(x, torch.full((9000,), 2.0)) and b.delete(x)  # x's slot: in the log a reads next
+        logged = ta._logged
+
+        def meanwhile(gen):  # b deletes q and puts r over its bytes, into x's slot, as a reads
+            slots = logged(gen)
+            if slots is not None and not meanwhile.done:
+                meanwhile.done = True
+                free = [i for i in slots if tb._read_slot(i) is None]
+                tb._free_slots = _FirstOf(tb._free_slots, free[0])
+                assert b.delete(q) and b.put(r, torch.full((4000,), 3.0))
+                assert tb.index[r.encoded].loc[1] == ta.index[q.encoded].loc[1], "r is not over q's bytes"
+            return slots
+
+        meanwhile.done = False
+        ta._logged = meanwhile
+        assert torch.equal(a.get(r), torch.full((4000,), 3.0)) and a.get(q) is None
+        del ta._logged
+        assert meanwhile.done
+        assert_exact_accounting(ta)
+        assert a.put(strata.Key("kv", "future", "mine"), torch.full((4000,), 4.0))
+        assert torch.equal(b.get(r), torch.full((4000,), 3.0)), "this process's put went over r"
+        assert_exact_accounting(ta)
+
+
 def test_the_bytes_of_a_leased_object_whose_slot_is_not_cleared_yet_go_back_with_the_slot(tmp_path):
     """A leased object deleted while another process held the region lock: its slot is left to
     clear later (``_unfreed``) and its bytes kept for the lease. The last release gave the bytes

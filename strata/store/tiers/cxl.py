@@ -122,6 +122,7 @@ _BYTES_PER_SLOT = 64 << 10  # one slot per 64 KiB of region (at least 256 slots)
 _NOT_A_KEY = "?"  # the namespace of a checksummed record whose key bytes are no Strata key (kept, never cleared)
 _NO_FALLOCATE = {errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL, errno.ENOSYS}  # the filesystem cannot reserve
 _RAM_HEADROOM = 512 << 20  # RAM a region file in memory leaves to everything else, at least
+_SYNC_TRIES = 8  # reads of the slot table a sync makes while other processes keep changing it
 _PINNED_TRIES = 16  # pinned ranges one allocation steps around before it gives up (evicts or refuses)
 _WRITTEN_BELOW = 2  # flipped in a slot's commit word: its owner wrote the object to the tiers below
 _U64 = 0xFFFFFFFFFFFFFFFF  # the slot table is read as signed words: a commit word's unsigned value
@@ -523,21 +524,34 @@ class CxlTier(MemoryTier):
         process's put costs what that put changed, not a pass over every object. The first sync,
         and one after this process lost track (``generation`` -1, or a region without cross-process
         pins, where bytes a lease here kept may have been reused), index every slot and rebuild the
-        allocator (``_index_all``)."""
-        gen = self._gen()
-        if gen == self.generation and not force:
-            return 0
+        allocator (``_index_all``).
+
+        The slots are read without the region lock, so what they hold may be newer than the
+        generation read first: a record put over the bytes of one whose removal came after that
+        generation would be indexed while the removed one still is, and forgetting that one later
+        would free the new record's bytes. A read during which the generation moved is made again
+        (``_SYNC_TRIES`` times, then left to the next call); under the region lock nothing moves."""
         live = torch.frombuffer(self.map, dtype=torch.int64, count=self.nslots * 4, offset=_SLOTS_AT)
         live = live.view(self.nslots, 4)
-        whole = force or self._table is None or self.generation == -1 or not self._pins.supported
-        logged = None if whole else self._logged(gen)
-        if logged is not None:  # the slots the change log names, and those to look at again
-            slots = sorted(set(logged) | self._recheck)
-            rows = live[slots]  # a copy: a torn slot fails its commit word
+        for _ in range(_SYNC_TRIES):
+            gen = self._gen()
+            if gen == self.generation and not force:
+                return 0
+            whole = force or self._table is None or self.generation == -1 or not self._pins.supported
+            logged = None if whole else self._logged(gen)
+            if logged is not None:  # the slots the change log names, and those to look at again
+                slots = sorted(set(logged) | self._recheck)
+                rows = live[slots]  # a copy: a torn slot fails its commit word
+            else:
+                table = live.clone()
+            if self._locks or self._gen() == gen:
+                break
+        else:
+            return 0  # another process kept changing the region while it was read: looked at next time
+        if logged is not None:
             self._table[slots] = rows
             added, stale, damaged = self._index_slots(slots, rows.tolist())
         else:
-            table = live.clone()  # one consistent-enough copy
             prev, self._table = self._table, table
             if whole:
                 added, stale, damaged = self._index_all(table)
