@@ -60,6 +60,25 @@ def test_greedy_tokens_equal_from_pretrained_in_every_placement_mode(checkpoints
     assert greedy(model, IDS) == reference(path)  # a plain model afterwards
 
 
+def test_file_backed_blocks_beyond_the_cpu_cache_are_read_from_the_files_without_a_refusal(checkpoints, caplog):
+    """With ``file_backed`` and a ``cpu_cache`` smaller than the streamed blocks, the blocks that
+    fit stay in the CPU tier and the others are read from the checkpoint's files on every pass:
+    their copy into the full CPU tier (a promotion) is turned down, which is no refused put. It
+    was counted in ``rejected`` and warned about ("tier cpu refused a put") as passes went on."""
+    path = checkpoints["llama"]
+    model = strata.load(path, device="cpu", file_backed=True, cpu_cache="200KiB", progress=False)
+    handle = strata.handle_of(model)
+    with caplog.at_level("WARNING", logger="strata"):
+        with torch.no_grad():
+            for _ in range(3):
+                model(IDS)
+    tiers = handle.store.stats()["tiers"]
+    assert tiers["cpu"]["hits"] > 0 and tiers["ranges"]["hits"] > 0  # some blocks cached, some read each pass
+    assert tiers["cpu"]["rejected"] == 0
+    assert "refused a put" not in caplog.text
+    handle.detach()
+
+
 def test_loading_in_another_dtype_casts(checkpoints):
     model = strata.load(checkpoints["llama"], device="cpu", dtype=torch.bfloat16, progress=False)
     ref = tf.AutoModelForCausalLM.from_pretrained(checkpoints["llama"], dtype=torch.bfloat16).eval()

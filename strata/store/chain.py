@@ -89,12 +89,15 @@ class ChainLock(_thread.RLock):
 class _Put:
     """One object of a put on its way down the chain: its bytes as the next tier takes them, the
     guard of the tier above it (checked under the lock before publishing: False means a newer put
-    won), and what each tier made of it (for ``_settle_put``)."""
+    won), and what each tier made of it (for ``_settle_put``). A ``promotion`` (a copy of what a
+    read found below) a tier cannot take is no refused put: not counted in ``rejected``."""
 
-    __slots__ = ("key", "ns", "meta", "data", "guard", "kept", "refused")
+    __slots__ = ("key", "ns", "meta", "data", "guard", "kept", "refused", "promotion")
 
-    def __init__(self, key: bytes, ns: str, meta: ObjectMeta, data: torch.Tensor, guard: "Guard | None"):
+    def __init__(self, key: bytes, ns: str, meta: ObjectMeta, data: torch.Tensor, guard: "Guard | None",
+                 promotion: bool = False):
         self.key, self.ns, self.meta, self.data, self.guard = key, ns, meta, data, guard
+        self.promotion = promotion
         self.kept: list[tuple[Tier, Entry]] = []
         self.refused: list[tuple[Tier, Entry]] = []  # (tier, its older version) where nothing above holds the new one
 
@@ -271,10 +274,6 @@ class TierChain:
             if old is not None and guard():
                 tier.retire(old)
 
-    def _write_one(self, tier: Tier, key: bytes, ns: str, meta: ObjectMeta, data: torch.Tensor,
-                   guard: Guard | None, dirty: bool = False) -> Entry | None:
-        return self._write_many(tier, [_Put(key, ns, meta, data, guard)], dirty)[0]
-
     def _write_many(self, tier: Tier, items: list[_Put], dirty: bool = False,
                     passing: list[Entry] | None = None) -> list[Entry | None]:
         """Write items into ``tier`` (a backing tier batches them): per item the published entry,
@@ -398,7 +397,7 @@ class TierChain:
         if None in entries:
             with self.lock:
                 for j, (item, e) in enumerate(zip(items, entries)):
-                    if e is None and j not in stale:
+                    if e is None and j not in stale and not item.promotion:
                         tier.counters.rejected += 1
                         _warn_rejected(tier, item)
         return entries
@@ -720,7 +719,7 @@ class TierChain:
                 there = upper.lookup(key) is not None
             if there:
                 continue
-            promoted = self._write_one(upper, key, e.ns, e.meta, data, unchanged)
+            promoted = self._write_many(upper, [_Put(key, e.ns, e.meta, data, unchanged, promotion=True)])[0]
             if promoted is not None:
                 promoted.copied = True  # its very version lives below, where it was read
                 with self.lock:
