@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import _thread
 import threading
 import time
 from typing import Callable, TypeVar
@@ -23,6 +22,7 @@ from typing import Callable, TypeVar
 import torch
 
 from strata.config import StoreConfig, format_size
+from strata.store.chain_lock import ChainLock
 from strata.store.codec import CorruptObject, ObjectMeta, checksum, fit_out
 from strata.store.inflight import KeyChanges, KeysInFlight
 from strata.store.tiers.base import CopiesInFlight, Entry, NotStored, Tier
@@ -34,56 +34,6 @@ T = TypeVar("T")
 _DEMOTION_ROUNDS = 4  # reserve, demote victims outside the lock, retry: at most this many times per write
 _DOWN_WAIT_S = 30.0  # the longest a flush or a reservation waits for another writer (of an entry, a key, a region)
 _COPY_WAITS = 16  # a reservation waits at most this many times for device copies holding a tier's room
-
-
-_RLock_release = _thread.RLock.release
-
-
-class ChainLock(_thread.RLock):
-    """The chain's lock: reentrant; as its owner lets go of it entirely, the I/O tiers deferred under
-    it (``Tier.after_unlock``) runs in that thread, so no thread waits for another's unlinks,
-    flushes or round trips, and a store call still returns only after its own. A
-    ``threading.Condition`` over it waits as over an RLock: the waiter's deferred I/O stays its own.
-    Every store call takes it a few times, so taking it is the C lock's own ``acquire``; letting it
-    go looks at the deferred list only on the way out of the outermost hold."""
-
-    __slots__ = ("_pending",)
-
-    def __init__(self):
-        super().__init__()
-        self._pending: list[Callable[[], None]] = []  # I/O the owner deferred (only the owner touches it)
-
-    def release(self, *_exc) -> None:
-        if self._pending and self._recursion_count() == 1:
-            self._run_pending()
-        else:
-            _RLock_release(self)
-
-    __exit__ = release  # the lock's every use ends here: no extra call on the way out
-
-    def _run_pending(self) -> None:
-        """Let the outermost hold go, then run what was deferred under it, in this thread."""
-        pending, self._pending = self._pending, []
-        _RLock_release(self)
-        for fn in pending:
-            try:
-                fn()
-            except Exception:  # noqa: BLE001 - deferred I/O must not fail the store call that caused it
-                log.warning("I/O deferred past the chain's lock failed", exc_info=True)
-
-    def defer(self, fn: Callable[[], None]) -> None:
-        """Run ``fn`` as the owner lets the lock go entirely (the owner calls this)."""
-        self._pending.append(fn)
-
-    # what threading.Condition uses to wait on a reentrant lock: the waiter's deferred I/O waits with it
-    def _release_save(self):
-        saved, self._pending = self._pending, []
-        return super()._release_save(), saved
-
-    def _acquire_restore(self, state) -> None:
-        inner, saved = state
-        super()._acquire_restore(inner)
-        self._pending = saved
 
 
 class _Put:

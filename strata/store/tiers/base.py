@@ -102,7 +102,7 @@ class Tier:
         self.counters = TierCounters()
         self.pinned = False  # memory tiers: views are page-locked, so copies to the GPU may be asynchronous
         self.seam = streams.active()  # the device seam (strata.streams) copies out of this tier go through
-        self.chain_lock = None  # the lock of the chain that drives this tier (strata.store.chain.ChainLock)
+        self.chain_lock = None  # the lock of the chain that drives this tier (strata.store.chain_lock.ChainLock)
 
     def after_unlock(self, fn: Callable[[], None]) -> None:
         """Run ``fn`` (I/O an index change calls for: an unlink, a flush, a DEL) once this thread
