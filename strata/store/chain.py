@@ -671,10 +671,10 @@ class TierChain:
                 continue
             promoted = self._write_many(upper, [_Put(key, e.ns, e.meta, data, unchanged, promotion=True)])[0]
             if promoted is not None:
-                promoted.copied = True  # its very version lives below, where it was read
-                with self.lock:
+                with self.lock:  # its very version lives below, where it was read
+                    promoted.copied = True
                     upper.counters.promotions += 1
-                    if upper.holds(promoted):  # its very version lives below, where it was read
+                    if upper.holds(promoted):
                         upper.mark_written_below(promoted)
 
     # -- lookups and deletes -------------------------------------------------------------------
