@@ -114,6 +114,7 @@ _SEQ_AT = 72  # the last put sequence number handed out
 _LOG_AT = 2048  # the change log: the slot each of the last ``_LOG_LEN`` generations changed, at gen % _LOG_LEN
 _LOG_LEN = 256
 _LOG_TAG = 0x7FFFFFFF  # a log entry is ``(gen & _LOG_TAG) << 32 | slot``: an entry names its generation
+_LOG_SLOT = 0xFFFFFFFF  # the slot's bits of a log entry
 _SLOT = struct.Struct("<QQQQ")  # commit, offset, length, seq
 _SLOTS_AT = 4096
 _ALIGN = 256  # records start here; payloads at a 64-byte boundary after the header
@@ -573,20 +574,20 @@ class CxlTier(MemoryTier):
 
     def _logged(self, gen: int) -> list[int] | None:
         """The slots changed in the generations since this process's last look, up to ``gen``, from
-        the change log; None where it no longer holds them all (more changes than it keeps, or
-        overwritten while read): the slot table is then compared whole with the last copy."""
+        the change log; None where it no longer holds them all (more changes than it keeps, an
+        entry overwritten by a later generation while read, or a generation bumped by a process
+        that writes no log: each shows as an entry naming another generation): the slot table
+        is then compared whole with the last copy."""
         first = self.generation + 1
         if not 0 <= gen - first < _LOG_LEN:
             return None
         log = torch.frombuffer(self.map, dtype=torch.int64, count=_LOG_LEN, offset=_LOG_AT).tolist()
-        if self._gen() - first >= _LOG_LEN:
-            return None
         slots = []
         for g in range(first, gen + 1):
             entry = log[g % _LOG_LEN]
-            if entry >> 32 != g & _LOG_TAG or not 0 <= entry & 0xFFFFFFFF < self.nslots:
-                return None  # a generation no log entry names: bumped by a process that writes none
-            slots.append(entry & 0xFFFFFFFF)
+            if entry >> 32 != g & _LOG_TAG or not 0 <= entry & _LOG_SLOT < self.nslots:
+                return None
+            slots.append(entry & _LOG_SLOT)
         return slots
 
     def _index_all(self, table: torch.Tensor) -> tuple[int, list[int], int]:
