@@ -18,6 +18,7 @@ from hypothesis import given, settings, strategies as st
 import strata
 from strata import ConfigError
 from strata.store.tiers.pins import RangePins
+from regions import assert_exact_accounting
 
 CHILD = r"""
 import sys, torch, strata
@@ -53,15 +54,6 @@ def value(i):
 
 def cxl_tier(store):
     return next(t for t in store.tiers if t.kind == "cxl")
-
-
-def assert_exact_accounting(tier):
-    extents = sorted((e.loc[1], tier.allocator.rounded(e.size)) for e in tier.index.values())
-    for (a, n), (b, _) in zip(extents, extents[1:]):
-        assert a + n <= b, "two objects share bytes"
-    assert tier.used == sum(e.size for e in tier.index.values())
-    assert tier.allocator.free_bytes + sum(n for _, n in extents) == tier.allocator.capacity
-    assert len({e.loc[0] for e in tier.index.values()}) == len(tier.index)
 
 
 def test_objects_survive_sigkill_at_random_moments_and_nothing_torn_is_readable(tmp_path):
