@@ -12,8 +12,9 @@ a copy from pinned memory; and the re-read of the slot table after another proce
 (``re-sync``) vs the same re-read parsing every header. Redis tier (a redis-server started on a free port of 127.0.0.1, or ``--redis-url``):
 put and get vs the plain ``redis`` client's ``set`` and ``get`` of the same bytes over the
 same connection settings, and ``get_many`` of 16 keys vs the same GETs in one client pipeline;
-and weights streamed through a CPU tier a third their size (``streamed``: a pass of ``get_into``,
-each a miss read from Redis and promoted) vs the client's GETs of the same bytes.
+and weights streamed through a CPU tier a third their size (``stream-ke``: a pass of ``get_into``
+with ``param``'s default ``promote: keep``; ``stream-ev``: with ``promote: evict``, each read a
+miss read from Redis and promoted) vs the client's GETs of the same bytes.
 Redis Cluster (``--tiers redis-cluster``: 3 primaries, ``--cluster-replicas`` replicas each,
 redis-server processes started on loopback, and one more single redis-server in the same run):
 ``put_many`` and ``get_many`` of 1 MiB and 32 MiB values through a redis tier with ``cluster:
@@ -251,30 +252,39 @@ def bench_redis(size_name, nbytes, count, repeat, url):
 
 def bench_redis_stream(size_name, nbytes, count, repeat, url):
     """Weights streamed through a CPU tier a third their size over Redis (``evict: lower``, write
-    through): a pass of ``get_into`` over all of them in order, each a CPU miss read from Redis and
-    promoted while another is evicted, vs the plain client's GETs of the same bytes; and how many
-    objects a pass wrote to Redis (those evicted are still there: none)."""
+    through): a pass of ``get_into`` over all of them in order vs the plain client's GETs of the same
+    bytes, with ``param``'s default ``promote: keep`` (the CPU tier keeps the third it holds: those
+    hit, the rest are read from Redis and not copied up) and with ``promote: evict`` (each read
+    promoted while another is evicted: under LRU, every read a miss); per pass, the CPU hits and
+    the objects written to Redis (those evicted are still there: none)."""
     import redis
 
     srcs = [torch.randint(0, 255, (nbytes,), dtype=torch.uint8) for _ in range(count)]
     dst = torch.empty(nbytes, dtype=torch.uint8)
-    keys = [Key("param", "bench-stream", f"{size_name}-{i}") for i in range(count)]
     plain = redis.Redis.from_url(url, socket_timeout=5)
     names = [f"plain-stream:{size_name}:{i}".encode() for i in range(count)]
     idx = list(range(count))
-    cfg = {"tiers": [{"kind": "cpu", "capacity": count // 3 * (nbytes + 4096), "write": "through"},
-                     {"kind": "redis", "url": url, "timeout_ms": 5000, "key_prefix": "bench-stream:"}],
-           "namespaces": {"param": {"evict": "lower"}}}
-    with strata.open_store(cfg) as store:
-        for i in idx:
-            plain.set(names[i], srcs[i].numpy().tobytes())
-            store.put(keys[i], srcs[i])
-        puts = store.stats()["tiers"]["redis"]["puts"]
-        base = timed(lambda i: plain.get(names[i]), idx, repeat)
-        got = timed(lambda i: store.get_into(keys[i], dst), idx, repeat)
-        written = (store.stats()["tiers"]["redis"]["puts"] - puts) / repeat
-        row("redis", "streamed", size_name, nbytes, got, base, "client get")
-        print(f"      (a pass over {count} weights through a CPU tier a third their size wrote {written:g} to Redis)")
+    for i in idx:
+        plain.set(names[i], srcs[i].numpy().tobytes())
+    base = timed(lambda i: plain.get(names[i]), idx, repeat)
+    per_mode = {}
+    for promote in ("keep", "evict"):
+        keys = [Key("param", "bench-stream", f"{size_name}-{promote}-{i}") for i in idx]
+        cfg = {"tiers": [{"kind": "cpu", "capacity": count // 3 * (nbytes + 4096), "write": "through"},
+                         {"kind": "redis", "url": url, "timeout_ms": 5000, "key_prefix": "bench-stream:"}],
+               "namespaces": {"param": {"evict": "lower", "promote": promote}}}
+        with strata.open_store(cfg) as store:
+            for i in idx:
+                store.put(keys[i], srcs[i])
+            before = store.stats()["tiers"]
+            got = per_mode[promote] = timed(lambda i: store.get_into(keys[i], dst), idx, repeat)
+            after = store.stats()["tiers"]
+            hits = (after["cpu"]["hits"] - before["cpu"]["hits"]) / repeat
+            written = (after["redis"]["puts"] - before["redis"]["puts"]) / repeat
+            row("redis", "stream-" + promote[:2], size_name, nbytes, got, base, "client get")
+            print(f"      (promote: {promote}: a pass over {count} weights through a CPU tier a third their "
+                  f"size hit {hits:g} in the CPU tier and wrote {written:g} to Redis)")
+    print(f"      keep / evict per object: {per_mode['keep'] / per_mode['evict']:.2f}x")
     plain.close()
 
 

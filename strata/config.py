@@ -72,6 +72,7 @@ UNBOUNDED = 1 << 62
 POLICIES = ("lru", "s3fifo")
 WRITE_MODES = ("through", "back")
 EVICT_MODES = ("drop", "lower", "never")
+PROMOTE_MODES = ("evict", "keep")
 
 
 class Options(Mapping):
@@ -138,6 +139,12 @@ class NamespacePolicy:
     evict: str = "drop"  # drop: evict freely; lower: only once a lower tier holds it; never: pinned
     priority: int = 0  # lower priority is evicted first
     quota: Mapping[str, int] = field(default_factory=dict)  # tier name -> bytes
+    # How a hit below is copied into a full tier above. evict: evicting as the tier's policy says
+    # (what was read lately is read again: KV). keep: evicting only objects of namespaces of a
+    # lower priority, never the namespace's own: weights are read in one cycle, every forward in
+    # the same order, and LRU would evict the very block read next, so a tier smaller than the
+    # cycle would hit nothing; kept, what it holds hits on every pass.
+    promote: str = "evict"
 
 
 @dataclass(frozen=True)
@@ -159,7 +166,7 @@ class StoreConfig:
 
 DEFAULT_POLICIES = {
     "kv": NamespacePolicy(evict="drop", priority=0),
-    "param": NamespacePolicy(evict="lower", priority=10),
+    "param": NamespacePolicy(evict="lower", priority=10, promote="keep"),
 }
 
 

@@ -15,8 +15,8 @@ from typing import Any, Mapping
 
 import yaml
 
-from strata.config import (DECLARED_KINDS, DEFAULT_POLICIES, EVICT_MODES, POLICIES, TIER_KINDS, UNBOUNDED,
-                           WRITE_MODES, NamespacePolicy, Options, StoreConfig, TierConfig, WritebackConfig,
+from strata.config import (DECLARED_KINDS, DEFAULT_POLICIES, EVICT_MODES, POLICIES, PROMOTE_MODES, TIER_KINDS,
+                           UNBOUNDED, WRITE_MODES, NamespacePolicy, Options, StoreConfig, TierConfig, WritebackConfig,
                            declared_class, parse_size, positive_int)
 from strata.errors import ConfigError, allowed
 from strata.keys import namespaces
@@ -30,7 +30,7 @@ _ATTRIBUTE_KINDS = frozenset({"cpu", "file", "ranges", "cxl", "redis"})
 _TOP_KEYS = {"tiers", "namespaces", "writeback", "promote"}
 
 
-_NS_KEYS = {"evict", "priority", "quota"}
+_NS_KEYS = {"evict", "priority", "quota", "promote"}
 
 
 _WB_KEYS = {"max_pending", "max_pending_bytes"}
@@ -190,7 +190,8 @@ def _namespace(ns: str, raw: Mapping, tier_names: list[str], remote: tuple[str, 
     elif quota_raw is not None:
         size = parse_size(quota_raw, f"{where}.quota")
         quota = {t: size for t in tier_names if t not in remote}
-    return NamespacePolicy(evict=evict, priority=prio, quota=quota)
+    promote = _choice(f"{where}.promote", raw.get("promote", base.promote), PROMOTE_MODES)
+    return NamespacePolicy(evict=evict, priority=prio, quota=quota, promote=promote)
 
 
 def validate(raw: Mapping) -> StoreConfig:

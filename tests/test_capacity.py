@@ -117,6 +117,61 @@ def test_lower_policy_demotes_to_the_tier_below_before_evicting(tmp_path):
         assert store.contains(Key("param", "m", "a"))
 
 
+@pytest.mark.parametrize("policy", ["lru", "s3fifo"])
+def test_weights_read_in_a_cycle_through_a_smaller_tier_hit_what_it_holds_on_every_pass(tmp_path, policy):
+    """Offloaded weights are read in one cycle, every forward in the same order. Promoted into a
+    full CPU tier by evicting as its policy says, each read evicted the block read soonest after
+    (LRU), so a CPU tier a third of the blocks' size over a file tier hit nothing, and every read
+    cost a copy up and an eviction as well as the file read. ``param``'s ``promote: keep`` (its
+    default) keeps what the tier holds: three hits a pass, no copies up, nothing written."""
+    keys = [Key("param", "m", f"w{i}") for i in range(8)]
+    want = [torch.full((4096,), i, dtype=torch.int32) for i in range(8)]  # 16 KiB each
+    out = torch.empty(4096, dtype=torch.int32)
+
+    def passes(promote: str) -> list[tuple[int, int, int]]:
+        cfg = {"tiers": [{"kind": "cpu", "capacity": "50KiB", "policy": policy},  # three of the eight
+                         {"kind": "file", "path": str(tmp_path / promote), "capacity": "1MiB"}],
+               "namespaces": {"param": {"promote": promote}} if promote == "evict" else {}}
+        seen = []
+        with strata.open_store(cfg) as store:
+            for k, v in zip(keys, want):  # as strata.offload stores blocks: the tier keeps the last three
+                assert store.put(k, v)
+            for _ in range(4):
+                before = store.stats()["tiers"]
+                for k, v in zip(keys, want):
+                    store.get_into(k, out)
+                    assert torch.equal(out, v)
+                after = store.stats()["tiers"]
+                seen.append(tuple(after[t][c] - before[t][c]
+                                  for t, c in (("cpu", "hits"), ("cpu", "promotions"), ("file", "puts"))))
+        return seen
+
+    assert passes("keep") == [(3, 0, 0)] * 4
+    evicting = passes("evict")
+    assert all(promoted == 8 - hits and written == 0 for hits, promoted, written in evicting)
+    if policy == "lru":
+        assert evicting == [(0, 8, 0)] * 4
+
+
+def test_a_kept_namespace_promotes_over_a_lower_priority_one_and_never_over_its_own(tmp_path):
+    """``promote: keep`` spares the namespace's own objects and those of a priority as high, not
+    those of a lower priority: a weight read from the file tier takes a KV chunk's room, and once
+    no KV chunk is left it is read from the file tier without being copied up."""
+    cfg = {"tiers": [{"kind": "cpu", "capacity": "64KiB"}, {"kind": "file", "path": str(tmp_path), "capacity": "1MiB"}]}
+    params = [Key("param", "m", f"w{i}") for i in range(6)]
+    chunk = Key("kv", "m", "c")
+    block = torch.zeros(4096, dtype=torch.int32)  # 16 KiB: four fit
+    with strata.open_store(cfg) as store:
+        for k in params + [chunk]:  # the CPU tier ends holding w3, w4, w5 and c
+            assert store.put(k, block)
+        in_cpu = lambda k: store.get(k, mode="exact", tier="cpu") is not None  # noqa: E731
+        assert [in_cpu(k) for k in params + [chunk]] == [False] * 3 + [True] * 4
+        for k in params[:3]:
+            assert torch.equal(store.get(k), block)
+        assert [in_cpu(k) for k in params + [chunk]] == [True, False, False, True, True, True, False]
+        assert store.stats()["tiers"]["cpu"]["promotions"] == 1
+
+
 _SHARED_OPS = 0.78  # a draw below this is one of ``_shared_op``'s
 
 

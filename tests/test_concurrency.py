@@ -272,7 +272,8 @@ def test_a_read_promoting_an_older_version_never_lands_over_a_put_made_meanwhile
     k, other = Key("param", "m", "w"), Key("param", "m", "other")
     lower = ({"kind": "redis", "url": request.getfixturevalue("redis_url"), "key_prefix": f"t-{uuid.uuid4().hex}:"}
              if below == "redis" else {"kind": "file", "path": str(tmp_path / "f"), "capacity": "1MiB"})
-    cfg = {"tiers": [{"kind": "cpu", "capacity": "6KiB", "write": "through"}, lower]}  # one 4 KiB object
+    cfg = {"tiers": [{"kind": "cpu", "capacity": "6KiB", "write": "through"}, lower],  # one 4 KiB object
+           "namespaces": {"param": {"promote": "evict"}}}  # the read of k promotes it over other
     real_write = CpuTier.write_many
     writing, release = threading.Event(), threading.Event()
 

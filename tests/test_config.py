@@ -41,6 +41,7 @@ def test_yaml_path(tmp_path):
         ({"tiers": [{"kind": "cpu", "capacity": 1}, {"kind": "cpu", "capacity": 1}]}, r"tiers\[1\].name: 'cpu' is used twice"),
         ({"tiers": [{"kind": "cpu", "capacity": 1}], "namespaces": {"weights": {}}}, r"namespaces: got 'weights'; allowed: kv, param"),
         ({"tiers": [{"kind": "cpu", "capacity": 1}], "namespaces": {"kv": {"evict": "sometimes"}}}, r"namespaces.kv.evict: got 'sometimes'; allowed: drop, lower, never"),
+        ({"tiers": [{"kind": "cpu", "capacity": 1}], "namespaces": {"param": {"promote": "lru"}}}, r"namespaces.param.promote: got 'lru'; allowed: evict, keep"),
         ({"tiers": [{"kind": "cpu", "capacity": 1}], "namespaces": {"kv": {"quota": {"ssd": 1}}}}, r"namespaces.kv.quota: got 'ssd'; allowed: cpu"),
         ({"tiers": [{"kind": "cpu", "capacity": 1}], "writeback": {"max_pending": 0}}, r"writeback.max_pending: got 0; allowed: an integer >= 1"),
         ({"tier": []}, r"unknown key config: got 'tier'.*did you mean 'tiers'"),

@@ -549,7 +549,7 @@ def test_an_eviction_writes_to_redis_again_only_what_redis_let_go(redis_url, wri
     says it still holds the key (one EXISTS round trip); one Redis let go meanwhile (its own
     eviction) is written down again, never lost."""
     cfg = cpu_redis(redis_url, write=write, cpu="1MiB")  # three of the eight objects
-    cfg["namespaces"] = {"param": {"evict": "lower"}}
+    cfg["namespaces"] = {"param": {"evict": "lower", "promote": "evict"}}  # every read a promotion
     keys = [Key("param", "m", f"w{i}") for i in range(8)]
     want = [torch.full((65536,), float(i)) for i in range(8)]
     with strata.open_store(cfg) as store:

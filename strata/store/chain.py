@@ -52,6 +52,23 @@ class _Put:
         self.refused: list[tuple[Tier, Entry]] = []  # (tier, its older version) where nothing above holds the new one
 
 
+class _Sparing:
+    """An evict hook for a promotion of a ``promote: keep`` namespace: it keeps every object of a
+    namespace of its priority (``floor``) or higher, which a tier may skip without asking
+    (``spares``), and asks ``hook`` about the others."""
+
+    __slots__ = ("hook", "cfg", "floor")
+
+    def __init__(self, hook, cfg: StoreConfig, floor: int):
+        self.hook, self.cfg, self.floor = hook, cfg, floor
+
+    def spares(self, ns: str) -> bool:
+        return self.cfg.policy(ns).priority >= self.floor
+
+    def __call__(self, t: Tier, e: Entry) -> bool:
+        return not self.spares(e.ns) and self.hook(t, e)
+
+
 def _value(got: "torch.Tensor | Exception") -> torch.Tensor:
     """A batched read's outcome for one key: the payload, or its exception raised."""
     if isinstance(got, BaseException):
@@ -312,6 +329,9 @@ class TierChain:
                                 stale.add(j)  # a write down of a version replaced above meanwhile
                                 continue
                             evict = self._evict_hook(tier, victims, tier.stored_size(item.key, item.meta), busy)
+                            pol = self.cfg.policy(item.ns)
+                            if item.promotion and pol.promote == "keep":
+                                evict = _Sparing(evict, self.cfg, pol.priority)
                             try:
                                 entries[j] = tier.reserve(item.key, item.ns, item.meta, evict)
                             except CopiesInFlight as exc:

@@ -212,8 +212,9 @@ class MemoryTier(Tier):
         return sorted(live, key=lambda ns: pols.policy(ns).priority)
 
     def _evict_one(self, order: list[str], evict: EvictHook, refused: set[bytes]) -> bool:
+        spares = getattr(evict, "spares", None)
         for ns in order:
-            if self.store_cfg.policy(ns).evict == "never":
+            if self.store_cfg.policy(ns).evict == "never" or (spares is not None and spares(ns)):
                 continue
             pol = self.policy(ns)
             while True:
