@@ -211,7 +211,7 @@ def cxl_store(tmp_path, capacity=None):
 def watch_flushes(monkeypatch, store) -> Probe:
     probe = Probe(store)
     tier = store.tiers[0]
-    monkeypatch.setattr(tier, "_flush", probe.wrap("flush", tier._flush))
+    monkeypatch.setattr(tier.region, "flush", probe.wrap("flush", tier.region.flush))
     return probe
 
 

@@ -602,7 +602,8 @@ def test_create_false_opens_an_existing_region_and_never_creates_one(tmp_path):
 
     from strata.config_load import load_config
     from strata.store.tiers import build_tier
-    from strata.store.tiers.cxl import CxlTier, RegionAbsent
+    from strata.store.tiers.cxl import CxlTier
+    from strata.store.tiers.cxl_region import RegionAbsent
 
     path = tmp_path / "region"
     cfg = load_config({"tiers": [{"kind": "cxl", "path": str(path), "size": "4MiB"}]})
@@ -726,7 +727,7 @@ def test_another_keys_record_copied_into_a_keys_slot_is_discarded_never_served(t
 def test_an_older_version_left_committed_by_a_crash_is_cleared_but_not_counted(tmp_path):
     """A put that replaced k and died before clearing k's older slot leaves two records of k: the
     newer wins, the older (another value, so a version, not damage) is cleared without a count."""
-    from strata.store.tiers import cxl
+    from strata.store.tiers import cxl_region as cxl
 
     path = str(tmp_path / "region")
     cfg = {"tiers": [{"kind": "cxl", "path": path, "size": "4MiB", "pin": "never"}]}
@@ -736,8 +737,8 @@ def test_an_older_version_left_committed_by_a_crash_is_cleared_but_not_counted(t
         slot, off, seq = cxl_tier(store).index[k.encoded].loc
         length = cxl_tier(store).index[k.encoded].size
         assert store.put(k, torch.ones(512))
-    _pwrite(path, cxl._SLOT.pack(cxl._commit_word(off, length, seq), off, length, seq),
-            cxl._SLOTS_AT + slot * cxl._SLOT.size)  # the older slot as the crash left it: committed
+    _pwrite(path, cxl.SLOT.pack(cxl.commit_word(off, length, seq), off, length, seq),
+            cxl.SLOTS_AT + slot * cxl.SLOT.size)  # the older slot as the crash left it: committed
     with strata.open_store(cfg) as store:
         assert cxl_tier(store).stats()["discarded"] == 0 and cxl_tier(store).stats()["objects"] == 1
         assert torch.equal(store.get(k), torch.ones(512))

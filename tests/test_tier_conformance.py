@@ -42,15 +42,15 @@ class CxlRaw:
 
     def _find(self, key: bytes) -> tuple[int, int] | None:
         from strata.store.codec import CorruptObject, unpack_header
-        from strata.store.tiers import cxl
+        from strata.store.tiers import cxl_region as cxl
 
         with open(self.path, "rb") as f:
             region = f.read()
-        _, _, _, _, nslots, _ = cxl._SUPER.unpack_from(region)
+        _, _, _, _, nslots, _ = cxl.SUPER.unpack_from(region)
         best = None
         for i in range(nslots):
-            commit, off, length, seq = cxl._SLOT.unpack_from(region, cxl._SLOTS_AT + i * cxl._SLOT.size)
-            if commit == 0 or commit != cxl._commit_word(off, length, seq):
+            commit, off, length, seq = cxl.SLOT.unpack_from(region, cxl.SLOTS_AT + i * cxl.SLOT.size)
+            if commit == 0 or commit != cxl.commit_word(off, length, seq):
                 continue
             try:
                 got, _ = unpack_header(region[off: off + min(length, 1 << 16)])

@@ -3,7 +3,8 @@
 from strata.config import DECLARED_KINDS, declared_class
 from strata.store.tiers.base import Tier
 from strata.store.tiers.cpu import CpuTier
-from strata.store.tiers.cxl import CxlTier, RegionAbsent
+from strata.store.tiers.cxl import CxlTier
+from strata.store.tiers.cxl_region import RegionAbsent
 from strata.store.tiers.file import DirectoryAbsent, FileTier
 from strata.store.tiers.memory import MemoryTier
 from strata.store.tiers.ranges import Extent, RangesTier

@@ -1,14 +1,14 @@
 """The CXL tier: objects in one mapped region (a DAX device such as ``/dev/dax0.0``, or a
 file, e.g. under ``/dev/shm``, where no CXL hardware exists), persistent and shared.
 
-Region layout: a superblock (magic, geometry, a generation counter, a log of the slots the last
-256 generations changed), a table of slots, then the data area. An object is a record in the
-data area, Strata's checksummed header then the payload (aligned), and a slot ``(commit, offset,
-length, seq)`` naming it. A put writes and flushes the record, then the slot's fields, then its
-commit word last (a hash of the fields, so neither a torn slot nor a stale word looks
-committed), and flushes again. After a crash only committed slots exist: an interrupted put is
-never readable and its bytes are free, because the allocator is rebuilt from the committed slots
-on open. The newest ``seq`` of a key wins.
+The region (``strata.store.tiers.cxl_region``: the file or device, its space, its layout) is a
+superblock, a table of slots and the data area; an object is a record there, Strata's
+checksummed header then the payload, and a slot ``(commit, offset, length, seq)`` naming it. A
+put writes and flushes the record, then the slot's fields, then its commit word last (a hash of
+the fields, so neither a torn slot nor a stale word looks committed), and flushes again. After a
+crash only committed slots exist: an interrupted put is never readable and its bytes are free,
+because the allocator is rebuilt from the committed slots on open. The newest ``seq`` of a key
+wins.
 
 Where CUDA is present (``pin: auto``, the default) the mapping is registered with CUDA
 (``cudaHostRegister``), so copies to the GPU run from it at pinned speed, asynchronously;
@@ -43,10 +43,10 @@ leases takes it out of the region at once (its slot cleared: gone for every proc
 stay this process's until the last release. Over a tier below (a file tier the processes share
 too), an object is written down only by the process that put it: its writes of a key are ordered
 with each other, another process's would not be (an older version landing over a newer one, a
-deleted object brought back). A put claims its object with a lock on byte ``_OWNED_AT + seq`` of
+deleted object brought back). A put claims its object with a lock on byte ``OWNED_AT + seq`` of
 the region file (an open file description lock, as a pin: gone with the process) until the
 object is written below; then its slot's commit word takes its written-below form
-(``_WRITTEN_BELOW``) and the claim is let go. Another process never evicts an object a live
+(``WRITTEN_BELOW``) and the claim is let go. Another process never evicts an object a live
 owner claims (``owned_elsewhere``: it evicts others, or refuses the put); one marked written
 below it evicts without writing it again; one neither claimed nor marked (its owner died first)
 it writes down itself. Where the file refuses such locks, every process writes down what it
@@ -71,76 +71,38 @@ died before clearing it, or retired while another process still read it): cleare
 beyond it evicts by policy or is refused, as in the cpu tier. Processes sharing a region each
 count every object in it; one opened with a smaller capacity than the region holds evicts down
 to it at open, as the file tier does.
-
-A region file's space is reserved when it is opened (``posix_fallocate``): a sparse file on a
-filesystem that cannot back it (a small tmpfs) would otherwise kill the process with SIGBUS at the
-first write past what the filesystem holds. A region that does not fit is a ConfigError at open.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import logging
-import mmap
 import os
-import stat
 import struct
 from typing import Iterator
 
 import torch
-import xxhash
 
-from strata.config import format_size, parse_size
-from strata.errors import ConfigError, StoreError
+from strata.config import parse_size
+from strata.errors import ConfigError
 from strata.keys import key_namespace, namespaces
-from strata.store import memfs, numa
+from strata.store import numa
 from strata.store.allocator import ExtentAllocator
 from strata.store.codec import CorruptObject, checksum, header_size_for, pack_header, unpack_header
 from strata.store.tiers.base import CopiesInFlight, Entry
 from strata.store.tiers.memory import MemoryTier
 from strata.store.tiers.cpu import contiguous_strides, pin_mode
+from strata.store.tiers.cxl_region import (ALIGN, GEN_AT, LOG_AT, LOG_LEN, LOG_SLOT, LOG_TAG, MAGIC, OWNED_AT,
+                                           PAYLOAD_ALIGN, SEQ_AT, SLOT, SLOTS_AT, U64, WRITTEN_BELOW, RegionFile,
+                                           commit_word, round_up)
 from strata.store.tiers.pins import RangePins
 
 log = logging.getLogger("strata.cxl")
 
-_MAGIC = b"STRATCXL"
-_VERSION = 2  # 2: the change log and the written-below marks; a region of version 1 is taken and marked 2
-_READS = (1, _VERSION)  # versions of a region this code opens (their layout is the same)
-_SUPER = struct.Struct("<8sIIQQQ")  # magic, version, slot size, region size, slots, data start
-_GEN_AT = 64  # the generation counter: its own 8 bytes
-_SEQ_AT = 72  # the last put sequence number handed out
-_LOG_AT = 2048  # the change log: the slot each of the last ``_LOG_LEN`` generations changed, at gen % _LOG_LEN
-_LOG_LEN = 256
-_LOG_TAG = 0x7FFFFFFF  # a log entry is ``(gen & _LOG_TAG) << 32 | slot``: an entry names its generation
-_LOG_SLOT = 0xFFFFFFFF  # the slot's bits of a log entry
-_SLOT = struct.Struct("<QQQQ")  # commit, offset, length, seq
-_SLOTS_AT = 4096
-_ALIGN = 256  # records start here; payloads at a 64-byte boundary after the header
-_PAYLOAD_ALIGN = 64
-_BYTES_PER_SLOT = 64 << 10  # one slot per 64 KiB of region (at least 256 slots)
 _NOT_A_KEY = "?"  # the namespace of a checksummed record whose key bytes are no Strata key (kept, never cleared)
-_NO_FALLOCATE = {errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL, errno.ENOSYS}  # the filesystem cannot reserve
-_RAM_HEADROOM = 512 << 20  # RAM a region file in memory leaves to everything else, at least
 _SYNC_TRIES = 8  # reads of the slot table a sync makes while other processes keep changing it
 _PINNED_TRIES = 16  # pinned ranges one allocation steps around before it gives up (evicts or refuses)
-_WRITTEN_BELOW = 2  # flipped in a slot's commit word: its owner wrote the object to the tiers below
-_U64 = 0xFFFFFFFFFFFFFFFF  # the slot table is read as signed words: a commit word's unsigned value
-_OWNED_AT = 1 << 62  # the byte ``_OWNED_AT + seq`` of the region file: locked by the process that put ``seq``
-
-
-class RegionAbsent(StoreError):
-    """A CxlTier opened with ``create=False`` found no region at its path: nothing was created,
-    so looking at a store (``strata stats``) never makes a region as a side effect."""
-
-
-def _commit_word(offset: int, length: int, seq: int) -> int:
-    """A committed slot's first word (never 0); with ``_WRITTEN_BELOW`` flipped, the same object
-    marked written to the tiers below."""
-    return xxhash.xxh3_64_intdigest(struct.pack("<QQQ", offset, length, seq)) | 1
-
-
 def _is_copy(a, b) -> bool:
     """Whether two records of one key carry the same header (payload checksum included): a copy
     of one record over another slot's, not an older version, which holds another value. (An older
@@ -206,10 +168,6 @@ class RegionBusy(CopiesInFlight):
     counted = False
 
 
-def _round(n: int, a: int) -> int:
-    return (n + a - 1) // a * a
-
-
 class CxlTier(MemoryTier):
     kind = "cxl"
     persistent = True
@@ -242,16 +200,9 @@ class CxlTier(MemoryTier):
         self.path = cfg.path
         self.map = None
         size = cfg.size
-        self._fd, created = self._open_path(create)
-        is_file = stat.S_ISREG(os.fstat(self._fd).st_mode)
-        if is_file:
-            if not create and os.pread(self._fd, len(_MAGIC), 0) != _MAGIC:
-                os.close(self._fd)
-                raise self._absent("holds no Strata region")
-            self._reserve(size, created)
-            if os.fstat(self._fd).st_size < size:
-                os.ftruncate(self._fd, size)
-        self.map = mmap.mmap(self._fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        self.region = RegionFile(self.path, self.name, size, create)
+        self.map, self._fd = self.region.map, self.region.fd
+        created, is_file = self.region.created, self.region.is_file
         self._pins = RangePins(self._fd)
         self.stable_views = self._pins.supported  # a leased view is pinned for every process
         self._pin_spans: dict[Entry, tuple[int, int]] = {}  # leased entry -> the record range its pin covers
@@ -276,7 +227,7 @@ class CxlTier(MemoryTier):
         self._locks = 0  # puts of this process in flight while it holds the region lock
         # slot -> (offset, seq, size, bytes kept for a lease) freed while another process held the lock
         self._unfreed: dict[int, tuple[int, int, int, bool]] = {}
-        # seqs this process put that are not yet marked written below (each locked at ``_OWNED_AT + seq``)
+        # seqs this process put that are not yet marked written below (each locked at ``OWNED_AT + seq``)
         self._owned: set[int] = set()
         self._unmarked: dict[int, tuple[int, int, int]] = {}  # slot -> (offset, size, seq) to mark when unlocked
         self.region_waits = 0  # puts, frees and marks that found another process's put holding the region lock
@@ -284,18 +235,18 @@ class CxlTier(MemoryTier):
         foreign = absent = False
         with self._region_lock():
             # decided under the lock: another opener may have formatted it
-            if (cfg.reset and create) or self.map[:8] != _MAGIC:
-                foreign = not created and is_file and not cfg.reset and any(self.map[:_SLOTS_AT])
+            if (cfg.reset and create) or self.map[:8] != MAGIC:
+                foreign = not created and is_file and not cfg.reset and any(self.map[:SLOTS_AT])
                 absent = not create and not foreign
                 if not foreign and not absent:
-                    self._format(size)
+                    self.region.format(size)
             if not foreign and not absent:
                 self._open_super(size)
                 self.recovered = self._sync(force=True)
         if foreign or absent:
             self.close()
         if absent:
-            raise self._absent("holds no Strata region")
+            raise self.region.absent("holds no Strata region")
         if foreign:
             raise ConfigError(f"tiers[{cfg.name}].path: {self.path!r} holds something other than a Strata region; "
                               "allowed: a new or empty file, a DAX device, or reset: true to overwrite it")
@@ -306,120 +257,10 @@ class CxlTier(MemoryTier):
         while self.used > self.capacity and self._evict_one(self._eviction_order(), lambda t, e: True, set()):
             pass  # the capacity shrank since the region was filled
 
-    # -- opening: the path, and the space a region file needs --------------------------------------
-    def _open_path(self, create: bool) -> tuple[int, bool]:
-        """The region's descriptor, and whether this open created the file (so a refusal removes it)."""
-        try:
-            if create:
-                try:
-                    return os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600), True
-                except FileExistsError:
-                    pass
-            return os.open(self.path, os.O_RDWR), False
-        except FileNotFoundError as e:
-            if not create:
-                raise self._absent("does not exist") from e
-            raise self._cannot_open(e) from e
-        except OSError as e:
-            raise self._cannot_open(e) from e
-
-    def _cannot_open(self, e: OSError) -> ConfigError:
-        return ConfigError(f"tiers[{self.name}].path: cannot open {self.path!r} ({e.strerror}); allowed: a DAX "
-                           "device or a file path in a writable directory")
-
-    def _absent(self, why: str) -> RegionAbsent:
-        exc = RegionAbsent(f"tiers[{self.name}].path: {self.path!r} {why} and the tier was opened with "
-                           "create=False, so nothing was created; allowed: the path of an existing region (open "
-                           "the store normally once to create it)")
-        exc.tier, exc.path, exc.why = self.name, self.path, why
-        return exc
-
-    def _reserve(self, size: int, created: bool) -> None:
-        """Back every byte of a region file before it is mapped: a write to a page the filesystem
-        cannot back raises SIGBUS, which kills the process instead of failing a put. Already
-        allocated blocks cost nothing to reserve again. On refusal the file is as it was (removed
-        if this open created it) and the error says what fits."""
-        st = os.fstat(self._fd)
-        missing = max(0, size - st.st_blocks * 512)
-        if missing:
-            self._check_ram(size, missing, created, st.st_size)
-        why = None
-        try:
-            os.posix_fallocate(self._fd, 0, size)
-        except AttributeError:  # a platform without posix_fallocate: check the free space instead
-            why = self._free_space_short(missing)
-        except OSError as e:
-            why = self._free_space_short(missing) if e.errno in _NO_FALLOCATE else e.strerror
-        if why is None:
-            return
-        self._leave_as_it_was(created, st.st_size)
-        free = self._free_bytes()
-        held = 0 if created else st.st_blocks * 512
-        raise ConfigError(
-            f"tiers[{self.name}].size: got {format_size(size)} ({size} bytes) for {self.path!r}, but its filesystem "
-            f"cannot back it ({why}; {format_size(free)} free there); allowed: a size that fits in "
-            f"{format_size(free + held)}, or a path on a larger filesystem or a DAX device")
-
-    def _leave_as_it_was(self, created: bool, old_size: int) -> None:
-        """A refused reservation: the file closed as it was before the open (removed if the open
-        created it; cut back to ``old_size`` if posix_fallocate grew it before it failed)."""
-        if not created and os.fstat(self._fd).st_size > old_size:
-            with contextlib.suppress(OSError):
-                os.ftruncate(self._fd, old_size)
-        os.close(self._fd)
-        if created:
-            with contextlib.suppress(OSError):
-                os.unlink(self.path)
-
-    def _check_ram(self, size: int, missing: int, created: bool, old_size: int) -> None:
-        """A region file on a filesystem in RAM (/dev/shm) takes ``missing`` bytes of memory once
-        reserved; more than the host has available would bring the out-of-memory killer, not an
-        error (a tmpfs may be sized above the free RAM). So that is refused here, naming what fits."""
-        fs = memfs.ram_backed(self.path)
-        ram = memfs.available_ram() if fs else None
-        if ram is None or missing <= ram - _RAM_HEADROOM:
-            return
-        self._leave_as_it_was(created, old_size)
-        fits = max(0, ram - _RAM_HEADROOM) + (size - missing)
-        raise ConfigError(
-            f"tiers[{self.name}].size: got {format_size(size)} ({size} bytes) for {self.path!r}, a file in memory "
-            f"({fs}): reserving it takes {format_size(missing)} more of RAM and the host has {format_size(ram)} "
-            f"available; allowed: at most {format_size(fits)} there (leaving {format_size(_RAM_HEADROOM)}), or a "
-            "DAX device or a path on disk")
-
-    def _free_bytes(self) -> int:
-        st = os.statvfs(os.path.dirname(os.path.abspath(self.path)))
-        return st.f_bavail * st.f_frsize
-
-    def _free_space_short(self, missing: int) -> str | None:
-        """Where the filesystem cannot reserve space: why ``missing`` bytes do not fit, or None if they do."""
-        free = self._free_bytes()
-        if free >= missing:
-            return None
-        return f"{format_size(missing)} more needed"
-
     # -- region ----------------------------------------------------------------------------
-    def _format(self, size: int) -> None:
-        nslots = max(256, size // _BYTES_PER_SLOT)
-        data_start = _round(_SLOTS_AT + nslots * _SLOT.size, _ALIGN)
-        if data_start + _ALIGN > size:
-            raise ConfigError(f"tiers[{self.name}].size: got {size} bytes; allowed: at least {data_start + _ALIGN}")
-        self.map[_SLOTS_AT:data_start] = bytes(data_start - _SLOTS_AT)
-        self.map[:_SLOTS_AT] = bytes(_SLOTS_AT)
-        self.map[:_SUPER.size] = _SUPER.pack(b"\0" * 8, _VERSION, _SLOT.size, size, nslots, data_start)
-        self.map.flush()
-        self.map[:8] = _MAGIC  # the region is valid only once formatted whole
-        self.map.flush()
-
     def _open_super(self, size: int) -> None:
-        magic, version, slot_size, rsize, nslots, data_start = _SUPER.unpack_from(self.map)
-        if magic != _MAGIC or version not in _READS or slot_size != _SLOT.size or rsize > size:
-            raise ConfigError(f"tiers[{self.name}].path: {self.path!r} holds a region of another format or size "
-                              f"(version {version}, {rsize} bytes); set reset: true to wipe it")
-        if version != _VERSION:  # from now on a process of an older Strata refuses it (it ignores log and marks)
-            struct.pack_into("<I", self.map, 8, _VERSION)
-            self._flush(8, 4)
-        self.nslots, self.data_start, self.data_size = nslots, data_start, rsize - data_start
+        """The region's geometry, and an index that has not looked at it yet."""
+        self.nslots, self.data_start, self.data_size = self.region.geometry(size)
         self.generation = -1
         self._slot_of: dict[bytes, tuple[int, int]] = {}  # key -> (slot, seq) of the entry indexed
         self._key_at: dict[int, bytes] = {}  # slot -> the key of the entry indexed there
@@ -429,7 +270,7 @@ class CxlTier(MemoryTier):
         self._reserved: dict[int, tuple[int, int]] = {}  # slot -> (offset, size) of this process's puts
 
     def _gen(self) -> int:
-        return struct.unpack_from("<Q", self.map, _GEN_AT)[0]
+        return struct.unpack_from("<Q", self.map, GEN_AT)[0]
 
     def _bump(self, slots: list[int]) -> None:
         """Record changes of ``slots`` (region lock held): a generation each, its slot written to the
@@ -437,8 +278,8 @@ class CxlTier(MemoryTier):
         this one last read it, the next lookup re-reads it whole."""
         gen = self._gen()
         for n, slot in enumerate(slots, 1):
-            struct.pack_into("<Q", self.map, _LOG_AT + (gen + n) % _LOG_LEN * 8, (gen + n & _LOG_TAG) << 32 | slot)
-        struct.pack_into("<Q", self.map, _GEN_AT, gen + len(slots))
+            struct.pack_into("<Q", self.map, LOG_AT + (gen + n) % LOG_LEN * 8, (gen + n & LOG_TAG) << 32 | slot)
+        struct.pack_into("<Q", self.map, GEN_AT, gen + len(slots))
         self.generation = gen + len(slots) if gen == self.generation else -1
 
     @contextlib.contextmanager
@@ -470,43 +311,39 @@ class CxlTier(MemoryTier):
             fcntl.flock(self._fd, fcntl.LOCK_UN)
 
     def _read_slot(self, i: int) -> tuple[int, int, int] | None:
-        return self._committed(*_SLOT.unpack_from(self.map, _SLOTS_AT + i * _SLOT.size))
+        return self._committed(*SLOT.unpack_from(self.map, SLOTS_AT + i * SLOT.size))
 
     def _committed(self, commit: int, off: int, length: int, seq: int) -> tuple[int, int, int] | None:
         """``(offset, length, seq)`` of a slot's words, or None unless they are committed (the
         commit word matches the fields: not cleared, not torn) and name bytes of the data area."""
-        word = _commit_word(off, length, seq)
-        if commit != word and commit != word ^ _WRITTEN_BELOW:
+        word = commit_word(off, length, seq)
+        if commit != word and commit != word ^ WRITTEN_BELOW:
             return None
         if off < self.data_start or off + length > self.data_start + self.data_size:
             return None
         return off, length, seq
 
     def _write_slot(self, i: int, off: int, length: int, seq: int) -> None:
-        at = _SLOTS_AT + i * _SLOT.size
-        _SLOT.pack_into(self.map, at, 0, off, length, seq)
-        self._flush(at, _SLOT.size)
-        struct.pack_into("<Q", self.map, at, _commit_word(off, length, seq))  # the commit: last
-        self._flush(at, _SLOT.size)
+        at = SLOTS_AT + i * SLOT.size
+        SLOT.pack_into(self.map, at, 0, off, length, seq)
+        self.region.flush(at, SLOT.size)
+        struct.pack_into("<Q", self.map, at, commit_word(off, length, seq))  # the commit: last
+        self.region.flush(at, SLOT.size)
 
     def _clear_slot(self, i: int) -> None:
         """Uncommit a slot: other processes see it at once (shared mapping); its flush to the device,
         which only a crash of the host would miss, waits until the chain lets its lock go."""
-        at = _SLOTS_AT + i * _SLOT.size
+        at = SLOTS_AT + i * SLOT.size
         struct.pack_into("<Q", self.map, at, 0)
         self.after_unlock(lambda: self._flush_late(at, 8))
 
-    def _flush(self, at: int, n: int) -> None:
-        start = at - at % mmap.PAGESIZE
-        self.map.flush(start, _round(at + n - start, mmap.PAGESIZE))
-
     def _flush_late(self, at: int, n: int) -> None:
-        """A deferred ``_flush``: none once the region is closed (closing flushed it whole); a
+        """A deferred ``region.flush``: none once the region is closed (closing flushed it whole); a
         fault is counted, never raised into the store call that freed the slot."""
         if self.map is None:
             return
         try:
-            self._flush(at, n)
+            self.region.flush(at, n)
         except (OSError, ValueError):  # ValueError: unmapped meanwhile by a close in another thread
             self.counters.errors += 1
 
@@ -532,7 +369,7 @@ class CxlTier(MemoryTier):
         generation would be indexed while the removed one still is, and forgetting that one later
         would free the new record's bytes. A read during which the generation moved is made again
         (``_SYNC_TRIES`` times, then left to the next call); under the region lock nothing moves."""
-        live = torch.frombuffer(self.map, dtype=torch.int64, count=self.nslots * 4, offset=_SLOTS_AT)
+        live = torch.frombuffer(self.map, dtype=torch.int64, count=self.nslots * 4, offset=SLOTS_AT)
         live = live.view(self.nslots, 4)
         for _ in range(_SYNC_TRIES):
             gen = self._gen()
@@ -579,15 +416,15 @@ class CxlTier(MemoryTier):
         that writes no log: each shows as an entry naming another generation): the slot table
         is then compared whole with the last copy."""
         first = self.generation + 1
-        if not 0 <= gen - first < _LOG_LEN:
+        if not 0 <= gen - first < LOG_LEN:
             return None
-        log = torch.frombuffer(self.map, dtype=torch.int64, count=_LOG_LEN, offset=_LOG_AT).tolist()
+        log = torch.frombuffer(self.map, dtype=torch.int64, count=LOG_LEN, offset=LOG_AT).tolist()
         slots = []
         for g in range(first, gen + 1):
-            entry = log[g % _LOG_LEN]
-            if entry >> 32 != g & _LOG_TAG or not 0 <= entry & _LOG_SLOT < self.nslots:
+            entry = log[g % LOG_LEN]
+            if entry >> 32 != g & LOG_TAG or not 0 <= entry & LOG_SLOT < self.nslots:
                 return None
-            slots.append(entry & _LOG_SLOT)
+            slots.append(entry & LOG_SLOT)
         return slots
 
     def _index_all(self, table: torch.Tensor) -> tuple[int, list[int], int]:
@@ -629,7 +466,7 @@ class CxlTier(MemoryTier):
             if e is None or e.loc is None or e.loc[0] != i:
                 continue  # nothing indexed there
             _, off, seq = e.loc
-            if row[1:] != [off, e.size, seq] or self._committed(row[0] & _U64, off, e.size, seq) is None:
+            if row[1:] != [off, e.size, seq] or self._committed(row[0] & U64, off, e.size, seq) is None:
                 self._forget_freeing(e)  # else the same record (its mark flipped)
         stale: list[int] = []
         damaged = 0
@@ -638,7 +475,7 @@ class CxlTier(MemoryTier):
             if i in self._unfreed or i in self._reserved:  # this process's: retired, or a put in flight
                 parsed.pop(i, None)
                 continue
-            rec = self._parse_record(row[0] & _U64, row[1], row[2], row[3])
+            rec = self._parse_record(row[0] & U64, row[1], row[2], row[3])
             if rec is None:  # cleared, or torn
                 parsed.pop(i, None)
                 continue
@@ -708,7 +545,7 @@ class CxlTier(MemoryTier):
                 continue  # this process's: retired (cleared once the region lock is free), or a put in flight
             rec = cache.get(i)
             if rec is None or rec[0] != row:  # the commit word read signed: unsigned for the check
-                rec = (row, self._parse_record(row[0] & _U64, row[1], row[2], row[3]))
+                rec = (row, self._parse_record(row[0] & U64, row[1], row[2], row[3]))
             if rec[1] is not None:
                 parsed[i] = rec
                 yield (i, *rec[1])
@@ -724,7 +561,7 @@ class CxlTier(MemoryTier):
             key, meta = unpack_header(self.map[off : off + min(length, 1 << 16)])
         except CorruptObject:
             return off, length, seq, None, None
-        if _round(header_size_for(key, meta), _PAYLOAD_ALIGN) + meta.nbytes != length:
+        if round_up(header_size_for(key, meta), PAYLOAD_ALIGN) + meta.nbytes != length:
             return off, length, seq, None, None
         return off, length, seq, key, meta
 
@@ -761,7 +598,7 @@ class CxlTier(MemoryTier):
         held += [(slot, off, size) for slot, (off, size) in self._reserved.items()]
         held += [(slot, off, size) for slot, (off, _, size, _) in self._unfreed.items()]
         held += [(None, off, size) for off, size, _ in self._lingering.values()]
-        alloc = ExtentAllocator(self.data_size, alignment=_ALIGN)
+        alloc = ExtentAllocator(self.data_size, alignment=ALIGN)
         alloc.take_all()
         cursor = 0
         for _, off, size in sorted(held, key=lambda h: h[1]):
@@ -777,7 +614,7 @@ class CxlTier(MemoryTier):
         self._free_slots = set(range(self.nslots)) - used
 
     def _view(self, off: int, key: bytes, meta) -> torch.Tensor:
-        start = off + _round(header_size_for(key, meta), _PAYLOAD_ALIGN)
+        start = off + round_up(header_size_for(key, meta), PAYLOAD_ALIGN)
         raw = self.bytes[start : start + meta.nbytes]
         if meta.nbytes == 0:
             return torch.empty(meta.shape, dtype=meta.dtype)
@@ -806,7 +643,7 @@ class CxlTier(MemoryTier):
         return super().contents()
 
     def stored_size(self, key: bytes, meta) -> int:
-        return _round(header_size_for(key, meta), _PAYLOAD_ALIGN) + meta.nbytes
+        return round_up(header_size_for(key, meta), PAYLOAD_ALIGN) + meta.nbytes
 
     def reserve(self, key: bytes, ns: str, meta, evict) -> Entry | None:
         """Room for a put under the region lock, held from here until ``publish`` or ``abort``:
@@ -835,10 +672,10 @@ class CxlTier(MemoryTier):
             return False
         slot, off = self._free_slots.pop(), self.data_start + rel
         self._reserved[slot] = (off, e.size)
-        seq = struct.unpack_from("<Q", self.map, _SEQ_AT)[0] + 1
-        struct.pack_into("<Q", self.map, _SEQ_AT, seq)
+        seq = struct.unpack_from("<Q", self.map, SEQ_AT)[0] + 1
+        struct.pack_into("<Q", self.map, SEQ_AT, seq)
         e.loc = (slot, off, seq)
-        if self.marks_below and self._pins.pin(_OWNED_AT + seq, 1):  # this process's to write down
+        if self.marks_below and self._pins.pin(OWNED_AT + seq, 1):  # this process's to write down
             self._owned.add(seq)
         e.view = self._view(off, e.key, e.meta)
         return True
@@ -891,7 +728,7 @@ class CxlTier(MemoryTier):
         self.map[off : off + len(head)] = head
         if e.meta.nbytes:
             e.view.copy_(data)
-        self._flush(off, e.size)
+        self.region.flush(off, e.size)
         self._write_slot(slot, off, e.size, seq)
         return True
 
@@ -1013,19 +850,19 @@ class CxlTier(MemoryTier):
         return self.writes_down and self._pins.supported
 
     def owned_elsewhere(self, e: Entry) -> bool:
-        """Another process put ``e`` and holds its owner lock (``_OWNED_AT + seq``, gone with the
+        """Another process put ``e`` and holds its owner lock (``OWNED_AT + seq``, gone with the
         process): not yet written below by it. A process that died leaves none: what it did not
         write down, whoever evicts it does."""
         if not self.marks_below or e.loc is None or e.loc[2] in self._owned:
             return False
-        return self._pins.pinned_elsewhere(_OWNED_AT + e.loc[2], 1) is not None
+        return self._pins.pinned_elsewhere(OWNED_AT + e.loc[2], 1) is not None
 
     def written_below(self, e: Entry) -> bool:
         if e.loc is None or self.map is None:
             return False
         slot, off, seq = e.loc
-        commit = struct.unpack_from("<Q", self.map, _SLOTS_AT + slot * _SLOT.size)[0]
-        return commit == _commit_word(off, e.size, seq) ^ _WRITTEN_BELOW
+        commit = struct.unpack_from("<Q", self.map, SLOTS_AT + slot * SLOT.size)[0]
+        return commit == commit_word(off, e.size, seq) ^ WRITTEN_BELOW
 
     def mark_written_below(self, e: Entry) -> None:
         """Flip the slot's commit word to say so, then let the owner lock go (in that order: an
@@ -1048,15 +885,15 @@ class CxlTier(MemoryTier):
     def _mark(self, slot: int, off: int, size: int, seq: int) -> None:
         """``mark_written_below``'s region work (region lock held), where the slot still names the object."""
         if self._read_slot(slot) == (off, size, seq):  # unflushed: a mark a crash of the host loses is a
-            word = _commit_word(off, size, seq) ^ _WRITTEN_BELOW  # write down made again, never a loss
-            struct.pack_into("<Q", self.map, _SLOTS_AT + slot * _SLOT.size, word)
+            word = commit_word(off, size, seq) ^ WRITTEN_BELOW  # write down made again, never a loss
+            struct.pack_into("<Q", self.map, SLOTS_AT + slot * SLOT.size, word)
         self._disown(seq)
 
     def _disown(self, seq: int) -> None:
         """Let go of the owner lock of ``seq``, if this process holds it."""
         if seq in self._owned:
             self._owned.discard(seq)
-            self._pins.unpin(_OWNED_AT + seq, 1)
+            self._pins.unpin(OWNED_AT + seq, 1)
 
     def read_into(self, e: Entry, out: torch.Tensor) -> None:
         out.copy_(e.view)
@@ -1099,11 +936,6 @@ class CxlTier(MemoryTier):
             self.seam.unregister_host(self.bytes.data_ptr())
             self.pinned = False
         self.bytes = None
-        try:
-            self.map.flush()
-            self.map.close()
-        except BufferError:
-            pass  # a caller still holds a view; the OS unmaps at exit
-        os.close(self._fd)
+        self.region.close()
         self.map = None
 

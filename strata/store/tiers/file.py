@@ -44,7 +44,7 @@ from strata.keys import key_namespace, namespaces
 from strata.store.codec import CorruptObject, FIXED_HEADER_SIZE, checksum, flat_bytes, header_size, header_size_for, pack_header, unpack_header
 from strata.store.tiers.base import Entry, NotStored
 from strata.store.tiers.memory import MemoryTier
-from strata.store.tiers.cxl import RegionAbsent
+from strata.store.tiers.cxl_region import RegionAbsent
 
 _SUFFIX = ".obj"
 _TMP_SUFFIX = ".tmp"
