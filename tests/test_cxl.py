@@ -1057,7 +1057,7 @@ def test_generations_an_older_process_bumped_without_logging_them_are_never_read
         tier = cxl_tier(old)
 
         def bump_without_log(slots):  # what Strata before the change log did
-            gen = tier._gen()
+            gen = tier.region.gen()
             struct.pack_into("<Q", tier.map, 64, gen + len(slots))
             tier.generation = gen + len(slots) if gen == tier.generation else -1
 
@@ -1102,7 +1102,7 @@ def test_a_sync_never_indexes_a_record_newer_than_the_generation_it_read(tmp_pat
             slots = logged(gen)
             if slots is not None and not meanwhile.done:
                 meanwhile.done = True
-                free = [i for i in slots if tb._read_slot(i) is None]
+                free = [i for i in slots if tb.region.read_slot(i) is None]
                 tb._free_slots = _FirstOf(tb._free_slots, free[0])
                 assert b.delete(q) and b.put(r, torch.full((4000,), 3.0))
                 assert tb.index[r.encoded].loc[1] == ta.index[q.encoded].loc[1], "r is not over q's bytes"
@@ -1131,7 +1131,7 @@ def test_the_bytes_of_a_leased_object_whose_slot_is_not_cleared_yet_go_back_with
         assert a.put(k, torch.full((4000,), 1.0))
         lease = a.lease(k)
         assert lease.__enter__() is not None
-        ta._try_acquire = lambda: False  # another process's put holds the region lock
+        ta.region.try_acquire = lambda: False  # another process's put holds the region lock
         ta.after_unlock = lambda fn: None  # and the clear waits for the next put
         try:
             assert a.delete(k)
@@ -1140,7 +1140,7 @@ def test_the_bytes_of_a_leased_object_whose_slot_is_not_cleared_yet_go_back_with
             with a.chain.lock:
                 ta._rebuild_allocator()  # a sync meanwhile rebuilds the free space
         finally:
-            del ta._try_acquire, ta.after_unlock
+            del ta.region.try_acquire, ta.after_unlock
         assert a.put(strata.Key("kv", "linger", "next"), torch.full((10,), 2.0))  # clears the slot first
         assert not ta._unfreed
         assert_exact_accounting(ta)

@@ -79,7 +79,6 @@ import contextlib
 import fcntl
 import logging
 import os
-import struct
 from typing import Iterator
 
 import torch
@@ -89,13 +88,11 @@ from strata.errors import ConfigError
 from strata.keys import key_namespace, namespaces
 from strata.store import numa
 from strata.store.allocator import ExtentAllocator
-from strata.store.codec import CorruptObject, checksum, header_size_for, pack_header, unpack_header
+from strata.store.codec import CorruptObject, checksum, header_size_for, pack_header
 from strata.store.tiers.base import CopiesInFlight, Entry
 from strata.store.tiers.memory import MemoryTier
 from strata.store.tiers.cpu import contiguous_strides, pin_mode
-from strata.store.tiers.cxl_region import (ALIGN, GEN_AT, LOG_AT, LOG_LEN, LOG_SLOT, LOG_TAG, MAGIC, OWNED_AT,
-                                           PAYLOAD_ALIGN, SEQ_AT, SLOT, SLOTS_AT, U64, WRITTEN_BELOW, RegionFile,
-                                           commit_word, round_up)
+from strata.store.tiers.cxl_region import ALIGN, MAGIC, OWNED_AT, PAYLOAD_ALIGN, SLOTS_AT, U64, RegionFile, round_up
 from strata.store.tiers.pins import RangePins
 
 log = logging.getLogger("strata.cxl")
@@ -224,7 +221,6 @@ class CxlTier(MemoryTier):
             self.cuda = {"registered": self.pinned, "reason": why}
             if not self.pinned and torch.cuda.is_available():
                 log.warning("tier %s: %s", cfg.name, why)
-        self._locks = 0  # puts of this process in flight while it holds the region lock
         # slot -> (offset, seq, size, bytes kept for a lease) freed while another process held the lock
         self._unfreed: dict[int, tuple[int, int, int, bool]] = {}
         # seqs this process put that are not yet marked written below (each locked at ``OWNED_AT + seq``)
@@ -233,7 +229,7 @@ class CxlTier(MemoryTier):
         self.region_waits = 0  # puts, frees and marks that found another process's put holding the region lock
         self.discarded = 0  # records cleared as damaged (see the module docstring)
         foreign = absent = False
-        with self._region_lock():
+        with self.region.lock():
             # decided under the lock: another opener may have formatted it
             if (cfg.reset and create) or self.map[:8] != MAGIC:
                 foreign = not created and is_file and not cfg.reset and any(self.map[:SLOTS_AT])
@@ -269,72 +265,17 @@ class CxlTier(MemoryTier):
         self._recheck: set[int] = set()  # stale slots the next sync looks at again (to clear them)
         self._reserved: dict[int, tuple[int, int]] = {}  # slot -> (offset, size) of this process's puts
 
-    def _gen(self) -> int:
-        return struct.unpack_from("<Q", self.map, GEN_AT)[0]
-
     def _bump(self, slots: list[int]) -> None:
         """Record changes of ``slots`` (region lock held): a generation each, its slot written to the
         change log before the counter moves past it. If another process changed the region since
         this one last read it, the next lookup re-reads it whole."""
-        gen = self._gen()
-        for n, slot in enumerate(slots, 1):
-            struct.pack_into("<Q", self.map, LOG_AT + (gen + n) % LOG_LEN * 8, (gen + n & LOG_TAG) << 32 | slot)
-        struct.pack_into("<Q", self.map, GEN_AT, gen + len(slots))
+        gen = self.region.bump(slots)
         self.generation = gen + len(slots) if gen == self.generation else -1
-
-    @contextlib.contextmanager
-    def _region_lock(self):
-        self._acquire()
-        try:
-            yield
-        finally:
-            self._release()
-
-    def _acquire(self) -> None:
-        if self._locks == 0:
-            fcntl.flock(self._fd, fcntl.LOCK_EX)
-        self._locks += 1
-
-    def _try_acquire(self) -> bool:
-        """``_acquire`` where no other process holds the lock; False (not held) where one does."""
-        if self._locks == 0:
-            try:
-                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return False
-        self._locks += 1
-        return True
-
-    def _release(self) -> None:
-        self._locks -= 1
-        if self._locks == 0:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-
-    def _read_slot(self, i: int) -> tuple[int, int, int] | None:
-        return self._committed(*SLOT.unpack_from(self.map, SLOTS_AT + i * SLOT.size))
-
-    def _committed(self, commit: int, off: int, length: int, seq: int) -> tuple[int, int, int] | None:
-        """``(offset, length, seq)`` of a slot's words, or None unless they are committed (the
-        commit word matches the fields: not cleared, not torn) and name bytes of the data area."""
-        word = commit_word(off, length, seq)
-        if commit != word and commit != word ^ WRITTEN_BELOW:
-            return None
-        if off < self.data_start or off + length > self.data_start + self.data_size:
-            return None
-        return off, length, seq
-
-    def _write_slot(self, i: int, off: int, length: int, seq: int) -> None:
-        at = SLOTS_AT + i * SLOT.size
-        SLOT.pack_into(self.map, at, 0, off, length, seq)
-        self.region.flush(at, SLOT.size)
-        struct.pack_into("<Q", self.map, at, commit_word(off, length, seq))  # the commit: last
-        self.region.flush(at, SLOT.size)
 
     def _clear_slot(self, i: int) -> None:
         """Uncommit a slot: other processes see it at once (shared mapping); its flush to the device,
         which only a crash of the host would miss, waits until the chain lets its lock go."""
-        at = SLOTS_AT + i * SLOT.size
-        struct.pack_into("<Q", self.map, at, 0)
+        at = self.region.uncommit(i)
         self.after_unlock(lambda: self._flush_late(at, 8))
 
     def _flush_late(self, at: int, n: int) -> None:
@@ -369,10 +310,9 @@ class CxlTier(MemoryTier):
         generation would be indexed while the removed one still is, and forgetting that one later
         would free the new record's bytes. A read during which the generation moved is made again
         (``_SYNC_TRIES`` times, then left to the next call); under the region lock nothing moves."""
-        live = torch.frombuffer(self.map, dtype=torch.int64, count=self.nslots * 4, offset=SLOTS_AT)
-        live = live.view(self.nslots, 4)
+        live = self.region.table()
         for _ in range(_SYNC_TRIES):
-            gen = self._gen()
+            gen = self.region.gen()
             if gen == self.generation and not force:
                 return 0
             whole = force or self._table is None or self.generation == -1 or not self._pins.supported
@@ -382,7 +322,7 @@ class CxlTier(MemoryTier):
                 rows = live[slots]  # a copy: a torn slot fails its commit word
             else:
                 table = live.clone()
-            if self._locks or self._gen() == gen:
+            if self.region.held or self.region.gen() == gen:
                 break
         else:
             return 0  # another process kept changing the region while it was read: looked at next time
@@ -399,7 +339,7 @@ class CxlTier(MemoryTier):
                 added, stale, damaged = self._index_slots(changed, table[changed].tolist())
         self._recheck = set()
         self.generation = gen  # a change made meanwhile shows as a newer generation next time
-        if stale and self._locks:
+        if stale and self.region.held:
             for i in stale:
                 self._clear_slot(i)
             self._bump(stale)
@@ -411,21 +351,9 @@ class CxlTier(MemoryTier):
 
     def _logged(self, gen: int) -> list[int] | None:
         """The slots changed in the generations since this process's last look, up to ``gen``, from
-        the change log; None where it no longer holds them all (more changes than it keeps, an
-        entry overwritten by a later generation while read, or a generation bumped by a process
-        that writes no log: each shows as an entry naming another generation): the slot table
-        is then compared whole with the last copy."""
-        first = self.generation + 1
-        if not 0 <= gen - first < LOG_LEN:
-            return None
-        log = torch.frombuffer(self.map, dtype=torch.int64, count=LOG_LEN, offset=LOG_AT).tolist()
-        slots = []
-        for g in range(first, gen + 1):
-            entry = log[g % LOG_LEN]
-            if entry >> 32 != g & LOG_TAG or not 0 <= entry & LOG_SLOT < self.nslots:
-                return None
-            slots.append(entry & LOG_SLOT)
-        return slots
+        the change log; None where it no longer holds them all (``RegionFile.logged``): the slot
+        table is then compared whole with the last copy."""
+        return self.region.logged(self.generation + 1, gen)
 
     def _index_all(self, table: torch.Tensor) -> tuple[int, list[int], int]:
         """Index every committed record of ``table``: (objects added, stale slots, damaged among them)."""
@@ -466,7 +394,7 @@ class CxlTier(MemoryTier):
             if e is None or e.loc is None or e.loc[0] != i:
                 continue  # nothing indexed there
             _, off, seq = e.loc
-            if row[1:] != [off, e.size, seq] or self._committed(row[0] & U64, off, e.size, seq) is None:
+            if row[1:] != [off, e.size, seq] or self.region.committed(row[0] & U64, off, e.size, seq) is None:
                 self._forget_freeing(e)  # else the same record (its mark flipped)
         stale: list[int] = []
         damaged = 0
@@ -475,7 +403,7 @@ class CxlTier(MemoryTier):
             if i in self._unfreed or i in self._reserved:  # this process's: retired, or a put in flight
                 parsed.pop(i, None)
                 continue
-            rec = self._parse_record(row[0] & U64, row[1], row[2], row[3])
+            rec = self.region.record(row[0] & U64, row[1], row[2], row[3])
             if rec is None:  # cleared, or torn
                 parsed.pop(i, None)
                 continue
@@ -545,25 +473,11 @@ class CxlTier(MemoryTier):
                 continue  # this process's: retired (cleared once the region lock is free), or a put in flight
             rec = cache.get(i)
             if rec is None or rec[0] != row:  # the commit word read signed: unsigned for the check
-                rec = (row, self._parse_record(row[0] & U64, row[1], row[2], row[3]))
+                rec = (row, self.region.record(row[0] & U64, row[1], row[2], row[3]))
             if rec[1] is not None:
                 parsed[i] = rec
                 yield (i, *rec[1])
         self._parsed = parsed
-
-    def _parse_record(self, commit: int, off: int, length: int, seq: int) -> tuple | None:
-        """``(offset, length, seq, key, meta)`` of a committed slot's record (key and meta None
-        where the header is damaged), or None where the slot is not committed after all (a torn
-        or cleared slot: its commit word does not match its fields) or points outside the data."""
-        if self._committed(commit, off, length, seq) is None:
-            return None
-        try:
-            key, meta = unpack_header(self.map[off : off + min(length, 1 << 16)])
-        except CorruptObject:
-            return off, length, seq, None, None
-        if round_up(header_size_for(key, meta), PAYLOAD_ALIGN) + meta.nbytes != length:
-            return off, length, seq, None, None
-        return off, length, seq, key, meta
 
     def _name(self, key: bytes, slot: int, seq: int) -> None:
         """``key``'s entry is the record in ``slot`` with ``seq``."""
@@ -623,7 +537,7 @@ class CxlTier(MemoryTier):
     def _catch_up(self) -> None:
         """``_sync`` for the calls that read the index without the chain lock (``exists_many``,
         ``contents``): taken only where another process changed the region since the last look."""
-        if self.map is not None and self._gen() != self.generation:
+        if self.map is not None and self.region.gen() != self.generation:
             with self.chain_lock or contextlib.nullcontext():
                 self._sync()
 
@@ -649,17 +563,17 @@ class CxlTier(MemoryTier):
         """Room for a put under the region lock, held from here until ``publish`` or ``abort``:
         other processes must not take these bytes. Where another process's put holds the lock,
         RegionBusy: the chain waits for it outside its own lock and reserves again."""
-        if not self._try_acquire():
+        if not self.region.try_acquire():
             self.region_waits += 1
             raise RegionBusy([_RegionUnlocked(self.path)])
         try:
             self._free_unfreed()
             e = super().reserve(key, ns, meta, evict)
         except BaseException:
-            self._release()
+            self.region.release()
             raise
         if e is None:
-            self._release()
+            self.region.release()
         return e
 
     def _alloc(self, e: Entry) -> bool:
@@ -672,8 +586,7 @@ class CxlTier(MemoryTier):
             return False
         slot, off = self._free_slots.pop(), self.data_start + rel
         self._reserved[slot] = (off, e.size)
-        seq = struct.unpack_from("<Q", self.map, SEQ_AT)[0] + 1
-        struct.pack_into("<Q", self.map, SEQ_AT, seq)
+        seq = self.region.next_seq()
         e.loc = (slot, off, seq)
         if self.marks_below and self._pins.pin(OWNED_AT + seq, 1):  # this process's to write down
             self._owned.add(seq)
@@ -710,7 +623,7 @@ class CxlTier(MemoryTier):
             span = (off, self.allocator.rounded(e.size))
             if not self._pins.pin(*span):
                 return False
-            if self._read_slot(slot) != (off, e.size, seq):
+            if self.region.read_slot(slot) != (off, e.size, seq):
                 self._pins.unpin(*span)
                 return False
             self._pin_spans[e] = span
@@ -729,7 +642,7 @@ class CxlTier(MemoryTier):
         if e.meta.nbytes:
             e.view.copy_(data)
         self.region.flush(off, e.size)
-        self._write_slot(slot, off, e.size, seq)
+        self.region.write_slot(slot, off, e.size, seq)
         return True
 
     def retire(self, e: Entry) -> None:
@@ -749,19 +662,19 @@ class CxlTier(MemoryTier):
             self._reserved.pop(slot, None)
             self._name(e.key, slot, seq)
             self._bump([slot])
-            self._release()
+            self.region.release()
 
     def abort(self, e: Entry) -> None:
         mine = e.loc is not None and e.loc[0] in self._reserved
         if mine:
             slot = e.loc[0]
             self._reserved.pop(slot)
-            if self._read_slot(slot) is not None:  # written, then lost to a newer put of the same key
+            if self.region.read_slot(slot) is not None:  # written, then lost to a newer put of the same key
                 self._clear_slot(slot)
                 self._bump([slot])
         super().abort(e)  # frees the bytes (and the slot) through _free
         if mine:
-            self._release()
+            self.region.release()
 
     def _free(self, e: Entry) -> None:
         if e.loc is None:  # gone from the region already (removed, or retired while leased here)
@@ -775,7 +688,7 @@ class CxlTier(MemoryTier):
         slot, off, seq = e.loc
         self._unname(e.key, slot, seq)
         e.loc = None
-        if not self._try_acquire():  # another process's put holds the region: no wait under the chain lock
+        if not self.region.try_acquire():  # another process's put holds the region: no wait under the chain lock
             self.region_waits += 1
             self._unfreed[slot] = (off, seq, e.size, keep_bytes)
             self.after_unlock(self._free_when_unlocked)
@@ -783,7 +696,7 @@ class CxlTier(MemoryTier):
         try:
             self._clear_record(slot, off, seq, e.size, keep_bytes)
         finally:
-            self._release()
+            self.region.release()
 
     def _end_linger(self, e: Entry) -> None:
         """The last lease of an object that left the region went: its bytes come back. Without pins
@@ -808,7 +721,7 @@ class CxlTier(MemoryTier):
         (and may have put another object in its slot or bytes since), nothing is taken back here:
         the next look rebuilds free space and slots from the region."""
         self._disown(seq)
-        cur = self._read_slot(slot)
+        cur = self.region.read_slot(slot)
         if cur is None or cur[0] != off or cur[2] != seq:
             self.generation = -1
             return
@@ -838,11 +751,11 @@ class CxlTier(MemoryTier):
         while (self._unfreed or self._unmarked) and self.map is not None:
             _RegionUnlocked(self.path).synchronize()
             with self.chain_lock or contextlib.nullcontext():
-                if self.map is not None and self._try_acquire():
+                if self.map is not None and self.region.try_acquire():
                     try:
                         self._free_unfreed()
                     finally:
-                        self._release()
+                        self.region.release()
 
     # -- writes down: by the process that put the object, marked in its slot once done -------------
     @property
@@ -861,8 +774,7 @@ class CxlTier(MemoryTier):
         if e.loc is None or self.map is None:
             return False
         slot, off, seq = e.loc
-        commit = struct.unpack_from("<Q", self.map, SLOTS_AT + slot * SLOT.size)[0]
-        return commit == commit_word(off, e.size, seq) ^ WRITTEN_BELOW
+        return self.region.marked_below(slot, off, e.size, seq)
 
     def mark_written_below(self, e: Entry) -> None:
         """Flip the slot's commit word to say so, then let the owner lock go (in that order: an
@@ -872,11 +784,11 @@ class CxlTier(MemoryTier):
         if e.loc is None or e.loc[2] not in self._owned:
             return
         slot, off, seq = e.loc
-        if self._try_acquire():
+        if self.region.try_acquire():
             try:
                 self._mark(slot, off, e.size, seq)
             finally:
-                self._release()
+                self.region.release()
         else:
             self.region_waits += 1
             self._unmarked[slot] = (off, e.size, seq)
@@ -884,9 +796,7 @@ class CxlTier(MemoryTier):
 
     def _mark(self, slot: int, off: int, size: int, seq: int) -> None:
         """``mark_written_below``'s region work (region lock held), where the slot still names the object."""
-        if self._read_slot(slot) == (off, size, seq):  # unflushed: a mark a crash of the host loses is a
-            word = commit_word(off, size, seq) ^ WRITTEN_BELOW  # write down made again, never a loss
-            struct.pack_into("<Q", self.map, SLOTS_AT + slot * SLOT.size, word)
+        self.region.mark_below(slot, off, size, seq)
         self._disown(seq)
 
     def _disown(self, seq: int) -> None:
@@ -927,7 +837,7 @@ class CxlTier(MemoryTier):
         if self.map is None:
             return
         if self._unfreed or self._unmarked:  # a retired object's slot not yet cleared: it must not come back
-            with self._region_lock():
+            with self.region.lock():
                 self._free_unfreed()
         self.index.clear()
         self._pin_spans.clear()  # closing the descriptor takes the pins back

@@ -18,16 +18,19 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import mmap
 import os
 import stat
 import struct
 
+import torch
 import xxhash
 
 from strata.config import format_size
 from strata.errors import ConfigError, StoreError
 from strata.store import memfs
+from strata.store.codec import CorruptObject, header_size_for, unpack_header
 
 MAGIC = b"STRATCXL"
 VERSION = 2  # 2: the change log and the written-below marks; a region of version 1 is taken and marked 2
@@ -68,9 +71,10 @@ def round_up(n: int, a: int) -> int:
 
 class RegionFile:
     """A region's descriptor (``fd``) and its shared mapping (``map``) of ``size`` bytes, a file's
-    space backed first. ``create=False`` opens an existing region only (``RegionAbsent`` where the
-    path is missing or a file holding no region; nothing is created). ``name`` is the tier's, for
-    errors."""
+    space backed first; its lock, its counters, its change log and its slots. ``create=False``
+    opens an existing region only (``RegionAbsent`` where the path is missing or a file holding no
+    region; nothing is created). ``name`` is the tier's, for errors. Every change of the counters,
+    the log or a slot is made under the region lock."""
 
     def __init__(self, path: str, name: str, size: int, create: bool):
         self.path, self.name = path, name
@@ -84,6 +88,7 @@ class RegionFile:
             if os.fstat(self.fd).st_size < size:
                 os.ftruncate(self.fd, size)
         self.map = mmap.mmap(self.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        self._locks = 0  # holds of the region lock by this process's threads (puts in flight)
 
     def absent(self, why: str) -> RegionAbsent:
         exc = RegionAbsent(f"tiers[{self.name}].path: {self.path!r} {why} and the tier was opened with "
@@ -107,7 +112,8 @@ class RegionFile:
         self.map.flush()
 
     def geometry(self, size: int) -> tuple[int, int, int]:
-        """``(slots, data start, data bytes)`` of the region the superblock describes; one of
+        """``(slots, data start, data bytes)`` of the region the superblock describes (kept as
+        ``nslots``, ``data_start``, ``data_size``); one of
         another format, or larger than the ``size`` mapped, is refused. A region of format version
         1 is stamped ``VERSION`` (from then on an older Strata refuses it: it ignores the log and
         the marks)."""
@@ -118,7 +124,137 @@ class RegionFile:
         if version != VERSION:
             struct.pack_into("<I", self.map, 8, VERSION)
             self.flush(8, 4)
+        self.nslots, self.data_start, self.data_size = nslots, data_start, rsize - data_start
         return nslots, data_start, rsize - data_start
+
+    # -- the region lock: one process at a time, whose threads share its hold ------------------
+    @contextlib.contextmanager
+    def lock(self):
+        self.acquire()
+        try:
+            yield
+        finally:
+            self.release()
+
+    def acquire(self) -> None:
+        if self._locks == 0:
+            fcntl.flock(self.fd, fcntl.LOCK_EX)
+        self._locks += 1
+
+    def try_acquire(self) -> bool:
+        """``acquire`` where no other process holds the lock; False (not held) where one does."""
+        if self._locks == 0:
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False
+        self._locks += 1
+        return True
+
+    def release(self) -> None:
+        self._locks -= 1
+        if self._locks == 0:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+
+    @property
+    def held(self) -> bool:
+        """Whether this process holds the region lock (then no other process changes the region)."""
+        return self._locks > 0
+
+    # -- the counters and the change log -------------------------------------------------------
+    def gen(self) -> int:
+        """The generation: how many changes the region has seen."""
+        return struct.unpack_from("<Q", self.map, GEN_AT)[0]
+
+    def bump(self, slots: list[int]) -> int:
+        """Record changes of ``slots``: a generation each, its slot written to the change log
+        before the counter moves past it; the generation before."""
+        gen = self.gen()
+        for n, slot in enumerate(slots, 1):
+            struct.pack_into("<Q", self.map, LOG_AT + (gen + n) % LOG_LEN * 8, (gen + n & LOG_TAG) << 32 | slot)
+        struct.pack_into("<Q", self.map, GEN_AT, gen + len(slots))
+        return gen
+
+    def logged(self, first: int, gen: int) -> list[int] | None:
+        """The slots changed in generations ``first`` to ``gen``, from the change log; None where it
+        no longer holds them all (more changes than it keeps, an entry overwritten by a later
+        generation while read, or a generation bumped by a process that writes no log: each shows
+        as an entry naming another generation)."""
+        if not 0 <= gen - first < LOG_LEN:
+            return None
+        log = torch.frombuffer(self.map, dtype=torch.int64, count=LOG_LEN, offset=LOG_AT).tolist()
+        slots = []
+        for g in range(first, gen + 1):
+            entry = log[g % LOG_LEN]
+            if entry >> 32 != g & LOG_TAG or not 0 <= entry & LOG_SLOT < self.nslots:
+                return None
+            slots.append(entry & LOG_SLOT)
+        return slots
+
+    def next_seq(self) -> int:
+        """A put's sequence number: one more than the last handed out by any process."""
+        seq = struct.unpack_from("<Q", self.map, SEQ_AT)[0] + 1
+        struct.pack_into("<Q", self.map, SEQ_AT, seq)
+        return seq
+
+    # -- slots and records ---------------------------------------------------------------------
+    def table(self) -> torch.Tensor:
+        """The slot table, live (a view of the mapping): a row of four signed words per slot."""
+        live = torch.frombuffer(self.map, dtype=torch.int64, count=self.nslots * 4, offset=SLOTS_AT)
+        return live.view(self.nslots, 4)
+
+    def committed(self, commit: int, off: int, length: int, seq: int) -> tuple[int, int, int] | None:
+        """``(offset, length, seq)`` of a slot's words, or None unless they are committed (the
+        commit word matches the fields: not cleared, not torn) and name bytes of the data area."""
+        word = commit_word(off, length, seq)
+        if commit != word and commit != word ^ WRITTEN_BELOW:
+            return None
+        if off < self.data_start or off + length > self.data_start + self.data_size:
+            return None
+        return off, length, seq
+
+    def read_slot(self, i: int) -> tuple[int, int, int] | None:
+        return self.committed(*SLOT.unpack_from(self.map, SLOTS_AT + i * SLOT.size))
+
+    def write_slot(self, i: int, off: int, length: int, seq: int) -> None:
+        """Commit slot ``i`` to name the record at ``off``: its fields, then its commit word, each flushed."""
+        at = SLOTS_AT + i * SLOT.size
+        SLOT.pack_into(self.map, at, 0, off, length, seq)
+        self.flush(at, SLOT.size)
+        struct.pack_into("<Q", self.map, at, commit_word(off, length, seq))  # the commit: last
+        self.flush(at, SLOT.size)
+
+    def uncommit(self, i: int) -> int:
+        """Clear slot ``i``'s commit word (other processes see it at once); where it lies, for the
+        caller to flush."""
+        at = SLOTS_AT + i * SLOT.size
+        struct.pack_into("<Q", self.map, at, 0)
+        return at
+
+    def marked_below(self, i: int, off: int, length: int, seq: int) -> bool:
+        """Whether slot ``i`` names that record, marked written to the tiers below."""
+        commit = struct.unpack_from("<Q", self.map, SLOTS_AT + i * SLOT.size)[0]
+        return commit == commit_word(off, length, seq) ^ WRITTEN_BELOW
+
+    def mark_below(self, i: int, off: int, length: int, seq: int) -> None:
+        """Mark slot ``i`` written to the tiers below, where it still names that record. Not
+        flushed: a mark a crash of the host loses is a write down made again, never a loss."""
+        if self.read_slot(i) == (off, length, seq):
+            struct.pack_into("<Q", self.map, SLOTS_AT + i * SLOT.size, commit_word(off, length, seq) ^ WRITTEN_BELOW)
+
+    def record(self, commit: int, off: int, length: int, seq: int) -> tuple | None:
+        """``(offset, length, seq, key, meta)`` of a committed slot's record (key and meta None
+        where the header is damaged), or None where the slot is not committed after all (a torn
+        or cleared slot: its commit word does not match its fields) or points outside the data."""
+        if self.committed(commit, off, length, seq) is None:
+            return None
+        try:
+            key, meta = unpack_header(self.map[off : off + min(length, 1 << 16)])
+        except CorruptObject:
+            return off, length, seq, None, None
+        if round_up(header_size_for(key, meta), PAYLOAD_ALIGN) + meta.nbytes != length:
+            return off, length, seq, None, None
+        return off, length, seq, key, meta
 
     def flush(self, at: int, n: int) -> None:
         """Write bytes ``at`` to ``at + n`` of the mapping through to the file or device."""
