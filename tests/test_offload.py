@@ -120,6 +120,16 @@ def test_streams_from_a_file_tier_when_the_cpu_tier_is_too_small(tmp_path):
         tiers = store.stats()["tiers"]
         assert tiers["file"]["hits"] > 0 and tiers["file"]["namespaces"]["param"]["objects"] == 6
         assert tiers["cpu"]["bytes"] <= tiers["cpu"]["capacity"]
+        # Each forward reads the blocks in one order: those the CPU tier holds hit there every
+        # time, and those read from the file are not copied up over them (promote: keep).
+        held = tiers["cpu"]["namespaces"]["param"]["objects"]
+        assert 0 < held < 6
+        with torch.no_grad():
+            model(IDS)
+        after = store.stats()["tiers"]
+        assert after["cpu"]["hits"] - tiers["cpu"]["hits"] == held
+        assert after["file"]["hits"] - tiers["file"]["hits"] == 6 - held
+        assert after["cpu"]["promotions"] == tiers["cpu"]["promotions"] == 0
         handle.detach()
         assert not store.keys("param")  # detach gives the space back
 
