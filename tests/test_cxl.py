@@ -1144,3 +1144,48 @@ def test_the_bytes_of_a_leased_object_whose_slot_is_not_cleared_yet_go_back_with
         assert a.put(strata.Key("kv", "linger", "next"), torch.full((10,), 2.0))  # clears the slot first
         assert not ta._unfreed
         assert_exact_accounting(ta)
+
+
+DIES_MIDWAY = r"""
+import os, signal, sys, torch, strata
+from strata.store.tiers.cxl import CxlTier
+
+path, what = sys.argv[1], sys.argv[2]
+store = strata.open_store({"tiers": [{"kind": "cxl", "path": path, "size": "1MiB", "pin": "never"}]})
+if what == "put":  # killed once the put's slot is committed, before the change is logged
+    publish = CxlTier.publish
+    CxlTier.publish = lambda self, e, count=True: os.kill(os.getpid(), signal.SIGKILL) if count else publish(self, e, count)
+    store.put(strata.Key("kv", "dies", "new"), torch.full((4096,), 7.0))
+else:  # killed once the delete's slot is cleared, before the change is logged
+    clear = CxlTier._clear_slot
+    CxlTier._clear_slot = lambda self, i: (clear(self, i), os.kill(os.getpid(), signal.SIGKILL))
+    store.delete(strata.Key("kv", "dies", "old"))
+"""
+
+
+@pytest.mark.parametrize("what", ["put", "delete"])
+def test_a_change_a_killed_process_made_without_logging_it_is_seen_by_every_process(tmp_path, what):
+    """A process killed between committing (or clearing) a slot and logging the change left a
+    region whose log never names it: a process following the log never saw that put (and took its
+    bytes for its own puts, leaving a committed slot over another's record: the damage a soak with
+    SIGKILLs counted) or that delete (it went on holding the object's bytes and serving it). The
+    next process to take the region lock finds the dead holder's mark and makes every process
+    compare the table whole: each then sees what a process opening the region afresh sees."""
+    path = str(tmp_path / "region")
+    cfg = {"tiers": [{"kind": "cxl", "path": path, "size": "1MiB", "pin": "never"}]}
+    old, new = strata.Key("kv", "dies", "old"), strata.Key("kv", "dies", "new")
+    with strata.open_store(cfg) as a, strata.open_store(cfg) as b:
+        assert a.put(old, torch.full((4096,), 1.0)) and b.contains(old)
+        out = subprocess.run([sys.executable, "-c", DIES_MIDWAY, path, what], capture_output=True, text=True,
+                             timeout=300)
+        assert out.returncode == -signal.SIGKILL, out.stderr
+        assert b.put(strata.Key("kv", "dies", "after"), torch.full((4096,), 2.0))  # takes the region lock
+        with strata.open_store(cfg) as fresh:
+            truth = {k: fresh.contains(k) for k in (old, new)}
+            assert truth == ({old: True, new: True} if what == "put" else {old: False, new: False})
+            for store in (a, b):
+                assert {k: store.contains(k) for k in (old, new)} == truth
+                assert_exact_accounting(cxl_tier(store))
+                got = store.get(new)
+                assert (got is not None and torch.equal(got, torch.full((4096,), 7.0))) == truth[new]
+            assert cxl_tier(b).stats_extra()["dead_holders"] == 1

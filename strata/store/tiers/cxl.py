@@ -27,7 +27,9 @@ last copy of the table), so following another process costs what that process ch
 that finds the lock held by another process's put in flight does not wait for it under the
 chain's lock (the process's reads would stall behind the other's write):
 the reservation raises ``RegionBusy``, and the chain waits for the lock outside its own, then
-reserves again. Reads are zero-copy views of the mapping under the chain's lease, checked
+reserves again. A process killed holding the lock leaves a mark that makes the next holder move
+the generation past a log entry naming none (``RegionFile._taken``): whatever it committed or
+cleared unlogged, every process then finds by comparing the table. Reads are zero-copy views of the mapping under the chain's lease, checked
 against the payload checksum, so an object another process freed and reused meanwhile is a miss,
 never wrong bytes. A lease also pins the object's record for every process
 (``strata.store.tiers.pins``: an open file description lock on its byte range, which the kernel
@@ -816,6 +818,7 @@ class CxlTier(MemoryTier):
         known = namespaces()
         out = {"path": self.path, "region_bytes": self.data_size, "recovered": self.recovered,
                "discarded": self.discarded, "region_waits": self.region_waits,
+               "dead_holders": self.region.dead_holders,
                "pins": self._pin_stats(), "unwritten_owned": len(self._owned),
                "fragmentation": round(1 - largest / free, 4) if free else 0.0,
                "foreign_namespaces": sum(e.ns not in known for e in list(self.index.values()))}

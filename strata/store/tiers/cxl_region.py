@@ -38,6 +38,7 @@ READS = (1, VERSION)  # versions of a region this code opens (their layout is th
 SUPER = struct.Struct("<8sIIQQQ")  # magic, version, slot size, region size, slots, data start
 GEN_AT = 64  # the generation counter: its own 8 bytes
 SEQ_AT = 72  # the last put sequence number handed out
+HELD_AT = 80  # 1 while a process holds the region lock (its changes logged by the time it lets go)
 LOG_AT = 2048  # the change log: the slot each of the last ``LOG_LEN`` generations changed, at gen % LOG_LEN
 LOG_LEN = 256
 LOG_TAG = 0x7FFFFFFF  # a log entry is ``(gen & LOG_TAG) << 32 | slot``: an entry names its generation
@@ -89,6 +90,7 @@ class RegionFile:
                 os.ftruncate(self.fd, size)
         self.map = mmap.mmap(self.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         self._locks = 0  # holds of the region lock by this process's threads (puts in flight)
+        self.dead_holders = 0  # times the lock was taken after a process died holding it
 
     def absent(self, why: str) -> RegionAbsent:
         exc = RegionAbsent(f"tiers[{self.name}].path: {self.path!r} {why} and the tier was opened with "
@@ -139,6 +141,7 @@ class RegionFile:
     def acquire(self) -> None:
         if self._locks == 0:
             fcntl.flock(self.fd, fcntl.LOCK_EX)
+            self._taken()
         self._locks += 1
 
     def try_acquire(self) -> bool:
@@ -148,13 +151,38 @@ class RegionFile:
                 fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 return False
+            self._taken()
         self._locks += 1
         return True
 
     def release(self) -> None:
         self._locks -= 1
         if self._locks == 0:
+            if self._ours():
+                struct.pack_into("<Q", self.map, HELD_AT, 0)
             fcntl.flock(self.fd, fcntl.LOCK_UN)
+
+    def _taken(self) -> None:
+        """The lock just taken. A holder logs each change of a slot before it lets go, so where the
+        last one died holding it (the kernel let go for it, its mark still set), it may have
+        committed or cleared a slot that no generation names: nobody following the log would ever
+        see that put or delete, and a process that took a cleared record's bytes for its own would
+        then leave a committed slot naming another's bytes. One more generation, whose log entry
+        names another, makes every process compare the slot table whole at its next look."""
+        if not self._ours():  # not (yet) a region of this format: nothing is written to it
+            return
+        if struct.unpack_from("<Q", self.map, HELD_AT)[0]:
+            gen = self.gen()
+            struct.pack_into("<Q", self.map, LOG_AT + (gen + 1) % LOG_LEN * 8, (gen + 2 & LOG_TAG) << 32)
+            struct.pack_into("<Q", self.map, GEN_AT, gen + 1)
+            self.dead_holders += 1
+        struct.pack_into("<Q", self.map, HELD_AT, 1)
+
+    def _ours(self) -> bool:
+        """Whether the mapping holds a region of a format this code reads (a file opened to be
+        formatted, or refused as another's, is left as it is)."""
+        magic, version = struct.unpack_from("<8sI", self.map)
+        return magic == MAGIC and version in READS
 
     @property
     def held(self) -> bool:
