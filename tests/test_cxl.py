@@ -1154,7 +1154,8 @@ path, what = sys.argv[1], sys.argv[2]
 store = strata.open_store({"tiers": [{"kind": "cxl", "path": path, "size": "1MiB", "pin": "never"}]})
 if what == "put":  # killed once the put's slot is committed, before the change is logged
     publish = CxlTier.publish
-    CxlTier.publish = lambda self, e, count=True: os.kill(os.getpid(), signal.SIGKILL) if count else publish(self, e, count)
+    CxlTier.publish = lambda self, e, count=True: (os.kill(os.getpid(), signal.SIGKILL) if count
+                                                   else publish(self, e, count))
     store.put(strata.Key("kv", "dies", "new"), torch.full((4096,), 7.0))
 else:  # killed once the delete's slot is cleared, before the change is logged
     clear = CxlTier._clear_slot

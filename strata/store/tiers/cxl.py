@@ -29,9 +29,9 @@ chain's lock (the process's reads would stall behind the other's write):
 the reservation raises ``RegionBusy``, and the chain waits for the lock outside its own, then
 reserves again. A process killed holding the lock leaves a mark that makes the next holder move
 the generation past a log entry naming none (``RegionFile._taken``): whatever it committed or
-cleared unlogged, every process then finds by comparing the table. Reads are zero-copy views of the mapping under the chain's lease, checked
-against the payload checksum, so an object another process freed and reused meanwhile is a miss,
-never wrong bytes. A lease also pins the object's record for every process
+cleared unlogged, every process then finds by comparing the table. Reads are zero-copy views
+of the mapping under the chain's lease, checked against the payload checksum, so an object
+another process freed and reused meanwhile is a miss, never wrong bytes. A lease also pins the object's record for every process
 (``strata.store.tiers.pins``: an open file description lock on its byte range, which the kernel
 drops when the process dies): another process may still delete or evict the object, but its
 allocator never hands out pinned bytes, so a view leased in place keeps its bytes (the ``lease``
