@@ -74,9 +74,9 @@ class TierCounters:
     ns_objects: dict = field(default_factory=lambda: defaultdict(int))
 
 
-# Called before an entry is evicted; returns False to keep it (e.g. it could not be demoted). The
-# chain's hook also has ``spares(ns)``: True for a namespace whose every object it would keep (a
-# promotion that must not displace its own namespace), which a tier may skip without asking.
+# Called before an entry is evicted; returns False to keep it (e.g. it could not be demoted). A
+# hook may also have ``spares(ns)``: True for a namespace whose every object it would keep (the
+# chain's, for a promotion of a ``promote: keep`` namespace), which a tier may skip without asking.
 EvictHook = Callable[["Tier", Entry], bool]
 
 
