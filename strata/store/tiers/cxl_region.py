@@ -115,10 +115,9 @@ class RegionFile:
 
     def geometry(self, size: int) -> tuple[int, int, int]:
         """``(slots, data start, data bytes)`` of the region the superblock describes (kept as
-        ``nslots``, ``data_start``, ``data_size``); one of
-        another format, or larger than the ``size`` mapped, is refused. A region of format version
-        1 is stamped ``VERSION`` (from then on an older Strata refuses it: it ignores the log and
-        the marks)."""
+        ``nslots``, ``data_start``, ``data_size``); one of another format, or larger than the
+        ``size`` mapped, is refused. A region of format version 1 is stamped ``VERSION`` (from then
+        on an older Strata refuses it: it ignores the log and the marks)."""
         magic, version, slot_size, rsize, nslots, data_start = SUPER.unpack_from(self.map)
         if magic != MAGIC or version not in READS or slot_size != SLOT.size or rsize > size:
             raise ConfigError(f"tiers[{self.name}].path: {self.path!r} holds a region of another format or size "
