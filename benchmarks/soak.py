@@ -11,8 +11,10 @@ Every value is self-describing (``reliability.value_of``), so each read is check
 (a lease twice: once more after holding it a moment while the others put and delete):
 since the processes share the persistent tiers, a read may return any version of that key that
 any writer ever put, or None; never other bytes. Afterwards each read's version is checked
-against every writer's log (written before each put starts). Prints ops/s and divergences, and
-exits 1 on a divergence or a worker that died without being killed.
+against every writer's log (written before each put starts). Prints ops/s, divergences and the
+damaged records the workers cleared from the region (a committed slot whose record fails its
+header: no SIGKILL of a process may leave one), and exits 1 on a divergence, a damaged record or a
+worker that died without being killed.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ def identify_raw(name: str, raw: bytes) -> str | None:
 def _thread(store, wid: int, tid: int, names: list[str], seed: int, stop: str, log: AppendLog,
             reads_path: Path) -> None:
     rng = random.Random(seed)
+    region = next(t for t in store.tiers if t.kind == "cxl")  # its ``discarded``: damaged records it cleared
     seq = n = hits = 0
     with open(reads_path, "a", buffering=1) as reads:  # line-buffered: a kill loses no checked read
         while n % 16 or not os.path.exists(stop):
@@ -83,8 +86,8 @@ def _thread(store, wid: int, tid: int, names: list[str], seed: int, stop: str, l
                 got = store.get(key(name))
                 hits += _record(log, reads, name, got, None if got is None else identify(name, got), "get")
             if n % _PROGRESS_EVERY == 0:
-                log.line("n", tid, n, hits)
-    log.line("n", tid, n, hits)
+                log.line("n", tid, n, hits, region.discarded)
+    log.line("n", tid, n, hits, region.discarded)
 
 
 def _record(log: AppendLog, reads, name: str, got, seen: str | None, how: str) -> int:
@@ -195,15 +198,17 @@ def _spawn_target(cfg, wid, threads, names, seed, stop, logdir) -> None:
 def _report(logdir: Path, ended: dict, killed: int, elapsed: float, procs: int, threads: int, keys: int) -> dict:
     started: dict[str, set[str]] = {}
     divergences: list[str] = []
-    ops = hits = faults = 0
+    ops = hits = faults = damaged = 0
     evictions: dict[str, int] = {}  # by the workers that ran to the end
     for log in sorted(logdir.glob("w*.log")):
         progress: dict[str, tuple[int, int]] = {}
+        cleared = 0  # this worker's count of damaged records cleared (one process's: its threads share it)
         for ln in read_log(log):
             if ln[0] == "s":
                 started.setdefault(ln[1], set()).add(ln[2])
             elif ln[0] == "n":
                 progress[ln[1]] = max(progress.get(ln[1], (0, 0)), (int(ln[2]), int(ln[3])))
+                cleared = max(cleared, int(ln[4]))
             elif ln[0] == "X":
                 divergences.append(f"{log.stem}: {' '.join(ln[1:])}")
             elif ln[0] == "E":
@@ -215,6 +220,7 @@ def _report(logdir: Path, ended: dict, killed: int, elapsed: float, procs: int, 
                     evictions[tier] = evictions.get(tier, 0) + int(n)
         ops += sum(n for n, _ in progress.values())
         hits += sum(h for _, h in progress.values())
+        damaged += cleared
     checked = 0
     for reads in sorted(logdir.glob("w*-t*.reads")):
         for ln in read_log(reads):
@@ -225,6 +231,7 @@ def _report(logdir: Path, ended: dict, killed: int, elapsed: float, procs: int, 
     return {"seconds": round(elapsed, 1), "procs": procs, "threads": threads, "keys": keys, "ops": ops,
             "ops_per_s": round(ops / elapsed), "read_hits": hits, "reads_checked_against_logs": checked,
             "kills": killed, "divergences": len(divergences), "crashes": len(crashes), "faults_counted": faults,
+            "damaged_records": damaged,
             "evictions": evictions, "first_divergences": divergences[:20], "crashed_workers": crashes}
 
 
@@ -247,12 +254,13 @@ def main(argv=None) -> int:
     print(f"reads checked afterwards against the writers' logs: {r['reads_checked_against_logs']}, "
           f"in the workers that ran to the end, faults counted: {r['faults_counted']}, evictions: "
           + ", ".join(f"{t} {n}" for t, n in r["evictions"].items()))
-    print(f"divergences: {r['divergences']}, crashed workers: {r['crashes']}")
+    print(f"divergences: {r['divergences']}, crashed workers: {r['crashes']}, damaged records cleared in the "
+          f"region: {r['damaged_records']}")
     for d in r["first_divergences"]:
         print(f"  {d}")
     for w, c in r["crashed_workers"].items():
         print(f"  worker {w}: exit {c}")
-    return 1 if r["divergences"] or r["crashes"] else 0
+    return 1 if r["divergences"] or r["crashes"] or r["damaged_records"] else 0
 
 
 if __name__ == "__main__":
