@@ -200,9 +200,9 @@ class CxlTier(MemoryTier):
         self.map = None
         size = cfg.size
         self.region = RegionFile(self.path, self.name, size, create)
-        self.map, self._fd = self.region.map, self.region.fd
+        self.map = self.region.map
         created, is_file = self.region.created, self.region.is_file
-        self._pins = RangePins(self._fd)
+        self._pins = RangePins(self.region.fd)
         self.stable_views = self._pins.supported  # a leased view is pinned for every process
         self._pin_spans: dict[Entry, tuple[int, int]] = {}  # leased entry -> the record range its pin covers
         # leased entries whose object left the region (deleted or evicted here, removed by another
