@@ -1157,6 +1157,9 @@ if what == "put":  # killed once the put's slot is committed, before the change 
     CxlTier.publish = lambda self, e, count=True: (os.kill(os.getpid(), signal.SIGKILL) if count
                                                    else publish(self, e, count))
     store.put(strata.Key("kv", "dies", "new"), torch.full((4096,), 7.0))
+elif what == "replace":  # killed once the new version is committed, before the old one is cleared
+    CxlTier._drop_record = lambda self, e, keep_bytes: os.kill(os.getpid(), signal.SIGKILL)
+    store.put(strata.Key("kv", "dies", "old"), torch.full((4096,), 7.0))
 else:  # killed once the delete's slot is cleared, before the change is logged
     clear = CxlTier._clear_slot
     CxlTier._clear_slot = lambda self, i: (clear(self, i), os.kill(os.getpid(), signal.SIGKILL))
@@ -1190,3 +1193,33 @@ def test_a_change_a_killed_process_made_without_logging_it_is_seen_by_every_proc
                 got = store.get(new)
                 assert (got is not None and torch.equal(got, torch.full((4096,), 7.0))) == truth[new]
             assert cxl_tier(b).stats_extra()["dead_holders"] == 1
+
+
+def test_an_older_version_a_killed_process_left_committed_keeps_its_bytes_until_its_slot_is_cleared(tmp_path):
+    """A process killed holding the region lock, between committing a put and clearing the slot of
+    the version it replaced, left two committed records of one key. Another process (here ``b``,
+    deleting) took the lock next and moved the generation past the dead holder's; it made no put,
+    so it never looked at the table under the lock. Then ``a`` met both records in a get, without
+    the lock: it forgot the older and freed its bytes, leaving the slot for the next holder of the
+    lock to clear. Its next put took the lock, found the generation unchanged, looked at nothing
+    and put a record over those bytes while the older slot still stood: the next process to open
+    the region cleared a damaged record (what a soak with SIGKILLs counted). Now a sync under the
+    lock clears the slots left for it before a put allocates."""
+    path = str(tmp_path / "region")
+    cfg = {"tiers": [{"kind": "cxl", "path": path, "size": "1MiB", "pin": "never"}]}
+    old, gone, other = (strata.Key("kv", "dies", n) for n in ("old", "gone", "other"))
+    with strata.open_store(cfg) as a, strata.open_store(cfg) as b:
+        assert a.put(old, torch.full((4096,), 1.0)) and a.put(gone, torch.full((4096,), 3.0))
+        assert b.contains(old) and b.contains(gone)
+        out = subprocess.run([sys.executable, "-c", DIES_MIDWAY, path, "replace"], capture_output=True, text=True,
+                             timeout=300)
+        assert out.returncode == -signal.SIGKILL, out.stderr
+        assert b.delete(gone)  # takes the region lock after the dead holder, puts nothing
+        assert torch.equal(a.get(old), torch.full((4096,), 7.0))  # the newer version, met without the lock
+        assert a.put(other, torch.full((4096,), 2.0))
+        assert_exact_accounting(cxl_tier(a))
+        with strata.open_store(cfg) as fresh:
+            assert cxl_tier(fresh).stats_extra()["discarded"] == 0
+            assert torch.equal(fresh.get(old), torch.full((4096,), 7.0))
+            assert torch.equal(fresh.get(other), torch.full((4096,), 2.0))
+            assert not fresh.contains(gone)

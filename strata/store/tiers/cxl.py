@@ -311,14 +311,19 @@ class CxlTier(MemoryTier):
         generation read first: a record put over the bytes of one whose removal came after that
         generation would be indexed while the removed one still is, and forgetting that one later
         would free the new record's bytes. A read during which the generation moved is made again
-        (``_SYNC_TRIES`` times, then left to the next call); under the region lock nothing moves."""
+        (``_SYNC_TRIES`` times, then left to the next call); under the region lock nothing moves.
+
+        A stale slot met without the region lock stays committed until a sync under it clears it,
+        while its bytes are already free here (not indexed): the first sync under the lock looks at
+        it again even where the generation did not move since, before a put allocates."""
         live = self.region.table()
         for _ in range(_SYNC_TRIES):
             gen = self.region.gen()
-            if gen == self.generation and not force:
+            current = gen == self.generation
+            if current and not force and not (self._recheck and self.region.held):
                 return 0
             whole = force or self._table is None or self.generation == -1 or not self._pins.supported
-            logged = None if whole else self._logged(gen)
+            logged = None if whole else [] if current else self._logged(gen)
             if logged is not None:  # the slots the change log names, and those to look at again
                 slots = sorted(set(logged) | self._recheck)
                 rows = live[slots]  # a copy: a torn slot fails its commit word
