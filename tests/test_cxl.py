@@ -702,10 +702,13 @@ def test_records_whose_header_fails_at_open_are_counted_discarded_with_one_warni
 
 
 @pytest.mark.parametrize("first", ["victim", "other"])
-def test_another_keys_record_copied_into_a_keys_slot_is_discarded_never_served(tmp_path, first):
-    """b's record copied over a's while closed: a slot names no key, so the region sees two records
-    of b. The copy (identical header, so not an older version) is counted discarded, whichever
-    slot is newer; a is a miss, b keeps its value. The old code cleared it with no counter."""
+def test_another_keys_record_put_over_a_keys_bytes_is_discarded_never_served(tmp_path, first):
+    """b's record put over a's bytes while a's slot still stood (b's slot moved there, as a put
+    that took a's bytes leaves it): a slot names no key, so the region sees two records of b in one
+    place. The slot that lost its record is counted discarded, whichever slot is newer; a is a
+    miss, b keeps its value. The old code cleared it with no counter."""
+    from strata.store.tiers import cxl_region as cxl
+
     path = str(tmp_path / "region")
     cfg = {"tiers": [{"kind": "cxl", "path": path, "size": "4MiB", "pin": "never"}]}
     a, b = strata.Key("kv", "s", "a"), strata.Key("kv", "s", "b")
@@ -714,8 +717,11 @@ def test_another_keys_record_copied_into_a_keys_slot_is_discarded_never_served(t
         for k, v in ((a, va), (b, vb)) if first == "victim" else ((b, vb), (a, va)):
             assert store.put(k, v)
         (off_a, len_a), (off_b, len_b) = _records(store, a, b)
+        slot_b, _, seq_b = cxl_tier(store).index[b.encoded].loc
     assert len_a == len_b
     _pwrite(path, _pread(path, off_b, len_b), off_a)
+    _pwrite(path, cxl.SLOT.pack(cxl.commit_word(off_a, len_b, seq_b), off_a, len_b, seq_b),
+            cxl.SLOTS_AT + slot_b * cxl.SLOT.size)
     with strata.open_store(cfg) as store:
         s = cxl_tier(store).stats()
         assert s["discarded"] == 1 and s["objects"] == 1
@@ -724,9 +730,11 @@ def test_another_keys_record_copied_into_a_keys_slot_is_discarded_never_served(t
         assert_exact_accounting(cxl_tier(store))
 
 
-def test_an_older_version_left_committed_by_a_crash_is_cleared_but_not_counted(tmp_path):
+@pytest.mark.parametrize("same", [False, True], ids=["another-value", "same-value"])
+def test_an_older_version_left_committed_by_a_crash_is_cleared_but_not_counted(tmp_path, same):
     """A put that replaced k and died before clearing k's older slot leaves two records of k: the
-    newer wins, the older (another value, so a version, not damage) is cleared without a count."""
+    newer wins, the older (a version elsewhere, not damage, even of the very same value: a KV chunk
+    saved again) is cleared without a count."""
     from strata.store.tiers import cxl_region as cxl
 
     path = str(tmp_path / "region")
@@ -736,12 +744,12 @@ def test_an_older_version_left_committed_by_a_crash_is_cleared_but_not_counted(t
         assert store.put(k, torch.zeros(512))
         slot, off, seq = cxl_tier(store).index[k.encoded].loc
         length = cxl_tier(store).index[k.encoded].size
-        assert store.put(k, torch.ones(512))
+        assert store.put(k, torch.zeros(512) if same else torch.ones(512))
     _pwrite(path, cxl.SLOT.pack(cxl.commit_word(off, length, seq), off, length, seq),
             cxl.SLOTS_AT + slot * cxl.SLOT.size)  # the older slot as the crash left it: committed
     with strata.open_store(cfg) as store:
         assert cxl_tier(store).stats()["discarded"] == 0 and cxl_tier(store).stats()["objects"] == 1
-        assert torch.equal(store.get(k), torch.ones(512))
+        assert torch.equal(store.get(k), torch.zeros(512) if same else torch.ones(512))
 
 
 RACER = r"""

@@ -63,11 +63,12 @@ taken for another's slots: the table is compared instead), and neither claims no
 processes sharing a region over a tier below run one version.
 
 Damage found while syncing is cleared and counted in ``discarded`` (stats), with one warning per
-open that found any: a record failing its header checksum or size, and a copy of another slot's
-record (same key, same header: a slot names no key, so another key's record copied over a key's
-is seen as a second record of the other key; the copy is never served under the slot's key). A
-second record of a key with another header is an older version (left committed by a put that
-died before clearing it, or retired while another process still read it): cleared, not counted.
+open that found any: a record failing its header checksum or size, and a second slot naming a
+record's very bytes (a slot names no key, so a key's record put over another's bytes, of the
+same length, is seen as two records of the key in one place; the one in the older slot is never
+served under the slot's key). A second record of a key elsewhere is an older version (left
+committed by a put that died before clearing it, or retired while another process still read
+it), even where it holds the same value: cleared, not counted.
 
 ``capacity`` (at most the data area) bounds the bytes this process counts in the region: a put
 beyond it evicts by policy or is refused, as in the cpu tier. Processes sharing a region each
@@ -102,20 +103,15 @@ log = logging.getLogger("strata.cxl")
 _NOT_A_KEY = "?"  # the namespace of a checksummed record whose key bytes are no Strata key (kept, never cleared)
 _SYNC_TRIES = 8  # reads of the slot table a sync makes while other processes keep changing it
 _PINNED_TRIES = 16  # pinned ranges one allocation steps around before it gives up (evicts or refuses)
-def _is_copy(a, b) -> bool:
-    """Whether two records of one key carry the same header (payload checksum included): a copy
-    of one record over another slot's, not an older version, which holds another value. (An older
-    version of the very same value, left by a crash, is counted too: the region cannot tell it apart.)"""
-    return a == b
-
-
-def _older_of_two(old: tuple[int, int, object], slot: int, seq: int, meta, stale: list[int]) -> tuple[bool, int]:
-    """Two committed records of one key: ``old`` (slot, seq, header) met first, then the one in
+def _older_of_two(old: tuple[int, int, int], slot: int, off: int, seq: int, stale: list[int]) -> tuple[bool, int]:
+    """Two committed records of one key: ``old`` (slot, offset, seq) met first, then the one in
     ``slot``. The older goes to ``stale`` (on a tie, which no put makes, the one met first); whether
-    the one met first is the newer, and 1 where both carry the same header (a copy: damage) else 0."""
-    first_newer = old[1] > seq
+    the one met first is the newer, and 1 where both name the same bytes (one slot's record put over
+    by the other's: damage) else 0 (an older version, left by a put that died before clearing it,
+    even where it holds the very same value)."""
+    first_newer = old[2] > seq
     stale.append(slot if first_newer else old[0])
-    return first_newer, int(_is_copy(old[2], meta))
+    return first_newer, int(old[1] == off)
 
 
 def _region_path(value: object, where: str) -> str:
@@ -250,8 +246,8 @@ class CxlTier(MemoryTier):
                               "allowed: a new or empty file, a DAX device, or reset: true to overwrite it")
         self.capacity = min(self.capacity, self.data_size)
         if self.discarded:
-            log.warning("tier %s: %d records in %s failed their header checksum or size, or copied another "
-                        "record, and were cleared at open (stats: discarded)", self.name, self.discarded, self.path)
+            log.warning("tier %s: %d records in %s failed their header checksum or size, or lay where "
+                        "another slot's record lies, and were cleared at open (stats: discarded)", self.name, self.discarded, self.path)
         while self.used > self.capacity and self._evict_one(self._eviction_order(), lambda t, e: True, set()):
             pass  # the capacity shrank since the region was filled
 
@@ -374,7 +370,7 @@ class CxlTier(MemoryTier):
                 continue
             old = found.get(key)
             if old is not None:
-                first_newer, copy = _older_of_two((old[0], old[3], old[4]), i, seq, meta, stale)
+                first_newer, copy = _older_of_two((old[0], old[1], old[3]), i, off, seq, stale)
                 damaged += copy
                 if first_newer:
                     continue
@@ -426,8 +422,8 @@ class CxlTier(MemoryTier):
             e, came = self.index.get(key), new.get(key)
             indexed = e is not None and cur is not None
             if indexed or came is not None:  # the record indexed, or another that came, of the key
-                old = (cur[0], cur[1], e.meta) if indexed else (came[0], came[3], came[4])
-                first_newer, copy = _older_of_two(old, i, seq, meta, stale)
+                old = (cur[0], e.loc[1], cur[1]) if indexed else (came[0], came[1], came[3])
+                first_newer, copy = _older_of_two(old, i, off, seq, stale)
                 damaged += copy
                 if first_newer:
                     continue
