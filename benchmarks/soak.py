@@ -1,10 +1,13 @@
 """Soak: threads and processes hammering one ``cpu -> cxl -> file`` store, with SIGKILLs.
 
     python benchmarks/soak.py [--seconds 120] [--procs 2] [--threads 2] [--kill-every 2.0] [--dir DIR]
+                              [--layout cpu-cxl-file|cpu-cxl|cxl-file|cpu-file]
 
 Worker processes (``--procs``, each with ``--threads`` threads) put, get, lease and delete random
 keys of one store in a temporary directory: a small cpu tier (write-back, so evictions demote),
-a cxl region file and a file tier, all small, so eviction and demotion happen all the time. Every
+a cxl region file and a file tier, all small, so eviction and demotion happen all the time
+(``--layout`` takes others: the cpu tier over the region alone, the region on top of the file
+tier, the cpu tier over the file tier; ``LAYOUTS``). Every
 ``--kill-every`` seconds (on average) one worker is SIGKILLed and a new one takes its place.
 
 Every value is self-describing (``reliability.value_of``), so each read is checked on the spot
@@ -36,12 +39,23 @@ _HOLD_S = 0.002  # a lease is held this long after its check, then checked again
 _PROGRESS_EVERY = 100  # a thread logs its op count this often (what a killed worker did is counted from it)
 
 
-def store_config(root: Path) -> dict:
-    return {"tiers": [
-        {"kind": "cpu", "capacity": "512KiB", "write": "back"},
-        {"kind": "cxl", "path": str(root / "region"), "size": "4MiB"},
-        {"kind": "file", "path": str(root / "files"), "capacity": "2MiB"},
-    ]}
+# the stores a soak may hammer (``--layout``): the tiers, top first, of each
+LAYOUTS = {
+    "cpu-cxl-file": "cpu 512 KiB (write-back) -> cxl 4 MiB region -> file 2 MiB",
+    "cpu-cxl": "cpu 512 KiB (write-through) -> cxl 4 MiB region",
+    "cxl-file": "cxl 2 MiB region (write-back) -> file 2 MiB",
+    "cpu-file": "cpu 512 KiB (write-back) -> file 2 MiB",
+}
+
+
+def store_config(root: Path, layout: str = "cpu-cxl-file") -> dict:
+    tiers = {
+        "cpu": {"kind": "cpu", "capacity": "512KiB", "write": "back" if "file" in layout else "through"},
+        "cxl": {"kind": "cxl", "path": str(root / "region"), "size": "2MiB" if layout == "cxl-file" else "4MiB",
+                **({"write": "back"} if layout == "cxl-file" else {})},
+        "file": {"kind": "file", "path": str(root / "files"), "capacity": "2MiB"},
+    }
+    return {"tiers": [tiers[name] for name in layout.split("-")]}
 
 
 def identify_raw(name: str, raw: bytes) -> str | None:
@@ -59,7 +73,7 @@ def identify_raw(name: str, raw: bytes) -> str | None:
 def _thread(store, wid: int, tid: int, names: list[str], seed: int, stop: str, log: AppendLog,
             reads_path: Path) -> None:
     rng = random.Random(seed)
-    region = next(t for t in store.tiers if t.kind == "cxl")  # its ``discarded``: damaged records it cleared
+    region = next((t for t in store.tiers if t.kind == "cxl"), None)  # its ``discarded``: damaged records cleared
     seq = n = hits = 0
     with open(reads_path, "a", buffering=1) as reads:  # line-buffered: a kill loses no checked read
         while n % 16 or not os.path.exists(stop):
@@ -86,8 +100,8 @@ def _thread(store, wid: int, tid: int, names: list[str], seed: int, stop: str, l
                 got = store.get(key(name))
                 hits += _record(log, reads, name, got, None if got is None else identify(name, got), "get")
             if n % _PROGRESS_EVERY == 0:
-                log.line("n", tid, n, hits, region.discarded)
-    log.line("n", tid, n, hits, region.discarded)
+                log.line("n", tid, n, hits, region.discarded if region else 0)
+    log.line("n", tid, n, hits, region.discarded if region else 0)
 
 
 def _record(log: AppendLog, reads, name: str, got, seen: str | None, how: str) -> int:
@@ -132,9 +146,10 @@ def _worker(cfg: dict, wid: int, threads: int, names: list[str], seed: int, stop
         sys.exit(1)
 
 
-def soak(seconds: float, procs: int, threads: int, kill_every: float, keys: int, root: Path, seed: int) -> dict:
+def soak(seconds: float, procs: int, threads: int, kill_every: float, keys: int, root: Path, seed: int,
+         layout: str = "cpu-cxl-file") -> dict:
     rng = random.Random(seed)
-    cfg = store_config(root)
+    cfg = store_config(root, layout)
     logdir = root / "logs"
     logdir.mkdir(parents=True)
     stop = str(root / "stop")
@@ -244,11 +259,13 @@ def main(argv=None) -> int:
     ap.add_argument("--keys", type=int, default=200)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dir", help="parent of the store's temporary directory")
+    ap.add_argument("--layout", choices=sorted(LAYOUTS), default="cpu-cxl-file", help="the store's tiers, top first")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
-        r = soak(args.seconds, args.procs, args.threads, args.kill_every, args.keys, Path(tmp), args.seed)
+        r = soak(args.seconds, args.procs, args.threads, args.kill_every, args.keys, Path(tmp), args.seed,
+                 args.layout)
     print(f"soak: {r['seconds']} s, {r['procs']} processes x {r['threads']} threads, {r['keys']} keys, "
-          f"cpu 512 KiB (write-back) -> cxl 4 MiB region -> file 2 MiB")
+          f"{LAYOUTS[args.layout]}")
     print(f"ops: {r['ops']} ({r['ops_per_s']} ops/s; 40% put, 8% delete, 12% lease, 40% get), reads that hit "
           f"(each checked on the spot): {r['read_hits']}, worker SIGKILLs: {r['kills']}")
     print(f"reads checked afterwards against the writers' logs: {r['reads_checked_against_logs']}, "
