@@ -186,3 +186,63 @@ def test_explicit_blocks_and_budget_dict():
     assert handle.names == [f"transformer.h.{i}" for i in range(1, 4)]
     assert greedy(model, IDS) == ref
     handle.detach()
+
+
+@pytest.mark.parametrize("arch,static,budget", [("llama", False, None), ("gpt2", False, None),
+                                                ("mixtral", False, "resident-2"), ("llama", True, None)])
+def test_state_dict_of_an_offloaded_model_is_its_weights_and_saves_and_loads_back(tmp_path, arch, static, budget):
+    """Between forwards an offloaded block's tensors are placeholders (or, static, views of a slot
+    other blocks share): state_dict() returned those, so torch.save / save_file wrote NaN or another
+    block's bytes without a word. It now returns what the store holds, each tensor its own storage."""
+    from safetensors.torch import load_file, save_file
+
+    model = make(arch, layers=4)
+    ref = greedy(model, IDS)
+    want = {k: v.clone() for k, v in model.state_dict().items()}
+    kw = {}
+    if budget:  # some blocks resident on the device, the others streamed
+        probe = strata.offload(model, device="cpu", progress=False)
+        per_block, other = probe.layouts[0].nbytes, probe.plan.other_bytes
+        probe.detach()
+        kw = {"gpu_budget": int(other + 3.5 * per_block)}  # a ring of two and one block resident
+    with strata.open_store() as store:
+        handle = strata.offload(model, store=store, device="cpu", progress=False, static=static, **kw)
+        assert handle.plan.offloaded and (not budget or handle.plan.resident)
+        assert greedy(model, IDS) == ref  # a forward first: the ring's slots hold blocks now
+        got = model.state_dict()
+        assert got.keys() == want.keys()
+        for k, v in want.items():
+            assert got[k].dtype == v.dtype and got[k].shape == v.shape and torch.equal(got[k], v), k
+        shared = {k: v for k, v in got.items() if k in ("lm_head.weight", "transformer.wte.weight")}
+        save_file({k: v for k, v in got.items() if k != "lm_head.weight" or len(shared) < 2}, tmp_path / "m.st")
+        torch.save(got, tmp_path / "m.pt")
+        for k, v in load_file(tmp_path / "m.st").items():
+            assert torch.equal(v, want[k]), k
+        assert all(torch.equal(v, want[k]) for k, v in torch.load(tmp_path / "m.pt").items())
+        assert greedy(model, IDS) == ref
+        handle.detach()
+    assert all(not b._state_dict_hooks and not b._load_state_dict_pre_hooks for b in model.modules())
+
+
+def test_loading_a_state_dict_into_an_offloaded_model_is_refused_before_anything_loads():
+    """Its values would go into placeholders (a torch error about overlapping memory) or, static,
+    into ring slots the next copy overwrites (lost silently). Refused up front, naming the way out;
+    nothing of the model changes; after detach() it loads as usual."""
+    model = make("llama")
+    ref = greedy(model, IDS)
+    other = {k: v + 1 if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    handle = strata.offload(model, device="cpu", progress=False)
+    embed = model.model.embed_tokens.weight.detach().clone()
+    with pytest.raises(OffloadError, match=r"load_state_dict: model\.layers\.0\..* belongs to block model\.layers\.0.*"
+                                           r"handle\.detach\(\), load, and offload again"):
+        model.load_state_dict(other)
+    assert torch.equal(model.model.embed_tokens.weight, embed)  # refused before the modules ahead loaded
+    with pytest.raises(OffloadError, match=r"load_state_dict: self_attn\.q_proj\.weight belongs to block model\.layers\.2"):
+        model.model.layers[2].load_state_dict({k[len("model.layers.2."):]: v for k, v in other.items()
+                                               if k.startswith("model.layers.2.")})
+    model.model.norm.load_state_dict({"weight": other["model.norm.weight"]})  # outside the blocks: as usual
+    model.model.norm.load_state_dict({"weight": model.state_dict()["model.norm.weight"] - 1})
+    assert greedy(model, IDS) == ref
+    handle.detach()
+    model.load_state_dict(other)
+    assert torch.equal(model.model.layers[0].self_attn.q_proj.weight, other["model.layers.0.self_attn.q_proj.weight"])

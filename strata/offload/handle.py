@@ -21,6 +21,7 @@ from strata.offload.packing import ALIGN, BlockLayout, set_tensor
 from strata.offload.placement import Plan, plan
 from strata.offload import ops
 from strata.offload.scheduler import BlockHook, PrefetchScheduler
+from strata.offload.state import BlockState, refuse_loads
 from strata.offload.static import StaticRing
 from strata.store.engine import StorageEngine, open_store
 from strata.store.owners import owned_scope
@@ -80,6 +81,8 @@ class OffloadHandle:
         self._moved: dict[tuple, torch.device] = moved  # resident tensors moved to the device: where from
         self.block_path = block_path
         self._hooks: list[tuple[torch.nn.Module, BlockHook]] = []
+        self._states: list[BlockState] = []  # the offloaded blocks' state_dict / load_state_dict hooks
+        self._load_guard = None  # the model's load_state_dict hook (refuses the blocks' values up front)
         self.attached = True
         self._unregister_close = store.on_close(self._store_closing)
         self._recorded: tuple | None = None  # (spans, time zero) of the last recording()
@@ -173,6 +176,10 @@ class OffloadHandle:
             self._unregister_close()
         for module, hook in self._hooks:
             detach_hook(module, hook)
+        for state in self._states:
+            state.detach()
+        if self._load_guard is not None:
+            self._load_guard.remove()
         if self._ring_id is not None:
             for module in self._wrapped:
                 ops.unwrap_forward(module)
@@ -353,6 +360,7 @@ def offload_from(model: torch.nn.Module, source, *, store: StorageEngine | None,
     keys = {b: Key("param", scope, names[b]) for b in p.offloaded}
     offloaded_ids: set[int] = set()
     done: list[int] = []
+    states: list[BlockState] = []  # state_dict() reads an offloaded block from the store
     try:
         staging = torch.empty(p.slot_bytes if p.offloaded else 0, dtype=torch.uint8)
         bar = tqdm(p.offloaded, desc="strata: blocks -> store", unit="block", disable=not progress or not p.offloaded)
@@ -380,8 +388,10 @@ def offload_from(model: torch.nn.Module, source, *, store: StorageEngine | None,
                 if source.restores_devices:
                     moved[(mod, name, is_param)] = t.device
             set_tensor(mod, name, is_param, new)
+        for b in p.offloaded:
+            states.append(BlockState(store, keys[b], layouts[b], names[b], mods[b]))
     except BaseException:
-        _undo(store, owns_store, keys, layouts, done)
+        _undo(store, owns_store, keys, layouts, done, states)
         raise
     scheduler = None
     if p.offloaded:
@@ -393,7 +403,7 @@ def offload_from(model: torch.nn.Module, source, *, store: StorageEngine | None,
                 scheduler = PrefetchScheduler(store, dev, names, layouts, keys, p.offloaded, p.ring_slots,
                                               p.slot_bytes, prefetch, timing=timing)
         except BaseException:
-            _undo(store, owns_store, keys, layouts, done)
+            _undo(store, owns_store, keys, layouts, done, states)
             raise
     if p.offloaded:  # `strata inspect` names the scope by these facts, not by its hash alone
         store.label_scope("param", scope, _scope_facts(model, layouts, p.offloaded, block_path))
@@ -412,14 +422,20 @@ def offload_from(model: torch.nn.Module, source, *, store: StorageEngine | None,
             handle._hooks.append((m, hook))
         for b in p.offloaded:  # detach() removes it like the block hooks, giving requires_grad back
             handle._hooks.append((mods[b], attach_hook(mods[b], InferenceOnly(names[b], layouts[b]))))
+    handle._states = states
+    if states:
+        handle._load_guard = refuse_loads(model, states)
     object.__setattr__(model, _MARK, handle)
     if dev.type == "cuda":
         torch.cuda.empty_cache()
     return handle
 
 
-def _undo(store: StorageEngine, owns_store: bool, keys: dict, layouts: list[BlockLayout], done: list[int]) -> None:
+def _undo(store: StorageEngine, owns_store: bool, keys: dict, layouts: list[BlockLayout], done: list[int],
+          states: list[BlockState]) -> None:
     """A failed offload: put back the blocks already moved into the store, then forget them."""
+    for state in states:
+        state.detach()
     for b in done:
         _restore_block(store, keys[b], layouts[b])
         store.delete(keys[b])
