@@ -10,6 +10,7 @@ from hypothesis import HealthCheck, settings
 settings.register_profile(
     "strata", max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
 )
+settings.register_profile("deep", parent=settings.get_profile("strata"), max_examples=500)  # a hunt, not CI
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "strata"))
 torch.manual_seed(0)
 
