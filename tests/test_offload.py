@@ -246,3 +246,29 @@ def test_loading_a_state_dict_into_an_offloaded_model_is_refused_before_anything
     handle.detach()
     model.load_state_dict(other)
     assert torch.equal(model.model.layers[0].self_attn.q_proj.weight, other["model.layers.0.self_attn.q_proj.weight"])
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_a_cast_that_would_change_the_streamed_blocks_is_refused_before_anything_converts(static):
+    """model.double() after offload replaced the streamed blocks' placeholders (static: the views of
+    their ring buffers) with converted copies: a dtype error at the next forward, or, static, stale
+    weights and other tokens without a word. Refused now, on the model or on a block, before any
+    tensor converts; a call that changes nothing (model.to("cpu") on a model running there, as
+    pipelines make) goes through; after detach() the model converts as usual."""
+    model = make("llama")
+    ref = greedy(model, IDS)
+    with strata.open_store() as store:
+        handle = strata.offload(model, store=store, device="cpu", progress=False, static=static)
+        assert greedy(model, IDS) == ref
+        for convert in (lambda: model.double(), lambda: model.half(), lambda: model.to(torch.bfloat16),
+                        lambda: model.model.layers[1].to(torch.float16)):
+            with pytest.raises(OffloadError, match=r"torch\.float32 tensors on cpu into torch\.(float64|float16|bfloat16)"
+                                                   r" on cpu.*convert the model before strata\.offload"):
+                convert()
+            assert model.model.embed_tokens.weight.dtype == torch.float32  # nothing converted
+        assert model.to("cpu") is model and model.float() is model  # no change: through
+        assert greedy(model, IDS) == ref
+        handle.detach()
+    model.double()
+    assert model.model.layers[0].self_attn.q_proj.weight.dtype == torch.float64
+    assert not any("_apply" in m.__dict__ for m in model.modules())

@@ -17,6 +17,7 @@ from strata.errors import ConfigError
 from strata.hooks import ModuleHook, attach_hook, detach_hook
 from strata.keys import Key, make_scope
 from strata.offload.blocks import OffloadError, block_names, find_blocks
+from strata.offload.conversions import ConversionGuard
 from strata.offload.packing import ALIGN, BlockLayout, set_tensor
 from strata.offload.placement import Plan, plan
 from strata.offload import ops
@@ -83,6 +84,7 @@ class OffloadHandle:
         self._hooks: list[tuple[torch.nn.Module, BlockHook]] = []
         self._states: list[BlockState] = []  # the offloaded blocks' state_dict / load_state_dict hooks
         self._load_guard = None  # the model's load_state_dict hook (refuses the blocks' values up front)
+        self._conversions: ConversionGuard | None = None  # refuses .to() / .half() ... that would change them
         self.attached = True
         self._unregister_close = store.on_close(self._store_closing)
         self._recorded: tuple | None = None  # (spans, time zero) of the last recording()
@@ -180,6 +182,8 @@ class OffloadHandle:
             state.detach()
         if self._load_guard is not None:
             self._load_guard.remove()
+        if self._conversions is not None:
+            self._conversions.detach()
         if self._ring_id is not None:
             for module in self._wrapped:
                 ops.unwrap_forward(module)
@@ -425,6 +429,8 @@ def offload_from(model: torch.nn.Module, source, *, store: StorageEngine | None,
     handle._states = states
     if states:
         handle._load_guard = refuse_loads(model, states)
+        kinds = {(s.dtype, dev) for b in p.offloaded for s in layouts[b].slots}
+        handle._conversions = ConversionGuard([model, *(mods[b] for b in p.offloaded)], kinds)
     object.__setattr__(model, _MARK, handle)
     if dev.type == "cuda":
         torch.cuda.empty_cache()
