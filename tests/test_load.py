@@ -60,6 +60,22 @@ def test_greedy_tokens_equal_from_pretrained_in_every_placement_mode(checkpoints
     assert greedy(model, IDS) == reference(path)  # a plain model afterwards
 
 
+@pytest.mark.parametrize("mode", ["stream", "file_backed"])
+def test_a_loaded_model_saved_with_save_pretrained_loads_back_with_its_weights(checkpoints, tmp_path, mode):
+    """save_pretrained reads state_dict(): of a streamed block that was its NaN placeholders, so the
+    saved checkpoint held NaN for every streamed weight and no error said so."""
+    path = checkpoints["sharded"]
+    kwargs = {"file_backed": True, "cpu_cache": "200KiB"} if mode == "file_backed" else {}
+    model = strata.load(path, device="cpu", progress=False, **kwargs)
+    model.save_pretrained(tmp_path / "saved")
+    strata.handle_of(model).detach()
+    again = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "saved").eval()
+    want = tf.AutoModelForCausalLM.from_pretrained(path).state_dict()
+    got = again.state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert greedy(again, IDS) == reference(path)
+
+
 def test_file_backed_blocks_beyond_the_cpu_cache_are_read_from_the_files_without_a_refusal(checkpoints, caplog):
     """With ``file_backed`` and a ``cpu_cache`` smaller than the streamed blocks, the blocks that
     fit stay in the CPU tier and the others are read from the checkpoint's files on every pass:
