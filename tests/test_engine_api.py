@@ -60,6 +60,26 @@ def test_bad_calls_name_what_is_allowed(store):
         store.put(k, [1, 2, 3])
     with pytest.raises(StoreError, match=r"value: got layout"):
         store.put(k, torch.eye(3).to_sparse())
+    with pytest.raises(StoreError, match=r"value: got a nested tensor; allowed: dense tensors"):
+        store.put(k, torch.nested.as_nested_tensor([torch.ones(2), torch.ones(3)]))  # was a torch internal error
+    with pytest.raises(StoreError, match=r"items\[0\]: got Key; allowed: a \(strata.Key, value\) pair"):
+        store.put_many([k])  # was: cannot unpack non-iterable Key object
+    with pytest.raises(StoreError, match=r"keys: got Key; allowed: a list of strata.Key \(for one key, the call"):
+        store.get_many(k)  # was: 'Key' object is not iterable
+    with pytest.raises(StoreError, match=r"keys\[1\]: got str; allowed: strata.Key"):
+        store.contains_many([k, "x"])
+
+
+def test_the_many_calls_take_any_iterable_of_keys(store):
+    """get_many read a generator twice: once to check the keys, once to pair them with what it
+    found, so it returned [] for a generator of keys that the store held."""
+    ks = [Key("kv", "m", f"g{i}") for i in range(3)]
+    assert store.put_many((k, torch.full((2,), float(i))) for i, k in enumerate(ks)) == [True] * 3
+    got = store.get_many(k for k in ks)
+    assert [t.tolist() for t in got] == [[0.0, 0.0], [1.0, 1.0], [2.0, 2.0]]
+    assert store.contains_many(iter(ks)) == [True] * 3
+    with store.lease_many(k for k in ks) as views:
+        assert len(views) == 3 and all(v is not None for v in views)
 
 
 def test_values_keep_dtype_shape_and_bytes_roundtrip(store):

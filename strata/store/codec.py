@@ -57,6 +57,8 @@ def describe(payload: object, field: str = "value") -> tuple[ObjectMeta, torch.T
     if isinstance(payload, torch.Tensor):
         if payload.dtype not in _DTYPE_CODES:
             raise StoreError(allowed(f"{field}.dtype", str(payload.dtype), [str(d) for d in _DTYPE_CODES]))
+        if payload.is_nested:
+            raise StoreError(f"{field}: got a nested tensor; allowed: dense tensors (store each component)")
         if payload.layout != torch.strided:
             raise StoreError(f"{field}: got layout {payload.layout}; allowed: torch.strided (dense) tensors")
         shape = tuple(payload.shape)

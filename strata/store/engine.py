@@ -75,6 +75,18 @@ class StorageEngine:
             raise StoreError(f"key: got {type(key).__name__}; allowed: strata.Key(namespace, scope, name)")
         return key
 
+    def _check_keys(self, keys: object) -> list[Key]:
+        """The keys of a ``*_many`` call as a list (a generator is read once), each checked."""
+        self._check_open()
+        if isinstance(keys, (Key, str, bytes)) or not isinstance(keys, Iterable):
+            raise StoreError(f"keys: got {type(keys).__name__}; allowed: a list of strata.Key (for one key, the "
+                             "call without _many)")
+        out = list(keys)
+        for i, k in enumerate(out):
+            if not isinstance(k, Key):
+                raise StoreError(f"keys[{i}]: got {type(k).__name__}; allowed: strata.Key(namespace, scope, name)")
+        return out
+
     def _order(self, mode: str, tier: str | None) -> tuple[list[int], bool]:
         if mode == "chain" and tier is None:
             return self._chain_order, self.config.promote
@@ -137,7 +149,13 @@ class StorageEngine:
     def put_many(self, items: Iterable[tuple[Key, "torch.Tensor | bytes"]]) -> list[bool]:
         """``put`` of many values; each tier takes them as one batch (a backing tier in round
         trips of many values). Per value True, or False where no tier could take it."""
-        checked = [self._checked_value(key, value) for key, value in items]
+        if isinstance(items, (Key, str, bytes, dict)) or not isinstance(items, Iterable):
+            raise StoreError(f"items: got {type(items).__name__}; allowed: a list of (strata.Key, value) pairs")
+        checked = []
+        for i, item in enumerate(items):
+            if not isinstance(item, (tuple, list)) or len(item) != 2:
+                raise StoreError(f"items[{i}]: got {type(item).__name__}; allowed: a (strata.Key, value) pair")
+            checked.append(self._checked_value(*item))
         oks = self.chain.put_many([(k.encoded, k.namespace, meta, data) for k, meta, data in checked])
         for (key, meta, _), ok in zip(checked, oks):
             self._count(key.namespace, "puts" if ok else "put_rejected", meta.nbytes)
@@ -178,7 +196,8 @@ class StorageEngine:
     def get_many(self, keys: Sequence[Key], *, mode: str = "chain", tier: str | None = None) -> list:
         """``get`` of many keys (None for each miss); a remote tier is asked for the whole batch
         in pipelined round trips, not one per key."""
-        encoded = [self._check_key(k).encoded for k in keys]
+        keys = self._check_keys(keys)
+        encoded = [k.encoded for k in keys]
         order, promote = self._order(mode, tier)
         out = []
         for key, found in zip(keys, self.chain.read_many(encoded, order, promote)):
@@ -190,7 +209,8 @@ class StorageEngine:
         """Bring the keys that only a remote tier holds into the memory tiers above it, in
         batched round trips, so that the reads that follow hit locally (a KV load calls this
         for a prompt's chunks first). The number of keys brought up; 0 with ``promote: false``."""
-        encoded = [self._check_key(k).encoded for k in keys]
+        keys = self._check_keys(keys)
+        encoded = [k.encoded for k in keys]
         return self.chain.prefetch(encoded) if self.config.promote else 0
 
     def contains(self, key: Key, *, mode: str = "chain", tier: str | None = None) -> bool:
@@ -198,7 +218,8 @@ class StorageEngine:
 
     def contains_many(self, keys: Sequence[Key], *, mode: str = "chain", tier: str | None = None) -> list[bool]:
         """Which keys some tier holds; a remote tier is asked once for the whole batch."""
-        encoded = [self._check_key(k).encoded for k in keys]
+        keys = self._check_keys(keys)
+        encoded = [k.encoded for k in keys]
         order, _ = self._order(mode, tier)
         return [i is not None for i in self.chain.where_many(encoded, order)]
 
@@ -225,7 +246,8 @@ class StorageEngine:
         and a view in a shared region is leased in place even where the region takes no pins:
         there another process must not delete or evict those keys meanwhile (the static ring's
         keys are scoped to its process)."""
-        encoded = [self._check_key(k).encoded for k in keys]
+        keys = self._check_keys(keys)
+        encoded = [k.encoded for k in keys]
         held = [self.chain.lease_view(k, stable=copies) for k in encoded]
         views = [None if h is None else h[1].view for h in held]
         missing = [j for j, h in enumerate(held) if h is None]
