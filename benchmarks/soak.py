@@ -16,8 +16,9 @@ since the processes share the persistent tiers, a read may return any version of
 any writer ever put, or None; never other bytes. Afterwards each read's version is checked
 against every writer's log (written before each put starts). Prints ops/s, divergences and the
 damaged records the workers cleared from the region (a committed slot whose record fails its
-header: no SIGKILL of a process may leave one), and exits 1 on a divergence, a damaged record or a
-worker that died without being killed.
+header, or a copy of another record over its own: no SIGKILL of a process may leave one; twins,
+which a put of the same value killed midway leaves too, are printed apart), and exits 1 on a
+divergence, a damaged record or a worker that died without being killed.
 """
 
 from __future__ import annotations
@@ -100,8 +101,8 @@ def _thread(store, wid: int, tid: int, names: list[str], seed: int, stop: str, l
                 got = store.get(key(name))
                 hits += _record(log, reads, name, got, None if got is None else identify(name, got), "get")
             if n % _PROGRESS_EVERY == 0:
-                log.line("n", tid, n, hits, region.discarded if region else 0)
-    log.line("n", tid, n, hits, region.discarded if region else 0)
+                log.line("n", tid, n, hits, *_damage(region))
+    log.line("n", tid, n, hits, *_damage(region))
 
 
 def _record(log: AppendLog, reads, name: str, got, seen: str | None, how: str) -> int:
@@ -114,6 +115,12 @@ def _record(log: AppendLog, reads, name: str, got, seen: str | None, how: str) -
     else:
         reads.write(f"r {name} {seen}\n")
     return 1
+
+
+def _damage(region) -> tuple[int, int]:
+    """The region's records cleared as damage no crash explains, and its twins (a copy elsewhere, or
+    the same value's older version a killed put left: ``CxlTier``'s docstring)."""
+    return (region.discarded - region.twins, region.twins) if region is not None else (0, 0)
 
 
 def _worker(cfg: dict, wid: int, threads: int, names: list[str], seed: int, stop: str, logdir: str) -> None:
@@ -213,17 +220,18 @@ def _spawn_target(cfg, wid, threads, names, seed, stop, logdir) -> None:
 def _report(logdir: Path, ended: dict, killed: int, elapsed: float, procs: int, threads: int, keys: int) -> dict:
     started: dict[str, set[str]] = {}
     divergences: list[str] = []
-    ops = hits = faults = damaged = 0
+    ops = hits = faults = damaged = twins = 0
     evictions: dict[str, int] = {}  # by the workers that ran to the end
     for log in sorted(logdir.glob("w*.log")):
         progress: dict[str, tuple[int, int]] = {}
-        cleared = 0  # this worker's count of damaged records cleared (one process's: its threads share it)
+        cleared = twinned = 0  # this worker's damaged records and twins cleared (its threads share the counts)
         for ln in read_log(log):
             if ln[0] == "s":
                 started.setdefault(ln[1], set()).add(ln[2])
             elif ln[0] == "n":
                 progress[ln[1]] = max(progress.get(ln[1], (0, 0)), (int(ln[2]), int(ln[3])))
                 cleared = max(cleared, int(ln[4]))
+                twinned = max(twinned, int(ln[5]) if len(ln) > 5 else 0)
             elif ln[0] == "X":
                 divergences.append(f"{log.stem}: {' '.join(ln[1:])}")
             elif ln[0] == "E":
@@ -236,6 +244,7 @@ def _report(logdir: Path, ended: dict, killed: int, elapsed: float, procs: int, 
         ops += sum(n for n, _ in progress.values())
         hits += sum(h for _, h in progress.values())
         damaged += cleared
+        twins += twinned
     checked = 0
     for reads in sorted(logdir.glob("w*-t*.reads")):
         for ln in read_log(reads):
@@ -246,7 +255,7 @@ def _report(logdir: Path, ended: dict, killed: int, elapsed: float, procs: int, 
     return {"seconds": round(elapsed, 1), "procs": procs, "threads": threads, "keys": keys, "ops": ops,
             "ops_per_s": round(ops / elapsed), "read_hits": hits, "reads_checked_against_logs": checked,
             "kills": killed, "divergences": len(divergences), "crashes": len(crashes), "faults_counted": faults,
-            "damaged_records": damaged,
+            "damaged_records": damaged, "twins": twins,
             "evictions": evictions, "first_divergences": divergences[:20], "crashed_workers": crashes}
 
 
@@ -272,7 +281,7 @@ def main(argv=None) -> int:
           f"in the workers that ran to the end, faults counted: {r['faults_counted']}, evictions: "
           + ", ".join(f"{t} {n}" for t, n in r["evictions"].items()))
     print(f"divergences: {r['divergences']}, crashed workers: {r['crashes']}, damaged records cleared in the "
-          f"region: {r['damaged_records']}")
+          f"region: {r['damaged_records']} (and twins, which a killed put of the same value leaves too: {r['twins']})")
     for d in r["first_divergences"]:
         print(f"  {d}")
     for w, c in r["crashed_workers"].items():

@@ -63,12 +63,14 @@ taken for another's slots: the table is compared instead), and neither claims no
 processes sharing a region over a tier below run one version.
 
 Damage found while syncing is cleared and counted in ``discarded`` (stats), with one warning per
-open that found any: a record failing its header checksum or size, and a second slot naming a
-record's very bytes (a slot names no key, so a key's record put over another's bytes, of the
-same length, is seen as two records of the key in one place; the one in the older slot is never
-served under the slot's key). A second record of a key elsewhere is an older version (left
-committed by a put that died before clearing it, or retired while another process still read
-it), even where it holds the same value: cleared, not counted.
+open that found any: a record failing its header checksum or size, and a copy of another slot's
+record (same key, same header: a slot names no key, so a key's record put or copied over
+another's is seen as a second record of the key; the copy is never served under the slot's
+key). A second record of a key with another header is an older version (left committed by a put
+that died before clearing it, or retired while another process still read it): cleared, not
+counted. A copy that lies elsewhere than the record it copies is also counted in ``twins``: the
+region cannot tell it from the older version of the very same value (a KV chunk saved again) that
+a put killed before clearing it leaves, so ``discarded - twins`` is damage no crash explains.
 
 ``capacity`` (at most the data area) bounds the bytes this process counts in the region: a put
 beyond it evicts by policy or is refused, as in the cpu tier. Processes sharing a region each
@@ -103,15 +105,19 @@ log = logging.getLogger("strata.cxl")
 _NOT_A_KEY = "?"  # the namespace of a checksummed record whose key bytes are no Strata key (kept, never cleared)
 _SYNC_TRIES = 8  # reads of the slot table a sync makes while other processes keep changing it
 _PINNED_TRIES = 16  # pinned ranges one allocation steps around before it gives up (evicts or refuses)
-def _older_of_two(old: tuple[int, int, int], slot: int, off: int, seq: int, stale: list[int]) -> tuple[bool, int]:
-    """Two committed records of one key: ``old`` (slot, offset, seq) met first, then the one in
-    ``slot``. The older goes to ``stale`` (on a tie, which no put makes, the one met first); whether
-    the one met first is the newer, and 1 where both name the same bytes (one slot's record put over
-    by the other's: damage) else 0 (an older version, left by a put that died before clearing it,
-    even where it holds the very same value)."""
+def _older_of_two(old: tuple[int, int, int, object], slot: int, off: int, seq: int, meta,
+                  stale: list[int]) -> tuple[bool, int, int]:
+    """Two committed records of one key: ``old`` (slot, offset, seq, header) met first, then the
+    one in ``slot``. The older goes to ``stale`` (on a tie, which no put makes, the one met first).
+    Whether the one met first is the newer; 1 where both carry the same header (payload checksum
+    included: damage, a record put or copied over another's, not an older version, which holds
+    another value) else 0; and 1 where such a pair lies in two places (a ``twin``: a copy, or the
+    older version of the very same value a put that died before clearing it left, which the
+    region cannot tell apart) else 0."""
     first_newer = old[2] > seq
     stale.append(slot if first_newer else old[0])
-    return first_newer, int(old[1] == off)
+    same = int(old[3] == meta)
+    return first_newer, same, same & int(old[1] != off)
 
 
 def _region_path(value: object, where: str) -> str:
@@ -226,6 +232,7 @@ class CxlTier(MemoryTier):
         self._unmarked: dict[int, tuple[int, int, int]] = {}  # slot -> (offset, size, seq) to mark when unlocked
         self.region_waits = 0  # puts, frees and marks that found another process's put holding the region lock
         self.discarded = 0  # records cleared as damaged (see the module docstring)
+        self.twins = 0  # of those, copies of a record found elsewhere (or a dead put's same-value leftover)
         foreign = absent = False
         with self.region.lock():
             # decided under the lock: another opener may have formatted it
@@ -246,8 +253,8 @@ class CxlTier(MemoryTier):
                               "allowed: a new or empty file, a DAX device, or reset: true to overwrite it")
         self.capacity = min(self.capacity, self.data_size)
         if self.discarded:
-            log.warning("tier %s: %d records in %s failed their header checksum or size, or lay where "
-                        "another slot's record lies, and were cleared at open (stats: discarded)", self.name, self.discarded, self.path)
+            log.warning("tier %s: %d records in %s failed their header checksum or size, or copied another "
+                        "record, and were cleared at open (stats: discarded)", self.name, self.discarded, self.path)
         while self.used > self.capacity and self._evict_one(self._eviction_order(), lambda t, e: True, set()):
             pass  # the capacity shrank since the region was filled
 
@@ -331,15 +338,15 @@ class CxlTier(MemoryTier):
             return 0  # another process kept changing the region while it was read: looked at next time
         if logged is not None:
             self._table[slots] = rows
-            added, stale, damaged = self._index_slots(slots, rows.tolist())
+            added, stale, damaged, twins = self._index_slots(slots, rows.tolist())
         else:
             prev, self._table = self._table, table
             if whole:
-                added, stale, damaged = self._index_all(table)
+                added, stale, damaged, twins = self._index_all(table)
                 self._rebuild_allocator()
             else:
                 changed = (table != prev).any(dim=1).nonzero().flatten().tolist()
-                added, stale, damaged = self._index_slots(changed, table[changed].tolist())
+                added, stale, damaged, twins = self._index_slots(changed, table[changed].tolist())
         self._recheck = set()
         self.generation = gen  # a change made meanwhile shows as a newer generation next time
         if stale and self.region.held:
@@ -347,6 +354,7 @@ class CxlTier(MemoryTier):
                 self._clear_slot(i)
             self._bump(stale)
             self.discarded += damaged
+            self.twins += twins
         elif stale:  # looked at again by every sync until one holding the region lock clears them
             self._table[stale] = -1
             self._recheck = set(stale)
@@ -358,11 +366,12 @@ class CxlTier(MemoryTier):
         table is then compared whole with the last copy."""
         return self.region.logged(self.generation + 1, gen)
 
-    def _index_all(self, table: torch.Tensor) -> tuple[int, list[int], int]:
-        """Index every committed record of ``table``: (objects added, stale slots, damaged among them)."""
+    def _index_all(self, table: torch.Tensor) -> tuple[int, list[int], int, int]:
+        """Index every committed record of ``table``: (objects added, stale slots, damaged among them,
+        twins among those)."""
         found: dict[bytes, tuple[int, int, int, int, object]] = {}
         stale: list[int] = []
-        damaged = 0  # of the stale: failed header or size, or a copy of another record
+        damaged = twins = 0  # of the stale: failed header or size, or a copy of another record; twins of those
         for i, off, length, seq, key, meta in self._committed_records(table):
             if key is None:  # its header fails its checksum, or disagrees with the slot's length
                 stale.append(i)
@@ -370,8 +379,9 @@ class CxlTier(MemoryTier):
                 continue
             old = found.get(key)
             if old is not None:
-                first_newer, copy = _older_of_two((old[0], old[1], old[3]), i, off, seq, stale)
+                first_newer, copy, twin = _older_of_two((old[0], old[1], old[3], old[4]), i, off, seq, meta, stale)
                 damaged += copy
+                twins += twin
                 if first_newer:
                     continue
             found[key] = (i, off, length, seq, meta)
@@ -380,9 +390,9 @@ class CxlTier(MemoryTier):
             if now is None or (now[0], now[3]) != self._slot_of.get(key):
                 self._forget(self.index[key])  # removed or replaced by another process
         new = [(key, rec) for key, rec in found.items() if key not in self.index]
-        return self._index_new(new), stale, damaged
+        return self._index_new(new), stale, damaged, twins
 
-    def _index_slots(self, changed: list[int], rows: list[list[int]]) -> tuple[int, list[int], int]:
+    def _index_slots(self, changed: list[int], rows: list[list[int]]) -> tuple[int, list[int], int, int]:
         """``_index_all`` for the slots ``changed`` alone (``rows``: their four words now): an
         object indexed in one whose record left is forgotten (its bytes and slot freed, unless a
         lease here still reads the bytes); a record that came is indexed (its extent and slot
@@ -390,7 +400,7 @@ class CxlTier(MemoryTier):
         wholly free here (a disagreement with the region that should not happen), the allocator
         is rebuilt. A slot that did not change after all is looked at and left as it is."""
         if not changed:
-            return 0, [], 0
+            return 0, [], 0, 0
         parsed = self._parsed
         for i, row in zip(changed, rows):  # what left first: its bytes may be a new record's
             e = self.index.get(self._key_at.get(i))
@@ -400,7 +410,7 @@ class CxlTier(MemoryTier):
             if row[1:] != [off, e.size, seq] or self.region.committed(row[0] & U64, off, e.size, seq) is None:
                 self._forget_freeing(e)  # else the same record (its mark flipped)
         stale: list[int] = []
-        damaged = 0
+        damaged = twins = 0
         new: dict[bytes, tuple[int, int, int, int, object]] = {}  # the newest record of each key that came
         for i, row in zip(changed, rows):
             if i in self._unfreed or i in self._reserved:  # this process's: retired, or a put in flight
@@ -422,9 +432,10 @@ class CxlTier(MemoryTier):
             e, came = self.index.get(key), new.get(key)
             indexed = e is not None and cur is not None
             if indexed or came is not None:  # the record indexed, or another that came, of the key
-                old = (cur[0], e.loc[1], cur[1]) if indexed else (came[0], came[1], came[3])
-                first_newer, copy = _older_of_two(old, i, off, seq, stale)
+                old = (cur[0], e.loc[1], cur[1], e.meta) if indexed else (came[0], came[1], came[3], came[4])
+                first_newer, copy, twin = _older_of_two(old, i, off, seq, meta, stale)
                 damaged += copy
+                twins += twin
                 if first_newer:
                     continue
                 if indexed:
@@ -438,7 +449,7 @@ class CxlTier(MemoryTier):
             self._free_slots.discard(i)
         if not whole:
             self._rebuild_allocator()
-        return added, stale, damaged
+        return added, stale, damaged, twins
 
     def _index_new(self, new: list) -> int:
         """Index records another process put (``(key, (slot, offset, length, seq, meta))``), oldest
@@ -818,7 +829,7 @@ class CxlTier(MemoryTier):
         largest = self.allocator.largest_free()
         known = namespaces()
         out = {"path": self.path, "region_bytes": self.data_size, "recovered": self.recovered,
-               "discarded": self.discarded, "region_waits": self.region_waits,
+               "discarded": self.discarded, "twins": self.twins, "region_waits": self.region_waits,
                "dead_holders": self.region.dead_holders,
                "pins": self._pin_stats(), "unwritten_owned": len(self._owned),
                "fragmentation": round(1 - largest / free, 4) if free else 0.0,
