@@ -272,3 +272,23 @@ def test_a_cast_that_would_change_the_streamed_blocks_is_refused_before_anything
     model.double()
     assert model.model.layers[0].self_attn.q_proj.weight.dtype == torch.float64
     assert not any("_apply" in m.__dict__ for m in model.modules())
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_copying_or_pickling_an_offloaded_model_is_refused_naming_detach(tmp_path, static):
+    """copy.deepcopy(model) failed with "cannot pickle 'ChainLock' object" (the store's lock, met
+    through the ring): refused now naming the way out; a detached model copies as usual."""
+    import copy
+    import pickle
+
+    model = make("llama")
+    ref = greedy(model, IDS)
+    with strata.open_store() as store:
+        handle = strata.offload(model, store=store, device="cpu", progress=False, static=static)
+        for attempt in (lambda: copy.deepcopy(model), lambda: pickle.dumps(model),
+                        lambda: torch.save(model, tmp_path / "model.pt")):
+            with pytest.raises(OffloadError, match=r"cannot be copied or pickled.*handle\.detach\(\) first"):
+                attempt()
+        assert greedy(model, IDS) == ref
+        handle.detach()
+    assert greedy(copy.deepcopy(model), IDS) == ref

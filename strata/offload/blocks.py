@@ -13,6 +13,17 @@ class OffloadError(StrataError, ValueError):
     """offload()/load() got input it cannot serve; the message says what to pass instead."""
 
 
+class Uncopyable:
+    """A part of an offloaded model that no copy or pickle may take along: it holds the ring and the
+    store (their locks, streams and buffers). ``copy.deepcopy(model)``, ``pickle`` and
+    ``torch.save(model)`` meet one of them and raise, naming the way out."""
+
+    def __reduce_ex__(self, protocol):
+        raise OffloadError("model: an offloaded model cannot be copied or pickled (copy.deepcopy, pickle, "
+                           "torch.save(model)): its blocks stream from a store this process holds; call "
+                           "handle.detach() first, or save its weights with torch.save(model.state_dict())")
+
+
 def find_blocks(model: torch.nn.Module, blocks: "str | Iterable[torch.nn.Module] | None" = None
                 ) -> tuple[str, list[torch.nn.Module]]:
     """(path, blocks): the repeated blocks to stream, in execution order.

@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import torch
 
-from strata.offload.blocks import OffloadError
+from strata.offload.blocks import OffloadError, Uncopyable
 
 _UNSET = object()
 
 
-class ConversionGuard:
+class ConversionGuard(Uncopyable):
     """Guards ``modules`` (the model, then its streamed blocks) until ``detach``; ``kinds``: the
     (dtype, device) of every streamed tensor."""
 
@@ -31,14 +31,7 @@ class ConversionGuard:
             if any(m is s for s, _ in self._saved):
                 continue
             self._saved.append((m, m.__dict__.get("_apply", _UNSET)))
-            m.__dict__["_apply"] = self._guarding(m._apply)
-
-    def _guarding(self, apply):
-        def _apply(fn, *args, **kwargs):
-            self.check(fn)
-            return apply(fn, *args, **kwargs)
-
-        return _apply
+            m.__dict__["_apply"] = _Guarded(self, m._apply)
 
     def check(self, fn) -> None:
         for dtype, device in self.kinds:
@@ -58,3 +51,14 @@ class ConversionGuard:
             else:
                 m.__dict__["_apply"] = before
         self._saved = []
+
+
+class _Guarded(Uncopyable):
+    """A module's ``_apply`` that the guard checks first."""
+
+    def __init__(self, guard: ConversionGuard, apply):
+        self.guard, self.apply = guard, apply
+
+    def __call__(self, fn, *args, **kwargs):
+        self.guard.check(fn)
+        return self.apply(fn, *args, **kwargs)

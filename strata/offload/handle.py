@@ -16,7 +16,7 @@ from strata.config import format_size, parse_size
 from strata.errors import ConfigError
 from strata.hooks import ModuleHook, attach_hook, detach_hook
 from strata.keys import Key, make_scope
-from strata.offload.blocks import OffloadError, block_names, find_blocks
+from strata.offload.blocks import OffloadError, Uncopyable, block_names, find_blocks
 from strata.offload.conversions import ConversionGuard
 from strata.offload.packing import ALIGN, BlockLayout, set_tensor
 from strata.offload.placement import Plan, plan
@@ -62,7 +62,7 @@ def parse_budget(budget: object, device: torch.device) -> int | None:
         raise OffloadError(str(e)) from None
 
 
-class OffloadHandle:
+class OffloadHandle(Uncopyable):
     """What ``strata.offload`` returns: stats, placement, and ``detach()``."""
 
     def __init__(self, model, store, owns_store, device, names, layouts, keys, plan_, scheduler, moved, block_path):
@@ -230,7 +230,7 @@ def _restore_block(store: StorageEngine, key: Key, layout: BlockLayout) -> bool:
     return True
 
 
-class InferenceOnly(ModuleHook):
+class InferenceOnly(ModuleHook, Uncopyable):
     """A streamed block is inference only: its weights are views into a ring slot while it
     runs and placeholders after, so autograd would differentiate through whatever the slot
     holds by then (NaN gradients, silently). Its parameters stop requiring grad while

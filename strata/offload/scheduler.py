@@ -30,7 +30,7 @@ import torch
 from strata import streams
 from strata.hooks import ModuleHook
 from strata.keys import Key
-from strata.offload.blocks import OffloadError
+from strata.offload.blocks import OffloadError, Uncopyable
 from strata.offload.packing import BlockLayout
 from strata.timeline import Span, profiling as _profiling
 
@@ -54,7 +54,7 @@ def harvest(samples: deque, block: bool):
         yield b, start.elapsed_time(end) / 1e3, exposed
 
 
-class RingAccounting:
+class RingAccounting(Uncopyable):
     """What both rings (this one and ``static.StaticRing``) report: copies, bytes, copy seconds and
     the part of them compute waited for, per block, from timing samples harvested lazily."""
 
@@ -83,7 +83,7 @@ class RingAccounting:
         }
 
 
-class BlockHook(ModuleHook):
+class BlockHook(ModuleHook, Uncopyable):
     def __init__(self, scheduler: "PrefetchScheduler", index: int):
         self.scheduler, self.index = scheduler, index
 

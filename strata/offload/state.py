@@ -15,19 +15,19 @@ from __future__ import annotations
 import torch
 
 from strata.keys import Key
-from strata.offload.blocks import OffloadError
+from strata.offload.blocks import OffloadError, Uncopyable
 from strata.offload.packing import BlockLayout
 
 
-class BlockState:
+class BlockState(Uncopyable):
     """The state-dict hooks of one offloaded block (``attach``; ``detach`` removes them)."""
 
     def __init__(self, store, key: Key, layout: BlockLayout, name: str, block: torch.nn.Module):
         self.store, self.key, self.layout, self.name = store, key, layout, name
         self.refs = _references(block, layout)
         # torch marks each hook it is given (an attribute), which a bound method cannot take
-        self._handles = [block.register_state_dict_post_hook(lambda *a: self._state_dict(*a)),
-                         block.register_load_state_dict_pre_hook(lambda *a: self._load_state_dict(*a))]
+        self._handles = [block.register_state_dict_post_hook(_Hook(self._state_dict)),
+                         block.register_load_state_dict_pre_hook(_Hook(self._load_state_dict))]
 
     def detach(self) -> None:
         for h in self._handles:
@@ -70,7 +70,17 @@ def refuse_loads(model: torch.nn.Module, states: list[BlockState]):
         for st in states:
             st.refuse(state_dict, f"{prefix}{st.name}.")
 
-    return model.register_load_state_dict_pre_hook(check)
+    return model.register_load_state_dict_pre_hook(_Hook(check))
+
+
+class _Hook(Uncopyable):
+    """A hook torch may mark (an attribute) and no copy of the model takes along."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __call__(self, *args):
+        return self.fn(*args)
 
 
 def _references(block: torch.nn.Module, layout: BlockLayout) -> list[tuple[str, int]]:
