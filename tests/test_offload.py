@@ -261,7 +261,7 @@ def test_a_cast_that_would_change_the_streamed_blocks_is_refused_before_anything
         handle = strata.offload(model, store=store, device="cpu", progress=False, static=static)
         assert greedy(model, IDS) == ref
         for convert in (lambda: model.double(), lambda: model.half(), lambda: model.to(torch.bfloat16),
-                        lambda: model.model.layers[1].to(torch.float16)):
+                        lambda: model.model.layers[1].to(torch.float16), lambda: model.model.layers[2].mlp.half()):
             with pytest.raises(OffloadError, match=r"torch\.float32 tensors on cpu into torch\.(float64|float16|bfloat16)"
                                                    r" on cpu.*convert the model before strata\.offload"):
                 convert()

@@ -5,7 +5,7 @@ Each such call runs ``nn.Module._apply(fn)`` down the module tree. On a streamed
 replace the placeholders (static: the views of the block's ring buffer) with converted copies:
 memory for every offloaded weight at once, and blocks that no longer match what the store
 streams in (a dtype or device error at the next forward; static, stale weights and wrong tokens
-without a word). A guard on the model and on each streamed block (an instance ``_apply``, as
+without a word). A guard on the model and on each module of a streamed block (an instance ``_apply``, as
 Accelerate guards ``to`` on a dispatched model) first tries ``fn`` on an empty tensor of each
 dtype and device the streamed tensors have: a call that changes none (``model.to("cuda")`` on a
 model that runs there, as pipelines do) goes through; one that would is refused before anything
@@ -21,15 +21,17 @@ _UNSET = object()
 
 
 class ConversionGuard(Uncopyable):
-    """Guards ``modules`` (the model, then its streamed blocks) until ``detach``; ``kinds``: the
-    (dtype, device) of every streamed tensor."""
+    """Guards ``modules`` (the model, then its streamed blocks and every module inside them) until
+    ``detach``; ``kinds``: the (dtype, device) of every streamed tensor."""
 
     def __init__(self, modules: list[torch.nn.Module], kinds: set[tuple[torch.dtype, torch.device]]):
         self.kinds = sorted(kinds, key=str)
         self._saved: list[tuple[torch.nn.Module, object]] = []
+        seen: set[int] = set()
         for m in modules:
-            if any(m is s for s, _ in self._saved):
+            if id(m) in seen:
                 continue
+            seen.add(id(m))
             self._saved.append((m, m.__dict__.get("_apply", _UNSET)))
             m.__dict__["_apply"] = _Guarded(self, m._apply)
 

@@ -430,7 +430,8 @@ def offload_from(model: torch.nn.Module, source, *, store: StorageEngine | None,
     if states:
         handle._load_guard = refuse_loads(model, states)
         kinds = {(s.dtype, dev) for b in p.offloaded for s in layouts[b].slots}
-        handle._conversions = ConversionGuard([model, *(mods[b] for b in p.offloaded)], kinds)
+        inside = [m for b in p.offloaded for m in mods[b].modules()]
+        handle._conversions = ConversionGuard([model, *inside], kinds)
     object.__setattr__(model, _MARK, handle)
     if dev.type == "cuda":
         torch.cuda.empty_cache()
