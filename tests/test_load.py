@@ -113,6 +113,8 @@ def copy_ckpt(src: Path, dst: Path) -> Path:
 def test_bad_checkpoints_are_refused_before_anything_is_placed(checkpoints, tmp_path):
     with pytest.raises(OffloadError, match="is not a directory"):
         strata.load(tmp_path / "nope", device="cpu")
+    with pytest.raises(OffloadError, match=r"cpu_cache: got '1MiB'.*allowed: with file_backed=True and store=None"):
+        strata.load(checkpoints["llama"], device="cpu", cpu_cache="1MiB")  # was ignored without a word
     d = copy_ckpt(checkpoints["sharded"], tmp_path / "missing")
     index = json.loads((d / "model.safetensors.index.json").read_text())
     shard = sorted(set(index["weight_map"].values()))[1]

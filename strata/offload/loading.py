@@ -143,14 +143,15 @@ def _dematerialize(model: torch.nn.Module, dev: torch.device) -> None:
 
 def load(path: "str | os.PathLike", *, store: StorageEngine | None = None, device: "str | torch.device" = "cuda",
          gpu_budget: "int | str | dict | None" = None, dtype: "torch.dtype | str | None" = None, prefetch: int = 1,
-         model_cls=None, file_backed: bool = False, cpu_cache: "int | str" = "2GiB",
+         model_cls=None, file_backed: bool = False, cpu_cache: "int | str | None" = None,
          blocks: "str | Iterable[torch.nn.Module] | None" = None, progress: bool = True,
          static: bool = False) -> torch.nn.Module:
     """Load a safetensors checkpoint directory ready to run, weights streamed from the store.
 
     ``file_backed=True`` keeps the checkpoint's own files as the lowest tier (read on
-    demand) under a CPU tier of ``cpu_cache`` bytes, so host memory stays bounded for a
-    checkpoint larger than it. ``static=True`` streams through fixed buffers for torch.compile
+    demand) under a CPU tier of ``cpu_cache`` bytes (default 2 GiB; only with ``file_backed`` and
+    no ``store`` of your own, else refused), so host memory stays bounded for a checkpoint larger
+    than it. ``static=True`` streams through fixed buffers for torch.compile
     and CUDA graphs, as in ``strata.offload`` (the streamed blocks are leased in the CPU tier for
     the model's life, so with ``file_backed`` they must fit ``cpu_cache``).
     ``strata.handle_of(model)`` gives the offload handle (``placement()``, ``stats()``, ``detach()``).
@@ -159,8 +160,12 @@ def load(path: "str | os.PathLike", *, store: StorageEngine | None = None, devic
     dev = check_device(device)
     if file_backed and store is not None and not any(t.kind == "ranges" for t in store.tiers):
         raise OffloadError("file_backed: the given store has no ranges tier; pass store=None or add {kind: ranges}")
+    if cpu_cache is not None and (not file_backed or store is not None):
+        raise OffloadError(f"cpu_cache: got {cpu_cache!r}, which sizes the CPU tier of the store file_backed=True "
+                           "opens; allowed: with file_backed=True and store=None (a store of your own has its "
+                           "tiers sized in its config)")
     try:
-        cache_bytes = parse_size(cpu_cache, "cpu_cache")
+        cache_bytes = parse_size("2GiB" if cpu_cache is None else cpu_cache, "cpu_cache")
     except ConfigError as e:
         raise OffloadError(str(e)) from None
     model = _build_meta_model(str(path), dtype, model_cls)
