@@ -10,6 +10,7 @@ so no two distinct keys share an encoding whatever characters their parts hold.
 from __future__ import annotations
 
 import hashlib
+import numbers
 import struct
 import threading
 
@@ -123,10 +124,43 @@ def make_scope(**parts: object) -> str:
     """Fingerprint the facts that make bytes valid (model id, dtype, layout, rank ...).
 
     Deterministic across processes and Python versions: a SHA-256 over the sorted
-    ``name=repr(value)`` pairs, never ``hash()``. Returns 32 hex characters.
+    ``name=value`` pairs, each value written as its ``repr`` (dicts in key order, sets in
+    element order, so neither insertion order nor the hash seed counts), never ``hash()``.
+    A value whose ``repr`` would not say the same thing in every process (an object's address)
+    or would not say all of it (a tensor's elided elements) is refused. Returns 32 hex characters.
     """
     h = hashlib.sha256()
     for k in sorted(parts):
-        item = f"{k}={parts[k]!r}".encode()
+        item = f"{k}={_canonical(parts[k], f'make_scope({k}=...)')}".encode()
         h.update(struct.pack(">I", len(item)) + item)
     return h.hexdigest()[:32]
+
+
+_SCOPE_VALUES = ("str, int, float, bool, None, bytes, torch.dtype, torch.device, and tuples, lists, dicts and sets "
+                 "of them")
+
+
+def _canonical(value: object, where: str) -> str:
+    """``repr(value)`` where that is the same in every process, dicts and sets sorted; StoreError
+    for anything else."""
+    if value is None or isinstance(value, (numbers.Number, str, bytes)) or _torch_fact(value):
+        return repr(value)
+    if isinstance(value, (tuple, list)):
+        inner = [_canonical(v, f"{where}[{i}]") for i, v in enumerate(value)]
+        if isinstance(value, list):
+            return "[" + ", ".join(inner) + "]"
+        return "(" + ", ".join(inner) + ("," if len(inner) == 1 else "") + ")"
+    if isinstance(value, dict):
+        items = sorted((_canonical(k, f"{where} key"), _canonical(v, f"{where}[{k!r}]")) for k, v in value.items())
+        return "{" + ", ".join(f"{k}: {v}" for k, v in items) + "}"
+    if isinstance(value, (set, frozenset)):
+        inner = sorted(_canonical(v, f"{where} element") for v in value)
+        return "{" + ", ".join(inner) + "}" if inner else "set()"
+    raise StoreError(f"{where}: got {type(value).__name__}; allowed: {_SCOPE_VALUES} (a value whose repr is the "
+                     "same in every process and says all of it)")
+
+
+def _torch_fact(value: object) -> bool:
+    """A torch.dtype or torch.device (told apart without importing torch here)."""
+    t = type(value)
+    return t.__module__ == "torch" and t.__name__ in ("dtype", "device")

@@ -2,6 +2,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from hypothesis import given, strategies as st
 
 import strata
@@ -60,3 +61,25 @@ def test_make_scope_is_stable_across_processes_and_hash_seeds():
                              env={"PYTHONHASHSEED": seed, "PATH": "/usr/bin"}).stdout.strip()
         assert out == here
     assert strata.make_scope(model="llama", dtype="bf16", tp=1) != here
+
+
+def test_make_scope_writes_sets_and_dicts_in_order_and_refuses_what_repr_cannot_tell_apart():
+    """A set's repr follows the hash seed (another scope in every process: a cache never shared),
+    a dict's its insertion order, an object's its address, and a tensor's elides most elements (two
+    tensors, one scope: another's KV served). Sets and dicts are written sorted; the others refused.
+    Scopes of plain values are what they were (bytes already stored keep their keys)."""
+    assert strata.make_scope(model="llama", dtype="bf16", tp=2) == "dab4e039796220dd4cec1fdb89ac5920"
+    assert strata.make_scope(names=("a.0", "a.1"), layout=((torch.bfloat16, (4, 4), 0),), n=None, f=1.5, b=True,
+                             l=[1, "x"], d={"a": 1}, dev=torch.device("cpu"), one=("x",)) == \
+        "9a84087d4f3edc29faf21859a9f7cd8d"
+    here = strata.make_scope(layers={"q", "k", "v", "o"}, opts={"b": 1, "a": {2, 3}})
+    assert here == strata.make_scope(opts={"a": {3, 2}, "b": 1}, layers={"o", "v", "k", "q"})
+    code = "import strata; print(strata.make_scope(layers={'q', 'k', 'v', 'o'}, opts={'b': 1, 'a': {2, 3}}))"
+    for seed in ("1", "2", "3"):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                             env={"PYTHONHASHSEED": seed, "PATH": "/usr/bin"}).stdout.strip()
+        assert out == here
+    with pytest.raises(StoreError, match=r"make_scope\(w=\.\.\.\): got Tensor; allowed: str, int, float"):
+        strata.make_scope(w=torch.ones(2000))
+    with pytest.raises(StoreError, match=r"make_scope\(cfg=\.\.\.\)\[1\]: got object"):
+        strata.make_scope(cfg=(1, object()))
