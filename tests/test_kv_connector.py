@@ -620,6 +620,11 @@ def test_layerwise_is_a_checked_setting_that_turns_asynchronous_loads_off(tmp_pa
         settings({**LAYERWISE, "strata.load_async": True})
     with pytest.raises(ConfigError, match=r"unknown key 'strata\.layer_wise'; allowed: .*strata\.layerwise"):
         settings({"strata.layer_wise": True})
+    for key in ("config", "strata_config", "chunk_size"):  # meant for Strata, would have been ignored
+        with pytest.raises(ConfigError, match=rf"key '{key}' is not read \(Strata reads strata\.\* keys\); allowed: "
+                                              rf"'strata\.(config|chunk_size)'"):
+            settings({key: "cpu_file" if "config" in key else 128})
+    assert settings({"lmcache.chunk_size": 1})["chunk_size"] == 256  # another component's key: left to it
     # vLLM falls back to piecewise CUDA graphs for it: its waits and copies run between layers
     assert StrataConnector.requires_piecewise_for_cudagraph(LAYERWISE) is True
     assert StrataConnector.requires_piecewise_for_cudagraph({}) is False

@@ -30,6 +30,10 @@ def settings(extra: dict) -> dict:
            "layerwise": False}
     for k, v in (extra or {}).items():
         if not k.startswith("strata."):
+            bare = k.removeprefix("strata_").removeprefix("strata-")
+            if bare in CONNECTOR_KEYS:  # meant for Strata, but it would be ignored (a dotted key is another's)
+                raise ConfigError(f"kv_connector_extra_config: key {k!r} is not read (Strata reads strata.* keys); "
+                                  f"allowed: 'strata.{bare}'")
             continue
         name = k[len("strata."):]
         if name not in CONNECTOR_KEYS:
