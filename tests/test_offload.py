@@ -237,7 +237,8 @@ def test_loading_a_state_dict_into_an_offloaded_model_is_refused_before_anything
                                            r"handle\.detach\(\), load, and offload again"):
         model.load_state_dict(other)
     assert torch.equal(model.model.embed_tokens.weight, embed)  # refused before the modules ahead loaded
-    with pytest.raises(OffloadError, match=r"load_state_dict: self_attn\.q_proj\.weight belongs to block model\.layers\.2"):
+    with pytest.raises(OffloadError,
+                       match=r"load_state_dict: self_attn\.q_proj\.weight belongs to block model\.layers\.2"):
         model.model.layers[2].load_state_dict({k[len("model.layers.2."):]: v for k, v in other.items()
                                                if k.startswith("model.layers.2.")})
     model.model.norm.load_state_dict({"weight": other["model.norm.weight"]})  # outside the blocks: as usual
@@ -262,8 +263,9 @@ def test_a_cast_that_would_change_the_streamed_blocks_is_refused_before_anything
         assert greedy(model, IDS) == ref
         for convert in (lambda: model.double(), lambda: model.half(), lambda: model.to(torch.bfloat16),
                         lambda: model.model.layers[1].to(torch.float16), lambda: model.model.layers[2].mlp.half()):
-            with pytest.raises(OffloadError, match=r"torch\.float32 tensors on cpu into torch\.(float64|float16|bfloat16)"
-                                                   r" on cpu.*convert the model before strata\.offload"):
+            with pytest.raises(OffloadError, match=r"torch\.float32 tensors on cpu into "
+                                                   r"torch\.(float64|float16|bfloat16) on cpu.*convert the model "
+                                                   r"before strata\.offload"):
                 convert()
             assert model.model.embed_tokens.weight.dtype == torch.float32  # nothing converted
         assert model.to("cpu") is model and model.float() is model  # no change: through
