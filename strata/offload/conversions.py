@@ -5,11 +5,11 @@ Each such call runs ``nn.Module._apply(fn)`` down the module tree. On a streamed
 replace the placeholders (static: the views of the block's ring buffer) with converted copies:
 memory for every offloaded weight at once, and blocks that no longer match what the store
 streams in (a dtype or device error at the next forward; static, stale weights and wrong tokens
-without a word). A guard on the model and on each module of a streamed block (an instance ``_apply``, as
-Accelerate guards ``to`` on a dispatched model) first tries ``fn`` on an empty tensor of each
-dtype and device the streamed tensors have: a call that changes none (``model.to("cuda")`` on a
-model that runs there, as pipelines do) goes through; one that would is refused before anything
-converts, naming the way out."""
+without a word). A guard on the model and on each module of a streamed block (an instance
+``_apply``, as Accelerate guards ``to`` on a dispatched model) first tries ``fn`` on an empty
+tensor of each dtype and device the streamed tensors have: a call that changes none
+(``model.to("cuda")`` on a model that runs there, as pipelines do) goes through; one that would
+is refused before anything converts, naming the way out."""
 
 from __future__ import annotations
 

@@ -20,7 +20,7 @@ from strata.offload.packing import BlockLayout
 
 
 class BlockState(Uncopyable):
-    """The state-dict hooks of one offloaded block (``attach``; ``detach`` removes them)."""
+    """The state-dict hooks of one offloaded block, registered when made; ``detach`` removes them."""
 
     def __init__(self, store, key: Key, layout: BlockLayout, name: str, block: torch.nn.Module):
         self.store, self.key, self.layout, self.name = store, key, layout, name
