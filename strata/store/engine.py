@@ -209,8 +209,7 @@ class StorageEngine:
         """Bring the keys that only a remote tier holds into the memory tiers above it, in
         batched round trips, so that the reads that follow hit locally (a KV load calls this
         for a prompt's chunks first). The number of keys brought up; 0 with ``promote: false``."""
-        keys = self._check_keys(keys)
-        encoded = [k.encoded for k in keys]
+        encoded = [k.encoded for k in self._check_keys(keys)]
         return self.chain.prefetch(encoded) if self.config.promote else 0
 
     def contains(self, key: Key, *, mode: str = "chain", tier: str | None = None) -> bool:
@@ -218,8 +217,7 @@ class StorageEngine:
 
     def contains_many(self, keys: Sequence[Key], *, mode: str = "chain", tier: str | None = None) -> list[bool]:
         """Which keys some tier holds; a remote tier is asked once for the whole batch."""
-        keys = self._check_keys(keys)
-        encoded = [k.encoded for k in keys]
+        encoded = [k.encoded for k in self._check_keys(keys)]
         order, _ = self._order(mode, tier)
         return [i is not None for i in self.chain.where_many(encoded, order)]
 

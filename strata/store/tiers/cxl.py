@@ -105,6 +105,8 @@ log = logging.getLogger("strata.cxl")
 _NOT_A_KEY = "?"  # the namespace of a checksummed record whose key bytes are no Strata key (kept, never cleared)
 _SYNC_TRIES = 8  # reads of the slot table a sync makes while other processes keep changing it
 _PINNED_TRIES = 16  # pinned ranges one allocation steps around before it gives up (evicts or refuses)
+
+
 def _older_of_two(old: tuple[int, int, int, object], slot: int, off: int, seq: int, meta,
                   stale: list[int]) -> tuple[bool, int, int]:
     """Two committed records of one key: ``old`` (slot, offset, seq, header) met first, then the
