@@ -171,6 +171,30 @@ def test_bad_input_is_refused_clearly():
     handle.detach()
 
 
+@pytest.mark.parametrize("static", [False, True], ids=["hook", "static"])
+def test_an_offload_inside_or_around_an_offloaded_model_is_refused_and_harms_nothing(static):
+    # Before: the second offload packed the first one's placeholders, a raw torch RuntimeError (or, around a
+    # first offload that kept every block resident, two handles whose detach() undid each other).
+    model = make("llama")
+    ref = greedy(model, IDS)
+    before = snapshot(model)
+    for outer_first in (True, False):
+        first = model if outer_first else model.model
+        handle = strata.offload(first, device="cpu", progress=False, static=static)
+        with pytest.raises(OffloadError, match=r"model: part of a LlamaForCausalLM already offloaded.*detach"
+                           if outer_first else r"model: its submodule model is already offloaded.*detach"):
+            strata.offload(model.model if outer_first else model, device="cpu", progress=False, static=static)
+        assert greedy(model, IDS) == ref
+        handle.detach()
+        assert_restored(model, before)
+    handle = strata.offload(model.model, device="cpu", progress=False, static=static)
+    handle.detach()  # a detached handle holds nothing: the whole model offloads again
+    handle = strata.offload(model, device="cpu", progress=False, static=static)
+    assert greedy(model, IDS) == ref
+    handle.detach()
+    assert_restored(model, before)
+
+
 def test_everything_fitting_the_budget_is_said_not_silently_ignored():
     model = make("llama")
     with pytest.warns(UserWarning, match="fits gpu_budget.*nothing is offloaded"):

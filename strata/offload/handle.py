@@ -6,6 +6,7 @@ import contextlib
 import logging
 import os
 import uuid
+import weakref
 from typing import Iterable, Iterator
 
 import torch
@@ -28,6 +29,7 @@ from strata.store.engine import StorageEngine, open_store
 from strata.store.owners import owned_scope
 
 _MARK = "_strata_offload"
+_ATTACHED: "weakref.WeakSet[OffloadHandle]" = weakref.WeakSet()  # live handles: a module is in one offload at most
 log = logging.getLogger("strata.offload")
 
 
@@ -205,6 +207,7 @@ class OffloadHandle(Uncopyable):
         if self._owns_store:
             self.store.close()
         object.__delattr__(self.model, _MARK)
+        _ATTACHED.discard(self)
         self.attached = False
         return self.model
 
@@ -321,8 +324,7 @@ def offload_from(model: torch.nn.Module, source, *, store: StorageEngine | None,
     """``offload`` with the weights coming from ``source`` (the live model, or a checkpoint)."""
     if not isinstance(model, torch.nn.Module):
         raise OffloadError(f"model: got {type(model).__name__}; allowed: a torch.nn.Module")
-    if getattr(model, _MARK, None) is not None:
-        raise OffloadError("model: already offloaded by strata.offload; call handle.detach() first")
+    _refuse_nested(model)
     if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 0:
         raise OffloadError(f"prefetch: got {prefetch!r}; allowed: an integer >= 0 (blocks copied ahead)")
     if not isinstance(static, bool):
@@ -433,9 +435,25 @@ def offload_from(model: torch.nn.Module, source, *, store: StorageEngine | None,
         inside = [m for b in p.offloaded for m in mods[b].modules()]
         handle._conversions = ConversionGuard([model, *inside], kinds)
     object.__setattr__(model, _MARK, handle)
+    _ATTACHED.add(handle)
     if dev.type == "cuda":
         torch.cuda.empty_cache()
     return handle
+
+
+def _refuse_nested(model: torch.nn.Module) -> None:
+    """One offload per module tree: a second one inside or around the first would pack the first's
+    placeholders (or ring views) as weights, and the two detach() calls would undo each other."""
+    for name, sub in model.named_modules():
+        if getattr(sub, _MARK, None) is not None:
+            if not name:
+                raise OffloadError("model: already offloaded by strata.offload; call handle.detach() first")
+            raise OffloadError(f"model: its submodule {name} is already offloaded by strata.offload; call that "
+                               "handle's detach() first (strata.handle_of(module)), then offload the whole model once")
+    for handle in list(_ATTACHED):
+        if handle.attached and any(sub is model for sub in handle.model.modules()):
+            raise OffloadError(f"model: part of a {type(handle.model).__name__} already offloaded by strata.offload; "
+                               "call that handle's detach() first, or offload one of them only")
 
 
 def _undo(store: StorageEngine, owns_store: bool, keys: dict, layouts: list[BlockLayout], done: list[int],
