@@ -103,6 +103,26 @@ def test_loading_in_another_dtype_casts(checkpoints):
     strata.handle_of(model).detach()
 
 
+def test_dtype_auto_or_none_is_the_checkpoints_own_and_a_name_no_dtype_has_is_refused(tmp_path):
+    # Before: "auto" and an unknown name ("fp32", "bf16") fell through to None and built float32 weights
+    # without a word, as did None for a checkpoint whose config.json names no dtype.
+    half = tmp_path / "half"
+    make("llama", layers=2, seed=3).to(torch.float16).save_pretrained(half)
+    bare = copy_ckpt(half, tmp_path / "bare")
+    config = json.loads((bare / "config.json").read_text())
+    config.pop("dtype", None), config.pop("torch_dtype", None)
+    (bare / "config.json").write_text(json.dumps(config))
+    for path, dtype, want in [(half, "auto", torch.float16), (half, None, torch.float16), (bare, "auto", torch.float16),
+                              (bare, None, torch.float16), (half, "bfloat16", torch.bfloat16),
+                              (half, "torch.float32", torch.float32)]:
+        model = strata.load(path, device="cpu", dtype=dtype, progress=False)
+        assert {p.dtype for p in model.parameters()} == {want}, (path.name, dtype)
+        strata.handle_of(model).detach()
+    for bad, said in [("fp32", "'fp32'"), ("bf16", "'bf16'"), ("int8", "torch.int8")]:
+        with pytest.raises(OffloadError, match=rf"dtype: got {said}; allowed: a floating dtype .* 'auto'"):
+            strata.load(half, device="cpu", dtype=bad, progress=False)
+
+
 def copy_ckpt(src: Path, dst: Path) -> Path:
     dst.mkdir()
     for f in src.iterdir():

@@ -62,22 +62,35 @@ class CheckpointSource:
         return out if dev.type == "cpu" else out.to(dev)
 
 
-def _resolve_dtype(dtype, config) -> torch.dtype | None:
-    if dtype is None:
-        dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-        if dtype is None:
-            return None
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype.replace("torch.", ""), None) if dtype != "auto" else None
-        if dtype is None:
-            return None
+def _resolve_dtype(dtype, config, ckpt: Checkpoint) -> torch.dtype:
+    """``dtype`` as a torch dtype; None and ``"auto"`` (Hugging Face's word for it) mean the checkpoint's own:
+    its config's ``dtype``/``torch_dtype``, else the dtype holding most of its floating-point bytes."""
+    if dtype is None or dtype == "auto":
+        own = _as_dtype(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None))
+        return own if isinstance(own, torch.dtype) and own.is_floating_point else _checkpoint_dtype(ckpt)
+    dtype = _as_dtype(dtype)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise OffloadError(f"dtype: got {dtype!r}; allowed: a floating dtype such as torch.bfloat16, torch.float16, "
-                           "torch.float32 (or None for the checkpoint's own)")
+                           "torch.float32 or its name ('bfloat16'), or None / 'auto' for the checkpoint's own")
     return dtype
 
 
-def _build_meta_model(path: str, dtype, model_cls):
+def _as_dtype(value: object) -> object:
+    if isinstance(value, str):
+        named = getattr(torch, value.removeprefix("torch."), None)
+        return named if isinstance(named, torch.dtype) else value
+    return value
+
+
+def _checkpoint_dtype(ckpt: Checkpoint) -> torch.dtype:
+    by_dtype: dict[torch.dtype, int] = {}
+    for info in ckpt.tensors.values():
+        if info.dtype.is_floating_point:
+            by_dtype[info.dtype] = by_dtype.get(info.dtype, 0) + info.nbytes
+    return max(by_dtype, key=by_dtype.__getitem__) if by_dtype else torch.get_default_dtype()
+
+
+def _build_meta_model(path: str, dtype, model_cls, ckpt: Checkpoint):
     try:
         import transformers
         from accelerate import init_empty_weights
@@ -88,7 +101,7 @@ def _build_meta_model(path: str, dtype, model_cls):
     except (ValueError, KeyError, OSError) as e:
         raise OffloadError(f"config.json: transformers {transformers.__version__} cannot read it ({e}); "
                            "pass model_cls= for a custom architecture") from None
-    torch_dtype = _resolve_dtype(dtype, config)
+    torch_dtype = _resolve_dtype(dtype, config, ckpt)
     cls = model_cls or transformers.AutoModelForCausalLM
     kwargs = {"dtype": torch_dtype} if int(transformers.__version__.split(".")[0]) >= 5 else {"torch_dtype": torch_dtype}
     try:
@@ -168,7 +181,7 @@ def load(path: "str | os.PathLike", *, store: StorageEngine | None = None, devic
         cache_bytes = parse_size("2GiB" if cpu_cache is None else cpu_cache, "cpu_cache")
     except ConfigError as e:
         raise OffloadError(str(e)) from None
-    model = _build_meta_model(str(path), dtype, model_cls)
+    model = _build_meta_model(str(path), dtype, model_cls, ckpt)
     prefix = getattr(model, "base_model_prefix", "") or ""
     _check_against(model, ckpt, prefix)
     _dematerialize(model, dev)
