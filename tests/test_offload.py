@@ -195,6 +195,44 @@ def test_an_offload_inside_or_around_an_offloaded_model_is_refused_and_harms_not
     assert_restored(model, before)
 
 
+@pytest.mark.parametrize("static", [False, True], ids=["hook", "static"])
+def test_forwards_from_several_threads_run_one_at_a_time_each_on_its_own_weights(static):
+    # Before: two threads generating on one offloaded model copied blocks into ring slots the other was
+    # computing with (wrong tokens), and in hook mode left the ring's books wrong for every later forward.
+    import threading
+
+    model = make("llama", layers=5)
+    prompts = [torch.randint(0, VOCAB, (1, 9), generator=torch.Generator().manual_seed(s)) for s in range(3)]
+    refs = [greedy(model, p) for p in prompts]
+    handle = strata.offload(model, device="cpu", prefetch=1, gpu_budget=None, progress=False, static=static)
+    start = threading.Barrier(len(prompts))
+    got: dict[int, list] = {}
+
+    def run(i):
+        start.wait()
+        got[i] = [greedy(model, prompts[i]) for _ in range(4)]
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert {i: [g == refs[i] for g in got.get(i, [])] for i in range(3)} == {i: [True] * 4 for i in range(3)}
+    assert greedy(model, prompts[0]) == refs[0]
+
+    # a forward that raises gives the lock back: another thread's forward runs, and so does this one's next
+    boom = model.model.layers[2].register_forward_pre_hook(lambda *a: (_ for _ in ()).throw(ValueError("boom")))
+    with pytest.raises(ValueError, match="boom"):
+        greedy(model, prompts[1])
+    boom.remove()
+    other = threading.Thread(target=lambda: got.__setitem__("after", greedy(model, prompts[2])))
+    other.start()
+    other.join(timeout=60)
+    assert got.get("after") == refs[2] and greedy(model, prompts[1]) == refs[1]
+    handle.detach()
+    assert greedy(model, prompts[0]) == refs[0]
+
+
 def test_everything_fitting_the_budget_is_said_not_silently_ignored():
     model = make("llama")
     with pytest.warns(UserWarning, match="fits gpu_budget.*nothing is offloaded"):

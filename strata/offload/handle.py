@@ -23,6 +23,7 @@ from strata.offload.packing import ALIGN, BlockLayout, set_tensor
 from strata.offload.placement import Plan, plan
 from strata.offload import ops
 from strata.offload.scheduler import BlockHook, PrefetchScheduler
+from strata.offload.serial import ForwardLock
 from strata.offload.state import BlockState, refuse_loads
 from strata.offload.static import StaticRing
 from strata.store.engine import StorageEngine, open_store
@@ -87,6 +88,7 @@ class OffloadHandle(Uncopyable):
         self._states: list[BlockState] = []  # the offloaded blocks' state_dict / load_state_dict hooks
         self._load_guard = None  # the model's load_state_dict hook (refuses the blocks' values up front)
         self._conversions: ConversionGuard | None = None  # refuses .to() / .half() ... that would change them
+        self._serial: ForwardLock | None = None  # one forward at a time: the ring is one
         self.attached = True
         self._unregister_close = store.on_close(self._store_closing)
         self._recorded: tuple | None = None  # (spans, time zero) of the last recording()
@@ -176,6 +178,14 @@ class OffloadHandle(Uncopyable):
     def _detach(self, strict: bool) -> torch.nn.Module:
         if not self.attached:
             return self.model
+        with self._serial.held() if self._serial is not None else contextlib.nullcontext():
+            if self.attached:  # not detached by another thread while this one waited for the lock
+                self._detach_now(strict)
+        return self.model
+
+    def _detach_now(self, strict: bool) -> None:
+        if self._serial is not None:
+            self._serial.detach()
         if self._unregister_close is not None:
             self._unregister_close()
         for module, hook in self._hooks:
@@ -209,7 +219,6 @@ class OffloadHandle(Uncopyable):
         object.__delattr__(self.model, _MARK)
         _ATTACHED.discard(self)
         self.attached = False
-        return self.model
 
     def __enter__(self) -> "OffloadHandle":
         return self
@@ -429,6 +438,8 @@ def offload_from(model: torch.nn.Module, source, *, store: StorageEngine | None,
         for b in p.offloaded:  # detach() removes it like the block hooks, giving requires_grad back
             handle._hooks.append((mods[b], attach_hook(mods[b], InferenceOnly(names[b], layouts[b]))))
     handle._states = states
+    if scheduler is not None:
+        handle._serial = ForwardLock(model, traced=static)
     if states:
         handle._load_guard = refuse_loads(model, states)
         kinds = {(s.dtype, dev) for b in p.offloaded for s in layouts[b].slots}
