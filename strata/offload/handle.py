@@ -10,20 +10,22 @@ import weakref
 from typing import Iterable, Iterator
 
 import torch
-from tqdm.auto import tqdm
 
 from strata import timeline as _timeline
 from strata.config import format_size, parse_size
 from strata.errors import ConfigError
 from strata.hooks import ModuleHook, attach_hook, detach_hook
 from strata.keys import Key, make_scope
-from strata.offload.blocks import OffloadError, Uncopyable, block_names, find_blocks
-from strata.offload.conversions import ConversionGuard
-from strata.offload.packing import ALIGN, BlockLayout, set_tensor
-from strata.offload.placement import Plan, plan
 from strata.offload import ops
+from strata.offload.analysis import Analysis, analyse
+from strata.offload.blocks import OffloadError, Uncopyable
+from strata.offload.conversions import ConversionGuard
+from strata.offload.inference_only import InferenceOnly
+from strata.offload.packing import BlockLayout, set_tensor
+from strata.offload.placement import Plan, plan
 from strata.offload.scheduler import BlockHook, PrefetchScheduler
 from strata.offload.serial import ForwardLock
+from strata.offload.staging import LiveSource, Staging, WeightSource, restore_block
 from strata.offload.state import BlockState, refuse_loads
 from strata.offload.static import StaticRing
 from strata.store.engine import StorageEngine, open_store
@@ -68,23 +70,26 @@ def parse_budget(budget: object, device: torch.device) -> int | None:
 class OffloadHandle(Uncopyable):
     """What ``strata.offload`` returns: stats, placement, and ``detach()``."""
 
-    def __init__(self, model, store, owns_store, device, names, layouts, keys, plan_, scheduler, moved, block_path):
+    def __init__(self, model: torch.nn.Module, store: StorageEngine, owns_store: bool, device: torch.device,
+                 analysis: Analysis, keys: dict[int, Key], plan_: Plan,
+                 scheduler: "PrefetchScheduler | StaticRing | None", moved: dict[tuple, torch.device]):
         self.model = model
         self.store: StorageEngine = store
         self._owns_store = owns_store
         self.device = device
-        self.names = names
-        self.layouts = layouts
+        self.names = analysis.names
+        self.layouts = analysis.layouts
+        self.block_path = analysis.block_path
+        self._modules = analysis.modules
         self.keys = keys
         self.plan: Plan = plan_
-        self.scheduler: PrefetchScheduler | StaticRing | None = scheduler
+        self.scheduler = scheduler
         self.static = isinstance(scheduler, StaticRing)
+        self._moved = moved  # resident tensors moved to the device: where from
         self._ring_id: int | None = None  # the static ring's number in strata::enter calls
         self._frozen: list[InferenceOnly] = []  # static mode: the blocks whose parameters stopped requiring grad
         self._wrapped: list[torch.nn.Module] = []  # static mode: the blocks whose forward calls strata::enter
-        self._moved: dict[tuple, torch.device] = moved  # resident tensors moved to the device: where from
-        self.block_path = block_path
-        self._hooks: list[tuple[torch.nn.Module, BlockHook]] = []
+        self._hooks: list[tuple[torch.nn.Module, ModuleHook]] = []  # hook mode: block and inference-only hooks
         self._states: list[BlockState] = []  # the offloaded blocks' state_dict / load_state_dict hooks
         self._load_guard = None  # the model's load_state_dict hook (refuses the blocks' values up front)
         self._conversions: ConversionGuard | None = None  # refuses .to() / .half() ... that would change them
@@ -92,6 +97,36 @@ class OffloadHandle(Uncopyable):
         self.attached = True
         self._unregister_close = store.on_close(self._store_closing)
         self._recorded: tuple | None = None  # (spans, time zero) of the last recording()
+
+    def _attach(self, states: list[BlockState]) -> None:
+        """Stream the offloaded blocks from now on (static: each block's forward calls ``strata::enter``;
+        else module hooks), guard the model against what would lose their weights, and mark it."""
+        mods, names, layouts, offloaded = self._modules, self.names, self.layouts, self.plan.offloaded
+        if self.static:
+            self._ring_id = ops.register(self.scheduler)
+            for q, b in enumerate(offloaded):
+                ops.wrap_forward(mods[b], self._ring_id, q, names[b])
+                self._wrapped.append(mods[b])
+                frozen = InferenceOnly(names[b], layouts[b])
+                frozen.init_hook(mods[b])
+                self._frozen.append(frozen)
+        elif self.scheduler is not None:
+            for i, m in enumerate(mods):
+                self._hooks.append((m, attach_hook(m, BlockHook(self.scheduler, i))))
+            for b in offloaded:  # detach() removes it like the block hooks, giving requires_grad back
+                self._hooks.append((mods[b], attach_hook(mods[b], InferenceOnly(names[b], layouts[b]))))
+        self._states = states
+        if self.scheduler is not None:
+            self._serial = ForwardLock(self.model, traced=self.static)
+        if states:
+            self._load_guard = refuse_loads(self.model, states)
+            kinds = {(s.dtype, self.device) for b in offloaded for s in layouts[b].slots}
+            inside = [m for b in offloaded for m in mods[b].modules()]
+            self._conversions = ConversionGuard([self.model, *inside], kinds)
+        object.__setattr__(self.model, _MARK, self)
+        _ATTACHED.add(self)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     # -- reporting -----------------------------------------------------------------------------
     def stats(self) -> dict:
@@ -205,7 +240,7 @@ class OffloadHandle(Uncopyable):
         if self.scheduler is not None:
             self.scheduler.close()
         for b in self.plan.offloaded:
-            if not _restore_block(self.store, self.keys[b], self.layouts[b]):
+            if not restore_block(self.store, self.keys[b], self.layouts[b]):
                 if strict:
                     raise OffloadError(f"detach: block {self.names[b]} is missing from the store; cannot restore it")
                 log.warning("strata: block %s is no longer in the store; it stays unloaded", self.names[b])
@@ -232,90 +267,6 @@ class OffloadHandle(Uncopyable):
                 f"{len(p.resident)} resident, ring {p.ring_slots} x {format_size(p.slot_bytes)} on {self.device})")
 
 
-def _restore_block(store: StorageEngine, key: Key, layout: BlockLayout) -> bool:
-    """Point a block's tensors back at copies of its stored bytes, on the devices they came from;
-    False if the store no longer holds them."""
-    packed = store.get(key)
-    if packed is None:
-        return False
-    layout.bind([v.to(dev, copy=True) for v, dev in zip(layout.views(packed), layout.devices)])
-    return True
-
-
-class InferenceOnly(ModuleHook, Uncopyable):
-    """A streamed block is inference only: its weights are views into a ring slot while it
-    runs and placeholders after, so autograd would differentiate through whatever the slot
-    holds by then (NaN gradients, silently). Its parameters stop requiring grad while
-    offloaded (given back at detach), so a forward with grad mode on works as inference;
-    a backward that reaches the block's output raises instead of producing wrong numbers."""
-
-    def __init__(self, name: str, layout: BlockLayout):
-        self.name, self.layout = name, layout
-        self._frozen: list[torch.nn.Parameter] = []
-
-    def init_hook(self, module):
-        for s in self.layout.slots:
-            p = s.module._parameters[s.name] if s.is_param else None
-            if p is not None and p.requires_grad:
-                p.requires_grad_(False)
-                self._frozen.append(p)
-
-    def detach_hook(self, module):
-        for p in self._frozen:
-            p.requires_grad_(True)
-        self._frozen = []
-
-    def post_forward(self, module, output):
-        if torch.is_grad_enabled():
-            for t in _tensors(output):
-                if t.requires_grad:
-                    t.register_hook(self._refuse)
-        return output
-
-    def _refuse(self, grad):
-        raise OffloadError(
-            f"backward through {self.name}: strata.offload is inference only (the block's weights are streamed "
-            "in for its forward and gone after it, so their gradients would be wrong); run the model under "
-            "torch.no_grad() / torch.inference_mode(), or call handle.detach() to train it")
-
-
-def _tensors(output, depth: int = 3):
-    """The tensors in a forward's output: a tensor, or one inside tuples, lists and dicts
-    (transformers' ModelOutput is a dict)."""
-    if isinstance(output, torch.Tensor):
-        yield output
-    elif depth and isinstance(output, (tuple, list)):
-        for o in output:
-            yield from _tensors(o, depth - 1)
-    elif depth and isinstance(output, dict):
-        for o in output.values():
-            yield from _tensors(o, depth - 1)
-
-
-def named_tensors(module: torch.nn.Module):
-    """(owner module, attribute, is_param, dotted name, tensor) for every parameter and buffer
-    reference, tied ones once per reference."""
-    for prefix, mod in module.named_modules(remove_duplicate=False):
-        for is_param, table in ((True, mod._parameters), (False, mod._buffers)):
-            for name, t in table.items():
-                if t is not None:
-                    yield mod, name, is_param, f"{prefix}.{name}" if prefix else name, t
-
-
-class LiveSource:
-    """The weights are the model's own tensors: pack them, move the rest to the device."""
-
-    restores_devices = True
-
-    def store_block(self, store: StorageEngine, key: Key, layout: BlockLayout, staging: torch.Tensor) -> bool:
-        return store.put(key, layout.pack(staging[: layout.nbytes]))
-
-    def resident(self, full_name: str, t: torch.Tensor, dev: torch.device) -> torch.Tensor | None:
-        if t.device.type == "meta":
-            raise OffloadError(f"model: {full_name} is still on the meta device; load its weights first (strata.load)")
-        return None if t.device == dev else t.to(dev)
-
-
 def offload(model: torch.nn.Module, *, store: StorageEngine | None = None, device: "str | torch.device" = "cuda",
             gpu_budget: "int | str | dict | None" = None, prefetch: int = 1,
             blocks: "str | Iterable[torch.nn.Module] | None" = None, timing: bool = True,
@@ -328,9 +279,11 @@ def offload(model: torch.nn.Module, *, store: StorageEngine | None = None, devic
                         blocks=blocks, timing=timing, progress=progress, static=static)
 
 
-def offload_from(model: torch.nn.Module, source, *, store: StorageEngine | None, device, gpu_budget, prefetch: int,
-                 blocks, timing: bool, progress: bool, store_factory=None, static: bool = False) -> OffloadHandle:
-    """``offload`` with the weights coming from ``source`` (the live model, or a checkpoint)."""
+def offload_from(model: torch.nn.Module, source: WeightSource, *, store: StorageEngine | None, device, gpu_budget,
+                 prefetch: int, blocks, timing: bool, progress: bool, store_factory=None,
+                 static: bool = False) -> OffloadHandle:
+    """``offload`` with the weights coming from ``source`` (the live model, or a checkpoint): check the
+    arguments, analyse the model, plan the placement, move the weights, attach the streaming."""
     if not isinstance(model, torch.nn.Module):
         raise OffloadError(f"model: got {type(model).__name__}; allowed: a torch.nn.Module")
     _refuse_nested(model)
@@ -343,112 +296,35 @@ def offload_from(model: torch.nn.Module, source, *, store: StorageEngine | None,
         raise OffloadError(f"store: got {type(store).__name__}; allowed: a StorageEngine (strata.open_store) or None")
     dev = check_device(device)
     budget = parse_budget(gpu_budget, dev)
-    block_path, mods = find_blocks(model, blocks)
-    names = block_names(model, mods)
+    a = analyse(model, blocks)
+    p = plan([layout.nbytes for layout in a.layouts], a.other_bytes, budget, prefetch, static)
 
-    # Tensors shared between blocks, or with a module outside the blocks, stay resident.
-    owners: dict[int, set[int]] = {}
-    block_modules: set[int] = set()
-    for i, m in enumerate(mods):
-        block_modules.update(id(sub) for sub in m.modules())
-        for *_, t in named_tensors(m):
-            owners.setdefault(id(t), set()).add(i)
-    outside = {tid for tid, blocks_ in owners.items() if len(blocks_) > 1}
-    for mod in model.modules():
-        if id(mod) not in block_modules:
-            outside.update(id(t) for t in (*mod._parameters.values(), *mod._buffers.values()) if t is not None)
-    layouts = [BlockLayout(m, names[i], skip=outside) for i, m in enumerate(mods)]
-    if not any(l.nbytes for l in layouts):
-        raise OffloadError(f"blocks: the blocks found at {block_path!r} hold no tensors of their own to offload")
-    other = {id(t): t for *_, t in named_tensors(model) if id(t) in outside}
-    other_bytes = sum((t.numel() * t.element_size() + ALIGN - 1) // ALIGN * ALIGN for t in other.values())
-    p = plan([l.nbytes for l in layouts], other_bytes, budget, prefetch, static)
-
-    offloaded_bytes = sum(layouts[b].nbytes for b in p.offloaded)
     owns_store = store is None
     if owns_store:
-        store = (store_factory or _default_store)(offloaded_bytes)
-
-    arch = make_scope(names=tuple(names), layout=tuple(l.signature for l in layouts))
+        store = (store_factory or _default_store)(sum(a.layouts[b].nbytes for b in p.offloaded))
+    arch = make_scope(names=tuple(a.names), layout=tuple(layout.signature for layout in a.layouts))
     # owned by this process: what a killed one leaves is an orphan that StorageEngine.gc() drops
     scope = owned_scope(make_scope(model=type(model).__name__, arch=arch, instance=uuid.uuid4().hex))
-    keys = {b: Key("param", scope, names[b]) for b in p.offloaded}
-    offloaded_ids: set[int] = set()
-    done: list[int] = []
-    states: list[BlockState] = []  # state_dict() reads an offloaded block from the store
+    keys = {b: Key("param", scope, a.names[b]) for b in p.offloaded}
+    staging = Staging(store, owns_store, a, keys)
     try:
-        staging = torch.empty(p.slot_bytes if p.offloaded else 0, dtype=torch.uint8)
-        bar = tqdm(p.offloaded, desc="strata: blocks -> store", unit="block", disable=not progress or not p.offloaded)
-        for b in bar:
-            layout = layouts[b]
-            if not source.store_block(store, keys[b], layout, staging):
-                raise OffloadError(
-                    f"store: could not take block {names[b]} ({format_size(layout.nbytes)}); the store's tiers are "
-                    f"full of objects it may not evict: {store!r}. Give it more capacity or a lower tier")
-            offloaded_ids.update(id(t) for t in layout.tensors)
-            layout.bind(layout.placeholders(dev))  # the store's copy is now the only one
-            layout.forget_buffers()
-            done.append(b)
-        moved: dict[tuple, torch.device] = {}
-        placed: dict[int, torch.Tensor] = {}  # tied tensors are placed once
-        for mod, name, is_param, full, t in list(named_tensors(model)):
-            if id(t) in offloaded_ids:
-                continue
-            new = placed.get(id(t))
-            if new is None:
-                new = source.resident(full, t, dev)
-                if new is None:
-                    continue
-                placed[id(t)] = new
-                if source.restores_devices:
-                    moved[(mod, name, is_param)] = t.device
-            set_tensor(mod, name, is_param, new)
-        for b in p.offloaded:
-            states.append(BlockState(store, keys[b], layouts[b], names[b], mods[b]))
+        staging.store_blocks(source, p.offloaded, p.slot_bytes, dev, progress)
+        staging.place_residents(model, source, dev)
+        staging.watch_state()
+        scheduler = None
+        if p.offloaded and static:
+            scheduler = StaticRing(store, dev, a.names, a.layouts, keys, p.offloaded, p.slot_bytes, prefetch,
+                                   timing=timing)
+        elif p.offloaded:
+            scheduler = PrefetchScheduler(store, dev, a.names, a.layouts, keys, p.offloaded, p.ring_slots,
+                                          p.slot_bytes, prefetch, timing=timing)
     except BaseException:
-        _undo(store, owns_store, keys, layouts, done, states)
+        staging.rollback()
         raise
-    scheduler = None
-    if p.offloaded:
-        try:
-            if static:
-                scheduler = StaticRing(store, dev, names, layouts, keys, p.offloaded, p.slot_bytes, prefetch,
-                                       timing=timing)
-            else:
-                scheduler = PrefetchScheduler(store, dev, names, layouts, keys, p.offloaded, p.ring_slots,
-                                              p.slot_bytes, prefetch, timing=timing)
-        except BaseException:
-            _undo(store, owns_store, keys, layouts, done, states)
-            raise
     if p.offloaded:  # `strata inspect` names the scope by these facts, not by its hash alone
-        store.label_scope("param", scope, _scope_facts(model, layouts, p.offloaded, block_path))
-    handle = OffloadHandle(model, store, owns_store, dev, names, layouts, keys, p, scheduler, moved, block_path)
-    if static and scheduler is not None:
-        handle._ring_id = ops.register(scheduler)
-        for q, b in enumerate(p.offloaded):
-            ops.wrap_forward(mods[b], handle._ring_id, q, names[b])
-            handle._wrapped.append(mods[b])
-            frozen = InferenceOnly(names[b], layouts[b])
-            frozen.init_hook(mods[b])
-            handle._frozen.append(frozen)
-    elif scheduler is not None:
-        for i, m in enumerate(mods):
-            hook = attach_hook(m, BlockHook(scheduler, i))
-            handle._hooks.append((m, hook))
-        for b in p.offloaded:  # detach() removes it like the block hooks, giving requires_grad back
-            handle._hooks.append((mods[b], attach_hook(mods[b], InferenceOnly(names[b], layouts[b]))))
-    handle._states = states
-    if scheduler is not None:
-        handle._serial = ForwardLock(model, traced=static)
-    if states:
-        handle._load_guard = refuse_loads(model, states)
-        kinds = {(s.dtype, dev) for b in p.offloaded for s in layouts[b].slots}
-        inside = [m for b in p.offloaded for m in mods[b].modules()]
-        handle._conversions = ConversionGuard([model, *inside], kinds)
-    object.__setattr__(model, _MARK, handle)
-    _ATTACHED.add(handle)
-    if dev.type == "cuda":
-        torch.cuda.empty_cache()
+        store.label_scope("param", scope, _scope_facts(model, a.layouts, p.offloaded, a.block_path))
+    handle = OffloadHandle(model, store, owns_store, dev, a, keys, p, scheduler, staging.moved)
+    handle._attach(staging.states)
     return handle
 
 
@@ -465,18 +341,6 @@ def _refuse_nested(model: torch.nn.Module) -> None:
         if handle.attached and any(sub is model for sub in handle.model.modules()):
             raise OffloadError(f"model: part of a {type(handle.model).__name__} already offloaded by strata.offload; "
                                "call that handle's detach() first, or offload one of them only")
-
-
-def _undo(store: StorageEngine, owns_store: bool, keys: dict, layouts: list[BlockLayout], done: list[int],
-          states: list[BlockState]) -> None:
-    """A failed offload: put back the blocks already moved into the store, then forget them."""
-    for state in states:
-        state.detach()
-    for b in done:
-        _restore_block(store, keys[b], layouts[b])
-        store.delete(keys[b])
-    if owns_store:
-        store.close()
 
 
 def _default_store(offloaded_bytes: int) -> StorageEngine:

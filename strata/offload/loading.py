@@ -20,14 +20,15 @@ from strata.errors import ConfigError
 from strata.keys import Key
 from strata.offload.blocks import OffloadError
 from strata.offload.checkpoint import Checkpoint, TensorInfo
-from strata.offload.handle import check_device, named_tensors, offload_from
-from strata.offload.packing import BlockLayout
+from strata.offload.handle import check_device, offload_from
+from strata.offload.packing import BlockLayout, named_tensors, tensor_names
 from strata.store.engine import StorageEngine, open_store
 from strata.store.tiers.ranges import Extent
 
 
 class CheckpointSource:
-    """The weights come from a checkpoint: read them (or register their byte ranges)."""
+    """The weights come from a checkpoint: read them (or register their byte ranges). A
+    ``staging.WeightSource``, as ``staging.LiveSource`` (the live model's own tensors) is."""
 
     restores_devices = False
 
@@ -119,11 +120,9 @@ def _build_meta_model(path: str, dtype, model_cls, ckpt: Checkpoint):
     return model.eval()
 
 
-def _check_against(model, ckpt: Checkpoint, prefix: str) -> dict[int, list[str]]:
+def _check_against(model, ckpt: Checkpoint, prefix: str) -> None:
     """Every meta tensor must be in the checkpoint with its shape and a castable dtype."""
-    names_of: dict[int, list[str]] = {}
-    for *_, full, t in named_tensors(model):
-        names_of.setdefault(id(t), []).append(full)
+    names_of = tensor_names(model)
     for *_, full, t in named_tensors(model):
         if t.device.type != "meta":
             continue  # a buffer the model computes itself
@@ -135,7 +134,6 @@ def _check_against(model, ckpt: Checkpoint, prefix: str) -> dict[int, list[str]]
             raise OffloadError(f"checkpoint: {info.name} has shape {list(info.shape)}, the model expects {list(t.shape)}")
         if info.dtype != t.dtype and not (info.dtype.is_floating_point and t.dtype.is_floating_point):
             raise OffloadError(f"dtype: checkpoint tensor {info.name} is {info.dtype} and cannot be cast to {t.dtype}")
-    return names_of
 
 
 def _dematerialize(model: torch.nn.Module, dev: torch.device) -> None:
@@ -185,10 +183,7 @@ def load(path: "str | os.PathLike", *, store: StorageEngine | None = None, devic
     prefix = getattr(model, "base_model_prefix", "") or ""
     _check_against(model, ckpt, prefix)
     _dematerialize(model, dev)
-    names_of: dict[int, list[str]] = {}
-    for *_, full, t in named_tensors(model):
-        names_of.setdefault(id(t), []).append(full)
-    source = CheckpointSource(ckpt, names_of, prefix, file_backed)
+    source = CheckpointSource(ckpt, tensor_names(model), prefix, file_backed)  # ids of the placeholders
 
     def file_backed_store(offloaded_bytes: int) -> StorageEngine:
         return open_store({"tiers": [{"kind": "cpu", "capacity": cache_bytes}, {"kind": "ranges"}],
@@ -197,7 +192,6 @@ def load(path: "str | os.PathLike", *, store: StorageEngine | None = None, devic
     handle = offload_from(model, source, store=store, device=dev, gpu_budget=gpu_budget, prefetch=prefetch,
                           blocks=blocks, timing=True, progress=progress,
                           store_factory=file_backed_store if file_backed else None, static=static)
-    handle.checkpoint_bytes = ckpt.nbytes
     if progress:
         s = handle.stats()
         where = "registered in place (file-backed)" if file_backed else "in the store"

@@ -97,3 +97,21 @@ def set_tensor(module: torch.nn.Module, name: str, is_param: bool, value: torch.
         module._parameters[name].data = value
     else:
         module._buffers[name] = value
+
+
+def named_tensors(module: torch.nn.Module):
+    """(owner module, attribute, is_param, dotted name, tensor) for every parameter and buffer
+    reference, tied ones once per reference."""
+    for prefix, mod in module.named_modules(remove_duplicate=False):
+        for is_param, table in ((True, mod._parameters), (False, mod._buffers)):
+            for name, t in table.items():
+                if t is not None:
+                    yield mod, name, is_param, f"{prefix}.{name}" if prefix else name, t
+
+
+def tensor_names(module: torch.nn.Module) -> dict[int, list[str]]:
+    """Every dotted name of each tensor (by ``id``): a tied tensor has several."""
+    names: dict[int, list[str]] = {}
+    for *_, full, t in named_tensors(module):
+        names.setdefault(id(t), []).append(full)
+    return names
