@@ -18,6 +18,10 @@ class StoreError(StrataError, ValueError):
     """A store call got input it cannot serve (unknown namespace, oversized object, ...)."""
 
 
+class OffloadError(StrataError, ValueError):
+    """offload()/load() got input it cannot serve; the message says what to pass instead."""
+
+
 def allowed(field: str, got: object, choices: Iterable[str]) -> str:
     """One message for 'field got X; allowed: a, b, c (did you mean b?)'."""
     choices = sorted(str(c) for c in choices)

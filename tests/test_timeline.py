@@ -7,7 +7,7 @@ import torch
 
 import strata
 from strata import streams, timeline
-from strata.offload.blocks import OffloadError
+from strata.errors import OffloadError
 from strata.testing.sim import SimStreams
 from tiny_models import VOCAB, make
 

@@ -9,7 +9,8 @@ from typing import Iterable
 
 import torch
 
-from strata.offload.blocks import OffloadError, block_names, find_blocks
+from strata.errors import OffloadError
+from strata.offload.blocks import block_names, find_blocks
 from strata.offload.packing import ALIGN, BlockLayout, named_tensors
 
 

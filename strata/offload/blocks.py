@@ -6,11 +6,7 @@ from typing import Iterable
 
 import torch
 
-from strata.errors import StrataError
-
-
-class OffloadError(StrataError, ValueError):
-    """offload()/load() got input it cannot serve; the message says what to pass instead."""
+from strata.errors import OffloadError
 
 
 class Uncopyable:

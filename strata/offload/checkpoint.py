@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from strata.offload.blocks import OffloadError
+from strata.errors import OffloadError
 from strata.store.fileio import read_range
 
 SAFETENSORS_DTYPES = {

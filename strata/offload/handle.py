@@ -18,7 +18,8 @@ from strata.hooks import ModuleHook, attach_hook, detach_hook
 from strata.keys import Key, make_scope
 from strata.offload import ops
 from strata.offload.analysis import Analysis, analyse
-from strata.offload.blocks import OffloadError, Uncopyable
+from strata.errors import OffloadError
+from strata.offload.blocks import Uncopyable
 from strata.offload.conversions import ConversionGuard
 from strata.offload.inference_only import InferenceOnly
 from strata.offload.packing import BlockLayout, set_tensor

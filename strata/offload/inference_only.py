@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from strata.hooks import ModuleHook
-from strata.offload.blocks import OffloadError, Uncopyable
+from strata.errors import OffloadError
+from strata.offload.blocks import Uncopyable
 from strata.offload.packing import BlockLayout
 
 

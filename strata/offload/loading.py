@@ -18,7 +18,7 @@ import torch
 from strata.config import format_size, parse_size
 from strata.errors import ConfigError
 from strata.keys import Key
-from strata.offload.blocks import OffloadError
+from strata.errors import OffloadError
 from strata.offload.checkpoint import Checkpoint, TensorInfo
 from strata.offload.handle import check_device, offload_from
 from strata.offload.packing import BlockLayout, named_tensors, tensor_names

@@ -17,7 +17,7 @@ import itertools
 
 import torch
 
-from strata.offload.blocks import OffloadError
+from strata.errors import OffloadError
 
 _rings: dict[int, object] = {}
 _ids = itertools.count()

@@ -6,7 +6,7 @@ import warnings
 from dataclasses import dataclass
 
 from strata.config import format_size
-from strata.offload.blocks import OffloadError
+from strata.errors import OffloadError
 
 
 @dataclass(frozen=True)

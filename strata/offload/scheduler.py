@@ -30,7 +30,8 @@ import torch
 from strata import streams
 from strata.hooks import ModuleHook
 from strata.keys import Key
-from strata.offload.blocks import OffloadError, Uncopyable
+from strata.errors import OffloadError
+from strata.offload.blocks import Uncopyable
 from strata.offload.packing import BlockLayout
 from strata.timeline import Span, profiling as _profiling
 

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from strata.config import format_size
 from strata.keys import Key
 from strata.offload.analysis import Analysis
-from strata.offload.blocks import OffloadError
+from strata.errors import OffloadError
 from strata.offload.packing import BlockLayout, named_tensors, set_tensor
 from strata.offload.state import BlockState
 from strata.store.engine import StorageEngine

@@ -39,7 +39,7 @@ import torch
 
 from strata import streams
 from strata.keys import Key
-from strata.offload.blocks import OffloadError
+from strata.errors import OffloadError
 from strata.offload.packing import BlockLayout
 from strata.offload.scheduler import RingAccounting
 
