@@ -76,10 +76,6 @@ class Key:
     def __repr__(self) -> str:
         return f"Key({self.namespace!r}, {self.scope!r}, {self.name!r})"
 
-    def digest(self) -> str:
-        """A fixed-length hex name for the key (file names, remote keys)."""
-        return hashlib.sha256(self.encoded).hexdigest()
-
     @classmethod
     def decode(cls, encoded: bytes) -> "Key":
         """Inverse of ``encoded``; raises StoreError on bytes that are no key, or on a key of a

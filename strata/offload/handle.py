@@ -144,10 +144,9 @@ class OffloadHandle(Uncopyable):
         }
         if self.scheduler is not None:
             out.update(self.scheduler.stats())
-        cpu = [t for t in self.store.stats()["tiers"].values() if t["kind"] == "cpu"]
-        out["pinned_bytes"] = sum(t["capacity"] for t in cpu if t.get("pinned"))
-        out["store_param_bytes"] = sum(t["namespaces"].get("param", {}).get("bytes", 0)
-                                       for t in self.store.stats()["tiers"].values())
+        tiers = self.store.stats()["tiers"].values()  # once: a remote tier's figures cost a round trip
+        out["pinned_bytes"] = sum(t["capacity"] for t in tiers if t["kind"] == "cpu" and t.get("pinned"))
+        out["store_param_bytes"] = sum(t["namespaces"].get("param", {}).get("bytes", 0) for t in tiers)
         return out
 
     def placement(self) -> str:

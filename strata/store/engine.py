@@ -272,7 +272,7 @@ class StorageEngine:
         for raw in self.chain.keys():
             try:
                 key = Key.decode(raw)
-            except Exception:  # a foreign value under a remote tier's prefix
+            except StoreError:  # a foreign value under a remote tier's prefix, or a namespace not registered here
                 continue
             if namespace is None or key.namespace == namespace:
                 out.append(key)

@@ -39,6 +39,7 @@ from redis.crc import key_slot
 from redis.exceptions import AskError, ClusterDownError, MovedError, RedisClusterException, ResponseError
 from redis.retry import Retry
 
+from strata.errors import StoreError
 from strata.keys import split_key
 
 SLOTS = 16384
@@ -58,7 +59,7 @@ def scope_tag(key: bytes) -> bytes:
     falls in one slot (one shard), whatever its name."""
     try:
         ns, scope, _ = split_key(key)
-    except Exception:  # noqa: BLE001 - no key: its own bytes decide its slot
+    except StoreError:  # no key: its own bytes decide its slot
         return b"{" + hashlib.sha256(key).hexdigest()[:16].encode() + b"}"
     return b"{" + hashlib.sha256(f"{ns}/{scope}".encode("utf-8", "surrogatepass")).hexdigest()[:16].encode() + b"}"
 
