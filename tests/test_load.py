@@ -123,6 +123,28 @@ def test_dtype_auto_or_none_is_the_checkpoints_own_and_a_name_no_dtype_has_is_re
             strata.load(half, device="cpu", dtype=bad, progress=False)
 
 
+def test_a_quantized_checkpoint_is_refused_not_cast_without_its_scales(tmp_path):
+    # Before: an FP8 checkpoint (weights in float8 with per-block scales, config.json's quantization_config)
+    # loaded without a word, its float8 weights cast to the model's dtype and the scales dropped: garbage.
+    from safetensors.torch import load_file, save_file
+
+    src = tmp_path / "plain"
+    make("llama", layers=2, seed=4).to(torch.bfloat16).save_pretrained(src)
+    fp8 = copy_ckpt(src, tmp_path / "fp8")
+    weights = load_file(fp8 / "model.safetensors")
+    for name in [n for n in weights if ".layers." in n and n.endswith("proj.weight")]:
+        scale = weights[name].abs().max().float() / 448
+        weights[name] = (weights[name].float() / scale).to(torch.float8_e4m3fn)
+        weights[name + "_scale_inv"] = scale.reshape(1, 1)
+    save_file(weights, fp8 / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((fp8 / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128]}
+    (fp8 / "config.json").write_text(json.dumps(config))
+    with pytest.raises(OffloadError, match=r"config.json: the checkpoint is quantized .*'fp8'.*from_pretrained, then "
+                                           r"strata.offload\(model\)"):
+        strata.load(fp8, device="cpu", progress=False)
+
+
 def copy_ckpt(src: Path, dst: Path) -> Path:
     dst.mkdir()
     for f in src.iterdir():

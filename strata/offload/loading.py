@@ -102,6 +102,13 @@ def _build_meta_model(path: str, dtype, model_cls, ckpt: Checkpoint):
     except (ValueError, KeyError, OSError) as e:
         raise OffloadError(f"config.json: transformers {transformers.__version__} cannot read it ({e}); "
                            "pass model_cls= for a custom architecture") from None
+    quant = getattr(config, "quantization_config", None)
+    if quant:  # from_config ignores it: the quantized tensors would be cast as plain weights, scales dropped
+        method = quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)
+        raise OffloadError(f"config.json: the checkpoint is quantized (quantization_config, quant_method "
+                           f"{str(method)!r}); strata.load reads unquantized checkpoints (float32, float16, "
+                           "bfloat16): load it with transformers' from_pretrained, then strata.offload(model), or "
+                           "take the unquantized checkpoint")
     torch_dtype = _resolve_dtype(dtype, config, ckpt)
     cls = model_cls or transformers.AutoModelForCausalLM
     kwargs = {"dtype": torch_dtype} if int(transformers.__version__.split(".")[0]) >= 5 else {"torch_dtype": torch_dtype}
