@@ -95,6 +95,29 @@ def test_file_backed_blocks_beyond_the_cpu_cache_are_read_from_the_files_without
     handle.detach()
 
 
+@pytest.mark.parametrize("rewrite", ["other-weights", "shifted-offsets"])
+def test_a_file_backed_checkpoint_rewritten_under_the_model_is_refused_not_streamed(checkpoints, tmp_path, rewrite):
+    # Before: the ranges tier read the files at the offsets taken at load, whatever the files were by then:
+    # a checkpoint saved again over itself (another model's weights, or the same ones behind a longer
+    # header) streamed other weights or bytes from the wrong offsets into the blocks, without a word.
+    from safetensors.torch import load_file, save_file
+
+    path = copy_ckpt(checkpoints["llama"], tmp_path / "ckpt")
+    model = strata.load(path, device="cpu", file_backed=True, cpu_cache="200KiB", progress=False)
+    handle = strata.handle_of(model)
+    assert greedy(model, IDS) == reference(checkpoints["llama"])
+    weights = load_file(path / "model.safetensors")
+    if rewrite == "other-weights":
+        weights = {name: t + 1 if t.is_floating_point() else t for name, t in weights.items()}
+        save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
+    else:
+        save_file(weights, path / "model.safetensors", metadata={"format": "pt", "note": "x" * 100})
+    with pytest.raises(OffloadError, match=r"block model.layers.\d: its weights are not in the store any more"):
+        greedy(model, IDS)
+    assert handle.store.stats()["tiers"]["ranges"]["checksum_failures"] >= 1
+    handle.store.close()  # detach() would refuse: blocks the store lost cannot be restored (close() warns)
+
+
 def test_loading_in_another_dtype_casts(checkpoints):
     model = strata.load(checkpoints["llama"], device="cpu", dtype=torch.bfloat16, progress=False)
     ref = tf.AutoModelForCausalLM.from_pretrained(checkpoints["llama"], dtype=torch.bfloat16).eval()

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from strata.errors import OffloadError
-from strata.store.fileio import read_range
+from strata.store.fileio import file_stamp, read_range
 
 SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -38,12 +38,15 @@ class TensorInfo:
     nbytes: int
     dtype: torch.dtype
     shape: tuple[int, ...]
+    stamp: tuple | None = None  # the shard's fileio.file_stamp when its header was read
 
 
-def _read_header(path: Path) -> tuple[dict, int]:
+def _read_header(path: Path) -> tuple[dict, int, tuple]:
+    """(the header, where the data starts, the file's stamp as the header was read)."""
     try:
-        size = path.stat().st_size
         with open(path, "rb") as f:
+            stamp = file_stamp(os.fstat(f.fileno()))
+            size = stamp[2]
             raw = f.read(8)
             if len(raw) != 8:
                 raise OffloadError(f"checkpoint: {path.name} is not a safetensors file (shorter than 8 bytes)")
@@ -57,7 +60,7 @@ def _read_header(path: Path) -> tuple[dict, int]:
         raise OffloadError(f"checkpoint: cannot read the safetensors header of {path.name}: {e}") from None
     if not isinstance(header, dict):
         raise OffloadError(f"checkpoint: {path.name} has a corrupt header (not a JSON object)")
-    return header, 8 + n
+    return header, 8 + n, stamp
 
 
 class Checkpoint:
@@ -88,8 +91,8 @@ class Checkpoint:
             file = self.root / shard
             if not file.is_file():
                 raise OffloadError(f"checkpoint: shard {shard} named by the index is missing from {self.root}")
-            header, data_start = _read_header(file)
-            size = file.stat().st_size
+            header, data_start, stamp = _read_header(file)
+            size = stamp[2]
             for name, info in header.items():
                 if name == "__metadata__":
                     continue
@@ -107,7 +110,7 @@ class Checkpoint:
                 if end - begin != numel * dtype.itemsize or data_start + end > size:
                     raise OffloadError(f"checkpoint: shard {shard} is truncated or corrupt (tensor {name} "
                                        f"ends at byte {data_start + end} of {size})")
-                self.tensors[name] = TensorInfo(name, str(file), data_start + begin, end - begin, dtype, shape)
+                self.tensors[name] = TensorInfo(name, str(file), data_start + begin, end - begin, dtype, shape, stamp)
                 self.nbytes += end - begin
         if weight_map is not None:
             for name, shard in weight_map.items():
@@ -128,6 +131,6 @@ class Checkpoint:
     def read_into(self, info: TensorInfo, out: torch.Tensor) -> None:
         """Read one tensor into contiguous CPU ``out`` of its shape, casting to ``out.dtype``."""
         raw = out if out.dtype == info.dtype else torch.empty(info.shape, dtype=info.dtype)
-        read_range(info.path, info.offset, raw)
+        read_range(info.path, info.offset, raw, info.stamp)
         if raw is not out:
             out.copy_(raw)

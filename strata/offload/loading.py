@@ -41,7 +41,8 @@ class CheckpointSource:
     def store_block(self, store: StorageEngine, key: Key, layout: BlockLayout, staging: torch.Tensor) -> bool:
         infos = [self.info(s.full_name, t) if t is not None else None for s, t in zip(layout.slots, layout.tensors)]
         if self.file_backed and all(i is not None for i in infos):
-            extents = [Extent(i.path, i.offset, i.nbytes, s.offset, i.dtype, s.dtype) for s, i in zip(layout.slots, infos)]
+            extents = [Extent(i.path, i.offset, i.nbytes, s.offset, i.dtype, s.dtype, i.stamp)
+                       for s, i in zip(layout.slots, infos)]
             return store.put_ranges(key, torch.uint8, (layout.nbytes,), extents)
         buf = staging[: layout.nbytes]
         for s, t, info in zip(layout.slots, layout.tensors, infos):

@@ -5,7 +5,9 @@ safetensors shards, for example, read on demand, so a model larger than host RAM
 needs no copy of its weights anywhere but where they already are. An object is a
 list of extents (file, offset, length, where its bytes go in the payload, and an
 optional dtype cast). The store never writes to this tier and keeps no checksum of
-it: the bytes are the files' own.
+it: the bytes are the files' own. An extent may carry its file's stamp (device, inode, size,
+mtime) from when its offset was taken; a file rewritten or replaced since (a checkpoint saved
+again over itself) is a corrupt object, dropped and counted, never bytes from the wrong offsets.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-from strata.store.fileio import read_range
+from strata.store.codec import CorruptObject
+from strata.store.fileio import FileChanged, read_range
 from strata.store.tiers.base import Entry
 from strata.store.tiers.memory import MemoryTier
 
@@ -27,6 +30,7 @@ class Extent:
     dest: int  # byte offset in the object's payload
     src_dtype: torch.dtype = torch.uint8
     dst_dtype: torch.dtype = torch.uint8  # cast on read when it differs from src_dtype
+    stamp: tuple | None = None  # fileio.file_stamp when the offset was taken: a file changed since is refused
 
 
 class RangesTier(MemoryTier):
@@ -54,11 +58,14 @@ class RangesTier(MemoryTier):
 
     def read_into(self, e: Entry, out: torch.Tensor) -> None:
         flat = out.reshape(-1).view(torch.uint8) if out.numel() else out
-        for x in e.loc:
-            if x.src_dtype == x.dst_dtype:
-                read_range(x.path, x.offset, flat[x.dest : x.dest + x.nbytes])
-            else:
-                raw = torch.empty(x.nbytes // x.src_dtype.itemsize, dtype=x.src_dtype)
-                read_range(x.path, x.offset, raw)
-                n = raw.numel() * x.dst_dtype.itemsize
-                flat[x.dest : x.dest + n].view(x.dst_dtype).copy_(raw)
+        try:
+            for x in e.loc:
+                if x.src_dtype == x.dst_dtype:
+                    read_range(x.path, x.offset, flat[x.dest : x.dest + x.nbytes], x.stamp)
+                else:
+                    raw = torch.empty(x.nbytes // x.src_dtype.itemsize, dtype=x.src_dtype)
+                    read_range(x.path, x.offset, raw, x.stamp)
+                    n = raw.numel() * x.dst_dtype.itemsize
+                    flat[x.dest : x.dest + n].view(x.dst_dtype).copy_(raw)
+        except FileChanged as exc:  # its offsets point into another file now: never served again
+            raise CorruptObject(str(exc)) from None
