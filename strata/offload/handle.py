@@ -205,7 +205,14 @@ class OffloadHandle(Uncopyable):
 
     def _store_closing(self) -> None:
         """The store is closing under an attached model: take the weights back first, so closing it
-        loses nothing (a block already deleted from the store, e.g. at exit, stays a placeholder)."""
+        loses nothing (a block already deleted from the store stays a placeholder). At the process's
+        exit there is nothing to take them back into: the blocks are deleted instead (keyed by this
+        process, no one could use them), so no write-back carries them down and no persistent tier
+        keeps them."""
+        if self.store.exiting:
+            for key in self.keys.values():
+                self.store.delete(key)
+            return
         log.warning("strata: the store of an offloaded %s is closing; its weights are restored into the model",
                     type(self.model).__name__)
         self._detach(strict=False)

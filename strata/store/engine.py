@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
+import itertools
+import logging
 import os
 import threading
 import weakref
@@ -22,6 +25,9 @@ from strata.store.readonly import read_only
 from strata.store.tiers import build_tier
 
 MODES = ("chain", "exact", "prefer")
+log = logging.getLogger("strata.store")
+_OPEN: "weakref.WeakValueDictionary[int, StorageEngine]" = weakref.WeakValueDictionary()  # by opening order
+_OPENED = itertools.count()  # stores left open are closed at exit, newest first
 
 
 class StorageEngine:
@@ -52,6 +58,9 @@ class StorageEngine:
         self._pid = os.getpid()  # a forked child must open its own: see _check_open
         self._closing: list[weakref.WeakMethod] = []  # on_close callbacks
         self._labels = ScopeLabels(tiers)  # what scopes fingerprint, beside the objects (no I/O here)
+        self.exiting = False  # True while the interpreter's exit closes it (on_close clients need not restore)
+        self._opened = next(_OPENED)
+        _OPEN[self._opened] = self
 
     # -- helpers ----------------------------------------------------------------------------
     @property
@@ -353,6 +362,7 @@ class StorageEngine:
                 callback()
         self._closing.clear()
         self._closed = True
+        _OPEN.pop(self._opened, None)
         self.chain.close()
 
     def __enter__(self) -> "StorageEngine":
@@ -380,6 +390,21 @@ class StorageEngine:
     def __repr__(self) -> str:
         tiers = " -> ".join(f"{t.name}({format_size(t.capacity)})" for t in self.tiers)
         return f"StorageEngine({tiers})"
+
+
+@atexit.register
+def _close_open_stores() -> None:
+    """At the interpreter's exit, close what was left open, newest first, as ``close()`` would: what
+    write-back still held in memory reaches the tiers below (a file, CXL or Redis tier keeps it), locks
+    and mappings are let go. Clients told by ``on_close`` see ``exiting`` and need not restore anything."""
+    for _, engine in sorted(_OPEN.items(), reverse=True):
+        if engine._closed or engine._pid != os.getpid():
+            continue
+        engine.exiting = True
+        try:
+            engine.close()
+        except Exception:  # noqa: BLE001 - one store failing to close must not keep the others open
+            log.warning("strata: closing %r at exit failed", engine, exc_info=True)
 
 
 def open_store(config: "StoreConfig | dict | str | None" = None, *, create: bool = True) -> StorageEngine:
