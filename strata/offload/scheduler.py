@@ -12,6 +12,11 @@ through the device seam (``strata.streams``): on CUDA they are CUDA's; without i
 same steps run synchronously; under the test device (``strata.testing.sim``) copies run
 as late or as early as the recorded waits allow, so a missing wait is caught on a CPU.
 
+Three index spaces, never mixed: a block's index among all blocks (``i``, ``b``: the hooks' and
+``layouts``' numbering), its position among the offloaded blocks in execution order (``q``,
+``pos``: ``pos_of[b]``, ``offloaded[q]``, the store's ``keys[q]``), and a ring buffer (``slot``).
+Position to slot is ``slot_of``, slot to position ``slot_pos``, a running block to its slot ``_bound``.
+
 Observability costs nothing unless asked for: while ``trace`` is a list (``handle.recording()``)
 each copy and each streamed block's compute is recorded as a ``strata.timeline.Span`` (clock
 reads here, timing events on an asynchronous device); the copy issue and the compute stream's
