@@ -118,6 +118,17 @@ def test_a_file_backed_checkpoint_rewritten_under_the_model_is_refused_not_strea
     handle.store.close()  # detach() would refuse: blocks the store lost cannot be restored (close() warns)
 
 
+@pytest.mark.parametrize("mode", ["stream", "static"])
+def test_a_load_under_inference_mode_runs_and_detaches(checkpoints, mode):
+    # Before: its placeholders were inference tensors; detach() failed ("Inference tensors do not track
+    # version counter") halfway through putting the weights back.
+    with torch.inference_mode():
+        model = strata.load(checkpoints["llama"], device="cpu", progress=False, static=mode == "static")
+        assert greedy(model, IDS) == reference(checkpoints["llama"])
+    strata.handle_of(model).detach()
+    assert greedy(model, IDS) == reference(checkpoints["llama"])
+
+
 def test_loading_in_another_dtype_casts(checkpoints):
     model = strata.load(checkpoints["llama"], device="cpu", dtype=torch.bfloat16, progress=False)
     ref = tf.AutoModelForCausalLM.from_pretrained(checkpoints["llama"], dtype=torch.bfloat16).eval()

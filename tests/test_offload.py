@@ -233,6 +233,31 @@ def test_forwards_from_several_threads_run_one_at_a_time_each_on_its_own_weights
     assert greedy(model, prompts[0]) == refs[0]
 
 
+@pytest.mark.parametrize("static", [False, True], ids=["hook", "static"])
+@pytest.mark.parametrize("where", ["model-made-under-inference-mode", "offload-called-under-inference-mode"])
+def test_inference_mode_around_the_model_or_the_offload_changes_nothing(static, where):
+    # Before: a model built under torch.inference_mode() failed its first offloaded forward ("Inference
+    # tensors do not track version counter"); an offload called under it gave placeholders detach() could not
+    # undo ("Setting requires_grad=True on inference tensor"), failing midway through the detach.
+    if where == "model-made-under-inference-mode":
+        with torch.inference_mode():
+            model = make("llama")
+    else:
+        model = make("llama")
+    with torch.inference_mode():
+        ref = greedy(model, IDS)
+    with torch.inference_mode(where == "offload-called-under-inference-mode"):
+        handle = strata.offload(model, device="cpu", progress=False, static=static)
+    with torch.inference_mode():
+        assert greedy(model, IDS) == ref
+    assert greedy(model, IDS) == ref
+    handle.detach()
+    assert not any(t.is_inference() for t in model.state_dict().values())
+    assert greedy(model, IDS) == ref
+    with torch.inference_mode():
+        assert greedy(model, IDS) == ref
+
+
 def test_everything_fitting_the_budget_is_said_not_silently_ignored():
     model = make("llama")
     with pytest.warns(UserWarning, match="fits gpu_budget.*nothing is offloaded"):

@@ -22,7 +22,7 @@ from strata.errors import OffloadError
 from strata.offload.blocks import Uncopyable
 from strata.offload.conversions import ConversionGuard
 from strata.offload.inference_only import InferenceOnly
-from strata.offload.packing import BlockLayout, set_tensor
+from strata.offload.packing import BlockLayout, set_tensor, without_inference_tensors
 from strata.offload.placement import Plan, plan
 from strata.offload.scheduler import BlockHook, PrefetchScheduler
 from strata.offload.serial import ForwardLock
@@ -217,6 +217,7 @@ class OffloadHandle(Uncopyable):
                     type(self.model).__name__)
         self._detach(strict=False)
 
+    @torch.inference_mode(False)  # the restored tensors are the model's for good: never inference tensors
     def _detach(self, strict: bool) -> torch.nn.Module:
         if not self.attached:
             return self.model
@@ -286,6 +287,7 @@ def offload(model: torch.nn.Module, *, store: StorageEngine | None = None, devic
                         blocks=blocks, timing=timing, progress=progress, static=static)
 
 
+@torch.inference_mode(False)  # placeholders, ring views, restored copies: normal tensors whatever the caller's mode
 def offload_from(model: torch.nn.Module, source: WeightSource, *, store: StorageEngine | None, device, gpu_budget,
                  prefetch: int, blocks, timing: bool, progress: bool, store_factory=None,
                  static: bool = False) -> OffloadHandle:
@@ -303,6 +305,7 @@ def offload_from(model: torch.nn.Module, source: WeightSource, *, store: Storage
         raise OffloadError(f"store: got {type(store).__name__}; allowed: a StorageEngine (strata.open_store) or None")
     dev = check_device(device)
     budget = parse_budget(gpu_budget, dev)
+    without_inference_tensors(model)
     a = analyse(model, blocks)
     p = plan([layout.nbytes for layout in a.layouts], a.other_bytes, budget, prefetch, static)
 

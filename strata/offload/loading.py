@@ -160,6 +160,7 @@ def _dematerialize(model: torch.nn.Module, dev: torch.device) -> None:
             mod._buffers[name] = new[id(t)]
 
 
+@torch.inference_mode(False)  # the model's placeholders must take streamed bytes: no inference tensors
 def load(path: "str | os.PathLike", *, store: StorageEngine | None = None, device: "str | torch.device" = "cuda",
          gpu_budget: "int | str | dict | None" = None, dtype: "torch.dtype | str | None" = None, prefetch: int = 1,
          model_cls=None, file_backed: bool = False, cpu_cache: "int | str | None" = None,

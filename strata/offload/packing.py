@@ -115,3 +115,24 @@ def tensor_names(module: torch.nn.Module) -> dict[int, list[str]]:
     for *_, full, t in named_tensors(module):
         names.setdefault(id(t), []).append(full)
     return names
+
+
+def without_inference_tensors(module: torch.nn.Module) -> int:
+    """Replace each tensor made under ``torch.inference_mode`` by a normal copy (ties kept); how many.
+
+    Offloading points parameters at other bytes (``.data =``), which leaves an inference tensor
+    unusable ("Inference tensors do not track version counter" at the next forward) and cannot
+    be undone at detach; a model built or loaded under ``inference_mode`` has only such tensors."""
+    new: dict[int, torch.Tensor] = {}
+    with torch.inference_mode(False):
+        for mod, name, is_param, _, t in list(named_tensors(module)):
+            if not t.is_inference():
+                continue
+            if id(t) not in new:
+                copy = t.clone()
+                new[id(t)] = torch.nn.Parameter(copy, requires_grad=t.requires_grad) if is_param else copy
+            if is_param:
+                mod._parameters[name] = new[id(t)]
+            else:
+                mod._buffers[name] = new[id(t)]
+    return len(new)
