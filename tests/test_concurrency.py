@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import strata
-from strata import Key
+from strata import Key, StoreError
 from waits import WaitSpy
 
 
@@ -106,6 +106,31 @@ def test_a_leased_view_is_never_reused_by_eviction_or_overwrite():
             assert store.tiers[0].used <= 32 << 10
         free_after = store.tiers[0].allocator.free_bytes
         assert store.tiers[0].used + free_after == store.tiers[0].capacity
+
+
+def test_a_leased_view_used_after_its_lease_ended_raises_instead_of_reading_reused_bytes():
+    # Before: the view (and any slice of it) kept reading the slab after the with block, where by then
+    # another object's bytes lay: a stale read that looked like data.
+    with strata.open_store({"tiers": [{"kind": "cpu", "capacity": "32KiB"}]}) as store:
+        k = Key("kv", "m", "held")
+        store.put(k, torch.full((2048,), 7, dtype=torch.int32))  # 8 KiB
+        with store.lease(k) as view:
+            part, kept = view[:16], view.clone()
+            assert bool((view == 7).all()) and bool((part == 7).all())
+        store.delete(k)
+        for i in range(8):  # other objects take the freed bytes
+            store.put(Key("kv", "m", str(i)), torch.full((2048,), -1, dtype=torch.int32))
+        for use in (lambda: view.sum(), lambda: part + 1, lambda: view[0], lambda: view.numpy(),
+                    lambda: torch.add(part, 1), lambda: view.clone()):
+            with pytest.raises(StoreError, match="a leased view used after its lease ended"):
+                use()
+        assert "lease ended" in repr(view)
+        assert bool((kept == 7).all())  # a clone made inside the block is the caller's for good
+        with store.lease_many([Key("kv", "m", "6"), Key("kv", "m", "7")]) as views:
+            assert all(v is not None for v in views)
+            pass
+        with pytest.raises(StoreError, match="after its lease ended"):
+            views[1].float()
 
 
 def test_write_back_applies_back_pressure_and_flush_drains(tmp_path, monkeypatch):

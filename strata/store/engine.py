@@ -21,7 +21,7 @@ from strata.keys import Key
 from strata.store.chain import TierChain
 from strata.store.codec import describe, materialize
 from strata.store.labels import ScopeLabels
-from strata.store.readonly import read_only
+from strata.store.readonly import Lease, read_only
 from strata.store.tiers import build_tier
 
 MODES = ("chain", "exact", "prefer")
@@ -268,7 +268,11 @@ class StorageEngine:
             for key, view in zip(keys, views):
                 self._count(key.namespace, "misses" if view is None else "hits",
                             0 if view is None else view.numel() * view.element_size())
-            yield [None if v is None else read_only(v) for v in views]
+            lease = Lease()
+            try:
+                yield [None if v is None else read_only(v, lease) for v in views]
+            finally:
+                lease.ended = True  # the views refuse every use from now on (strata.store.readonly)
         finally:
             for h in held:
                 if h is not None:
