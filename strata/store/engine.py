@@ -61,6 +61,9 @@ class StorageEngine:
         self.exiting = False  # True while the interpreter's exit closes it (on_close clients need not restore)
         self._opened = next(_OPENED)
         _OPEN[self._opened] = self
+        # dropped without close(): its tiers are still let go, and what write-back holds reaches them
+        self._finalizer = weakref.finalize(self, _dropped_open, self.chain, self._pid)
+        self._finalizer.atexit = False  # at exit _close_open_stores closes what is still open
 
     # -- helpers ----------------------------------------------------------------------------
     @property
@@ -367,6 +370,7 @@ class StorageEngine:
         self._closing.clear()
         self._closed = True
         _OPEN.pop(self._opened, None)
+        self._finalizer.detach()
         self.chain.close()
 
     def __enter__(self) -> "StorageEngine":
@@ -396,11 +400,29 @@ class StorageEngine:
         return f"StorageEngine({tiers})"
 
 
+_DROPPED: list[TierChain] = []  # chains of stores dropped unclosed while write-back still held objects
+
+
+def _dropped_open(chain: TierChain, pid: int) -> None:
+    """A store collected without ``close()``: its write-back goes on draining in the background and the
+    chain is closed (flushed) at exit; one without write-back is closed now (no I/O to wait for)."""
+    if pid != os.getpid():
+        return
+    if chain.writeback is not None:
+        _DROPPED.append(chain)
+        return
+    try:
+        chain.close()
+    except Exception:  # noqa: BLE001 - a finalizer must not raise
+        log.warning("strata: closing a store dropped without close() failed", exc_info=True)
+
+
 @atexit.register
 def _close_open_stores() -> None:
     """At the interpreter's exit, close what was left open, newest first, as ``close()`` would: what
     write-back still held in memory reaches the tiers below (a file, CXL or Redis tier keeps it), locks
-    and mappings are let go. Clients told by ``on_close`` see ``exiting`` and need not restore anything."""
+    and mappings are let go. Clients told by ``on_close`` see ``exiting`` and need not restore anything.
+    Then the chains of stores dropped unclosed with write-back (``_dropped_open``) are closed too."""
     for _, engine in sorted(_OPEN.items(), reverse=True):
         if engine._closed or engine._pid != os.getpid():
             continue
@@ -409,6 +431,11 @@ def _close_open_stores() -> None:
             engine.close()
         except Exception:  # noqa: BLE001 - one store failing to close must not keep the others open
             log.warning("strata: closing %r at exit failed", engine, exc_info=True)
+    while _DROPPED:
+        try:
+            _DROPPED.pop().close()
+        except Exception:  # noqa: BLE001
+            log.warning("strata: closing a store dropped without close() failed at exit", exc_info=True)
 
 
 def open_store(config: "StoreConfig | dict | str | None" = None, *, create: bool = True) -> StorageEngine:
