@@ -165,6 +165,16 @@ def test_bad_input_is_refused_clearly():
         strata.offload(torch.nn.Linear(4, 4), device="cpu")
     with pytest.raises(OffloadError, match=r"blocks: got 'model.layerz', no such submodule; module lists in this model: model.layers"):
         strata.offload(model, device="cpu", blocks="model.layerz")
+    layers = model.model.layers
+    # Before: a block given twice offloaded, then detach() failed halfway ("missing from the store"); an empty
+    # list spoke of "blocks found at '<given>'"; overlapping blocks were taken without a word.
+    with pytest.raises(OffloadError, match=r"blocks: model.layers.0 is given twice; allowed: each block once"):
+        strata.offload(model, device="cpu", blocks=[layers[0], layers[1], layers[0]])
+    with pytest.raises(OffloadError, match=r"blocks: got an empty list"):
+        strata.offload(model, device="cpu", blocks=[])
+    with pytest.raises(OffloadError, match=r"blocks: model.layers.1.mlp and model.layers.1 overlap "
+                                           r"\(model.layers.1.mlp is in both\)"):
+        strata.offload(model, device="cpu", blocks=[layers[0], layers[1].mlp, layers[1]])
     handle = strata.offload(model, device="cpu", progress=False)
     with pytest.raises(OffloadError, match="already offloaded"):
         strata.offload(model, device="cpu")

@@ -41,9 +41,24 @@ def find_blocks(model: torch.nn.Module, blocks: "str | Iterable[torch.nn.Module]
         return blocks, mods
     if blocks is not None:
         mods = list(blocks)
+        if not mods:
+            raise OffloadError("blocks: got an empty list; allowed: the model's repeated blocks, a dotted path "
+                               "('model.layers') or None to find them")
+        given: set[int] = set()
         for m in mods:
             if not isinstance(m, torch.nn.Module) or id(m) not in names:
                 raise OffloadError("blocks: every item must be a submodule of the model")
+            if id(m) in given:
+                raise OffloadError(f"blocks: {names[id(m)] or 'the model'} is given twice; allowed: each block once")
+            given.add(id(m))
+        owner: dict[int, torch.nn.Module] = {}  # every module within a given block -> that block
+        for m in mods:
+            for sub in m.modules():
+                first = owner.setdefault(id(sub), m)
+                if first is not m:
+                    raise OffloadError(f"blocks: {names[id(first)] or 'the model'} and {names[id(m)] or 'the model'} "
+                                       f"overlap ({names[id(sub)] or 'the model'} is in both); allowed: blocks that "
+                                       "do not contain one another")
         return "<given>", mods
     best: tuple[int, str, list] | None = None
     for name, mod in model.named_modules():
