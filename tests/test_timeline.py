@@ -75,7 +75,7 @@ def test_recording_a_generate_call_records_every_forward():
     handle.detach()
 
 
-def test_nothing_is_recorded_outside_a_recording_and_misuse_is_refused():
+def test_nothing_is_recorded_outside_a_recording_and_misuse_is_refused(tmp_path):
     model, handle = offloaded(layers=3)
     ids = torch.randint(0, VOCAB, (1, 6))
     with pytest.raises(OffloadError, match="nothing recorded"):
@@ -89,8 +89,15 @@ def test_nothing_is_recorded_outside_a_recording_and_misuse_is_refused():
                 pass
     with pytest.raises(OffloadError, match="forwards: got 0"):
         handle.timeline(forwards=0)
+    with pytest.raises(OffloadError, match=r"path: cannot write the timeline to .* \(Is a directory\)"):
+        handle.timeline(tmp_path)  # was a bare IsADirectoryError
     assert handle.scheduler.trace is None
     handle.detach()
+    # a detached handle says so (its placement spoke of blocks "streamed from the store") and records nothing
+    assert handle.placement().startswith("detached: ") and "detached" in repr(handle)
+    with pytest.raises(OffloadError, match="recording: this handle is detached"):
+        with handle.recording():
+            pass
 
 
 def test_the_sim_device_lays_the_spans_out_in_issue_order():

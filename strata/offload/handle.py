@@ -152,6 +152,8 @@ class OffloadHandle(Uncopyable):
     def placement(self) -> str:
         """Where every block and the rest of the model live, one line each."""
         p = self.plan
+        if not self.attached:
+            return f"detached: every parameter of the {type(self.model).__name__} is back where it was"
         lines = [f"device {self.device}: non-block modules {format_size(p.other_bytes)}, "
                  f"ring {p.ring_slots} x {format_size(p.slot_bytes)}"]
         for i, name in enumerate(self.names):
@@ -166,6 +168,9 @@ class OffloadHandle(Uncopyable):
         any number of forwards (a ``model.generate`` call records one per token). Outside it the
         ring records nothing (one attribute test per block). A new recording replaces the last."""
         s = self.scheduler
+        if not self.attached:
+            raise OffloadError("recording: this handle is detached, nothing streams any more; offload the model "
+                               "again to record")
         if s is None:
             raise OffloadError("recording: every block is resident on the device, so nothing is streamed and there "
                                "is no copy to record; offload with a smaller gpu_budget")
@@ -195,7 +200,11 @@ class OffloadHandle(Uncopyable):
         spans, base = self._recorded
         trace = _timeline.build(spans, base, s.asynchronous, self.names, forwards, device=str(self.device))
         if path is not None:
-            _timeline.write(trace, path)
+            try:
+                _timeline.write(trace, path)
+            except OSError as e:
+                raise OffloadError(f"path: cannot write the timeline to {str(path)!r} ({e.strerror or e}); allowed: "
+                                   "a file path in a writable directory") from None
         return trace
 
     # -- undo ----------------------------------------------------------------------------------
@@ -271,6 +280,8 @@ class OffloadHandle(Uncopyable):
 
     def __repr__(self) -> str:
         p = self.plan
+        if not self.attached:
+            return f"OffloadHandle(detached from its {type(self.model).__name__})"
         return (f"OffloadHandle({len(p.offloaded)}/{len(self.layouts)} blocks streamed from the store, "
                 f"{len(p.resident)} resident, ring {p.ring_slots} x {format_size(p.slot_bytes)} on {self.device})")
 
