@@ -824,13 +824,17 @@ class TierChain:
         if dirty:
             self.writeback.drain()
 
-    def close(self) -> None:
-        """Flush (what is dirty gets one more try), saying what could still not be written down;
-        wait for device copies out of the tiers (without the lock), give their leases back, and
-        close the tiers (a last flush or purge: I/O, without the lock)."""
+    def drain(self) -> None:
+        """Flush (what is dirty gets one more try), saying what could still not be written down."""
         if self.writeback is not None:
             self.flush()
             self._warn_unwritten()
+
+    def close(self) -> None:
+        """``drain``; wait for device copies out of the tiers (without the lock), give their leases
+        back, and close the tiers (a last flush or purge: I/O, without the lock)."""
+        if self.writeback is not None:
+            self.drain()
             self.writeback.close()
         with self.lock:
             copies = [event for t in self.tiers for event in t.copies_in_flight()]

@@ -363,6 +363,11 @@ class StorageEngine:
         if self._pid != os.getpid():  # a forked child's copy: the parent's to close, nothing to let go here
             self._closed = True
             return
+        self._end()
+        self.chain.close()
+
+    def _end(self) -> None:
+        """What every close does first: tell ``on_close`` clients, then refuse every new call."""
         for ref in list(self._closing):
             callback = ref()
             if callback is not None:
@@ -371,7 +376,14 @@ class StorageEngine:
         self._closed = True
         _OPEN.pop(self._opened, None)
         self._finalizer.detach()
-        self.chain.close()
+
+    def _close_at_exit(self) -> None:
+        """``close`` as the interpreter exits: clients are told ``exiting`` and write-back is flushed
+        (what outlives the process), but the tiers are not let go: the exit does that, and doing it
+        here could pull a mapping from under a daemon thread still inside a call."""
+        self.exiting = True
+        self._end()
+        self.chain.drain()
 
     def __enter__(self) -> "StorageEngine":
         return self
@@ -404,8 +416,8 @@ _DROPPED: list[TierChain] = []  # chains of stores dropped unclosed while write-
 
 
 def _dropped_open(chain: TierChain, pid: int) -> None:
-    """A store collected without ``close()``: its write-back goes on draining in the background and the
-    chain is closed (flushed) at exit; one without write-back is closed now (no I/O to wait for)."""
+    """A store collected without ``close()``: its write-back goes on draining in the background and is
+    flushed at exit; one without write-back is closed now (no I/O to wait for)."""
     if pid != os.getpid():
         return
     if chain.writeback is not None:
@@ -419,21 +431,20 @@ def _dropped_open(chain: TierChain, pid: int) -> None:
 
 @atexit.register
 def _close_open_stores() -> None:
-    """At the interpreter's exit, close what was left open, newest first, as ``close()`` would: what
-    write-back still held in memory reaches the tiers below (a file, CXL or Redis tier keeps it), locks
-    and mappings are let go. Clients told by ``on_close`` see ``exiting`` and need not restore anything.
+    """At the interpreter's exit, close what was left open, newest first: what write-back still held in
+    memory reaches the tiers below (a file, CXL or Redis tier keeps it), and new calls are refused;
+    locks, mappings and connections go with the process (``_close_at_exit``). Clients told by ``on_close`` see ``exiting`` and need not restore anything.
     Then the chains of stores dropped unclosed with write-back (``_dropped_open``) are closed too."""
     for _, engine in sorted(_OPEN.items(), reverse=True):
         if engine._closed or engine._pid != os.getpid():
             continue
-        engine.exiting = True
         try:
-            engine.close()
+            engine._close_at_exit()
         except Exception:  # noqa: BLE001 - one store failing to close must not keep the others open
             log.warning("strata: closing %r at exit failed", engine, exc_info=True)
     while _DROPPED:
         try:
-            _DROPPED.pop().close()
+            _DROPPED.pop().drain()
         except Exception:  # noqa: BLE001
             log.warning("strata: closing a store dropped without close() failed at exit", exc_info=True)
 
