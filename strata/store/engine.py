@@ -433,7 +433,8 @@ def _dropped_open(chain: TierChain, pid: int) -> None:
 def _close_open_stores() -> None:
     """At the interpreter's exit, close what was left open, newest first: what write-back still held in
     memory reaches the tiers below (a file, CXL or Redis tier keeps it), and new calls are refused;
-    locks, mappings and connections go with the process (``_close_at_exit``). Clients told by ``on_close`` see ``exiting`` and need not restore anything.
+    locks, mappings and connections go with the process (``_close_at_exit``). Clients told by
+    ``on_close`` see ``exiting`` and need not restore anything.
     Then the chains of stores dropped unclosed with write-back (``_dropped_open``) are closed too."""
     for _, engine in sorted(_OPEN.items(), reverse=True):
         if engine._closed or engine._pid != os.getpid():
