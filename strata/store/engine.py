@@ -435,7 +435,7 @@ def _close_open_stores() -> None:
     memory reaches the tiers below (a file, CXL or Redis tier keeps it), and new calls are refused;
     locks, mappings and connections go with the process (``_close_at_exit``). Clients told by
     ``on_close`` see ``exiting`` and need not restore anything.
-    Then the chains of stores dropped unclosed with write-back (``_dropped_open``) are closed too."""
+    Then the write-back of stores dropped unclosed (``_dropped_open``) is flushed too."""
     for _, engine in sorted(_OPEN.items(), reverse=True):
         if engine._closed or engine._pid != os.getpid():
             continue
