@@ -21,7 +21,7 @@ from strata.keys import Key
 from strata.errors import OffloadError
 from strata.offload.checkpoint import Checkpoint, TensorInfo
 from strata.offload.handle import check_device, offload_from
-from strata.offload.packing import BlockLayout, named_tensors, tensor_names
+from strata.offload.packing import BlockLayout, named_tensors, placeholder, tensor_names
 from strata.store.engine import StorageEngine, open_store
 from strata.store.tiers.ranges import Extent
 
@@ -151,8 +151,7 @@ def _dematerialize(model: torch.nn.Module, dev: torch.device) -> None:
         if t.device.type != "meta":
             continue
         if id(t) not in new:
-            fill = float("nan") if t.dtype.is_floating_point else 0
-            ph = torch.full((1,), fill, dtype=t.dtype, device=dev).expand(t.shape)
+            ph = placeholder(t.shape, t.dtype, dev)
             new[id(t)] = torch.nn.Parameter(ph, requires_grad=False) if is_param else ph
         if is_param:
             mod._parameters[name] = new[id(t)]

@@ -78,11 +78,7 @@ class BlockLayout:
         return out
 
     def placeholders(self, device: torch.device) -> list[torch.Tensor]:
-        out = []
-        for s in self.slots:
-            fill = float("nan") if s.dtype.is_floating_point or s.dtype.is_complex else 0
-            out.append(torch.full((), fill, dtype=s.dtype, device=device).expand(s.shape))
-        return out
+        return [placeholder(s.shape, s.dtype, device) for s in self.slots]
 
     def bind(self, tensors: list[torch.Tensor]) -> None:
         """Point every parameter and buffer of the block at ``tensors`` (slot order)."""
@@ -90,6 +86,13 @@ class BlockLayout:
             set_tensor(s.module, s.name, s.is_param, t)
         for mod, name, index in self.aliases:
             mod._buffers[name] = tensors[index]
+
+
+def placeholder(shape: "tuple[int, ...] | torch.Size", dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """One element expanded to ``shape`` (NaN for floating and complex dtypes, else 0): shape, dtype
+    and device true, no memory held, and loudly wrong wherever it is used as a weight."""
+    fill = float("nan") if dtype.is_floating_point or dtype.is_complex else 0
+    return torch.full((), fill, dtype=dtype, device=device).expand(shape)
 
 
 def set_tensor(module: torch.nn.Module, name: str, is_param: bool, value: torch.Tensor) -> None:
