@@ -13,12 +13,11 @@ import torch
 
 from strata import timeline as _timeline
 from strata.config import format_size, parse_size
-from strata.errors import ConfigError
+from strata.errors import ConfigError, OffloadError
 from strata.hooks import ModuleHook, attach_hook, detach_hook
 from strata.keys import Key, make_scope
 from strata.offload import ops
 from strata.offload.analysis import Analysis, analyse
-from strata.errors import OffloadError
 from strata.offload.blocks import Uncopyable
 from strata.offload.conversions import ConversionGuard
 from strata.offload.inference_only import InferenceOnly

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from strata.hooks import ModuleHook
 from strata.errors import OffloadError
+from strata.hooks import ModuleHook
 from strata.offload.blocks import Uncopyable
 from strata.offload.packing import BlockLayout
 

@@ -16,9 +16,8 @@ from typing import Iterable
 import torch
 
 from strata.config import format_size, parse_size
-from strata.errors import ConfigError
+from strata.errors import ConfigError, OffloadError
 from strata.keys import Key
-from strata.errors import OffloadError
 from strata.offload.checkpoint import Checkpoint, TensorInfo
 from strata.offload.handle import check_device, offload_from
 from strata.offload.packing import BlockLayout, named_tensors, placeholder, tensor_names

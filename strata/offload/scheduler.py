@@ -33,9 +33,9 @@ from collections import deque
 import torch
 
 from strata import streams
+from strata.errors import OffloadError
 from strata.hooks import ModuleHook
 from strata.keys import Key
-from strata.errors import OffloadError
 from strata.offload.blocks import Uncopyable
 from strata.offload.packing import BlockLayout
 from strata.timeline import Span, profiling as _profiling

@@ -33,6 +33,7 @@ class ForwardLock(Uncopyable):
     def __init__(self, model: torch.nn.Module, traced: bool):
         self._lock = threading.Lock()
         self._owner: int | None = None
+
         def pre(module, args) -> None:  # None: the forward's arguments stay as they are
             if not (traced and torch.compiler.is_compiling()):
                 self.acquire()

@@ -14,9 +14,9 @@ import torch
 from tqdm.auto import tqdm
 
 from strata.config import format_size
+from strata.errors import OffloadError
 from strata.keys import Key
 from strata.offload.analysis import Analysis
-from strata.errors import OffloadError
 from strata.offload.packing import BlockLayout, named_tensors, set_tensor
 from strata.offload.state import BlockState
 from strata.store.engine import StorageEngine

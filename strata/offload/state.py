@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from strata.keys import Key
 from strata.errors import OffloadError
+from strata.keys import Key
 from strata.offload.blocks import Uncopyable
 from strata.offload.packing import BlockLayout
 

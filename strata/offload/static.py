@@ -38,8 +38,8 @@ from collections import deque
 import torch
 
 from strata import streams
-from strata.keys import Key
 from strata.errors import OffloadError
+from strata.keys import Key
 from strata.offload.packing import BlockLayout
 from strata.offload.scheduler import RingAccounting
 
