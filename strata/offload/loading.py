@@ -20,7 +20,7 @@ from strata.errors import ConfigError, OffloadError
 from strata.keys import Key
 from strata.offload.checkpoint import Checkpoint, TensorInfo
 from strata.offload.handle import check_device, offload_from
-from strata.offload.packing import BlockLayout, named_tensors, placeholder, tensor_names
+from strata.offload.packing import BlockLayout, named_tensors, placeholder, replace_tensors, tensor_names
 from strata.store.engine import StorageEngine, open_store
 from strata.store.tiers.ranges import Extent
 
@@ -145,17 +145,8 @@ def _check_against(model, ckpt: Checkpoint, prefix: str) -> None:
 
 def _dematerialize(model: torch.nn.Module, dev: torch.device) -> None:
     """Swap meta tensors for shape-true placeholders on ``dev`` (ties kept: one object per tensor)."""
-    new: dict[int, torch.Tensor] = {}
-    for mod, name, is_param, _, t in list(named_tensors(model)):
-        if t.device.type != "meta":
-            continue
-        if id(t) not in new:
-            ph = placeholder(t.shape, t.dtype, dev)
-            new[id(t)] = torch.nn.Parameter(ph, requires_grad=False) if is_param else ph
-        if is_param:
-            mod._parameters[name] = new[id(t)]
-        else:
-            mod._buffers[name] = new[id(t)]
+    replace_tensors(model, lambda t: placeholder(t.shape, t.dtype, dev) if t.device.type == "meta" else None,
+                    requires_grad=False)
 
 
 @torch.inference_mode(False)  # the model's placeholders must take streamed bytes: no inference tensors

@@ -120,22 +120,30 @@ def tensor_names(module: torch.nn.Module) -> dict[int, list[str]]:
     return names
 
 
+def replace_tensors(module: torch.nn.Module, make, requires_grad: bool | None = None) -> int:
+    """Put ``make(t)`` in place of every parameter and buffer ``t`` it returns a tensor for (None:
+    keep ``t``), once per tensor so ties stay ties; a parameter's replacement becomes a Parameter with
+    ``requires_grad`` (None: as ``t`` had it). How many tensors were replaced."""
+    new: dict[int, torch.Tensor | None] = {}
+    for mod, name, is_param, _, t in list(named_tensors(module)):
+        if id(t) not in new:
+            value = make(t)
+            grad = t.requires_grad if requires_grad is None else requires_grad
+            new[id(t)] = torch.nn.Parameter(value, requires_grad=grad) if is_param and value is not None else value
+        if new[id(t)] is None:
+            continue
+        if is_param:
+            mod._parameters[name] = new[id(t)]
+        else:
+            mod._buffers[name] = new[id(t)]
+    return sum(v is not None for v in new.values())
+
+
 def without_inference_tensors(module: torch.nn.Module) -> int:
     """Replace each tensor made under ``torch.inference_mode`` by a normal copy (ties kept); how many.
 
     Offloading points parameters at other bytes (``.data =``), which leaves an inference tensor
     unusable ("Inference tensors do not track version counter" at the next forward) and cannot
     be undone at detach; a model built or loaded under ``inference_mode`` has only such tensors."""
-    new: dict[int, torch.Tensor] = {}
     with torch.inference_mode(False):
-        for mod, name, is_param, _, t in list(named_tensors(module)):
-            if not t.is_inference():
-                continue
-            if id(t) not in new:
-                copy = t.clone()
-                new[id(t)] = torch.nn.Parameter(copy, requires_grad=t.requires_grad) if is_param else copy
-            if is_param:
-                mod._parameters[name] = new[id(t)]
-            else:
-                mod._buffers[name] = new[id(t)]
-    return len(new)
+        return replace_tensors(module, lambda t: t.clone() if t.is_inference() else None)
